@@ -1,0 +1,112 @@
+"""``python -m mlx_worker``: the worker process a host spawns.
+
+Start-up order matters: stdout is protected first (so nothing but protocol
+lines can reach it), the BLAS is bound before mlx.core loads, and ``ready``
+is written before the heavy imports (mlx-lm, transformers), which then warm
+up on the compute thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_worker",
+        description="Newline-delimited JSON-RPC 2.0 on stdin/stdout; logs on stderr.",
+    )
+    p.add_argument("--log-level", default=os.environ.get("MLX_WORKER_LOG_LEVEL", "warning"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-line-bytes", type=int, default=8 * 1024 * 1024,
+                   help="longest request line accepted (default 8 MiB)")
+    p.add_argument("--max-pending", type=int, default=64, help="queued requests before `busy` errors")
+    p.add_argument("--blas", default=None,
+                   help="Linux CPU only: 'auto' (default), 'off', or a path to an OpenBLAS library")
+    p.add_argument("--memory-limit", type=int, default=None, help="MLX memory limit in bytes")
+    return p.parse_args(argv)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the host dies, so no orphan is left behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .transport import protect_stdout
+
+    proto_fd = protect_stdout()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper()),
+        format="mlx_worker %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parent = os.getppid()
+    _die_with_parent()
+
+    from . import blas
+
+    blas_path = blas.bind(args.blas)
+    import mlx.core as mx
+
+    from . import __version__, protocol
+    from .server import Config, Worker
+
+    if blas_path:
+        logging.getLogger("mlx_worker").info("BLAS: %s", blas_path)
+    else:
+        logging.getLogger("mlx_worker").info("BLAS: the one mlx was built with")
+    if args.memory_limit:
+        mx.set_memory_limit(args.memory_limit)
+
+    config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
+                    blas=blas_path, memory_limit=args.memory_limit)
+    worker = Worker(0, proto_fd, config)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: worker.stop("SIGINT"))
+    if os.getppid() != parent:  # the host died before the death signal was armed
+        return 0
+
+    worker.notify("ready", protocol.ReadyEvent(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        worker_version=__version__,
+        mlx_version=mx.__version__,
+        device="gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu",
+        capabilities=protocol.Capabilities(
+            methods=sorted(protocol.METHODS),
+            max_line_bytes=args.max_line_bytes,
+            batch=False,
+            constraints=["json_schema", "regex", "choice", "grammar"],
+            constraint_engines=["llguidance", "outlines"],
+            vision=True,
+            blas=blas_path,
+        ),
+        pid=os.getpid(),
+    ))
+    worker.start()
+    code = worker.wait()
+    logging.shutdown()
+    # Skip interpreter teardown: MLX and tokenizer threads can make it slow,
+    # and the host expects exit within about a second of EOF.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

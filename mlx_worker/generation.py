@@ -1,0 +1,222 @@
+"""The one generation loop: text and vision, cached, constrained, streamed.
+
+Built on mlx-lm's ``generate_step``: this module only decides what goes in
+(the uncached part of the prompt, vision embeddings, the sampler and logits
+processors) and what comes out (token events with exact text, stop handling,
+usage and timings). It knows nothing of pipes or JSON-RPC: the caller passes
+callbacks for events and a function that says when to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from . import errors, protocol, sampling
+from .errors import WorkerError
+from .models import LoadedModel
+from .prompt import PreparedPrompt, prepare
+from .textstream import TextStream
+
+log = logging.getLogger("mlx_worker.generation")
+
+
+class Cancelled(Exception):
+    """Raised from the prefill progress callback to stop at a chunk boundary."""
+
+
+@dataclass
+class Events:
+    progress: Callable[[protocol.ProgressEvent], None]
+    token: Callable[[protocol.TokenEvent], None]
+
+
+def run(
+    lm: LoadedModel,
+    params: protocol.GenerateParams,
+    request_id: protocol.RequestId,
+    events: Events,
+    should_stop: Callable[[], bool],
+) -> protocol.GenerateResult:
+    start = time.perf_counter()
+    sampling.validate(params, lm.vocab_size)
+    prompt = prepare(lm, params)
+    n_prompt = len(prompt.tokens)
+    max_tokens = _clamp_to_context(lm, n_prompt, params.max_tokens)
+
+    sampler, processors = sampling.make(params)
+    constraint = _compile_constraint(lm, params)
+    if constraint is not None:
+        processors = processors + [constraint.processor()]
+
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+    mx.random.seed(seed)
+    mx.reset_peak_memory()
+
+    cache, cached = _fetch_cache(lm, params, prompt)
+    fed = prompt.tokens[cached:]
+    embeddings = prompt.embeddings(cached) if prompt.embeddings is not None else None
+    processors = sampling.with_prefix(processors, prompt.tokens[:cached])
+
+    def on_prefill(done: int, total: int) -> None:
+        events.progress(
+            protocol.ProgressEvent(id=request_id, processed=cached + done, total=n_prompt, cached=cached)
+        )
+        if should_stop():
+            raise Cancelled
+
+    stops = sampling.stop_strings(params)
+    stream = TextStream(lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False), prompt.tokens, stops)
+    stop_ids = set(params.stop_token_ids)
+    eos_ids = set() if params.ignore_eos else set(lm.eos_token_ids)
+    want_logprobs = params.logprobs or params.top_logprobs > 0
+
+    generated: list[int] = []  # returned tokens (no terminating EOS)
+    fed_back: list[int] = []  # every sampled token, EOS included: they are in the KV cache
+    text_parts: list[str] = []
+    stop_reason: str = "max_tokens"
+    stop_token: Optional[int] = None
+    first_token_at: Optional[float] = None
+    prefill_done_at: Optional[float] = None
+
+    steps = generate_step(
+        mx.array(fed),
+        lm.model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors or None,
+        prompt_cache=cache,
+        prefill_step_size=params.prefill_step_size or lm.prefill_step_size,
+        prompt_progress_callback=on_prefill,
+        input_embeddings=embeddings,
+    )
+    try:
+        for token, logprobs in steps:
+            if first_token_at is None:
+                first_token_at = prefill_done_at = time.perf_counter()
+            fed_back.append(token)
+            if token in eos_ids or token in stop_ids:
+                stop_reason, stop_token = "eos", token
+                break
+            generated.append(token)
+            text = stream.push(token)
+            text_parts.append(text)
+            event = protocol.TokenEvent(id=request_id, text=text, tokens=[token])
+            if want_logprobs:
+                event.logprobs = [_logprob(token, logprobs, params.top_logprobs)]
+            events.token(event)
+            if stream.stopped:
+                stop_reason = "stop_string"
+                break
+            if should_stop():
+                stop_reason = "cancelled"
+                break
+    except Cancelled:
+        stop_reason = "cancelled"
+    except MemoryError as exc:
+        raise WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}") from None
+    finally:
+        steps.close()
+
+    tail = stream.finish()
+    if tail:
+        text_parts.append(tail)
+        events.token(protocol.TokenEvent(id=request_id, text=tail, tokens=[]))
+    if stream.stopped and stop_reason != "cancelled":
+        stop_reason = "stop_string"
+
+    end = time.perf_counter()
+    _store_cache(lm, params, prompt, cache, cached, fed_back, stop_reason)
+    if constraint is not None:
+        constraint.release()
+
+    prefill_s = ((prefill_done_at or end) - start)
+    decode_s = end - (first_token_at or end)
+    uncached = n_prompt - cached
+    return protocol.GenerateResult(
+        text="".join(text_parts),
+        tokens=generated,
+        stop_reason=stop_reason,  # type: ignore[arg-type]
+        usage=protocol.Usage(prompt_tokens=n_prompt, cached_tokens=cached, completion_tokens=len(generated)),
+        timings=protocol.Timings(
+            ttft_ms=round(prefill_s * 1000, 3) if first_token_at else 0.0,
+            prompt_tps=round(uncached / prefill_s, 2) if first_token_at and prefill_s > 0 else 0.0,
+            generation_tps=round((len(fed_back) - 1) / decode_s, 2) if len(fed_back) > 1 and decode_s > 0 else 0.0,
+            total_ms=round((end - start) * 1000, 3),
+        ),
+        peak_memory=mx.get_peak_memory(),
+        model_id=lm.model_id,
+        seed=seed,
+        stop_string=stream.stop_string,
+        stop_token=stop_token,
+    )
+
+
+def cancelled_before_start(params: protocol.GenerateParams) -> protocol.GenerateResult:
+    """The result of a generate cancelled before it produced anything."""
+    return protocol.GenerateResult(
+        text="",
+        tokens=[],
+        stop_reason="cancelled",
+        usage=protocol.Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=0),
+        timings=protocol.Timings(ttft_ms=0.0, prompt_tps=0.0, generation_tps=0.0, total_ms=0.0),
+        peak_memory=0,
+        model_id=params.model_id or "",
+        seed=params.seed if params.seed is not None else 0,
+    )
+
+
+def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:
+    ctx = lm.context_length
+    if ctx is None or lm.max_kv_size:  # a rotating cache can run past the context
+        return max_tokens
+    if n_prompt > ctx:
+        raise WorkerError(
+            errors.CONTEXT_OVERFLOW,
+            f"prompt is {n_prompt} tokens; the model's context is {ctx}",
+            {"prompt_tokens": n_prompt, "context_length": ctx},
+        )
+    return min(max_tokens, ctx - n_prompt)
+
+
+def _logprob(token: int, logprobs: mx.array, top: int) -> protocol.TokenLogprob:
+    entry = protocol.TokenLogprob(token=token, logprob=logprobs[token].item())
+    if top > 0:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        values = logprobs[ids].tolist()
+        pairs = sorted(zip(ids.tolist(), values), key=lambda p: -p[1])
+        entry.top = [protocol.TopLogprob(token=t, logprob=v) for t, v in pairs]
+    return entry
+
+
+def _compile_constraint(lm: LoadedModel, params: protocol.GenerateParams):
+    if params.constraint is None:
+        return None
+    try:
+        from . import constraints
+    except ImportError:
+        raise WorkerError(
+            errors.CONSTRAINT_INVALID,
+            "constrained generation is not available in this build",
+            {"field": "params.constraint"},
+        ) from None
+    return constraints.compile_for(lm, params.constraint)
+
+
+def _fetch_cache(lm: LoadedModel, params: protocol.GenerateParams, prompt: PreparedPrompt):
+    if params.prompt_cache and lm.prompt_cache is not None:
+        return lm.prompt_cache.fetch(prompt.cache_key)
+    return make_prompt_cache(lm.model, max_kv_size=lm.max_kv_size), 0
+
+
+def _store_cache(lm, params, prompt: PreparedPrompt, cache, cached: int, fed_back: list[int], stop_reason: str):
+    if not params.prompt_cache or lm.prompt_cache is None:
+        return
+    lm.prompt_cache.insert(prompt, cache, fed_back, stop_reason)

@@ -1,0 +1,59 @@
+"""Methods that run on the compute thread (everything that touches MLX)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import generation, protocol
+from .models import ModelRegistry
+from .prompt import check_token_ids, tokenize
+
+
+class Handlers:
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.models = ModelRegistry()
+
+    def dispatch(self, job) -> Any:
+        return getattr(self, job.method)(job)
+
+    def load(self, job) -> protocol.LoadResult:
+        return self.models.load(job.params)
+
+    def unload(self, job) -> protocol.UnloadResult:
+        return self.models.unload(job.params.model_id)
+
+    def tokenize(self, job) -> protocol.TokenizeResult:
+        return tokenize(self.models.get(job.params.model_id), job.params)
+
+    def detokenize(self, job) -> protocol.DetokenizeResult:
+        lm = self.models.get(job.params.model_id)
+        check_token_ids(lm, job.params.tokens, "params.tokens")
+        return protocol.DetokenizeResult(text=lm.tokenizer.decode(job.params.tokens, skip_special_tokens=False))
+
+    def generate(self, job) -> protocol.GenerateResult:
+        worker = self.worker
+        events = generation.Events(
+            progress=lambda e: worker.notify("progress", e),
+            token=lambda e: worker.notify("token", e),
+        )
+        try:
+            if job.cancel.is_set():  # cancelled while queued: answer without work
+                result = generation.cancelled_before_start(job.params)
+            else:
+                lm = self.models.get(job.params.model_id)
+                result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
+        except Exception:
+            # Once `cancel` answered {cancelled: true}, the final response
+            # must be a result saying "cancelled", even if the work failed.
+            with job.lock:
+                job.finished = True
+                if not job.cancel.is_set():
+                    raise
+            result = generation.cancelled_before_start(job.params)
+        with job.lock:
+            job.finished = True
+            if job.cancel.is_set():
+                result.stop_reason = "cancelled"
+        result.timings.queue_ms = round((job.started - job.received) * 1000, 3)
+        return result

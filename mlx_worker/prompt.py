@@ -1,0 +1,128 @@
+"""Request params -> the token ids the model sees.
+
+A prompt arrives as exactly one of ``prompt`` (text), ``tokens`` (ids) or
+``messages`` (chat, rendered with the model's own template and that template's
+own defaults; options only through ``chat_template_kwargs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import msgspec
+
+from . import errors, protocol
+from .errors import WorkerError, invalid_params
+from .models import LoadedModel
+
+
+@dataclass
+class PreparedPrompt:
+    tokens: list[int]
+    # Identifies the prompt for the prompt cache; equals ``tokens`` for text.
+    # A vision prompt puts image content hashes where the image tokens are.
+    cache_key: list = field(default_factory=list)
+    # Vision: computes input embeddings for tokens[start:]; None for text.
+    embeddings: Optional[Any] = None
+    rendered: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.cache_key:
+            self.cache_key = self.tokens
+
+
+def one_source(params: Any, names: Sequence[str]) -> str:
+    given = [n for n in names if getattr(params, n) is not None]
+    if len(given) != 1:
+        listed = ", ".join(f"`{n}`" for n in names)
+        what = "none" if not given else ", ".join(given)
+        raise WorkerError(
+            errors.INVALID_PARAMS,
+            f"exactly one of {listed} is required (got {what})",
+            {"field": "params." + (given[1] if len(given) > 1 else names[0])},
+        )
+    return given[0]
+
+
+def messages_to_dicts(messages: list[protocol.ChatMessage]) -> list[dict]:
+    return [
+        {k: v for k, v in msgspec.to_builtins(m).items() if v is not None}
+        for m in messages
+    ]
+
+
+def render_chat(lm: LoadedModel, params: Any) -> str:
+    tok = lm.hf_tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise invalid_params(
+            "params.messages",
+            f"model {lm.model_id!r} has no chat template; send `prompt` or `tokens`, "
+            "or pass `chat_template` to load",
+        )
+    messages = messages_to_dicts(params.messages)
+    for i, m in enumerate(params.messages):
+        if isinstance(m.content, list) and any(isinstance(p, protocol.ImagePart) for p in m.content):
+            if lm.kind != "vision":
+                raise WorkerError(
+                    errors.IMAGE_INVALID,
+                    f"model {lm.model_id!r} is a text model and cannot take images",
+                    {"field": f"params.messages[{i}].content"},
+                )
+    # A text model's template expects string content: join text parts.
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            m["content"] = "".join(p.get("text", "") for p in m["content"])
+    try:
+        return tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=params.add_generation_prompt,
+            **params.chat_template_kwargs,
+        )
+    except Exception as exc:  # jinja errors, template-raised exceptions
+        raise invalid_params("params.messages", f"chat template failed: {exc}") from None
+
+
+def encode_text(lm: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
+    return list(lm.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def check_token_ids(lm: LoadedModel, tokens: list[int], field_name: str) -> None:
+    for i, t in enumerate(tokens):
+        if not 0 <= t < lm.vocab_size:
+            raise invalid_params(
+                f"{field_name}[{i}]", f"token id {t} is outside the vocabulary [0, {lm.vocab_size})"
+            )
+
+
+def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.TokenizeResult:
+    source = one_source(params, ("text", "messages"))
+    if source == "messages" and lm.vision is not None:
+        prepared = lm.vision.prepare(lm, params)
+        return protocol.TokenizeResult(tokens=prepared.tokens, count=len(prepared.tokens), prompt=prepared.rendered)
+    if source == "messages":
+        rendered = render_chat(lm, params)
+        tokens = encode_text(lm, rendered, add_special_tokens=False)
+        return protocol.TokenizeResult(tokens=tokens, count=len(tokens), prompt=rendered)
+    tokens = encode_text(lm, params.text, params.add_special_tokens)
+    return protocol.TokenizeResult(tokens=tokens, count=len(tokens))
+
+
+def prepare(lm: LoadedModel, params: protocol.GenerateParams) -> PreparedPrompt:
+    source = one_source(params, ("prompt", "tokens", "messages"))
+    if source == "messages" and lm.vision is not None:
+        return lm.vision.prepare(lm, params)
+    if source == "messages":
+        rendered = render_chat(lm, params)
+        tokens = encode_text(lm, rendered, add_special_tokens=False)
+    elif source == "prompt":
+        rendered = params.prompt
+        tokens = encode_text(lm, params.prompt, params.add_special_tokens)
+    else:
+        rendered = None
+        tokens = list(params.tokens)
+        check_token_ids(lm, tokens, "params.tokens")
+    if not tokens:
+        raise invalid_params(f"params.{source}", "the prompt is empty after tokenization")
+    return PreparedPrompt(tokens=tokens, rendered=rendered)

@@ -1,0 +1,368 @@
+"""Every message on the wire, defined once.
+
+These Structs are the single source of truth for the protocol: the server
+decodes requests with them (msgspec reports the path of a bad field), the
+client decodes results with them, and ``protocol/schema.json`` is generated
+from them (``python -m mlx_worker.schema``).
+
+Field names given by the contract (methods, params, events, result fields) are
+fixed; new optional fields may be added freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+from msgspec import UNSET, Raw, Struct, UnsetType
+
+PROTOCOL_VERSION = "1.0"
+
+RequestId = Union[int, str]
+
+
+class Params(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base for request params: a misspelt field is an error, not ignored."""
+
+
+class Out(Struct, omit_defaults=True):
+    """Base for results and events."""
+
+
+# ----------------------------------------------------------------- envelope
+
+
+class Envelope(Struct):
+    """A request line before its params are validated against its method."""
+
+    jsonrpc: Any = UNSET
+    method: Any = UNSET
+    id: Union[int, str, None, UnsetType] = UNSET
+    params: Union[Raw, UnsetType] = UNSET
+
+
+class ErrorObject(Out):
+    code: int
+    message: str
+    data: Any = UNSET
+
+
+class Response(Struct):
+    id: Union[int, str, None]
+    result: Any
+    jsonrpc: str = "2.0"
+
+
+class ErrorResponse(Struct):
+    id: Union[int, str, None]
+    error: ErrorObject
+    jsonrpc: str = "2.0"
+
+
+class Notification(Struct):
+    method: str
+    params: Any
+    jsonrpc: str = "2.0"
+
+
+# ------------------------------------------------------------ chat messages
+
+
+class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ImagePart(Struct, tag="image", tag_field="type", forbid_unknown_fields=True):
+    """An image: a data URL, raw base64, or an absolute file path."""
+
+    image: str
+
+
+ContentPart = Union[TextPart, ImagePart]
+
+
+class ChatMessage(Params):
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: Union[str, None] = None
+    tool_calls: Union[list[dict[str, Any]], None] = None
+    tool_call_id: Union[str, None] = None
+    reasoning_content: Union[str, None] = None
+
+
+# -------------------------------------------------------------------- ready
+
+
+class Capabilities(Out):
+    methods: list[str]
+    max_line_bytes: int
+    batch: bool
+    constraints: list[str]
+    constraint_engines: list[str]
+    vision: bool
+    blas: Union[str, None] = None
+
+
+class ReadyEvent(Out):
+    protocol_version: str
+    worker_version: str
+    mlx_version: str
+    device: str
+    capabilities: Capabilities
+    pid: int
+
+
+# --------------------------------------------------------------------- load
+
+
+class LoadParams(Params):
+    model: str
+    model_id: Union[str, None] = None
+    trust_remote_code: bool = False
+    chat_template: Union[str, None] = None
+    max_kv_size: Union[int, None] = None
+    prefill_step_size: Union[int, None] = None
+    prompt_cache_bytes: Union[int, None] = None
+    prompt_cache_entries: Union[int, None] = None
+
+
+class LoadResult(Out):
+    model_id: str
+    kind: Literal["text", "vision"]
+    context_length: Union[int, None]
+    vocab_size: int
+    path: str
+    eos_token_ids: list[int]
+    has_chat_template: bool
+    memory_bytes: int
+    load_ms: float
+    already_loaded: bool = False
+
+
+class UnloadParams(Params):
+    model_id: Union[str, None] = None
+
+
+class UnloadResult(Out):
+    model_id: str
+    unloaded: bool
+
+
+# ----------------------------------------------------------------- tokenize
+
+
+class TokenizeParams(Params):
+    model_id: Union[str, None] = None
+    text: Union[str, None] = None
+    messages: Union[list[ChatMessage], None] = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] = {}
+
+
+class TokenizeResult(Out):
+    tokens: list[int]
+    count: int
+    prompt: Union[str, None] = None
+
+
+class DetokenizeParams(Params):
+    tokens: list[int]
+    model_id: Union[str, None] = None
+
+
+class DetokenizeResult(Out):
+    text: str
+
+
+# ----------------------------------------------------------------- generate
+
+
+class JsonSchemaConstraint(Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+    schema: Any
+    engine: Union[Literal["llguidance", "outlines"], None] = None
+
+
+class RegexConstraint(Struct, tag="regex", tag_field="type", forbid_unknown_fields=True):
+    pattern: str
+    engine: Union[Literal["llguidance", "outlines"], None] = None
+
+
+class ChoiceConstraint(Struct, tag="choice", tag_field="type", forbid_unknown_fields=True):
+    options: list[str]
+    engine: Union[Literal["llguidance", "outlines"], None] = None
+
+
+class GrammarConstraint(Struct, tag="grammar", tag_field="type", forbid_unknown_fields=True):
+    lark: str
+    engine: Union[Literal["llguidance", "outlines"], None] = None
+
+
+Constraint = Union[JsonSchemaConstraint, RegexConstraint, ChoiceConstraint, GrammarConstraint]
+
+
+class GenerateParams(Params):
+    model_id: Union[str, None] = None
+    prompt: Union[str, None] = None
+    tokens: Union[list[int], None] = None
+    messages: Union[list[ChatMessage], None] = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] = {}
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = {}
+    seed: Union[int, None] = None
+    stop: Union[str, list[str]] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_cache: bool = True
+    prefill_step_size: Union[int, None] = None
+    constraint: Union[Constraint, None] = None
+
+
+class TopLogprob(Out):
+    token: int
+    logprob: float
+
+
+class TokenLogprob(Out):
+    token: int
+    logprob: float
+    top: Union[list[TopLogprob], UnsetType] = UNSET
+
+
+class ProgressEvent(Out):
+    id: RequestId
+    processed: int
+    total: int
+    cached: int
+
+
+class TokenEvent(Out):
+    id: RequestId
+    text: str
+    tokens: list[int]
+    logprobs: Union[list[TokenLogprob], UnsetType] = UNSET
+
+
+class Usage(Out):
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class Timings(Out):
+    ttft_ms: float
+    prompt_tps: float
+    generation_tps: float
+    total_ms: float
+    queue_ms: float = 0.0
+
+
+StopReason = Literal["eos", "stop_string", "max_tokens", "cancelled"]
+
+
+class GenerateResult(Out):
+    text: str
+    tokens: list[int]
+    stop_reason: StopReason
+    usage: Usage
+    timings: Timings
+    peak_memory: int
+    model_id: str
+    seed: int
+    stop_string: Union[str, None] = None
+    stop_token: Union[int, None] = None
+
+
+# ----------------------------------------------------------- cancel, status
+
+
+class CancelParams(Params):
+    id: RequestId
+
+
+class CancelResult(Out):
+    cancelled: bool
+
+
+class StatusParams(Params):
+    pass
+
+
+class PromptCacheStatus(Out):
+    entries: int
+    bytes: int
+    max_bytes: int
+    max_entries: int
+
+
+class ModelStatus(Out):
+    model_id: str
+    kind: Literal["text", "vision"]
+    path: str
+    context_length: Union[int, None]
+    vocab_size: int
+    memory_bytes: int
+    prompt_cache: Union[PromptCacheStatus, None] = None
+
+
+class QueueStatus(Out):
+    active: Union[RequestId, None]
+    pending: int
+    max_pending: int
+
+
+class MemoryStatus(Out):
+    active: int
+    peak: int
+    cache: int
+    rss: int
+    limit: Union[int, None] = None
+
+
+class StatusResult(Out):
+    models: list[ModelStatus]
+    queue: QueueStatus
+    memory: MemoryStatus
+    uptime_s: float
+
+
+class ShutdownParams(Params):
+    pass
+
+
+class ShutdownResult(Out):
+    shutting_down: bool = True
+
+
+# A method's params and result types; the server adds the handlers.
+METHODS: dict[str, tuple[type, type]] = {
+    "load": (LoadParams, LoadResult),
+    "unload": (UnloadParams, UnloadResult),
+    "tokenize": (TokenizeParams, TokenizeResult),
+    "detokenize": (DetokenizeParams, DetokenizeResult),
+    "generate": (GenerateParams, GenerateResult),
+    "cancel": (CancelParams, CancelResult),
+    "status": (StatusParams, StatusResult),
+    "shutdown": (ShutdownParams, ShutdownResult),
+}
+
+# Notifications the worker sends, by method name.
+EVENTS: dict[str, type] = {
+    "ready": ReadyEvent,
+    "progress": ProgressEvent,
+    "token": TokenEvent,
+}
+
+encoder = msgspec.json.Encoder()

@@ -1,0 +1,285 @@
+"""Requests in, responses out: validation, routing, the queue, cancel.
+
+Three threads: the reader decodes stdin lines and answers what must not wait
+(``cancel``, ``status``, ``shutdown``, every validation error); the compute
+thread runs everything that touches MLX, one job at a time, in arrival order;
+the writer (transport.LineWriter) serializes output.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import msgspec
+
+from . import errors, protocol
+from .errors import WorkerError
+from .transport import LineWriter, Oversized, read_lines
+
+log = logging.getLogger("mlx_worker.server")
+
+# Answered on the reader thread, never queued behind a generation.
+IMMEDIATE = {"cancel", "status", "shutdown"}
+
+_ID_AT_HEAD = re.compile(rb'"id"\s*:\s*(-?\d{1,18}(?![\d.eE])|"(?:[^"\\]|\\.){0,200}")')
+
+
+@dataclass
+class Job:
+    id: Any
+    method: str
+    params: Any
+    received: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: bool = False
+
+
+@dataclass
+class Config:
+    max_line_bytes: int = 8 * 1024 * 1024
+    max_pending: int = 64
+    blas: Optional[str] = None
+    memory_limit: Optional[int] = None
+
+
+class Worker:
+    def __init__(self, in_fd: int, out_fd: int, config: Config):
+        self.config = config
+        self.in_fd = in_fd
+        self.started = time.monotonic()
+        self.stopping = threading.Event()
+        self.exit_code = 0
+        self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
+        self.jobs: dict[Any, Job] = {}  # every request in flight, queued or running
+        self.queue: collections.deque[Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.active: Optional[Job] = None
+        self.models = None  # created on the compute thread (imports MLX libraries)
+        self._handlers: dict[str, Callable[[Job], Any]] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        threading.Thread(target=self._compute_loop, name="compute", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="reader", daemon=True).start()
+
+    def stop(self, why: str) -> None:
+        if self.stopping.is_set():
+            return
+        log.info("stopping: %s", why)
+        with self.cond:
+            self.stopping.set()
+            for job in self.jobs.values():
+                job.cancel.set()
+            self.cond.notify_all()
+
+    def wait(self) -> int:
+        """Block the main thread (so it can take signals) until stopped,
+        then give in-flight work a moment to answer, flush, and return."""
+        while not self.stopping.wait(0.2):
+            pass
+        deadline = time.monotonic() + 0.8
+        with self.cond:
+            self.cond.wait_for(lambda: self.active is None, max(0.0, deadline - time.monotonic()))
+        self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
+        return self.exit_code
+
+    def send(self, message: object) -> None:
+        self.writer.send(message)
+
+    def notify(self, method: str, params: object) -> None:
+        self.writer.send(protocol.Notification(method, params))
+
+    def reply(self, id: Any, result: object) -> None:
+        self.writer.send(protocol.Response(id=id, result=result))
+
+    def reply_error(self, id: Any, code: int, message: str, data: Any = None) -> None:
+        error = protocol.ErrorObject(code=code, message=message)
+        if data is not None:
+            error.data = data
+        self.writer.send(protocol.ErrorResponse(id=id, error=error))
+
+    # -------------------------------------------------------------- reading
+
+    def _read_loop(self) -> None:
+        try:
+            for line in read_lines(self.in_fd, self.config.max_line_bytes):
+                if self.stopping.is_set():
+                    break
+                try:
+                    self.handle_line(line)
+                except Exception:  # a bug here must not end the reader
+                    log.exception("failed to handle a line")
+                    self.reply_error(None, errors.INTERNAL_ERROR, "internal error handling this line")
+        finally:
+            self.stop("stdin closed")
+
+    def handle_line(self, line: bytes | Oversized) -> None:
+        if isinstance(line, Oversized):
+            match = _ID_AT_HEAD.search(line.head)
+            rid = msgspec.json.decode(match.group(1)) if match else None
+            self.reply_error(
+                rid,
+                errors.INVALID_REQUEST,
+                f"line of {line.size} bytes exceeds max_line_bytes ({self.config.max_line_bytes}); skipped",
+                {"max_line_bytes": self.config.max_line_bytes},
+            )
+            return
+        if line.lstrip()[:1] == b"[":
+            self.reply_error(None, errors.INVALID_REQUEST, "JSON-RPC batches are not supported; send one request per line")
+            return
+        try:
+            env = msgspec.json.decode(line, type=protocol.Envelope)
+        except msgspec.ValidationError as exc:
+            self.reply_error(None, errors.INVALID_REQUEST, f"invalid request: {exc}", _field_of(exc, ""))
+            return
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            self.reply_error(None, errors.PARSE_ERROR, f"parse error: {exc}")
+            return
+
+        is_notification = env.id is msgspec.UNSET
+        rid = None if is_notification else env.id
+        if env.jsonrpc != "2.0":
+            return self._reject(is_notification, rid, errors.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"', {"field": "jsonrpc"})
+        if not isinstance(env.method, str):
+            return self._reject(is_notification, rid, errors.INVALID_REQUEST, 'invalid request: "method" must be a string', {"field": "method"})
+        types = protocol.METHODS.get(env.method)
+        if types is None:
+            return self._reject(is_notification, rid, errors.METHOD_NOT_FOUND, f"method not found: {env.method!r}", {"method": env.method})
+        try:
+            raw = env.params if env.params is not msgspec.UNSET else b"{}"
+            params = msgspec.json.decode(raw, type=types[0])
+        except msgspec.ValidationError as exc:
+            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", _field_of(exc, "params"))
+        except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", {"field": "params"})
+
+        job = Job(rid, env.method, params)
+        if env.method in IMMEDIATE:
+            self._run_immediate(job, is_notification)
+            return
+        if is_notification:
+            log.warning("ignoring %s sent as a notification (no id): it would have no reply", env.method)
+            return
+        self._enqueue(job)
+
+    def _reject(self, is_notification: bool, rid: Any, code: int, message: str, data: Any) -> None:
+        if is_notification:
+            log.warning("dropping bad notification: %s", message)
+        else:
+            self.reply_error(rid, code, message, data)
+
+    def _enqueue(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping.is_set():
+                error = (errors.SHUTTING_DOWN, "the worker is shutting down", None)
+            elif job.id in self.jobs:
+                error = (errors.INVALID_REQUEST, f"id {job.id!r} is already in flight", {"field": "id"})
+            elif len(self.queue) >= self.config.max_pending:
+                error = (errors.BUSY, f"queue is full ({self.config.max_pending} pending requests)", None)
+            else:
+                self.jobs[job.id] = job
+                self.queue.append(job)
+                self.cond.notify_all()
+                return
+        self.reply_error(job.id, *error)
+
+    def _run_immediate(self, job: Job, is_notification: bool) -> None:
+        if job.method == "cancel":
+            result: Any = protocol.CancelResult(cancelled=self.cancel(job.params.id))
+        elif job.method == "status":
+            result = self.status()
+        else:  # shutdown
+            result = protocol.ShutdownResult()
+        if not is_notification:
+            self.reply(job.id, result)
+        if job.method == "shutdown":
+            self.stop("shutdown requested")
+
+    # ------------------------------------------------------- cancel, status
+
+    def cancel(self, rid: Any) -> bool:
+        with self.cond:
+            job = self.jobs.get(rid)
+        if job is None or job.method != "generate":
+            return False
+        with job.lock:
+            if job.finished:
+                return False
+            job.cancel.set()
+            return True
+
+    def status(self) -> protocol.StatusResult:
+        from .memory import memory_status
+
+        models = self.models.snapshot() if self.models is not None else []
+        with self.cond:
+            active = self.active.id if self.active is not None else None
+            pending = len(self.queue)
+        return protocol.StatusResult(
+            models=[m.describe() for m in models],
+            queue=protocol.QueueStatus(active=active, pending=pending, max_pending=self.config.max_pending),
+            memory=memory_status(self.config.memory_limit),
+            uptime_s=round(time.monotonic() - self.started, 3),
+        )
+
+    # -------------------------------------------------------------- compute
+
+    def _compute_loop(self) -> None:
+        from .handlers import Handlers
+
+        handlers = Handlers(self)
+        self.models = handlers.models
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.queue or self.stopping.is_set())
+                if not self.queue:
+                    self.active = None
+                    self.cond.notify_all()
+                    return
+                job = self.active = self.queue.popleft()
+            job.started = time.perf_counter()
+            try:
+                self._run_job(handlers, job)
+            finally:
+                with self.cond:
+                    self.jobs.pop(job.id, None)
+                    self.active = None
+                    self.cond.notify_all()
+
+    def _run_job(self, handlers, job: Job) -> None:
+        try:
+            if self.stopping.is_set() and job.method != "generate":
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
+            result = handlers.dispatch(job)
+        except WorkerError as exc:
+            with job.lock:
+                job.finished = True
+            self.reply_error(job.id, exc.code, exc.message, exc.data)
+            return
+        except Exception as exc:
+            with job.lock:
+                job.finished = True
+            code, message = errors.classify_exception(exc)
+            if code == errors.INTERNAL_ERROR:
+                log.exception("%s failed", job.method)
+            self.reply_error(job.id, code, message)
+            return
+        self.reply(job.id, result)
+
+
+def _field_of(exc: msgspec.ValidationError, root: str) -> dict:
+    # msgspec says "... - at `$.a.b[0]`"; hosts get it as "params.a.b[0]".
+    match = re.search(r"at `\$(.*)`$", str(exc))
+    path = match.group(1) if match else ""
+    return {"field": root + path if root else path.lstrip(".")}

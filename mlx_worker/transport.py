@@ -1,0 +1,192 @@
+"""Bytes on pipes: line framing in, serialized line writes out.
+
+Knows nothing of MLX or of methods. The reader splits stdin into lines without
+ever holding an oversized line whole; the writer owns a private duplicate of
+the original stdout, so nothing else in the process can write protocol bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+import msgspec
+
+from . import protocol
+
+READ_CHUNK = 1 << 16
+OVERSIZE_HEAD = 512
+
+
+@dataclass
+class Oversized:
+    """A line longer than the limit: only its head was kept (to find its id)."""
+
+    head: bytes
+    size: int
+
+
+def protect_stdout() -> int:
+    """Duplicate fd 1 for the protocol and point fd 1 and sys.stdout at stderr.
+
+    After this, a print() from Python or a printf() from C lands on stderr,
+    never in the protocol stream.
+    """
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return proto_fd
+
+
+def read_lines(fd: int, max_line_bytes: int) -> Iterator[Union[bytes, Oversized]]:
+    """Yield each line of ``fd`` (without its newline) until EOF.
+
+    A line over ``max_line_bytes`` is yielded as ``Oversized`` once its newline
+    arrives; its bytes past the head are dropped as they are read.
+    """
+    buf = bytearray()
+    skipping: Oversized | None = None
+    while True:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if skipping is not None:
+                yield skipping
+            elif buf.strip():
+                yield bytes(buf)  # a last line without its newline
+            return
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            piece = chunk[start:] if nl < 0 else chunk[start:nl]
+            if skipping is not None:
+                skipping.size += len(piece)
+            else:
+                buf += piece
+                if len(buf) > max_line_bytes:
+                    skipping = Oversized(bytes(buf[:OVERSIZE_HEAD]), len(buf))
+                    buf.clear()
+            if nl < 0:
+                break
+            if skipping is not None:
+                yield skipping
+                skipping = None
+            else:
+                line = bytes(buf)
+                buf.clear()
+                if line.strip():
+                    yield line
+            start = nl + 1
+
+
+class LineWriter:
+    """Serializes every outgoing message onto the protocol fd, one per line.
+
+    Messages are queued by any thread and written by one writer thread, in
+    order. When the host reads slower than tokens arrive, consecutive ``token``
+    events of the same request are merged into one line (never reordered or
+    dropped), so a slow reader costs the generation loop nothing.
+    """
+
+    def __init__(self, fd: int, on_broken: Callable[[], None]):
+        self._fd = fd
+        self._on_broken = on_broken
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.broken = False
+        self._encoder = msgspec.json.Encoder()
+        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+        self._thread.start()
+
+    def send(self, message: object) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._queue.append(message)
+            self._cond.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far is written (or the pipe broke)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self.broken or (not self._queue and not self._busy), timeout
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+                self._busy = True
+            try:
+                data = b"".join(self._encode(m) for m in _coalesce(batch))
+                self._write_all(data)
+            except OSError as exc:
+                self._fail(exc)
+                return
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _encode(self, message: object) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return self._encoder.encode(message) + b"\n"
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _fail(self, exc: OSError) -> None:
+        with self._cond:
+            self.broken = True
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+        if exc.errno not in (errno.EPIPE, errno.EBADF):
+            print(f"mlx_worker: protocol write failed: {exc}", file=sys.stderr)
+        self._on_broken()
+
+
+def _coalesce(batch: list) -> list:
+    """Merge runs of token events of one request; keep everything in order."""
+    out: list = []
+    for message in batch:
+        prev = out[-1] if out else None
+        if (
+            isinstance(message, protocol.Notification)
+            and message.method == "token"
+            and isinstance(prev, protocol.Notification)
+            and prev.method == "token"
+            and prev.params.id == message.params.id
+        ):
+            a, b = prev.params, message.params
+            merged = protocol.TokenEvent(id=a.id, text=a.text + b.text, tokens=a.tokens + b.tokens)
+            if a.logprobs is not msgspec.UNSET or b.logprobs is not msgspec.UNSET:
+                merged.logprobs = (a.logprobs or []) + (b.logprobs or [])
+            out[-1] = protocol.Notification("token", merged)
+        else:
+            out.append(message)
+    return out
