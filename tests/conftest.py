@@ -1,0 +1,57 @@
+"""Shared fixtures: real worker subprocesses over real pipes, real MLX models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fixtures.build import ensure_model  # noqa: E402
+from mlx_worker.client import WorkerClient  # noqa: E402
+
+
+def worker_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    env.update(extra)
+    return env
+
+
+def spawn(*args: str, **kwargs) -> WorkerClient:
+    kwargs.setdefault("env", worker_env())
+    kwargs.setdefault("cwd", str(ROOT))
+    return WorkerClient(args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    return str(ensure_model("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def small_model() -> str:
+    return str(ensure_model("small-llama"))
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model):
+    """One worker per test module with tiny-llama loaded (as model_id tiny)."""
+    w = spawn()
+    w.load(tiny_model, model_id="tiny")
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def fresh_worker():
+    """A worker of its own, for tests that change or end its state."""
+    w = spawn()
+    yield w
+    w.close()

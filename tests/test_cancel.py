@@ -1,0 +1,56 @@
+"""cancel during decoding, during prompt processing, and while queued."""
+
+from __future__ import annotations
+
+import time
+
+from mlx_worker import protocol
+
+
+def test_cancel_during_decoding(worker):
+    stream = worker.generate(model_id="tiny", prompt="Go on", max_tokens=100000, temperature=0, ignore_eos=True)
+    seen = 0
+    for event in stream:
+        if isinstance(event, protocol.TokenEvent):
+            seen += 1
+            if seen == 5:
+                assert stream.cancel() is True
+    result = stream.result
+    assert result.stop_reason == "cancelled"
+    assert 5 <= len(result.tokens) < 1000
+    assert result.text == "".join(e.text for e in stream.events if isinstance(e, protocol.TokenEvent))
+    # the worker serves normally afterwards
+    after = worker.generate(model_id="tiny", prompt="Go on", max_tokens=5, temperature=0, ignore_eos=True).wait()
+    assert after.stop_reason == "max_tokens" and len(after.tokens) == 5
+    assert after.tokens == result.tokens[:5]
+
+
+def test_cancel_during_prompt_processing(worker):
+    long_prompt = [7, 8, 9, 10] * 900  # 3,600 tokens, 1-token chunks would be slow
+    stream = worker.generate(model_id="tiny", tokens=long_prompt, max_tokens=10, prefill_step_size=32)
+    for event in stream:
+        if isinstance(event, protocol.ProgressEvent) and event.processed >= 64:
+            t0 = time.perf_counter()
+            assert stream.cancel() is True
+        if isinstance(event, protocol.TokenEvent):
+            raise AssertionError("no token may come after a cancel during prefill")
+    result = stream.result
+    assert result.stop_reason == "cancelled" and result.tokens == []
+    assert time.perf_counter() - t0 < 5
+    progress = [e for e in stream.events if isinstance(e, protocol.ProgressEvent)]
+    assert progress[-1].processed < len(long_prompt)
+    after = worker.generate(model_id="tiny", prompt="again", max_tokens=3, temperature=0, ignore_eos=True).wait()
+    assert len(after.tokens) == 3
+
+
+def test_cancel_queued_and_finished_and_unknown(worker):
+    long = worker.generate(model_id="tiny", prompt="busy", max_tokens=100000, ignore_eos=True)
+    queued = worker.generate(model_id="tiny", prompt="waiting", max_tokens=5)
+    assert worker.cancel(queued.id) is True
+    assert worker.cancel(long.id) is True
+    assert long.wait().stop_reason == "cancelled"
+    q = queued.wait()
+    assert q.stop_reason == "cancelled" and q.tokens == []
+    assert worker.cancel(queued.id) is False  # finished
+    assert worker.cancel("no-such-request") is False
+    assert worker.cancel(987654) is False
