@@ -1,0 +1,121 @@
+"""Constrained generation: JSON schema, regex, choice and Lark grammars.
+
+``compile_for(lm, constraint)`` runs before any token is generated: it
+compiles the constraint with the chosen engine (llguidance by default, or
+outlines) or raises -32007 naming the problem; it never falls back to
+unconstrained output. The result hands out a fresh logits processor per
+request (``processor()``) and can tell whether a token sequence completes
+the constraint (``complete(tokens)``).
+
+Compiled constraints are cached per (tokenizer, engine, constraint) in a
+small LRU, so a repeated schema costs a dictionary lookup; the key keeps
+JSON property order (it decides the output order), only whitespace of the
+request is irrelevant. Failures are cached too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Callable, Optional
+
+import msgspec
+
+from .. import protocol
+from ..errors import WorkerError
+from . import vocab
+from .common import check_json_schema, refuse
+from .processor import ConstraintProcessor
+
+log = logging.getLogger("mlx_worker.constraints")
+
+DEFAULT_ENGINE = "llguidance"
+ENGINES = ("llguidance", "outlines")
+MAX_PROGRAMS = 128
+MAX_TOKENIZERS = 4
+
+
+class _LRU(collections.OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make: Callable[[], Any]):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+_tokenizers = _LRU(MAX_TOKENIZERS)
+_programs = _LRU(MAX_PROGRAMS)
+
+
+class Compiled:
+    """One request's handle on a (shared, cached) compiled constraint."""
+
+    def __init__(self, program, info: vocab.TokenizerInfo, compile_ms: float):
+        self.program = program
+        self.info = info
+        self.engine = program.engine
+        self.compile_ms = compile_ms
+
+    def processor(self) -> ConstraintProcessor:
+        return ConstraintProcessor(self.program.matcher(), self.info)
+
+    def complete(self, tokens: list[int]) -> bool:
+        """Do ``tokens`` (no terminating EOS) form a complete match?"""
+        m = self.program.matcher()
+        return all(m.consume(t) for t in tokens) and bool(m.accepting())
+
+    def release(self) -> None:
+        self.program = None  # the cache keeps what is worth keeping
+
+
+def compile_for(lm, constraint: protocol.Constraint) -> Compiled:
+    start = time.perf_counter()
+    engine = constraint.engine or DEFAULT_ENGINE
+    key = vocab.tokenizer_key(lm)
+    info = _tokenizers.get_or(key, lambda: vocab.build(lm, key))
+    canonical = msgspec.json.encode(msgspec.structs.replace(constraint, engine=None))
+    program = _programs.get_or((key, engine, canonical), lambda: _compile(engine, info, constraint))
+    if isinstance(program, WorkerError):
+        raise WorkerError(program.code, program.message, program.data)
+    elapsed = (time.perf_counter() - start) * 1000
+    return Compiled(program, info, elapsed)
+
+
+def _compile(engine: str, info: vocab.TokenizerInfo, constraint) -> Any:
+    """A Program, or the WorkerError saying why not (cached like a Program)."""
+    start = time.perf_counter()
+    try:
+        if isinstance(constraint, protocol.JsonSchemaConstraint):
+            check_json_schema(constraint.schema)
+        if engine == "outlines":
+            from . import outlines_engine as module
+        else:
+            from . import llguidance_engine as module  # type: ignore[no-redef]
+        program = module.compile(info, constraint)
+    except WorkerError as exc:
+        return exc
+    except RecursionError:
+        return refuse("the constraint is nested too deeply")
+    log.info("compiled a %s constraint with %s in %.1f ms", type(constraint).__name__, engine,
+             (time.perf_counter() - start) * 1000)
+    return program
+
+
+def clear_cache() -> None:
+    _programs.clear()
+    _tokenizers.clear()
+
+
+def cached(lm, constraint: protocol.Constraint) -> Optional[bool]:
+    """Whether this constraint is already compiled for ``lm`` (for benchmarks)."""
+    engine = constraint.engine or DEFAULT_ENGINE
+    canonical = msgspec.json.encode(msgspec.structs.replace(constraint, engine=None))
+    return (vocab.tokenizer_key(lm), engine, canonical) in _programs
