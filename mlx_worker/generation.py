@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
-import msgspec
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -137,7 +136,7 @@ def run(
 
     end = time.perf_counter()
     _store_cache(lm, params, prompt, cache, cached, fed_back, stop_reason)
-    complete = msgspec.UNSET
+    complete = protocol.UNSET
     if constraint is not None:
         complete = constraint.complete(generated)
         constraint.release()

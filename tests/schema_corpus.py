@@ -207,6 +207,8 @@ SCHEMAS: dict[str, object] = {
     "format-email": {"type": "string", "format": "email"},
     "format-uuid": {"type": "string", "format": "uuid"},
     "format-ipv4": {"type": "string", "format": "ipv4"},
+    "format-hostname": {"type": "string", "format": "hostname"},
+    "format-uri": {"type": "string", "format": "uri"},
     "format-unknown": {"type": "string", "format": "not-a-format"},
     # ------------------------------------------------------- numeric bounds
     "integer-bounds": {"type": "integer", "minimum": 3, "maximum": 17},

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import msgspec
 
@@ -32,7 +32,7 @@ log = logging.getLogger("mlx_worker.constraints")
 
 DEFAULT_ENGINE = "llguidance"
 ENGINES = ("llguidance", "outlines")
-MAX_PROGRAMS = 128
+MAX_PROGRAMS = 64
 MAX_TOKENIZERS = 4
 
 
@@ -58,11 +58,10 @@ _programs = _LRU(MAX_PROGRAMS)
 class Compiled:
     """One request's handle on a (shared, cached) compiled constraint."""
 
-    def __init__(self, program, info: vocab.TokenizerInfo, compile_ms: float):
+    def __init__(self, program, info: vocab.TokenizerInfo):
         self.program = program
         self.info = info
         self.engine = program.engine
-        self.compile_ms = compile_ms
 
     def processor(self) -> ConstraintProcessor:
         return ConstraintProcessor(self.program.matcher(), self.info)
@@ -77,7 +76,6 @@ class Compiled:
 
 
 def compile_for(lm, constraint: protocol.Constraint) -> Compiled:
-    start = time.perf_counter()
     engine = constraint.engine or DEFAULT_ENGINE
     key = vocab.tokenizer_key(lm)
     info = _tokenizers.get_or(key, lambda: vocab.build(lm, key))
@@ -85,8 +83,7 @@ def compile_for(lm, constraint: protocol.Constraint) -> Compiled:
     program = _programs.get_or((key, engine, canonical), lambda: _compile(engine, info, constraint))
     if isinstance(program, WorkerError):
         raise WorkerError(program.code, program.message, program.data)
-    elapsed = (time.perf_counter() - start) * 1000
-    return Compiled(program, info, elapsed)
+    return Compiled(program, info)
 
 
 def _compile(engine: str, info: vocab.TokenizerInfo, constraint) -> Any:
@@ -107,15 +104,3 @@ def _compile(engine: str, info: vocab.TokenizerInfo, constraint) -> Any:
     log.info("compiled a %s constraint with %s in %.1f ms", type(constraint).__name__, engine,
              (time.perf_counter() - start) * 1000)
     return program
-
-
-def clear_cache() -> None:
-    _programs.clear()
-    _tokenizers.clear()
-
-
-def cached(lm, constraint: protocol.Constraint) -> Optional[bool]:
-    """Whether this constraint is already compiled for ``lm`` (for benchmarks)."""
-    engine = constraint.engine or DEFAULT_ENGINE
-    canonical = msgspec.json.encode(msgspec.structs.replace(constraint, engine=None))
-    return (vocab.tokenizer_key(lm), engine, canonical) in _programs
