@@ -6,8 +6,9 @@ Prints, for each engine:
 
 - decode tokens/s constrained / unconstrained: the same generation loop
   (``mlx_worker.generation.run``, in-process, no pipes), same prompt, seed
-  and length; runs alternate unconstrained / llguidance / outlines and the
-  median of each is compared;
+  and length; runs alternate unconstrained / llguidance / outlines; the
+  ratio of median tokens/s, and of the pooled per-token step time p25/p50
+  (robust to other load on a shared machine);
 - compile time per schema of the test corpus: cold (first request) and
   cached (repeat), median and max;
 - per-token mask time p50/p99: the matcher work of one step (compute the
@@ -55,39 +56,48 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-def run_once(lm, n, engine=None, schema=DECODE_SCHEMA, seed=0):
+def run_once(lm, n, engine=None, schema=DECODE_SCHEMA, seed=0, stamps=None):
+    """One generation through the worker's generation loop; ``stamps`` gets
+    the time of every token event."""
     from mlx_worker import generation, protocol
 
     constraint = protocol.JsonSchemaConstraint(schema=schema, engine=engine) if engine else None
     params = protocol.GenerateParams(prompt=PROMPT, max_tokens=n, temperature=1.0, seed=seed,
                                      ignore_eos=True, prompt_cache=False, constraint=constraint)
-    events = generation.Events(progress=lambda e: None, token=lambda e: None)
+    record = (lambda e: stamps.append(time.perf_counter())) if stamps is not None else (lambda e: None)
+    events = generation.Events(progress=lambda e: None, token=record)
     return generation.run(lm, params, "bench", events, lambda: False)
 
 
 def decode_ratio(lm, n, rounds):
     """Each round runs unconstrained, llguidance and outlines back to back
-    (order rotating), so a round's ratios compare runs under the same load;
-    the median over rounds is reported."""
+    (order rotating). This machine is shared, so besides whole-run tokens/s
+    the time between consecutive tokens is pooled over all runs and its
+    percentiles compared: load from other processes inflates some steps,
+    and the lower percentiles show the cost of the step itself."""
     variants = [None, *ENGINES]
     rates = {v: [] for v in variants}
+    steps = {v: [] for v in variants}
     tokens = {e: [] for e in ENGINES}
     for r in range(rounds):
         order = variants[r % 3 :] + variants[: r % 3]
         for engine in order:
-            result = run_once(lm, n, engine, seed=r)
+            stamps: list = []
+            result = run_once(lm, n, engine, seed=r, stamps=stamps)
             assert len(result.tokens) == n, (engine, result.stop_reason, len(result.tokens))
             rates[engine].append(result.timings.generation_tps)
+            steps[engine].extend(b - a for a, b in zip(stamps, stamps[1:]))
             if engine:
                 tokens[engine].append(result.tokens)
-    base = rates[None]
-    print(f"\ndecode, {n} tokens, {rounds} rounds, tokens/s median [min-max]")
-    print(f"  unconstrained  {median(base):8.1f}  [{min(base):.0f}-{max(base):.0f}]")
-    for engine in ENGINES:
-        xs = rates[engine]
-        ratios = [a / b for a, b in zip(xs, base)]
-        print(f"  {engine:13}  {median(xs):8.1f}  [{min(xs):.0f}-{max(xs):.0f}]   ratio: median of rounds "
-              f"{median(ratios):.3f}, of medians {median(xs) / median(base):.3f}")
+    base, base_steps = rates[None], steps[None]
+    print(f"\ndecode, {n} tokens x {rounds} rounds; tokens/s = median of runs; step = ms between tokens")
+    print(f"  {'':13}  tokens/s   step p25  step p50   ratio: tokens/s  step p25  step p50")
+    for v in variants:
+        xs, st = rates[v], steps[v]
+        print(f"  {v or 'unconstrained':13}  {median(xs):8.1f}  {percentile(st, 25) * 1e3:8.2f}  "
+              f"{percentile(st, 50) * 1e3:8.2f}          {median(xs) / median(base):.3f}     "
+              f"{percentile(base_steps, 25) / percentile(st, 25):.3f}     "
+              f"{percentile(base_steps, 50) / percentile(st, 50):.3f}")
     return tokens
 
 

@@ -25,7 +25,7 @@ import msgspec
 from .. import protocol
 from ..errors import WorkerError
 from . import vocab
-from .common import check_json_schema, refuse
+from .common import check_json_schema, is_engine_panic, refuse
 from .processor import ConstraintProcessor
 
 log = logging.getLogger("mlx_worker.constraints")
@@ -101,6 +101,13 @@ def _compile(engine: str, info: vocab.TokenizerInfo, constraint) -> Any:
         return exc
     except RecursionError:
         return refuse("the constraint is nested too deeply")
+    except Exception as exc:  # the engine failed on this input: refuse it, never run unconstrained
+        log.warning("%s failed to compile a constraint", engine, exc_info=True)
+        return refuse(f"{engine} could not compile the constraint: {type(exc).__name__}: {exc}", engine=engine)
+    except BaseException as exc:
+        if not is_engine_panic(exc):
+            raise
+        return refuse(f"{engine} could not compile the constraint: {exc}", engine=engine)
     log.info("compiled a %s constraint with %s in %.1f ms", type(constraint).__name__, engine,
              (time.perf_counter() - start) * 1000)
     return program

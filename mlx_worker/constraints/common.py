@@ -16,6 +16,12 @@ def refuse(message: str, field: str = FIELD, **data: Any) -> WorkerError:
     return WorkerError(errors.CONSTRAINT_INVALID, message, {"field": field, **data})
 
 
+def is_engine_panic(exc: BaseException) -> bool:
+    """A Rust panic inside an engine surfaces as pyo3's PanicException, a
+    BaseException: it must become an error reply, not end the compute thread."""
+    return type(exc).__name__ == "PanicException"
+
+
 def literal_regex(text: str) -> str:
     """A regex matching exactly ``text``. Everything but ASCII letters and
     digits becomes ``\\x{HEX}``, which both engines' Rust regex parsers read
