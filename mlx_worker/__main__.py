@@ -31,16 +31,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the host dies, so no orphan is left behind."""
+# PR_SET_PDEATHSIG fires when the *thread* that spawned the worker exits, not
+# only its process: a host that spawns from a short-lived thread would kill
+# its worker. So the signal gets its own handler, which stops the worker only
+# once the parent process is really gone (we were re-parented).
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+
+
+def _die_with_parent(parent: int, on_death) -> None:
+    """Linux: be told when the host dies, so no orphan is left behind."""
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
+        signal.signal(PARENT_DEATH_SIGNAL, lambda *_: on_death() if os.getppid() != parent else None)
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
     except Exception:
         pass
 
@@ -59,7 +67,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parent = os.getppid()
-    _die_with_parent()
+    stop = [lambda why: os._exit(0)]  # until the worker exists to stop cleanly
+    _die_with_parent(parent, lambda: stop[0]("parent process died"))
 
     from . import blas
 
@@ -79,6 +88,7 @@ def main(argv=None) -> int:
     config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
                     blas=blas_path, memory_limit=args.memory_limit)
     worker = Worker(0, proto_fd, config)
+    stop[0] = worker.stop
     signal.signal(signal.SIGTERM, lambda *_: worker.stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: worker.stop("SIGINT"))
     if os.getppid() != parent:  # the host died before the death signal was armed

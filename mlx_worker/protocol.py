@@ -343,7 +343,7 @@ class ShutdownParams(Params):
 
 
 class ShutdownResult(Out):
-    shutting_down: bool = True
+    shutting_down: bool  # no default: omit_defaults would drop it from the wire
 
 
 # A method's params and result types; the server adds the handlers.

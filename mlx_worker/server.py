@@ -204,7 +204,7 @@ class Worker:
         elif job.method == "status":
             result = self.status()
         else:  # shutdown
-            result = protocol.ShutdownResult()
+            result = protocol.ShutdownResult(shutting_down=True)
         if not is_notification:
             self.reply(job.id, result)
         if job.method == "shutdown":
