@@ -15,6 +15,13 @@ import signal
 import sys
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of bytes")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mlx_worker",
@@ -27,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-pending", type=int, default=64, help="queued requests before `busy` errors")
     p.add_argument("--blas", default=None,
                    help="Linux CPU only: 'auto' (default), 'off', or a path to an OpenBLAS library")
-    p.add_argument("--memory-limit", type=int, default=None, help="MLX memory limit in bytes")
+    p.add_argument("--memory-limit", type=_positive_int, default=None,
+                   help="memory limit in bytes: MLX's allocator limit, and loads or requests estimated "
+                        "to exceed it get an out-of-memory error (default: MLX's own limit)")
     return p.parse_args(argv)
 
 
@@ -82,8 +91,9 @@ def main(argv=None) -> int:
         logging.getLogger("mlx_worker").info("BLAS: %s", blas_path)
     else:
         logging.getLogger("mlx_worker").info("BLAS: the one mlx was built with")
-    if args.memory_limit:
-        mx.set_memory_limit(args.memory_limit)
+    from . import memory
+
+    memory.set_worker_limit(args.memory_limit)
 
     config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
                     blas=blas_path, memory_limit=args.memory_limit)

@@ -249,3 +249,31 @@ def test_worker_survives_the_exit_of_the_thread_that_spawned_it():
         assert "result" in w.call("status", {}, timeout=QUICK)
     finally:
         w.close()
+
+
+# ------------------------------------------------------------- the writer
+
+
+def test_writer_survives_a_message_it_cannot_encode():
+    """A reply that cannot be encoded (a bug upstream) still answers its
+    request, with -32603; a notification is dropped; later messages flow."""
+    from mlx_worker import protocol
+    from mlx_worker.transport import LineWriter
+
+    r, w = os.pipe()
+    broken = []
+    writer = LineWriter(w, on_broken=lambda: broken.append(True))
+    try:
+        writer.send(protocol.Response(id=1, result=object()))
+        writer.send(protocol.Notification("token", object()))
+        writer.send(protocol.Response(id=2, result={"ok": True}))
+        assert writer.flush(5)
+        with os.fdopen(r, "rb", closefd=False) as out:
+            first, second = json.loads(out.readline()), json.loads(out.readline())
+        assert first["id"] == 1 and first["error"]["code"] == -32603
+        assert second == {"id": 2, "result": {"ok": True}, "jsonrpc": "2.0"}
+        assert not broken
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
