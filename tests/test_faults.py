@@ -277,3 +277,59 @@ def test_writer_survives_a_message_it_cannot_encode():
         writer.close()
         os.close(r)
         os.close(w)
+
+
+# ------------------------------------------------------------ load, stdout
+
+
+def test_queue_limit_answers_busy_and_recovers(tiny_model):
+    w = loaded("--max-pending", "2", tiny_model=tiny_model)
+    try:
+        w.request("generate", ENDLESS, id="long")
+        first_token(w, "long")
+        for i in range(2):
+            w.request("tokenize", {"model_id": "tiny", "text": "q"}, id=f"q{i}")
+        w.request("tokenize", {"model_id": "tiny", "text": "q"}, id="over")
+        busy = w.response("over")
+        assert busy["error"]["code"] == -32006
+        assert "result" in w.call("status", {})  # answered at once, never queued
+        w.request("cancel", {"id": "long"}, id="c")
+        assert w.response("long")["result"]["stop_reason"] == "cancelled"
+        assert "result" in w.response("q0") and "result" in w.response("q1")
+        assert "result" in w.call("tokenize", {"model_id": "tiny", "text": "again"})
+        assert not w.bad_lines
+    finally:
+        w.close()
+
+
+def test_stdout_writes_from_inside_the_worker_never_reach_the_protocol(tiny_model, tmp_path):
+    """A model's own code (run with trust_remote_code) prints to stdout from
+    Python, through fd 1 and from C: all of it lands on stderr."""
+    import shutil
+
+    folder = tmp_path / "chatty"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chatty_model.py").write_text(textwrap.dedent("""
+        import ctypes, os, sys
+        print("PRINTED-BY-PYTHON")
+        sys.stdout.flush()
+        os.write(1, b"WRITTEN-TO-FD-1\\n")
+        libc = ctypes.CDLL(None)
+        libc.puts(b"PUT-BY-C")
+        libc.fflush(None)
+        from mlx_lm.models.llama import Model, ModelArgs
+    """))
+    config = json.loads((folder / "config.json").read_text())
+    config["model_file"] = "chatty_model.py"
+    (folder / "config.json").write_text(json.dumps(config))
+    w = RawWorker()
+    try:
+        reply = w.call("load", {"model": str(folder), "model_id": "chatty", "trust_remote_code": True})
+        assert "result" in reply, reply
+        assert "result" in w.call("generate", {"model_id": "chatty", "prompt": "x", "max_tokens": 2})
+        assert not w.bad_lines, w.bad_lines
+        err = w.stderr()
+        for marker in ("PRINTED-BY-PYTHON", "WRITTEN-TO-FD-1", "PUT-BY-C"):
+            assert marker in err
+    finally:
+        w.close()
