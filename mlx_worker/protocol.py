@@ -382,7 +382,7 @@ class ShutdownParams(Params):
 
 
 class ShutdownResult(Out):
-    shutting_down: bool = True
+    shutting_down: bool
 
 
 # A method's params and result types; the server adds the handlers.
