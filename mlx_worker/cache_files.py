@@ -116,7 +116,7 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
 
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
     try:
-        save_prompt_cache(str(tmp), entry.cache, metadata)
+        save_prompt_cache(str(tmp), _compact(entry.cache), metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as exc:
         _unlink(tmp)
@@ -129,6 +129,22 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
         cached_tokens=result.usage.cached_tokens,
         file_bytes=path.stat().st_size,
     )
+
+
+def _compact(cache: list) -> list:
+    """Plain KV layers cut to the tokens they hold: their buffers grow in
+    256-token steps and keep trimmed tokens, which the file needn't carry."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for c in cache:
+        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+            compact = KVCache()
+            compact.keys, compact.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            compact.offset = c.offset
+            c = compact
+        out.append(c)
+    return out
 
 
 def _target(raw: str) -> Path:
@@ -184,6 +200,7 @@ def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     window = cache_window(cache)
     entry = Entry(
         key=key,
+        n_prompt=len(key),
         cache=cache,
         nbytes=cache_nbytes(cache),
         exact_only=not can_trim_prompt_cache(cache),

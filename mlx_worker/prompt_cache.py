@@ -28,11 +28,14 @@ above (an entry valid only at its exact length and chunking), leaves nothing
 to process on an exact hit, and doesn't refresh an entry's LRU position when
 it is read.
 
-Ownership: a request that extends an entry's whole key takes the entry out of
-the store and writes into it (no copy); its longer cache is inserted when it
-finishes. A request that uses only part of an entry gets a copy
+Ownership: a request that reuses all of an entry's prompt (the next turn of
+a chat: the earlier prompt, maybe some of the answer) takes the entry out of
+the store, trims off what it doesn't share and writes into it: no copy. Its
+own cache goes back in when it finishes. A request that branches off inside
+the entry's prompt (an edited message, a regenerated answer, another
+conversation with the same system prompt) gets a copy instead
 (``copy.deepcopy``: new array objects sharing the buffers; MLX copies a
-buffer on the first write into it), so the stored entry never changes.
+buffer on the first write into it), so the stored conversation survives.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ def common_prefix(a: list, b: list, limit: int) -> int:
 @dataclass
 class Entry:
     key: list  # cache_key of exactly the tokens the cache holds
+    n_prompt: int  # how many of them were the request's prompt (the rest: its output)
     cache: list
     nbytes: int
     exact_only: bool  # untrimmable: reusable only by prompts extending all of key
@@ -225,13 +229,13 @@ class PromptCacheStore:
             if self._entries:
                 log.info("prompt cache miss (%d tokens): %s", n, reason)
             return cache, 0
-        if best_m == len(best.key):
-            self._remove(best)  # the request extends it: take it, no copy
+        if best_m >= best.n_prompt:
+            self._remove(best)  # the request continues it: take it, no copy
             cache = best.cache
         else:
             self._touch(best)
             cache = copy.deepcopy(best.cache)
-            trim_prompt_cache(cache, len(best.key) - best_m)
+        trim_prompt_cache(cache, len(best.key) - best_m)
         self._pending = _Pending(n, step, keep, best.window)
         log.debug("prompt cache hit: %d of %d tokens", best_m, n)
         return cache, best_m
@@ -284,6 +288,7 @@ class PromptCacheStore:
             return
         entry = Entry(
             key=key[:offset],
+            n_prompt=min(offset, len(prompt.cache_key)),
             cache=cache,
             nbytes=cache_nbytes(cache),
             exact_only=not trimmable,
