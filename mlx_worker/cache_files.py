@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,6 @@ from .errors import WorkerError, invalid_params
 from .prompt import prepare
 from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, make_cache
 
-log = logging.getLogger("mlx_worker.cache_files")
 
 FORMAT = "mlx-worker-prompt-cache/1"
 IDENTITY_KEYS = ("config_sha256", "weights_fingerprint", "tokenizer_sha256")

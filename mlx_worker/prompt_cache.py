@@ -45,7 +45,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from mlx_lm.models.cache import (
     CacheList,
@@ -190,7 +190,6 @@ class Entry:
 class _Pending:
     """The request now running on this model (one at a time)."""
 
-    n_prompt: int
     step: int
     keep: int
     window: Optional[int] = None
@@ -225,7 +224,7 @@ class PromptCacheStore:
                 reason = why
         if best is None:
             cache = self._new_cache(keep)
-            self._pending = _Pending(n, step, keep, cache_window(cache))
+            self._pending = _Pending(step, keep, cache_window(cache))
             if self._entries:
                 log.info("prompt cache miss (%d tokens): %s", n, reason)
             return cache, 0
@@ -236,7 +235,7 @@ class PromptCacheStore:
             self._touch(best)
             cache = copy.deepcopy(best.cache)
         trim_prompt_cache(cache, len(best.key) - best_m)
-        self._pending = _Pending(n, step, keep, best.window)
+        self._pending = _Pending(step, keep, best.window)
         log.debug("prompt cache hit: %d of %d tokens", best_m, n)
         return cache, best_m
 
@@ -259,7 +258,7 @@ class PromptCacheStore:
         pending, self._pending = self._pending, None
         self.last_stored = None
         if pending is None:
-            pending = _Pending(len(prompt.cache_key), 0, DEFAULT_KEEP, cache_window(cache))
+            pending = _Pending(0, DEFAULT_KEEP, cache_window(cache))
         key = list(prompt.cache_key) + list(fed_back)
         offset = cache_offset(cache)
         if offset is None:
@@ -323,15 +322,6 @@ class PromptCacheStore:
                 evicted = self._entries.pop(0)
                 self._bytes -= evicted.nbytes
         return True
-
-    def longest_prefix(self, key: list) -> Optional[Entry]:
-        """The stored entry with the longest key that is a prefix of ``key``."""
-        best = None
-        for entry in self._entries:
-            if len(entry.key) <= len(key) and key[: len(entry.key)] == entry.key:
-                if best is None or len(entry.key) > len(best.key):
-                    best = entry
-        return best
 
     def clear(self) -> None:
         with self._lock:
