@@ -21,7 +21,7 @@ import msgspec
 from . import errors, generation, protocol
 from .errors import WorkerError, invalid_params
 from .prompt import prepare
-from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, make_cache
+from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, compact, make_cache
 
 
 FORMAT = "mlx-worker-prompt-cache/1"
@@ -114,7 +114,7 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
 
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
     try:
-        save_prompt_cache(str(tmp), _compact(entry.cache), metadata)
+        save_prompt_cache(str(tmp), compact(entry.cache), metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as exc:
         _unlink(tmp)
@@ -127,22 +127,6 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
         cached_tokens=result.usage.cached_tokens,
         file_bytes=path.stat().st_size,
     )
-
-
-def _compact(cache: list) -> list:
-    """Plain KV layers cut to the tokens they hold: their buffers grow in
-    256-token steps and keep trimmed tokens, which the file needn't carry."""
-    from mlx_lm.models.cache import KVCache
-
-    out = []
-    for c in cache:
-        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
-            compact = KVCache()
-            compact.keys, compact.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
-            compact.offset = c.offset
-            c = compact
-        out.append(c)
-    return out
 
 
 def _target(raw: str) -> Path:

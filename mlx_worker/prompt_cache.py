@@ -33,9 +33,10 @@ a chat: the earlier prompt, maybe some of the answer) takes the entry out of
 the store, trims off what it doesn't share and writes into it: no copy. Its
 own cache goes back in when it finishes. A request that branches off inside
 the entry's prompt (an edited message, a regenerated answer, another
-conversation with the same system prompt) gets a copy instead
-(``copy.deepcopy``: new array objects sharing the buffers; MLX copies a
-buffer on the first write into it), so the stored conversation survives.
+conversation with the same system prompt) gets a copy instead, so the
+stored conversation survives: new cache objects whose arrays share the
+stored buffers, cut to the shared prefix (MLX never writes into a buffer
+another array still uses; the first write copies the prefix).
 """
 
 from __future__ import annotations
@@ -154,6 +155,21 @@ def cache_nbytes(cache: list) -> int:
     return total
 
 
+def compact(cache: list) -> list:
+    """Plain KV layers cut to the tokens they hold (their buffers grow in
+    256-token steps and keep trimmed tokens). The cut shares the buffer; the
+    layer's next write copies only those tokens, not the whole buffer."""
+    out = []
+    for c in cache:
+        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+            cut = KVCache()
+            cut.keys, cut.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            cut.offset = c.offset
+            c = cut
+        out.append(c)
+    return out
+
+
 def common_prefix(a: list, b: list, limit: int) -> int:
     """Length of the common prefix of a and b, at most ``limit``. Elements
     are compared with ==, so image hashes in a vision key work too. List
@@ -231,10 +247,12 @@ class PromptCacheStore:
         if best_m >= best.n_prompt:
             self._remove(best)  # the request continues it: take it, no copy
             cache = best.cache
+            trim_prompt_cache(cache, len(best.key) - best_m)
         else:
             self._touch(best)
             cache = copy.deepcopy(best.cache)
-        trim_prompt_cache(cache, len(best.key) - best_m)
+            trim_prompt_cache(cache, len(best.key) - best_m)
+            cache = compact(cache)  # the first write then copies only the shared prefix
         self._pending = _Pending(step, keep, best.window)
         log.debug("prompt cache hit: %d of %d tokens", best_m, n)
         return cache, best_m
