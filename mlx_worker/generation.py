@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
+
 from . import errors, prompt_cache, protocol, sampling
 from .errors import WorkerError
 from .models import LoadedModel
