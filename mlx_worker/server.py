@@ -59,6 +59,7 @@ class Worker:
         self.in_fd = in_fd
         self.started = time.monotonic()
         self.stopping = threading.Event()
+        self.reader_idle = threading.Event()  # every line read so far is handled
         self.exit_code = 0
         self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
         self.jobs: dict[Any, Job] = {}  # every request in flight, queued or running
@@ -90,8 +91,11 @@ class Worker:
         while not self.stopping.wait(0.2):
             pass
         deadline = time.monotonic() + 0.8
+        # Requests already read (say, pipelined after `shutdown`) are answered
+        # too: -32010 for queued work, a cancelled result for a generate.
+        self.reader_idle.wait(max(0.0, deadline - time.monotonic()))
         with self.cond:
-            self.cond.wait_for(lambda: self.active is None, max(0.0, deadline - time.monotonic()))
+            self.cond.wait_for(lambda: self.active is None and not self.queue, max(0.0, deadline - time.monotonic()))
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
 
@@ -116,13 +120,15 @@ class Worker:
         try:
             # Lines keep being answered while the worker stops (queued work
             # gets -32010), so no request goes unanswered before the exit.
-            for line in read_lines(self.in_fd, self.config.max_line_bytes):
+            idle = lambda yes: self.reader_idle.set() if yes else self.reader_idle.clear()  # noqa: E731
+            for line in read_lines(self.in_fd, self.config.max_line_bytes, on_idle=idle):
                 try:
                     self.handle_line(line)
                 except Exception:  # a bug here must not end the reader
                     log.exception("failed to handle a line")
                     self.reply_error(None, errors.INTERNAL_ERROR, "internal error handling this line")
         finally:
+            self.reader_idle.set()
             self.stop("stdin closed")
 
     def handle_line(self, line: bytes | Oversized) -> None:

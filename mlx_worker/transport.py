@@ -49,21 +49,27 @@ def protect_stdout() -> int:
     return proto_fd
 
 
-def read_lines(fd: int, max_line_bytes: int) -> Iterator[Union[bytes, Oversized]]:
+def read_lines(
+    fd: int, max_line_bytes: int, on_idle: Callable[[bool], None] = lambda idle: None
+) -> Iterator[Union[bytes, Oversized]]:
     """Yield each line of ``fd`` (without its newline) until EOF.
 
     A line over ``max_line_bytes`` is yielded as ``Oversized`` once its newline
     arrives; its bytes past the head are dropped as they are read.
+    ``on_idle(True)`` is called before each (blocking) read, when every line
+    read so far has been yielded, and ``on_idle(False)`` after it.
     """
     buf = bytearray()
     skipping: Oversized | None = None
     while True:
+        on_idle(True)
         try:
             chunk = os.read(fd, READ_CHUNK)
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             continue
         except OSError:
             chunk = b""
+        on_idle(False)
         if not chunk:
             if skipping is not None:
                 yield skipping
