@@ -15,19 +15,9 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def worker_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_VERBOSITY"] = "error"
-    env.update(extra)
-    return env
+from conftest import ROOT, worker_env
 
 
 def worker_cmd(*args: str) -> list[str]:
