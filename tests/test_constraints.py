@@ -371,6 +371,8 @@ def test_same_seed_same_output_with_prompt_cache(worker):
     b, _ = gen(worker, constraint, prompt=prompt, seed=9, prompt_cache=True)
     c, _ = gen(worker, constraint, prompt=prompt, seed=9, prompt_cache=False)
     assert a.tokens == b.tokens == c.tokens
+    assert b.usage.cached_tokens > 0 and c.usage.cached_tokens == 0
+    validate(constraint["schema"], b.text)
 
 
 def test_cancel_a_constrained_generation(worker):
