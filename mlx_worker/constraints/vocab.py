@@ -31,10 +31,11 @@ class TokenizerInfo:
         return (self.n_vocab + 31) // 32
 
     def token_bytes(self) -> dict[bytes, list[int]]:
-        """Ordinary tokens by their bytes; special and empty tokens left out."""
+        """Ordinary tokens by their bytes; special, EOS and empty tokens left out
+        (the processor decides EOS itself)."""
         lltok, out = self.lltok, {}
         for i in range(self.n_vocab):
-            if lltok.is_special_token(i):
+            if lltok.is_special_token(i) or i in self.eos_ids:
                 continue
             data = lltok.decode_bytes([i])
             if data:
