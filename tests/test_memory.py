@@ -121,7 +121,7 @@ def test_unload_returns_memory(fresh_worker, small_model):
           f"RSS MiB: {before.rss / MiB:.1f} -> {during.rss / MiB:.1f} -> {after.rss / MiB:.1f}")
     assert after.active <= before.active + MiB
     assert after.cache == 0
-    assert during.rss - after.rss >= 0.8 * weights  # the pages went back to the OS
+    assert during.rss - after.rss >= 0.5 * weights  # the pages went back to the OS
     assert w.status().models == []
     # load/unload cycles do not accumulate
     for _ in range(3):

@@ -205,15 +205,20 @@ def test_library_output_cannot_corrupt_stdout(tmp_path, tiny_model):
     # A module imported at interpreter start that, once the worker runs,
     # writes to stdout from Python (print, sys.__stdout__, fd 1) and from C.
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import ctypes, os, sys, threading
+        import ctypes, os, sys, threading, time
+        original = os.fstat(1)
         def noisy():
+            # Start once the worker has taken fd 1 for itself (after start-up
+            # any library may print); the noise must all land on stderr.
+            while os.path.sameopenfile(1, 2) is False and os.fstat(1).st_ino == original.st_ino:
+                time.sleep(0.01)
             for _ in range(20):
                 print("PY-PRINT-NOISE")
                 sys.__stdout__.write("DUNDER-NOISE\\n"); sys.__stdout__.flush()
                 os.write(1, b"FD1-NOISE\\n")
                 libc = ctypes.CDLL(None); libc.printf(b"C-PRINTF-NOISE\\n"); libc.fflush(None)
                 threading.Event().wait(0.05)
-        threading.Timer(0.3, noisy).start()
+        threading.Thread(target=noisy, daemon=True).start()
     """))
     env = worker_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{worker_env()['PYTHONPATH']}")
     w = spawn(env=env)
