@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Time to first token of a second turn about the same image ÷ the first turn.
+
+    python bench/vision.py [--rounds 7] [--size 224] [--model PATH]
+
+Each round uses a new picture (seeded noise), so the first turn is cold: the
+image is decoded, preprocessed and run through the vision tower, and the whole
+prompt is prefilled. The second turn is the same conversation plus the
+assistant's answer and a new question: the image features come from the
+content-hash cache (and, with a prompt cache, the shared prefix from the KV
+cache). The same rounds run on a second copy of the model loaded with
+``image_cache_bytes=0``, alternating A/B within each round, to show what the
+feature cache alone contributes. Medians of the per-round ratios are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fixtures.build import ensure_model  # noqa: E402
+from mlx_worker.client import WorkerClient  # noqa: E402
+
+
+def picture(seed: int, size: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def turns(image: str, answer: str) -> tuple[list, list]:
+    first = [{"role": "user", "content": [
+        {"type": "text", "text": "Describe this picture in detail, please."},
+        {"type": "image", "image": image},
+    ]}]
+    second = first + [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "What colour stands out the most?"},
+    ]
+    return first, second
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--size", type=int, default=224, help="image side in pixels")
+    ap.add_argument("--model", default=None, help="a VLM folder (default: the tiny-qwen2-vl fixture)")
+    args = ap.parse_args()
+    model = args.model or str(ensure_model("tiny-qwen2-vl"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    ratios: dict[str, list[float]] = {"cached": [], "no-image-cache": []}
+    ttfts: dict[str, list[tuple[float, float]]] = {"cached": [], "no-image-cache": []}
+    with WorkerClient([], env=env, cwd=str(ROOT)) as w:
+        w.load(model, model_id="cached")
+        w.load(model, model_id="no-image-cache", image_cache_bytes=0)
+        params = dict(max_tokens=8, temperature=0, ignore_eos=True)
+        warm_first, warm_second = turns(picture(10_000, args.size), "A picture.")
+        for model_id in ratios:  # imports, first-call compilation
+            w.generate(model_id=model_id, messages=warm_first, **params).wait()
+            w.generate(model_id=model_id, messages=warm_second, **params).wait()
+        for r in range(args.rounds):
+            order = list(ratios) if r % 2 == 0 else list(reversed(ratios))
+            for model_id in order:
+                first, _ = turns(picture(r * 2 + (model_id == "cached"), args.size), "")
+                one = w.generate(model_id=model_id, messages=first, **params).wait()
+                answer = w.detokenize(one.tokens, model_id=model_id)
+                _, second = turns(first[0]["content"][1]["image"], answer)
+                two = w.generate(model_id=model_id, messages=second, **params).wait()
+                ttfts[model_id].append((one.timings.ttft_ms, two.timings.ttft_ms))
+                ratios[model_id].append(two.timings.ttft_ms / one.timings.ttft_ms)
+        prompt = w.tokenize(model_id="cached", messages=turns(picture(0, args.size), "x")[1]).count
+    print(f"model {model}, image {args.size}x{args.size}, second-turn prompt {prompt} tokens, {args.rounds} rounds")
+    for model_id, values in ratios.items():
+        first = statistics.median(t[0] for t in ttfts[model_id])
+        second = statistics.median(t[1] for t in ttfts[model_id])
+        print(
+            f"{model_id:>15}: turn 1 TTFT {first:7.1f} ms, turn 2 TTFT {second:7.1f} ms, "
+            f"turn 2 / turn 1 = {statistics.median(values):.3f} (median of per-round ratios)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
