@@ -108,7 +108,8 @@ class WorkerClient:
         self._inboxes: dict[Any, queue.Queue] = {}
         self.unrouted: "queue.Queue[dict]" = queue.Queue()  # e.g. errors with id null
         self._ready: "queue.Queue[dict]" = queue.Queue()
-        self.lines: list[bytes] = []  # every raw stdout line, for tests
+        self.lines: list[bytes] = []  # every raw stdout line, for tests and traces
+        self.sent: list[bytes] = []  # every line written to stdin
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         msg = self._take(self._ready, ready_timeout)
@@ -153,8 +154,10 @@ class WorkerClient:
         """Write raw bytes as one line (tests use it for malformed input)."""
         data = line.encode() if isinstance(line, str) else line
         assert self.proc.stdin is not None
+        data = data if data.endswith(b"\n") else data + b"\n"
         with self._write_lock:
-            self.proc.stdin.write(data if data.endswith(b"\n") else data + b"\n")
+            self.sent.append(data)
+            self.proc.stdin.write(data)
 
     def start(self, method: str, params: Any = None, rid: Any = None) -> tuple[Any, "queue.Queue"]:
         rid = next(self._ids) if rid is None else rid

@@ -348,7 +348,7 @@ class ShutdownParams(Params):
 
 
 class ShutdownResult(Out):
-    shutting_down: bool = True
+    shutting_down: bool
 
 
 # A method's params and result types; the server adds the handlers.

@@ -160,7 +160,8 @@ class Worker:
             raw = env.params if env.params is not msgspec.UNSET else b"{}"
             params = msgspec.json.decode(raw, type=types[0])
         except msgspec.ValidationError as exc:
-            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", _field_of(exc, "params"))
+            message = str(exc).replace("`$", "`params")
+            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {message}", _field_of(exc, "params"))
         except (msgspec.DecodeError, RecursionError, ValueError) as exc:
             return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", {"field": "params"})
 
@@ -200,7 +201,7 @@ class Worker:
         elif job.method == "status":
             result = self.status()
         else:  # shutdown
-            result = protocol.ShutdownResult()
+            result = protocol.ShutdownResult(shutting_down=True)
         if not is_notification:
             self.reply(job.id, result)
         if job.method == "shutdown":
