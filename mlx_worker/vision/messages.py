@@ -18,9 +18,10 @@ from ..errors import invalid_params
 from .images import ImageInput, ImageLimits, image_error, read_image
 
 
-def image_fields(messages: list[protocol.ChatMessage]) -> list[tuple[str, protocol.ImagePart]]:
+def image_fields(messages: list[protocol.ChatMessage], first: int = 0) -> list[tuple[str, protocol.ImagePart]]:
+    """(field, part) for every image part, numbering messages from ``first``."""
     found = []
-    for i, message in enumerate(messages):
+    for i, message in enumerate(messages, first):
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if isinstance(part, protocol.ImagePart):
@@ -56,9 +57,9 @@ def template_messages(messages: list[protocol.ChatMessage], model_type: str) -> 
     for i, m in enumerate(messages):
         # mlx-vlm's formatter keeps images only where the model takes them.
         if m.role in ("system", "assistant") and not (m.tool_calls or m.tool_call_id):
-            for field, _ in image_fields([m]):
+            for field, _ in image_fields([m], first=i):
                 raise image_error(
-                    field.replace("messages[0]", f"messages[{i}]"), "wrong_role",
+                    field, "wrong_role",
                     f"this model takes images in user messages only, not in a {m.role!r} message",
                 )
     shaped = apply_chat_template(None, {"model_type": model_type}, raw, return_messages=True)
