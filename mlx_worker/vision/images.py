@@ -26,7 +26,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 _DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
-_BASE64_JUNK = re.compile(r"\s+")
 # Leading bytes of common formats: data that starts like an image but does not
 # open is corrupt rather than "not an image".
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
@@ -113,16 +112,11 @@ def _from_data_url(source: str, field: str, limits: ImageLimits) -> bytes:
 
 def _from_base64(text: str, field: str, limits: ImageLimits) -> bytes:
     # Size from the encoded length first: never decode more than the limit.
-    compact = _BASE64_JUNK.sub("", text)
-    if len(compact) // 4 * 3 > limits.max_bytes + 2:
-        raise _too_large(field, len(compact) // 4 * 3, limits)
-    try:
-        data = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        try:  # URL-safe alphabet
-            data = base64.b64decode(compact, altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
-            data = None
+    if len(text) // 4 * 3 > limits.max_bytes + 2:
+        compact = "".join(text.split())  # MIME line breaks do not count
+        if len(compact) // 4 * 3 > limits.max_bytes + 2:
+            raise _too_large(field, len(compact) // 4 * 3, limits)
+    data = _b64decode(text)
     if data is None:
         if _looks_like_path(text):
             raise image_error(field, "relative_path", f"image paths must be absolute: {text!r}")
@@ -133,6 +127,20 @@ def _from_base64(text: str, field: str, limits: ImageLimits) -> bytes:
     if len(data) > limits.max_bytes:
         raise _too_large(field, len(data), limits)
     return data
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)  # the common case, fast
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(text.split())
+    for altchars in (None, b"-_"):  # line breaks; the URL-safe alphabet
+        try:
+            return base64.b64decode(compact, altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    return None
 
 
 def _looks_like_path(text: str) -> bool:
