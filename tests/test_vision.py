@@ -10,7 +10,7 @@ from conftest import spawn, worker_env
 from fixtures.build import ensure_model
 from mlx_worker import errors, protocol
 from mlx_worker.client import RpcError
-from vision_images import b64, data_url, gradient, noise, png, png_header_only, solid, user
+from vision_images import b64, data_url, gradient, jpg, noise, png, png_header_only, solid, user
 
 IMAGE_TOKEN = 5  # <|image_pad|> in the fixture tokenizer
 GREEDY = dict(max_tokens=30, temperature=0, ignore_eos=True)
@@ -63,6 +63,14 @@ def test_path_base64_and_data_url_give_the_same_tokens(vw, tmp_path):
     assert by_path.tokens == gen(vw, messages=ask(b64(data))).tokens
     assert by_path.tokens == gen(vw, messages=ask(data_url(data))).tokens
     assert by_path.tokens == gen(vw, messages=ask(path.as_uri())).tokens  # file:// URL
+    # JPEG: its base64 starts with "/", like a path.
+    jpeg = jpg(gradient((120, 80)))
+    assert b64(jpeg).startswith("/9j/")
+    (tmp_path / "picture with spaces.jpg").write_bytes(jpeg)
+    by_jpeg_path = gen(vw, messages=ask(str(tmp_path / "picture with spaces.jpg")))
+    assert by_jpeg_path.tokens == gen(vw, messages=ask(b64(jpeg))).tokens
+    assert by_jpeg_path.tokens == gen(vw, messages=ask(data_url(jpeg, "image/jpeg"))).tokens
+    assert by_jpeg_path.tokens == gen(vw, messages=ask((tmp_path / "picture with spaces.jpg").as_uri())).tokens
     # Base64 with line breaks (MIME style) is the same image too.
     wrapped = "\n".join(b64(data)[i : i + 76] for i in range(0, len(b64(data)), 76))
     assert by_path.tokens == gen(vw, messages=ask(wrapped)).tokens
@@ -200,6 +208,7 @@ def _bad_cases(tmp):
     (tmp / "folder.png").mkdir(exist_ok=True)
     return {
         "missing file": (str(tmp / "nope.png"), "not_found"),
+        "missing file, no extension": ("/tmp/no/such/image", "not_found"),
         "folder": (str(tmp / "folder.png"), "unreadable"),
         "relative path": ("images/cat.png", "relative_path"),
         "relative dot path": ("./cat.png", "relative_path"),
@@ -221,7 +230,7 @@ def bad_dir(tmp_path_factory):
 
 
 BAD_CASES = [
-    "missing file", "folder", "relative path", "relative dot path", "text file", "truncated png",
+    "missing file", "missing file, no extension", "folder", "relative path", "relative dot path", "text file", "truncated png",
     "corrupt bytes", "not an image (base64)", "not base64", "url", "data url without base64", "empty",
     "decompression bomb header",
 ]

@@ -34,6 +34,12 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def jpg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
 
 from .. import errors
 from ..errors import WorkerError
@@ -26,6 +27,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 _DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\-_\s]+")
 # Leading bytes of common formats: data that starts like an image but does not
 # open is corrupt rather than "not an image".
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
@@ -56,8 +58,8 @@ def read_image(source: str, field: str, limits: ImageLimits) -> ImageInput:
     if _DATA_URL.match(source):
         data = _from_data_url(source, field, limits)
     elif source.startswith("file://"):
-        data = _from_path(source[len("file://"):], field, limits)
-    elif os.path.isabs(source):
+        data = _from_path(_file_url_path(source, field), field, limits)
+    elif _is_path(source):
         data = _from_path(source, field, limits)
     elif re.match(r"^[a-z][a-z0-9+.-]*://", source, re.IGNORECASE):
         raise image_error(
@@ -69,6 +71,22 @@ def read_image(source: str, field: str, limits: ImageLimits) -> ImageInput:
     if not data:
         raise image_error(field, "empty", "the image is empty")
     return ImageInput(field=field, data=data, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _is_path(source: str) -> bool:
+    # Base64 may start with "/" too (every JPEG's does: "/9j/"): an absolute
+    # path is one that exists, or that is too short or has characters to be
+    # an image in base64.
+    if len(source) > 4096 or not os.path.isabs(source):
+        return False
+    return len(source) < 64 or os.path.exists(source) or not _BASE64_TEXT.fullmatch(source)
+
+
+def _file_url_path(source: str, field: str) -> str:
+    parsed = urlparse(source)
+    if parsed.netloc not in ("", "localhost"):
+        raise image_error(field, "unsupported_source", f"file URLs must name a local file: {source!r}")
+    return unquote(parsed.path)
 
 
 def _too_large(field: str, size: int, limits: ImageLimits) -> WorkerError:
