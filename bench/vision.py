@@ -19,16 +19,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
-import statistics
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fixtures.build import ensure_model  # noqa: E402
-from mlx_worker.client import WorkerClient  # noqa: E402
+from common import ensure_model, median, spawn
 
 
 def picture(seed: int, size: int) -> str:
@@ -67,9 +60,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a VLM folder (default: the tiny-qwen2-vl fixture)")
     args = ap.parse_args()
     model = args.model or str(ensure_model("tiny-qwen2-vl"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     ttfts: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
-    with WorkerClient([], env=env, cwd=str(ROOT)) as w:
+    with spawn() as w:
         w.load(model, model_id="cached")
         w.load(model, model_id="no-image-cache", image_cache_bytes=0)
         params = dict(max_tokens=8, temperature=0, ignore_eos=True)
@@ -93,9 +85,9 @@ def main() -> int:
         prompt = w.tokenize(model_id="cached", messages=turns(picture(0, args.size), "x")[1]).count
     print(f"model {model}, image {args.size}x{args.size}, second-turn prompt ~{prompt} tokens, {args.rounds} rounds")
     for name, pairs in ttfts.items():
-        first = statistics.median(p[0] for p in pairs)
-        second = statistics.median(p[1] for p in pairs)
-        ratio = statistics.median(p[1] / p[0] for p in pairs)
+        first = median(p[0] for p in pairs)
+        second = median(p[1] for p in pairs)
+        ratio = median(p[1] / p[0] for p in pairs)
         print(f"{name:>21}: turn 1 TTFT {first:7.1f} ms, turn 2 TTFT {second:7.1f} ms, turn 2 / turn 1 = {ratio:.3f}")
     return 0
 
