@@ -17,9 +17,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 
-from . import errors, protocol, sampling
+from . import errors, prompt_cache, protocol, sampling
 from .errors import WorkerError
 from .models import LoadedModel
 from .prompt import PreparedPrompt, prepare
@@ -69,6 +68,7 @@ def run(
         events.progress(
             protocol.ProgressEvent(id=request_id, processed=cached + done, total=n_prompt, cached=cached)
         )
+        _prefilled(lm, params, cache, cached + done)
         if should_stop():
             raise Cancelled
 
@@ -211,9 +211,16 @@ def _compile_constraint(lm: LoadedModel, params: protocol.GenerateParams):
 
 
 def _fetch_cache(lm: LoadedModel, params: protocol.GenerateParams, prompt: PreparedPrompt):
+    keep = prompt_cache.keep_for(lm, params, prompt.tokens)
     if params.prompt_cache and lm.prompt_cache is not None:
-        return lm.prompt_cache.fetch(prompt.cache_key)
-    return make_prompt_cache(lm.model, max_kv_size=lm.max_kv_size), 0
+        step = params.prefill_step_size or lm.prefill_step_size
+        return lm.prompt_cache.fetch(prompt.cache_key, step=step, keep=keep)
+    return prompt_cache.make_cache(lm, keep), 0
+
+
+def _prefilled(lm: LoadedModel, params: protocol.GenerateParams, cache, processed: int) -> None:
+    if params.prompt_cache and lm.prompt_cache is not None:
+        lm.prompt_cache.prefilled(cache, processed)
 
 
 def _store_cache(lm, params, prompt: PreparedPrompt, cache, cached: int, fed_back: list[int], stop_reason: str):

@@ -31,6 +31,22 @@ class Handlers:
         check_token_ids(lm, job.params.tokens, "params.tokens")
         return protocol.DetokenizeResult(text=lm.tokenizer.decode(job.params.tokens, skip_special_tokens=False))
 
+    def cache_save(self, job) -> protocol.CacheSaveResult:
+        from . import cache_files
+
+        worker = self.worker
+        events = generation.Events(  # progress while the uncached part is prefilled
+            progress=lambda e: worker.notify("progress", e),
+            token=lambda e: worker.notify("token", e),
+        )
+        lm = self.models.get(job.params.model_id)
+        return cache_files.save(lm, job.params, job.id, events, job.cancel.is_set)
+
+    def cache_load(self, job) -> protocol.CacheLoadResult:
+        from . import cache_files
+
+        return cache_files.load(self.models.get(job.params.model_id), job.params)
+
     def generate(self, job) -> protocol.GenerateResult:
         worker = self.worker
         events = generation.Events(

@@ -127,6 +127,9 @@ class ModelRegistry:
             )
         path = path.resolve()
         model_id = params.model_id or path.name
+        from . import prompt_cache
+
+        prompt_cache.validate_load_params(params)
         existing = self._models.get(model_id)
         if existing is not None:
             if existing.path == str(path):
@@ -173,6 +176,7 @@ class ModelRegistry:
         if params.prefill_step_size:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
+        loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
         log.info("loaded %s (%s) in %.0f ms", model_id, loaded.kind, elapsed)

@@ -290,6 +290,45 @@ class GenerateResult(Out):
     stop_token: Union[int, None] = None
 
 
+# ------------------------------------------------------ prompt cache files
+
+
+class CacheSaveParams(Params):
+    """Write the prompt cache of a prompt's tokens to a file (prefilling
+    whatever part of it isn't cached yet)."""
+
+    path: str
+    model_id: Union[str, None] = None
+    prompt: Union[str, None] = None
+    tokens: Union[list[int], None] = None
+    messages: Union[list[ChatMessage], None] = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] = {}
+    prefill_step_size: Union[int, None] = None
+
+
+class CacheSaveResult(Out):
+    model_id: str
+    path: str
+    tokens: int  # prompt tokens whose cache the file holds
+    prompt_tokens: int
+    cached_tokens: int  # of those, taken from the in-memory store
+    file_bytes: int
+
+
+class CacheLoadParams(Params):
+    path: str
+    model_id: Union[str, None] = None
+
+
+class CacheLoadResult(Out):
+    model_id: str
+    path: str
+    tokens: int
+    bytes: int  # in memory, counted against the store's budget
+
+
 # ----------------------------------------------------------- cancel, status
 
 
@@ -358,6 +397,8 @@ METHODS: dict[str, tuple[type, type]] = {
     "tokenize": (TokenizeParams, TokenizeResult),
     "detokenize": (DetokenizeParams, DetokenizeResult),
     "generate": (GenerateParams, GenerateResult),
+    "cache_save": (CacheSaveParams, CacheSaveResult),
+    "cache_load": (CacheLoadParams, CacheLoadResult),
     "cancel": (CancelParams, CancelResult),
     "status": (StatusParams, StatusResult),
     "shutdown": (ShutdownParams, ShutdownResult),

@@ -1,0 +1,178 @@
+"""Time to first token of a chat's second turn: with the prompt cache vs cold,
+and vs ``mlx_lm.server`` (its own prompt cache), same model, same messages.
+
+    python bench/prompt_cache.py [--model small-llama] [--history 2000] [--rounds 3] [--no-server]
+
+Turn 1 is a chat with about ``--history`` tokens ending in a user message;
+turn 2 appends a short assistant reply and a new user message (about 32 new
+tokens). Each round runs turn 1 (which leaves its KV cache behind), then turn
+2 with the cache, and turn 2 with ``prompt_cache: false``; mlx_lm.server gets
+turn 1 then turn 2 the same way. TTFT is measured by the client: request sent
+→ first token event (worker) / first streamed ``data:`` chunk (server, with
+``max_tokens: 1``). Rounds alternate; medians are compared. Target: cached ÷
+cold ≤ 0.03. Both processes use the same BLAS (mlx_worker/blas.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+
+from common import ROOT, ensure_model, median, spawn, worker_env
+
+WORDS = ("river stone light harbor window garden winter paper silver mountain letter orange "
+         "quiet station market thunder candle forest bridge morning").split()
+
+
+def history_chat(client, target_tokens: int) -> list[dict]:
+    """A system message and alternating turns, grown to about target_tokens
+    (the last, user, message is replaced per round)."""
+    chat = [{"role": "system", "content": "You are a patient assistant. Answer in plain sentences."}]
+    i = 0
+    while True:
+        words = " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(24))
+        chat.append({"role": "user" if len(chat) % 2 else "assistant", "content": f"Note {i}: {words}."})
+        i += 1
+        if len(chat) % 2 == 0 and client.tokenize(messages=chat).count >= target_tokens:
+            return chat
+
+
+def rounds_chats(history: list[dict], k: int) -> tuple[list[dict], list[dict]]:
+    """Turn 1 and turn 2 of round k. Only the last user message differs
+    between rounds, so turn 1 of round k is itself mostly cached, and its
+    cache is the longest match for turn 2 of round k."""
+    turn1 = history[:-1] + [{"role": "user", "content": f"Round {k}. " + history[-1]["content"]}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Which three words did I use most? One reason each."},
+    ]
+    return turn1, turn2
+
+
+def worker_ttft(client, messages, **params) -> tuple[float, dict]:
+    start = time.perf_counter()
+    stream = client.generate(messages=messages, max_tokens=1, temperature=0, **params)
+    first = None
+    for event in stream:
+        if first is None and getattr(event, "tokens", None):
+            first = time.perf_counter()
+    result = stream.result
+    first = first or time.perf_counter()  # an EOS first token sends no token event
+    return first - start, {"prompt": result.usage.prompt_tokens, "cached": result.usage.cached_tokens}
+
+
+# ----------------------------------------------------------------- mlx_lm.server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path: str, port: int, blas: str | None) -> subprocess.Popen:
+    env = worker_env()
+    if blas:
+        env["LD_PRELOAD"] = blas
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
+         "--prefill-step-size", "512", "--log-level", "WARNING"],
+        env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("mlx_lm.server exited")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models")
+            conn.getresponse().read()
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("mlx_lm.server did not start")
+
+
+def server_ttft(port: int, messages) -> float:
+    body = json.dumps({"messages": messages, "max_tokens": 1, "temperature": 0, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    first = None
+    while True:
+        line = response.fp.readline()
+        if not line:
+            break
+        if first is None and line.startswith(b"data:"):
+            first = time.perf_counter()
+    conn.close()
+    if first is None:
+        raise RuntimeError("mlx_lm.server streamed no data chunk")
+    return first - start
+
+
+# -------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="small-llama")
+    p.add_argument("--history", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-server", action="store_true", help="skip the mlx_lm.server comparison")
+    args = p.parse_args()
+    path = str(ensure_model(args.model))
+    client = spawn()
+    client.load(path)
+    history = history_chat(client, args.history)
+    blas = client.ready.capabilities.blas  # the server gets the same one (LD_PRELOAD)
+
+    server = port = None
+    if not args.no_server:
+        port = free_port()
+        server = start_server(path, port, blas)
+
+    cached, cold, srv = [], [], []
+    info: dict = {}
+    try:
+        turn1, _ = rounds_chats(history, -1)
+        worker_ttft(client, turn1)  # warm both sides: the shared history gets cached
+        if server:
+            server_ttft(port, turn1)
+        for k in range(args.rounds):
+            turn1, turn2 = rounds_chats(history, k)
+            worker_ttft(client, turn1)  # leaves turn 1's cache
+            t, info = worker_ttft(client, turn2)
+            cached.append(t)
+            t, _ = worker_ttft(client, turn2, prompt_cache=False)
+            cold.append(t)
+            if server:
+                server_ttft(port, turn1)
+                srv.append(server_ttft(port, turn2))
+    finally:
+        client.close()
+        if server:
+            server.terminate()
+            server.wait(10)
+
+    new = info["prompt"] - info["cached"]
+    print(f"model {args.model}; turn 2: {info['prompt']} prompt tokens, {info['cached']} from the cache, "
+          f"{new} processed; median of {args.rounds} alternating rounds; BLAS {blas or 'built-in'}\n")
+    print("| turn-2 time to first token | ms | ratio |")
+    print("|---|---:|---:|")
+    print(f"| worker, cold (`prompt_cache: false`) | {median(cold) * 1000:.1f} | 1 |")
+    print(f"| worker, cached | {median(cached) * 1000:.1f} | {median(cached) / median(cold):.4f} of cold |")
+    if srv:
+        print(f"| mlx_lm.server, cached | {median(srv) * 1000:.1f} | {median(srv) / median(cached):.2f} × worker cached |")
+    print(f"\nlimit for this prompt: {new}/{info['prompt']} = {new / info['prompt']:.4f}; target ≤ 0.03")
+
+
+if __name__ == "__main__":
+    main()

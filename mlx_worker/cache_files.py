@@ -1,0 +1,252 @@
+"""``cache_save`` / ``cache_load``: prompt caches on disk.
+
+A file is mlx-lm's ``save_prompt_cache`` format (safetensors) with metadata
+naming the model it belongs to and the exact tokens it holds. The model is
+identified by content, not by path (a folder may move): a hash of its
+config, of its tokenizer's vocabulary, and a fingerprint of its weight files.
+Anything that doesn't match is refused with -32009 before it can touch the
+store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+
+from . import errors, generation, protocol
+from .errors import WorkerError, invalid_params
+from .prompt import prepare
+from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, compact, make_cache
+
+
+FORMAT = "mlx-worker-prompt-cache/1"
+IDENTITY_KEYS = ("config_sha256", "weights_fingerprint", "tokenizer_sha256")
+_SAMPLES = 16  # weight-file windows read for the fingerprint
+_SAMPLE_BYTES = 4096
+
+
+# ----------------------------------------------------------------- identity
+
+
+def model_identity(lm) -> dict[str, str]:
+    ident = lm.extra.get("cache_identity")
+    if ident is None:
+        ident = {
+            "config_sha256": _sha256(json.dumps(lm.config, sort_keys=True).encode()),
+            "weights_fingerprint": _weights_fingerprint(Path(lm.path)),
+            "tokenizer_sha256": _sha256(json.dumps(sorted(lm.hf_tokenizer.get_vocab().items())).encode()),
+        }
+        lm.extra["cache_identity"] = ident
+    return ident
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    """Names, sizes, safetensors headers and a few evenly spaced windows of
+    each weight file: cheap for multi-GB models, and a fine-tune of the same
+    architecture changes the sampled bytes."""
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) or sorted(p for p in folder.iterdir() if p.is_file())
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            head = f.read(8)
+            h.update(head)
+            if path.suffix == ".safetensors" and len(head) == 8:
+                h.update(f.read(int.from_bytes(head, "little")))
+            for i in range(_SAMPLES):
+                f.seek(size * i // _SAMPLES)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------- save
+
+
+def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) -> protocol.CacheSaveResult:
+    store = _store_of(lm)
+    path = _target(params.path)
+    gen = protocol.GenerateParams(
+        model_id=params.model_id,
+        prompt=params.prompt,
+        tokens=params.tokens,
+        messages=params.messages,
+        add_generation_prompt=params.add_generation_prompt,
+        add_special_tokens=params.add_special_tokens,
+        chat_template_kwargs=params.chat_template_kwargs,
+        prefill_step_size=params.prefill_step_size,
+        max_tokens=0,  # prefill only: whatever the store lacks is computed now
+        temperature=0.0,
+        seed=0,
+    )
+    result = generation.run(lm, gen, request_id, events, should_stop)
+    if result.stop_reason == "cancelled":
+        raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; cache not saved")
+    entry = store.last_stored
+    key = prepare(lm, gen).cache_key
+    if entry is None or entry.key != key[: len(entry.key)]:
+        raise WorkerError(
+            errors.OUT_OF_MEMORY,
+            "the prompt's cache could not be kept in the store (larger than prompt_cache_bytes "
+            f"= {store.max_bytes}, or its rotating window wrapped before a reusable point)",
+        )
+    if not all(isinstance(t, (int, str)) for t in entry.key):
+        raise invalid_params("params.messages", "this prompt's cache key can't be written to a file")
+    metadata = {
+        "format": FORMAT,
+        "model_path": lm.path,
+        **model_identity(lm),
+        "key": msgspec.json.encode(entry.key).decode(),
+        "step": "" if entry.step is None else str(entry.step),
+        "keep": str(entry.keep),
+        "max_kv_size": "" if not lm.max_kv_size else str(lm.max_kv_size),
+    }
+    from mlx_lm.models.cache import save_prompt_cache
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    try:
+        save_prompt_cache(str(tmp), compact(entry.cache), metadata)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        _unlink(tmp)
+        raise invalid_params("params.path", f"could not write {path}: {exc}") from None
+    return protocol.CacheSaveResult(
+        model_id=lm.model_id,
+        path=str(path),
+        tokens=len(entry.key),
+        prompt_tokens=result.usage.prompt_tokens,
+        cached_tokens=result.usage.cached_tokens,
+        file_bytes=path.stat().st_size,
+    )
+
+
+def _target(raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if path.suffix != ".safetensors":
+        raise invalid_params("params.path", "the cache file name must end with .safetensors")
+    if not path.parent.is_dir():
+        raise invalid_params("params.path", f"folder not found: {path.parent}")
+    return path.resolve()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------- load
+
+
+def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
+    store = _store_of(lm)
+    path = Path(params.path).expanduser()
+    if not path.is_file():
+        raise _invalid(path, "file not found")
+    if path.suffix != ".safetensors":
+        raise _invalid(path, "the file name must end with .safetensors")
+    from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache
+
+    try:
+        cache, meta = load_prompt_cache(str(path), return_metadata=True)
+    except Exception as exc:  # whatever a damaged file makes the reader raise
+        raise _invalid(path, f"not a readable prompt cache file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _invalid(path, "not a prompt cache written by mlx-worker's cache_save")
+    ident = model_identity(lm)
+    differs = [k for k in IDENTITY_KEYS if meta.get(k) != ident[k]]
+    if differs:
+        raise _invalid(
+            path,
+            f"saved for another model ({meta.get('model_path')}); this is {lm.path}: "
+            f"{', '.join(differs)} differ",
+        )
+    key = _decode_key(path, meta.get("key"), lm.vocab_size)
+    keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
+    problem = _layout_problem(lm, cache, keep, len(key))
+    if problem:
+        raise _invalid(path, problem)
+    import mlx.core as mx
+
+    mx.eval([c.state for c in cache])
+    window = cache_window(cache)
+    entry = Entry(
+        key=key,
+        n_prompt=len(key),
+        cache=cache,
+        nbytes=cache_nbytes(cache),
+        exact_only=not can_trim_prompt_cache(cache),
+        window=window,
+        step=_int_or(meta.get("step"), None) if window is not None else None,
+        keep=keep,
+    )
+    if not store.add(entry):
+        raise WorkerError(
+            errors.OUT_OF_MEMORY,
+            f"the cache needs {entry.nbytes} bytes; this model's prompt cache holds at most "
+            f"{store.max_bytes} (load the model with a larger prompt_cache_bytes)",
+        )
+    return protocol.CacheLoadResult(model_id=lm.model_id, path=str(path.resolve()), tokens=len(key),
+                                    bytes=entry.nbytes)
+
+
+def _decode_key(path: Path, raw, vocab_size: int) -> list:
+    try:
+        key = msgspec.json.decode(raw or "", type=list)
+    except msgspec.DecodeError:
+        raise _invalid(path, "its token list is missing or corrupt") from None
+    for t in key:
+        if isinstance(t, bool) or not isinstance(t, (int, str)) or (isinstance(t, int) and not 0 <= t < vocab_size):
+            raise _invalid(path, f"its token list holds {t!r}, not a token of this model")
+    if not key:
+        raise _invalid(path, "it holds no tokens")
+    return key
+
+
+def _layout_problem(lm, cache: list, keep: int, n_tokens: int) -> Optional[str]:
+    fresh = make_cache(lm, keep)
+    want = [_describe(c) for c in fresh]
+    got = [_describe(c) for c in cache]
+    if want != got:
+        return (f"its cache layout doesn't match this model as loaded (file: {got[:2]}..., "
+                f"model: {want[:2]}...; was max_kv_size different?)")
+    offset = cache_offset(cache)
+    if offset is not None and offset != n_tokens:
+        return f"it holds {offset} positions for {n_tokens} tokens"
+    return None
+
+
+def _describe(c) -> str:
+    size = getattr(c, "max_size", None)
+    return type(c).__name__ + (f"({size})" if size is not None else "")
+
+
+def _int_or(raw, default):
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def _invalid(path: Path, why: str) -> WorkerError:
+    return WorkerError(errors.CACHE_FILE_INVALID, f"prompt cache file {path}: {why}", {"path": str(path)})
+
+
+def _store_of(lm):
+    if lm.prompt_cache is None:
+        raise invalid_params(
+            "params.model_id",
+            f"model {lm.model_id!r} was loaded with the prompt cache disabled "
+            "(prompt_cache_bytes or prompt_cache_entries 0)",
+        )
+    return lm.prompt_cache

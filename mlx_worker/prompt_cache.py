@@ -1,0 +1,430 @@
+"""Prompt (KV) cache reuse across requests: one LRU store per loaded model.
+
+A chat host resends the whole history every turn. The store keeps the KV
+caches of recent requests (prompt + generated tokens), and a new request
+continues from the entry sharing the longest token prefix with it, trimmed
+to that prefix, so only the rest of the prompt is processed.
+
+Rules that keep the output identical to an uncached run:
+
+* At least one prompt token is always processed (its logits give the first
+  token).
+* Plain KV caches are trimmable: any prefix of an entry is reusable.
+* Windowed caches (a RotatingKVCache from ``max_kv_size`` or a model's own
+  sliding-window layers): once more tokens than the window have gone
+  through, mlx-lm's result depends on how the prompt was chunked (a prefill
+  chunk and a decode step see different keys), and the cache can no longer
+  be trimmed. So a state is reused only where an uncached run of the new
+  prompt would be in the very same state: anywhere below the window, and
+  beyond it only at a prefill chunk boundary (a multiple of the prefill step)
+  reached by the same chunking. A request that wraps the window stores a
+  snapshot taken at its last such boundary instead of its final state.
+* Recurrent state (ArraysCache layers) can't be trimmed: an entry is reused
+  only by a prompt that extends all of its tokens.
+
+mlx-lm's ``LRUPromptCache`` (used by ``mlx_lm.server``) was the model for
+this; it isn't used directly because it can't express the windowed rules
+above (an entry valid only at its exact length and chunking), leaves nothing
+to process on an exact hit, and doesn't refresh an entry's LRU position when
+it is read.
+
+Ownership: a request that reuses all of an entry's prompt (the next turn of
+a chat: the earlier prompt, maybe some of the answer) takes the entry out of
+the store, trims off what it doesn't share and writes into it: no copy. Its
+own cache goes back in when it finishes. A request that branches off inside
+the entry's prompt (an edited message, a regenerated answer, another
+conversation with the same system prompt) gets a copy instead, so the
+stored conversation survives: new cache objects whose arrays share the
+stored buffers, cut to the shared prefix (MLX never writes into a buffer
+another array still uses; the first write copies the prefix).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from mlx_lm.models.cache import (
+    CacheList,
+    KVCache,
+    RotatingKVCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
+
+from . import protocol
+from .errors import invalid_params
+
+log = logging.getLogger("mlx_worker.prompt_cache")
+
+DEFAULT_ENTRIES = 16
+DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the byte budget
+DEFAULT_KEEP = 4  # mlx-lm's own: the first tokens a rotating cache never evicts
+
+
+# ------------------------------------------------------------ building caches
+
+
+def make_cache(lm, keep: int = DEFAULT_KEEP) -> list:
+    """A fresh cache for ``lm``: the model's own layout, with plain KV layers
+    made rotating when the model was loaded with ``max_kv_size``.
+
+    (mlx-lm's ``make_prompt_cache`` ignores ``max_kv_size`` for every model
+    that defines ``make_cache``, Llama included.)"""
+    cache = make_prompt_cache(lm.model)
+    if lm.max_kv_size:
+        cache = [
+            RotatingKVCache(max_size=lm.max_kv_size, keep=keep) if type(c) is KVCache else c
+            for c in cache
+        ]
+    return cache
+
+
+def keep_for(lm, params, tokens: list[int]) -> int:
+    """How many leading tokens a rotating cache keeps when it wraps: the
+    system prompt's, for a chat that starts with system messages (at most
+    half the window); mlx-lm's 4 otherwise. The cached and the uncached path
+    both use it, so it never makes them differ."""
+    if not lm.max_kv_size:
+        return DEFAULT_KEEP
+    keep = DEFAULT_KEEP
+    messages = getattr(params, "messages", None)
+    if messages and lm.vision is None:
+        n_system = 0
+        while n_system < len(messages) and messages[n_system].role in ("system", "developer"):
+            n_system += 1
+        if n_system:
+            keep = max(keep, _system_tokens(lm, params, n_system, tokens))
+    return max(0, min(keep, lm.max_kv_size // 2))
+
+
+def _system_tokens(lm, params, n_system: int, tokens: list[int]) -> int:
+    import msgspec
+
+    from .errors import WorkerError
+    from .prompt import encode_text, render_chat
+
+    head = msgspec.structs.replace(params, messages=params.messages[:n_system], add_generation_prompt=False)
+    try:
+        system = encode_text(lm, render_chat(lm, head), add_special_tokens=False)
+    except WorkerError:
+        return 0
+    return common_prefix(system, tokens, len(system))
+
+
+# --------------------------------------------------------- cache inspection
+
+
+def _layers(cache: list):
+    for c in cache:
+        if isinstance(c, CacheList):
+            yield from _layers(list(c.caches))
+        else:
+            yield c
+
+
+def cache_offset(cache: list) -> Optional[int]:
+    """Tokens the cache has seen; None when no layer counts them."""
+    for c in _layers(cache):
+        offset = getattr(c, "offset", None)
+        if isinstance(offset, int):
+            return offset
+    return None
+
+
+def cache_window(cache: list) -> Optional[int]:
+    """The smallest rotating window among the layers; None if none rotates."""
+    sizes = [c.max_size for c in _layers(cache) if isinstance(c, RotatingKVCache)]
+    return min(sizes) if sizes else None
+
+
+def cache_nbytes(cache: list) -> int:
+    total = 0
+    for c in cache:
+        try:
+            total += c.nbytes
+        except (NotImplementedError, AttributeError):
+            from mlx.utils import tree_flatten
+
+            total += sum(getattr(v, "nbytes", 0) for _, v in tree_flatten(c.state))
+    return total
+
+
+def compact(cache: list) -> list:
+    """Plain KV layers cut to the tokens they hold (their buffers grow in
+    256-token steps and keep trimmed tokens). The cut shares the buffer; the
+    layer's next write copies only those tokens, not the whole buffer."""
+    out = []
+    for c in cache:
+        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+            cut = KVCache()
+            cut.keys, cut.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            cut.offset = c.offset
+            c = cut
+        out.append(c)
+    return out
+
+
+def common_prefix(a: list, b: list, limit: int) -> int:
+    """Length of the common prefix of a and b, at most ``limit``. Elements
+    are compared with ==, so image hashes in a vision key work too. List
+    slices compare in C: a binary search beats a Python loop by far."""
+    n = min(len(a), len(b), limit)
+    if n <= 0 or a[:n] == b[:n]:
+        return max(n, 0)
+    lo, hi = 0, n  # a[:lo] == b[:lo]; a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# -------------------------------------------------------------------- store
+
+
+@dataclass
+class Entry:
+    key: list  # cache_key of exactly the tokens the cache holds
+    n_prompt: int  # how many of them were the request's prompt (the rest: its output)
+    cache: list
+    nbytes: int
+    exact_only: bool  # untrimmable: reusable only by prompts extending all of key
+    window: Optional[int]  # smallest rotating window, None if nothing rotates
+    step: Optional[int]  # windowed: the prefill step that produced this state
+    keep: int  # the rotating caches' keep
+
+
+@dataclass
+class _Pending:
+    """The request now running on this model (one at a time)."""
+
+    step: int
+    keep: int
+    window: Optional[int] = None
+    snapshot: Optional[tuple[int, list]] = None
+
+
+class PromptCacheStore:
+    """Entries in LRU order (oldest first), bounded by count and bytes.
+    Used on the compute thread; ``status`` may be read from any thread."""
+
+    def __init__(self, max_bytes: int, max_entries: int, new_cache: Callable[[int], list]):
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._new_cache = new_cache
+        self._entries: list[Entry] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._pending: Optional[_Pending] = None
+        self.last_stored: Optional[Entry] = None  # what the last insert kept (cache_save)
+
+    # -------------------------------------------------------------- hooks
+
+    def fetch(self, key: list, step: int, keep: int = DEFAULT_KEEP) -> tuple[list, int]:
+        """The cache to continue from and how many of ``key``'s tokens it holds."""
+        n = len(key)
+        best, best_m, reason = None, 0, "no stored prompt shares a prefix"
+        for entry in reversed(self._entries):  # most recent first: wins ties
+            m, why = self._usable(entry, key, step, keep)
+            if m > best_m:
+                best, best_m = entry, m
+            elif m == 0 and why and best_m == 0:
+                reason = why
+        if best is None:
+            cache = self._new_cache(keep)
+            self._pending = _Pending(step, keep, cache_window(cache))
+            if self._entries:
+                log.info("prompt cache miss (%d tokens): %s", n, reason)
+            return cache, 0
+        if best_m >= best.n_prompt:
+            self._remove(best)  # the request continues it: take it, no copy
+            cache = best.cache
+            trim_prompt_cache(cache, len(best.key) - best_m)
+        else:
+            self._touch(best)
+            cache = copy.deepcopy(best.cache)
+            trim_prompt_cache(cache, len(best.key) - best_m)
+            cache = compact(cache)  # the first write then copies only the shared prefix
+        self._pending = _Pending(step, keep, best.window)
+        log.debug("prompt cache hit: %d of %d tokens", best_m, n)
+        return cache, best_m
+
+    def prefilled(self, cache: list, processed: int) -> None:
+        """Called after each prefill chunk. A windowed cache keeps a snapshot
+        of the last state an uncached run would share (see module doc)."""
+        p = self._pending
+        if p is None or p.window is None or processed <= 0:
+            return
+        if cache_offset(cache) != processed:  # past the prompt (first token fed)
+            return
+        if processed < p.window or processed % p.step == 0:
+            p.snapshot = (processed, copy.deepcopy(cache))
+
+    def insert(self, prompt, cache: list, fed_back: list[int], stop_reason: str) -> None:
+        """Store the cache a request leaves: its prompt plus every sampled
+        token fed back (a terminating EOS included: the next chat turn
+        usually starts with it). Tokens past a cancel or a stop string stay in
+        the key; a later prompt that doesn't share them trims them off."""
+        pending, self._pending = self._pending, None
+        self.last_stored = None
+        if pending is None:
+            pending = _Pending(0, DEFAULT_KEEP, cache_window(cache))
+        key = list(prompt.cache_key) + list(fed_back)
+        offset = cache_offset(cache)
+        if offset is None:
+            if stop_reason == "cancelled":  # can't tell what the state holds
+                log.info("prompt cache: not storing a cancelled recurrent state")
+                return
+            offset = len(key)
+        trimmable = can_trim_prompt_cache(cache)
+        if offset > len(key) and trimmable:
+            # Cancelled at the last progress call: the first sampled token is
+            # in the cache but was never returned.
+            trim_prompt_cache(cache, offset - len(key))
+            offset = len(key)
+        window = cache_window(cache)
+        step = pending.step if window is not None else None
+        if window is not None and not trimmable:
+            if pending.snapshot is None:
+                log.info("prompt cache: window of %d wrapped and no reusable snapshot; not stored", window)
+                return
+            offset, cache = pending.snapshot
+            trimmable = can_trim_prompt_cache(cache)
+        elif offset > len(key):
+            log.info("prompt cache: untrimmable state past the known tokens; not stored")
+            return
+        if offset <= 0:
+            return
+        entry = Entry(
+            key=key[:offset],
+            n_prompt=min(offset, len(prompt.cache_key)),
+            cache=cache,
+            nbytes=cache_nbytes(cache),
+            exact_only=not trimmable,
+            window=window,
+            step=step,
+            keep=pending.keep,
+        )
+        if self.add(entry):
+            self.last_stored = entry
+
+    # ----------------------------------------------------------- the rest
+
+    def add(self, entry: Entry) -> bool:
+        """Insert, evicting least recently used entries; False if it can't fit."""
+        if entry.nbytes > self.max_bytes or self.max_entries < 1:
+            log.info("prompt cache: entry of %d bytes exceeds the budget of %d; not stored",
+                     entry.nbytes, self.max_bytes)
+            return False
+        for old in list(self._entries):
+            redundant = old.key == entry.key or (
+                not entry.exact_only
+                and len(old.key) < len(entry.key)
+                and entry.key[: len(old.key)] == old.key
+                and (old.window is None or old.keep == entry.keep)
+            )
+            if redundant:  # the new entry serves everything the old one did
+                self._remove(old)
+        with self._lock:
+            self._entries.append(entry)
+            self._bytes += entry.nbytes
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                evicted = self._entries.pop(0)
+                self._bytes -= evicted.nbytes
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+        self._pending = None
+        self.last_stored = None
+
+    def status(self) -> protocol.PromptCacheStatus:
+        with self._lock:
+            return protocol.PromptCacheStatus(
+                entries=len(self._entries),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                max_entries=self.max_entries,
+            )
+
+    def _usable(self, entry: Entry, key: list, step: int, keep: int) -> tuple[int, str]:
+        """How many of key's tokens this entry can provide, and if none, why."""
+        n = len(key)
+        c = common_prefix(entry.key, key, n - 1)
+        if c == 0:
+            return 0, ""
+        if entry.window is not None and entry.keep != keep:
+            return 0, f"rotating cache kept {entry.keep} leading tokens; this prompt keeps {keep}"
+        if entry.exact_only:
+            if c < len(entry.key):
+                return 0, (f"the stored state can't be trimmed (recurrent or wrapped window); "
+                           f"it covers {len(entry.key)} tokens, the prompt shares {c}")
+            if entry.step is not None and entry.step != step:
+                return 0, f"the stored state was prefilled in steps of {entry.step}, this request uses {step}"
+            return len(entry.key), ""
+        if entry.window is not None and n > entry.window:
+            # The uncached run wraps the window: reuse only at its chunk boundaries.
+            aligned = c // step * step
+            if aligned == 0:
+                return 0, (f"prompt of {n} tokens wraps the window of {entry.window}; the shared "
+                           f"{c} tokens reach no prefill boundary (step {step})")
+            return aligned, ""
+        return c, ""
+
+    def _remove(self, entry: Entry) -> None:
+        with self._lock:
+            self._entries = [e for e in self._entries if e is not entry]
+            self._bytes -= entry.nbytes
+
+    def _touch(self, entry: Entry) -> None:
+        with self._lock:
+            self._entries = [e for e in self._entries if e is not entry]
+            self._entries.append(entry)
+
+
+# ------------------------------------------------------------------ at load
+
+
+def validate_load_params(params: protocol.LoadParams) -> None:
+    if params.max_kv_size is not None and params.max_kv_size < 1:
+        raise invalid_params("params.max_kv_size", "max_kv_size must be >= 1")
+    if params.prompt_cache_bytes is not None and params.prompt_cache_bytes < 0:
+        raise invalid_params("params.prompt_cache_bytes", "prompt_cache_bytes must be >= 0 (0 disables the cache)")
+    if params.prompt_cache_entries is not None and params.prompt_cache_entries < 0:
+        raise invalid_params("params.prompt_cache_entries", "prompt_cache_entries must be >= 0 (0 disables the cache)")
+
+
+def total_memory() -> int:
+    try:
+        import mlx.core as mx
+
+        size = mx.device_info().get("memory_size")
+        if isinstance(size, int) and size > 0:
+            return size
+    except Exception:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def create_store(lm, params: protocol.LoadParams) -> Optional[PromptCacheStore]:
+    """The store for a freshly loaded model; None when the host disabled it."""
+    max_bytes = params.prompt_cache_bytes
+    if max_bytes is None:
+        max_bytes = int(total_memory() * DEFAULT_MEMORY_FRACTION)
+    max_entries = DEFAULT_ENTRIES if params.prompt_cache_entries is None else params.prompt_cache_entries
+    if max_bytes == 0 or max_entries == 0:
+        return None
+    return PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
