@@ -13,7 +13,9 @@ from mlx_worker.client import RpcError
 from vision_images import b64, data_url, gradient, jpg, noise, png, png_header_only, solid, user
 
 IMAGE_TOKEN = 5  # <|image_pad|> in the fixture tokenizer
-GREEDY = dict(max_tokens=30, temperature=0, ignore_eos=True)
+# The prompt cache is off here so every request runs the whole prompt (vision
+# with the prompt cache: test_vision_cache.py).
+GREEDY = dict(max_tokens=30, temperature=0, ignore_eos=True, prompt_cache=False)
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +163,8 @@ def test_image_cache_off_gives_the_same_tokens(vw, vlm_path):
 
 def test_streaming_sampling_and_stops_work_with_an_image(vw):
     msgs = ask(b64(png(noise(8))))
-    stream = vw.generate(model_id="vlm", messages=msgs, max_tokens=20, temperature=0.8, seed=42, top_logprobs=2)
+    stream = vw.generate(model_id="vlm", messages=msgs, max_tokens=20, temperature=0.8, seed=42, top_logprobs=2,
+                         prompt_cache=False)
     events = list(stream)
     result = stream.result
     token_events = [e for e in events if isinstance(e, protocol.TokenEvent)]
@@ -183,7 +186,7 @@ def test_streaming_sampling_and_stops_work_with_an_image(vw):
 def test_cancel_during_the_image_prompt(vw):
     images = [("image", b64(png(noise(100 + i)))) for i in range(6)]
     msgs = user("Compare these:", *images)
-    stream = vw.generate(model_id="vlm", messages=msgs, max_tokens=10, prefill_step_size=4)
+    stream = vw.generate(model_id="vlm", messages=msgs, max_tokens=10, prefill_step_size=2, prompt_cache=False)
     cancelled_at = None
     for event in stream:
         if isinstance(event, protocol.ProgressEvent) and event.processed >= 8 and cancelled_at is None:
