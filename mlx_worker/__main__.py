@@ -15,6 +15,13 @@ import signal
 import sys
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of bytes")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mlx_worker",
@@ -27,20 +34,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-pending", type=int, default=64, help="queued requests before `busy` errors")
     p.add_argument("--blas", default=None,
                    help="Linux CPU only: 'auto' (default), 'off', or a path to an OpenBLAS library")
-    p.add_argument("--memory-limit", type=int, default=None, help="MLX memory limit in bytes")
+    p.add_argument("--memory-limit", type=_positive_int, default=None,
+                   help="memory limit in bytes: MLX's allocator limit, and loads or requests estimated "
+                        "to exceed it get an out-of-memory error (default: MLX's own limit)")
     return p.parse_args(argv)
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the host dies, so no orphan is left behind."""
+# PR_SET_PDEATHSIG fires when the *thread* that spawned the worker exits, not
+# only its process: a host that spawns from a short-lived thread would kill
+# its worker. So the signal gets its own handler, which stops the worker only
+# once the parent process is really gone (we were re-parented).
+PARENT_DEATH_SIGNAL = signal.SIGUSR1
+
+
+def _die_with_parent(parent: int, on_death) -> None:
+    """Linux: be told when the host dies, so no orphan is left behind."""
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
+        signal.signal(PARENT_DEATH_SIGNAL, lambda *_: on_death() if os.getppid() != parent else None)
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
     except Exception:
         pass
 
@@ -59,7 +76,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parent = os.getppid()
-    _die_with_parent()
+    stop = [lambda why: os._exit(0)]  # until the worker exists to stop cleanly
+    _die_with_parent(parent, lambda: stop[0]("parent process died"))
 
     from . import blas
 
@@ -73,12 +91,14 @@ def main(argv=None) -> int:
         logging.getLogger("mlx_worker").info("BLAS: %s", blas_path)
     else:
         logging.getLogger("mlx_worker").info("BLAS: the one mlx was built with")
-    if args.memory_limit:
-        mx.set_memory_limit(args.memory_limit)
+    from . import memory
+
+    memory.set_worker_limit(args.memory_limit)
 
     config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
                     blas=blas_path, memory_limit=args.memory_limit)
     worker = Worker(0, proto_fd, config)
+    stop[0] = worker.stop
     signal.signal(signal.SIGTERM, lambda *_: worker.stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: worker.stop("SIGINT"))
     if os.getppid() != parent:  # the host died before the death signal was armed

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
-from . import errors, prompt_cache, protocol, sampling
+from . import errors, memory, prompt_cache, protocol, sampling
 from .errors import WorkerError
 from .models import LoadedModel
 from .prompt import PreparedPrompt, prepare
@@ -49,6 +49,7 @@ def run(
     prompt = prepare(lm, params)
     n_prompt = len(prompt.tokens)
     max_tokens = _clamp_to_context(lm, n_prompt, params.max_tokens)
+    memory.admit_generate(lm, n_prompt, max_tokens, params.prefill_step_size or lm.prefill_step_size)
 
     sampler, processors = sampling.make(params)
     constraint = _compile_constraint(lm, params)

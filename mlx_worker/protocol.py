@@ -124,6 +124,7 @@ class LoadParams(Params):
     prefill_step_size: Union[int, None] = None
     prompt_cache_bytes: Union[int, None] = None
     prompt_cache_entries: Union[int, None] = None
+    memory_limit: Union[int, None] = None  # bytes: this model's weights + any one request
     # Vision models only (ignored for text models); None = the worker's default.
     max_images: Union[int, None] = None
     max_image_pixels: Union[int, None] = None
@@ -359,6 +360,7 @@ class ModelStatus(Out):
     vocab_size: int
     memory_bytes: int
     prompt_cache: Union[PromptCacheStatus, None] = None
+    memory_limit: Union[int, None] = None
 
 
 class QueueStatus(Out):

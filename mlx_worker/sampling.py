@@ -19,12 +19,13 @@ def validate(params: protocol.GenerateParams, vocab_size: int) -> None:
         ("max_tokens", params.max_tokens >= 0, "must be >= 0"),
         ("temperature", params.temperature >= 0, "must be >= 0"),
         ("top_p", 0 < params.top_p <= 1, "must be in (0, 1]"),
-        ("top_k", params.top_k >= 0, "must be >= 0"),
+        ("top_k", 0 <= params.top_k < vocab_size, f"must be in [0, {vocab_size}) (0: off)"),
         ("min_p", 0 <= params.min_p <= 1, "must be in [0, 1]"),
         ("repetition_penalty", params.repetition_penalty > 0, "must be > 0"),
         ("repetition_context_size", params.repetition_context_size >= 1, "must be >= 1"),
         ("top_logprobs", 0 <= params.top_logprobs <= 20, "must be in [0, 20]"),
         ("prefill_step_size", params.prefill_step_size is None or params.prefill_step_size >= 1, "must be >= 1"),
+        ("seed", params.seed is None or 0 <= params.seed < 2**64, "must be in [0, 2^64)"),
     ]
     for name, ok, why in checks:
         if not ok:

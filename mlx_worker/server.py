@@ -29,7 +29,8 @@ log = logging.getLogger("mlx_worker.server")
 # Answered on the reader thread, never queued behind a generation.
 IMMEDIATE = {"cancel", "status", "shutdown"}
 
-_ID_AT_HEAD = re.compile(rb'"id"\s*:\s*(-?\d{1,18}(?![\d.eE])|"(?:[^"\\]|\\.){0,200}")')
+# After a top-level "id" key: a whole integer or string, then `,` or `}`.
+_ID_VALUE = re.compile(rb'\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")\s*[,}]')
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Worker:
         self.in_fd = in_fd
         self.started = time.monotonic()
         self.stopping = threading.Event()
+        self.reader_idle = threading.Event()  # every line read so far is handled
         self.exit_code = 0
         self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
         self.jobs: dict[Any, Job] = {}  # every request in flight, queued or running
@@ -89,8 +91,11 @@ class Worker:
         while not self.stopping.wait(0.2):
             pass
         deadline = time.monotonic() + 0.8
+        # Requests already read (say, pipelined after `shutdown`) are answered
+        # too: -32010 for queued work, a cancelled result for a generate.
+        self.reader_idle.wait(max(0.0, deadline - time.monotonic()))
         with self.cond:
-            self.cond.wait_for(lambda: self.active is None, max(0.0, deadline - time.monotonic()))
+            self.cond.wait_for(lambda: self.active is None and not self.queue, max(0.0, deadline - time.monotonic()))
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
 
@@ -113,21 +118,22 @@ class Worker:
 
     def _read_loop(self) -> None:
         try:
-            for line in read_lines(self.in_fd, self.config.max_line_bytes):
-                if self.stopping.is_set():
-                    break
+            # Lines keep being answered while the worker stops (queued work
+            # gets -32010), so no request goes unanswered before the exit.
+            idle = lambda yes: self.reader_idle.set() if yes else self.reader_idle.clear()  # noqa: E731
+            for line in read_lines(self.in_fd, self.config.max_line_bytes, on_idle=idle):
                 try:
                     self.handle_line(line)
                 except Exception:  # a bug here must not end the reader
                     log.exception("failed to handle a line")
                     self.reply_error(None, errors.INTERNAL_ERROR, "internal error handling this line")
         finally:
+            self.reader_idle.set()
             self.stop("stdin closed")
 
     def handle_line(self, line: bytes | Oversized) -> None:
         if isinstance(line, Oversized):
-            match = _ID_AT_HEAD.search(line.head)
-            rid = msgspec.json.decode(match.group(1)) if match else None
+            rid = _id_at_head(line.head)
             self.reply_error(
                 rid,
                 errors.INVALID_REQUEST,
@@ -139,6 +145,10 @@ class Worker:
             self.reply_error(None, errors.INVALID_REQUEST, "JSON-RPC batches are not supported; send one request per line")
             return
         try:
+            # msgspec skips unknown keys without checking their UTF-8: check
+            # the whole line, so invalid bytes are an error wherever they are.
+            if not line.isascii():
+                line.decode("utf-8")
             env = msgspec.json.decode(line, type=protocol.Envelope)
         except msgspec.ValidationError as exc:
             self.reply_error(None, errors.INVALID_REQUEST, f"invalid request: {exc}", _field_of(exc, ""))
@@ -253,8 +263,8 @@ class Worker:
             try:
                 self._run_job(handlers, job)
             finally:
+                self._retire(job)
                 with self.cond:
-                    self.jobs.pop(job.id, None)
                     self.active = None
                     self.cond.notify_all()
 
@@ -264,19 +274,57 @@ class Worker:
                 raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
             result = handlers.dispatch(job)
         except WorkerError as exc:
-            with job.lock:
-                job.finished = True
+            self._retire(job)
             self.reply_error(job.id, exc.code, exc.message, exc.data)
             return
         except Exception as exc:
-            with job.lock:
-                job.finished = True
+            self._retire(job)
             code, message = errors.classify_exception(exc)
             if code == errors.INTERNAL_ERROR:
                 log.exception("%s failed", job.method)
             self.reply_error(job.id, code, message)
             return
+        self._retire(job)
         self.reply(job.id, result)
+
+    def _retire(self, job: Job) -> None:
+        # Before the reply is queued: a host may reuse the id the moment the
+        # reply reaches it, and must not be told the id is still in flight.
+        with job.lock:
+            job.finished = True
+        with self.cond:
+            if self.jobs.get(job.id) is job:
+                del self.jobs[job.id]
+
+
+def _id_at_head(head: bytes) -> Any:
+    """The request's own ``id`` from the first bytes of an oversized line,
+    or None. Only a key of the top-level object counts: an "id" nested in
+    params (a tool call's, a schema's) must not be taken for it."""
+    depth, i, n = 0, 0, len(head)
+    while i < n:
+        c = head[i]
+        if c == 0x22:  # a string: skip it whole, escapes included
+            j = i + 1
+            while j < n and head[j] != 0x22:
+                j += 2 if head[j] == 0x5C else 1
+            if j >= n:
+                return None
+            if depth == 1 and head[i : j + 1] == b'"id"':
+                match = _ID_VALUE.match(head, j + 1)
+                if match:
+                    try:
+                        return msgspec.json.decode(match.group(1))
+                    except (msgspec.DecodeError, UnicodeDecodeError):
+                        return None
+            i = j + 1
+            continue
+        if c in (0x5B, 0x7B):
+            depth += 1
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+        i += 1
+    return None
 
 
 def _field_of(exc: msgspec.ValidationError, root: str) -> dict:

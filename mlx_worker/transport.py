@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import os
+import select
 import sys
 import threading
 from dataclasses import dataclass
@@ -17,10 +19,14 @@ from typing import Callable, Iterator, Union
 
 import msgspec
 
-from . import protocol
+from . import errors, protocol
+
+log = logging.getLogger("mlx_worker.transport")
 
 READ_CHUNK = 1 << 16
 OVERSIZE_HEAD = 512
+# While idle, how often the writer checks that the host still reads stdout.
+IDLE_CHECK_S = 0.25
 
 
 @dataclass
@@ -43,21 +49,27 @@ def protect_stdout() -> int:
     return proto_fd
 
 
-def read_lines(fd: int, max_line_bytes: int) -> Iterator[Union[bytes, Oversized]]:
+def read_lines(
+    fd: int, max_line_bytes: int, on_idle: Callable[[bool], None] = lambda idle: None
+) -> Iterator[Union[bytes, Oversized]]:
     """Yield each line of ``fd`` (without its newline) until EOF.
 
     A line over ``max_line_bytes`` is yielded as ``Oversized`` once its newline
     arrives; its bytes past the head are dropped as they are read.
+    ``on_idle(True)`` is called before each (blocking) read, when every line
+    read so far has been yielded, and ``on_idle(False)`` after it.
     """
     buf = bytearray()
     skipping: Oversized | None = None
     while True:
+        on_idle(True)
         try:
             chunk = os.read(fd, READ_CHUNK)
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             continue
         except OSError:
             chunk = b""
+        on_idle(False)
         if not chunk:
             if skipping is not None:
                 yield skipping
@@ -131,12 +143,20 @@ class LineWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
+                ready = self._cond.wait_for(lambda: bool(self._queue) or self._closed, IDLE_CHECK_S)
+                if ready:
+                    if not self._queue:
+                        return
+                    batch = list(self._queue)
+                    self._queue.clear()
+                    self._busy = True
+            if not ready:
+                # A host that closed stdout while the worker is idle would
+                # otherwise go unnoticed until the next write.
+                if reader_gone(self._fd):
+                    self._fail(BrokenPipeError(errno.EPIPE, "the host closed stdout"))
                     return
-                batch = list(self._queue)
-                self._queue.clear()
-                self._busy = True
+                continue
             try:
                 data = b"".join(self._encode(m) for m in _coalesce(batch))
                 self._write_all(data)
@@ -151,7 +171,21 @@ class LineWriter:
     def _encode(self, message: object) -> bytes:
         if isinstance(message, bytes):
             return message
-        return self._encoder.encode(message) + b"\n"
+        try:
+            return self._encoder.encode(message) + b"\n"
+        except Exception as exc:
+            # A bug upstream must cost one message, not the writer thread (and
+            # with it every later reply). A reply still answers its request.
+            log.error("could not encode a %s: %s", type(message).__name__, exc)
+            if isinstance(message, (protocol.Response, protocol.ErrorResponse)):
+                fallback = protocol.ErrorResponse(
+                    id=message.id,
+                    error=protocol.ErrorObject(
+                        code=errors.INTERNAL_ERROR, message=f"internal error: the reply could not be encoded: {exc}"
+                    ),
+                )
+                return self._encoder.encode(fallback) + b"\n"
+            return b""
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -166,8 +200,19 @@ class LineWriter:
             self._queue.clear()
             self._cond.notify_all()
         if exc.errno not in (errno.EPIPE, errno.EBADF):
-            print(f"mlx_worker: protocol write failed: {exc}", file=sys.stderr)
+            log.error("protocol write failed: %s", exc)
         self._on_broken()
+
+
+def reader_gone(fd: int) -> bool:
+    """True when nobody can read ``fd`` any more (a pipe whose read end was
+    closed reports POLLERR; a closed socket POLLHUP)."""
+    try:
+        poller = select.poll()
+        poller.register(fd, 0)  # errors and hang-ups are always reported
+        return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() on this platform
+        return False
 
 
 def _coalesce(batch: list) -> list:
