@@ -76,7 +76,9 @@ def run(
     stops = sampling.stop_strings(params)
     stream = TextStream(lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False), prompt.tokens, stops)
     stop_ids = set(params.stop_token_ids)
-    eos_ids = set() if params.ignore_eos else set(lm.eos_token_ids)
+    # Under a constraint EOS is allowed only once the constraint is complete,
+    # and it ends the output: ignore_eos does not apply.
+    eos_ids = set() if params.ignore_eos and constraint is None else set(lm.eos_token_ids)
     want_logprobs = params.logprobs or params.top_logprobs > 0
 
     generated: list[int] = []  # returned tokens (no terminating EOS)
@@ -135,7 +137,9 @@ def run(
 
     end = time.perf_counter()
     _store_cache(lm, params, prompt, cache, cached, fed_back, stop_reason)
+    complete = protocol.UNSET
     if constraint is not None:
+        complete = constraint.complete(generated)
         constraint.release()
 
     prefill_s = ((prefill_done_at or end) - start)
@@ -157,6 +161,7 @@ def run(
         seed=seed,
         stop_string=stream.stop_string,
         stop_token=stop_token,
+        constraint_complete=complete,
     )
 
 
@@ -192,7 +197,8 @@ def _logprob(token: int, logprobs: mx.array, top: int) -> protocol.TokenLogprob:
     if top > 0:
         ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
         values = logprobs[ids].tolist()
-        pairs = sorted(zip(ids.tolist(), values), key=lambda p: -p[1])
+        # A constraint masks tokens to -inf: they are not candidates.
+        pairs = sorted(((t, v) for t, v in zip(ids.tolist(), values) if v != float("-inf")), key=lambda p: -p[1])
         entry.top = [protocol.TopLogprob(token=t, logprob=v) for t, v in pairs]
     return entry
 

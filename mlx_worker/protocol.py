@@ -289,6 +289,9 @@ class GenerateResult(Out):
     seed: int
     stop_string: Union[str, None] = None
     stop_token: Union[int, None] = None
+    # Only with a constraint: whether `tokens` form a complete match
+    # (false when max_tokens, a stop string or cancel cut the output short).
+    constraint_complete: Union[bool, UnsetType] = UNSET
 
 
 # ------------------------------------------------------ prompt cache files

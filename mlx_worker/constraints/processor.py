@@ -1,0 +1,106 @@
+"""The constraint as an mlx-lm logits processor: ``processor(tokens, logits)``.
+
+How mlx-lm calls it, and what that means here:
+
+- The first call sees the whole prompt (``sampling.with_prefix`` adds a
+  cached prefix); nothing of it is fed to the matcher. Every later call sees
+  the tokens so far, ending with the one sampled last: it is consumed first,
+  then the mask for the next token is computed.
+- Calls run one step ahead: the step after EOS (or after the last token
+  before a stop) is still computed and thrown away. A consumed EOS marks the
+  constraint finished; the thrown-away step gets an EOS-only mask.
+- Overlap: the read of ``tokens`` is queued first, right behind the step
+  that sampled the last token, then ``mx.async_eval(logits)`` queues this
+  step's forward pass; the token is read (waiting only for the previous
+  step) and the mask computed on the CPU while the model runs. Reading
+  ``tokens[-1]`` after queueing the forward pass would wait for it and
+  leave the matcher's work exposed (measured ~8% slower on CPU).
+
+EOS ids are allowed exactly when the matcher accepts. Anything unexpected (a
+token the matcher refuses, an empty mask, a matcher error) raises -32007:
+generation ends with an error, never continues unconstrained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import mlx.core as mx
+
+from .. import errors
+from ..errors import WorkerError
+from . import mask
+from .common import is_engine_panic
+
+
+class ConstraintProcessor:
+    def __init__(self, matcher, info):
+        self.m = matcher
+        self.words = np.zeros(info.mask_words, dtype=np.int32)
+        self._ptr, self._nbytes = self.words.ctypes.data, self.words.nbytes
+        self.vocab = info.logits_vocab
+        self.eos = info.eos_ids
+        self.seen = -1  # len(tokens) at the last call; -1 before the first
+        self.prompt_len = 0
+        self.finished = False  # an EOS was consumed in an accepting state
+        eos_only = np.zeros(self.vocab, dtype=np.bool_)
+        eos_only[[e for e in self.eos if e < self.vocab]] = True
+        self._eos_only = eos_only
+
+    @property
+    def generated(self) -> int:
+        return max(0, self.seen - self.prompt_len)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        try:
+            return self._step(tokens, logits)
+        except BaseException as exc:
+            if is_engine_panic(exc):
+                raise self._failure(f"the matcher failed: {exc}") from None
+            raise
+
+    def _step(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        mx.async_eval(tokens)
+        mx.async_eval(logits)
+        n = tokens.shape[-1]
+        if self.seen < 0:
+            self.seen = self.prompt_len = n
+        else:
+            self._advance(np.asarray(tokens), n)
+        if self.finished:
+            return mask.apply(logits, self._eos_only)
+        if not self.m.fill(self._ptr, self._nbytes):
+            raise self._failure(self.m.error())
+        mask.set_bits(self.words, self.eos, self.m.accepting())
+        allowed = mask.unpack(self.words, self.vocab)
+        if not allowed.any():
+            raise self._failure("the constraint allows no token here")
+        return mask.apply(logits, allowed)
+
+    def _advance(self, tokens: np.ndarray, n: int) -> None:
+        new = n - self.seen
+        if new <= 0:  # rewound (speculative decoding): roll back, re-feed the last
+            back = 1 - new
+            if self.finished:
+                self.finished, back = False, back - 1
+            if back:
+                self.m.rollback(back)
+            new = 1
+        ids = tokens[n - new :].tolist()
+        self.seen = n
+        for token in ids:
+            if self.finished:
+                raise self._failure(f"token {token} after the constraint was complete")
+            if token in self.eos:
+                if not self.m.accepting():
+                    raise self._failure(f"EOS token {token} before the constraint was complete")
+                self.finished = True
+            elif not self.m.consume(token):
+                raise self._failure(f"token {token} was refused: {self.m.error()}")
+
+    def _failure(self, why: str) -> WorkerError:
+        return WorkerError(
+            errors.CONSTRAINT_INVALID,
+            f"constrained generation stopped after {self.generated} tokens: {why}",
+            {"field": "params.constraint", "phase": "generation", "completion_tokens": self.generated},
+        )

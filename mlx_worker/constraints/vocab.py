@@ -1,0 +1,95 @@
+"""What both engines need to know about a model's tokenizer, built once.
+
+llguidance reads the Hugging Face tokenizer itself (``llguidance.hf``) and
+knows the exact bytes of every token for every tokenizer family (byte-level
+BPE, SentencePiece byte fallback, ...). The outlines engine reuses those bytes
+for its ``Vocabulary`` instead of re-deriving them from token strings, which
+loses partial UTF-8 tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from .. import errors
+from ..errors import WorkerError
+
+
+@dataclass
+class TokenizerInfo:
+    key: str  # identifies the tokenizer + mask geometry; part of every cache key
+    lltok: Any  # llguidance.LLTokenizer
+    n_vocab: int  # ids the engines know about (>= the tokenizer's size)
+    logits_vocab: int  # width of the model's logits
+    eos_ids: tuple[int, ...]
+    _outlines_vocab: Any = None
+
+    @property
+    def mask_words(self) -> int:
+        return (self.n_vocab + 31) // 32
+
+    def token_bytes(self) -> dict[bytes, list[int]]:
+        """Ordinary tokens by their bytes; special, EOS and empty tokens left out
+        (the processor decides EOS itself)."""
+        lltok, out = self.lltok, {}
+        for i in range(self.n_vocab):
+            if lltok.is_special_token(i) or i in self.eos_ids:
+                continue
+            data = lltok.decode_bytes([i])
+            if data:
+                out.setdefault(data, []).append(i)
+        return out
+
+    def outlines_vocabulary(self):
+        if self._outlines_vocab is None:
+            from outlines_core import Vocabulary
+
+            self._outlines_vocab = Vocabulary(self.eos_ids[0], self.token_bytes())
+        return self._outlines_vocab
+
+
+def hf_tokenizer_of(lm) -> Any:
+    tok = lm.hf_tokenizer
+    if not hasattr(tok, "backend_tokenizer") and hasattr(tok, "tokenizer"):
+        tok = tok.tokenizer  # a vision processor wraps the tokenizer
+    return tok
+
+
+def tokenizer_key(lm) -> str:
+    """A content hash of the tokenizer, computed once per loaded model: two
+    models sharing a tokenizer share compiled constraints, and an unloaded
+    model's id can never alias a new one."""
+    key = lm.extra.get("constraints.tokenizer_key")
+    if key is None:
+        tok = hf_tokenizer_of(lm)
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            raise WorkerError(
+                errors.CONSTRAINT_INVALID,
+                "constrained generation needs a fast (tokenizers-based) tokenizer; this model has "
+                f"{type(tok).__name__}",
+                {"field": "params.constraint"},
+            )
+        digest = hashlib.sha256(backend.to_str().encode("utf-8"))
+        digest.update(f"|{lm.vocab_size}|{sorted(lm.eos_token_ids)}".encode())
+        key = lm.extra["constraints.tokenizer_key"] = digest.hexdigest()[:24]
+    return key
+
+
+def build(lm, key: str) -> TokenizerInfo:
+    import llguidance.hf
+
+    tok = hf_tokenizer_of(lm)
+    eos = tuple(sorted(lm.eos_token_ids)) or (tok.eos_token_id,)
+    n_vocab = max(int(lm.vocab_size), len(tok))
+    try:
+        lltok = llguidance.hf.from_tokenizer(tok, n_vocab=n_vocab, eos_token=list(eos))
+    except Exception as exc:
+        raise WorkerError(
+            errors.CONSTRAINT_INVALID,
+            f"this model's tokenizer cannot be used for constrained generation: {exc}",
+            {"field": "params.constraint"},
+        ) from None
+    return TokenizerInfo(key=key, lltok=lltok, n_vocab=n_vocab, logits_vocab=int(lm.vocab_size), eos_ids=eos)
