@@ -110,9 +110,14 @@ def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.Token
 
 
 def prepare(lm: LoadedModel, params: protocol.GenerateParams) -> PreparedPrompt:
-    source = one_source(params, ("prompt", "tokens", "messages"))
-    if source == "messages" and lm.vision is not None:
+    if lm.vision is not None:
+        # Every source: the adapter also sets the prompt's positions (M-RoPE).
         return lm.vision.prepare(lm, params)
+    return prepare_text(lm, params)
+
+
+def prepare_text(lm: LoadedModel, params: protocol.GenerateParams) -> PreparedPrompt:
+    source = one_source(params, ("prompt", "tokens", "messages"))
     if source == "messages":
         rendered = render_chat(lm, params)
         tokens = encode_text(lm, rendered, add_special_tokens=False)

@@ -125,6 +125,11 @@ class LoadParams(Params):
     prompt_cache_bytes: Union[int, None] = None
     prompt_cache_entries: Union[int, None] = None
     memory_limit: Union[int, None] = None  # bytes: this model's weights + any one request
+    # Vision models only (ignored for text models); None = the worker's default.
+    max_images: Union[int, None] = None
+    max_image_pixels: Union[int, None] = None
+    max_image_bytes: Union[int, None] = None
+    image_cache_bytes: Union[int, None] = None
 
 
 class LoadResult(Out):

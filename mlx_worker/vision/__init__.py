@@ -1,0 +1,100 @@
+"""Vision-language models: loading, images, and the adapter to the one loop.
+
+- ``images``: image sources -> checked bytes, content hash, decoded picture.
+- ``messages``: chat messages -> image inputs and the rendered prompt.
+- ``encoders``: rendered prompt + images -> tokens, cache key, embeddings.
+- ``features``: vision-tower outputs cached by image content hash.
+- ``lm``: the language model shaped like an mlx-lm model (M-RoPE positions).
+- ``adapter``: params -> PreparedPrompt, used by prompt.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import protocol
+from ..errors import invalid_params
+from ..models import LoadedModel, _text_config, context_length_of
+from .adapter import VisionAdapter
+from .encoders import GenericEncoder, QwenEncoder
+from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ImageLimits
+from .lm import wrap_language_model
+
+__all__ = ["load_vision_model", "VisionAdapter"]
+
+
+def _option(params: protocol.LoadParams, name: str, default: int, minimum: int) -> int:
+    value = getattr(params, name)
+    if value is None:
+        return default
+    if value < minimum:
+        raise invalid_params(f"params.{name}", f"must be at least {minimum}")
+    return value
+
+
+def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> LoadedModel:
+    limits = ImageLimits(
+        max_images=_option(params, "max_images", DEFAULT_MAX_IMAGES, 1),
+        max_pixels=_option(params, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, 1),
+        max_bytes=_option(params, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES, 1),
+    )
+    cache_bytes = _option(params, "image_cache_bytes", DEFAULT_IMAGE_CACHE_BYTES, 0)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
+    from mlx_vlm import load as mlx_vlm_load
+    from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
+
+    vlm, processor = mlx_vlm_load(str(path), trust_remote_code=params.trust_remote_code)
+    hf_tokenizer = getattr(processor, "tokenizer", processor)
+    if params.chat_template is not None:
+        hf_tokenizer.chat_template = params.chat_template
+        if hasattr(processor, "chat_template"):
+            processor.chat_template = params.chat_template
+
+    text_config = _text_config(config)
+    eos = text_config.get("eos_token_id", config.get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    detokenizer = getattr(processor, "detokenizer", None)
+    tokenizer = TokenizerWrapper(
+        hf_tokenizer,
+        type(detokenizer) if detokenizer is not None else NaiveStreamingDetokenizer,
+        eos_token_ids=eos,
+    )
+
+    model_type = str(config.get("model_type", ""))
+    model = wrap_language_model(vlm, mrope=hasattr(vlm.language_model, "get_rope_index"))
+    # MLX_WORKER_VISION_ENCODER=generic forces the whole-prompt path (a fallback
+    # to compare against, should the per-image path misbehave for a model).
+    generic = os.environ.get("MLX_WORKER_VISION_ENCODER", "").lower() == "generic"
+    if model_type in QwenEncoder.MODEL_TYPES and not generic:
+        encoder = QwenEncoder(vlm, processor, FeatureCache(cache_bytes), limits)
+    else:
+        image_token = getattr(vlm.config, "image_token_id", None)
+        if image_token is None:
+            image_token = getattr(vlm.config, "image_token_index", None)
+        encoder = GenericEncoder(vlm, processor, limits, image_token)
+
+    max_images, why = limits.max_images, "the load option `max_images`"
+    if model_type in SINGLE_IMAGE_ONLY_MODELS and max_images > 1:
+        max_images, why = 1, f"model type {model_type!r}"
+    adapter = VisionAdapter(model, processor, encoder, model_type, limits, max_images, why)
+
+    vocab = text_config.get("vocab_size", config.get("vocab_size"))
+    if not isinstance(vocab, int):
+        vocab = len(hf_tokenizer)
+    return LoadedModel(
+        model_id="",
+        path=str(path),
+        kind="vision",
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        context_length=context_length_of(config),
+        vocab_size=vocab,
+        eos_token_ids=sorted(tokenizer.eos_token_ids),
+        memory_bytes=0,
+        vision=adapter,
+    )

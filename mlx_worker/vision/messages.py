@@ -1,0 +1,89 @@
+"""Chat messages with image parts -> image inputs and the rendered prompt.
+
+Images are read (and limited) in message order. The text is rendered with the
+model's own chat template and that template's own defaults: mlx-vlm's prompt
+utilities only shape the messages the way the model's template expects
+(``{"type": "image"}`` parts, ``<image>`` markers...), and the template is
+then applied directly, so no options are injected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .. import protocol
+from ..errors import invalid_params
+from .images import ImageInput, ImageLimits, image_error, read_image
+
+
+def image_fields(messages: list[protocol.ChatMessage], first: int = 0) -> list[tuple[str, protocol.ImagePart]]:
+    """(field, part) for every image part, numbering messages from ``first``."""
+    found = []
+    for i, message in enumerate(messages, first):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, protocol.ImagePart):
+                    found.append((f"params.messages[{i}].content[{j}]", part))
+    return found
+
+
+def read_images(messages: list[protocol.ChatMessage], limits: ImageLimits, max_images: int, why: str) -> list[ImageInput]:
+    found = image_fields(messages)
+    if len(found) > max_images:
+        field = found[max_images][0]
+        raise image_error(
+            field, "too_many_images", f"the prompt has {len(found)} images; {why} allows at most {max_images}"
+        )
+    return [read_image(part.image, field + ".image", limits) for field, part in found]
+
+
+def template_messages(messages: list[protocol.ChatMessage], model_type: str) -> list[dict]:
+    """Messages as the model's chat template expects them, image payloads removed."""
+    from mlx_vlm.prompt_utils import MODEL_CONFIG, apply_chat_template
+
+    raw = []
+    for m in messages:
+        d = {k: v for k, v in msgspec.to_builtins(m).items() if v is not None}
+        if isinstance(m.content, list):
+            d["content"] = [
+                {"type": "image"} if isinstance(p, protocol.ImagePart) else {"type": "text", "text": p.text}
+                for p in m.content
+            ]
+        raw.append(d)
+    if model_type.lower() not in MODEL_CONFIG:
+        return raw  # Hugging Face's standard {"type": "image"} parts
+    for i, m in enumerate(messages):
+        # mlx-vlm's formatter keeps images only where the model takes them.
+        if m.role in ("system", "assistant") and not (m.tool_calls or m.tool_call_id):
+            for field, _ in image_fields([m], first=i):
+                raise image_error(
+                    field, "wrong_role",
+                    f"this model takes images in user messages only, not in a {m.role!r} message",
+                )
+    shaped = apply_chat_template(None, {"model_type": model_type}, raw, return_messages=True)
+    # The formatter rebuilds each message from role and content: put back the rest.
+    return [{**{k: v for k, v in r.items() if k != "content"}, **s} for r, s in zip(raw, shaped)]
+
+
+def render(processor: Any, messages: list[dict], params: Any, model_id: str) -> str:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if getattr(processor, "chat_template", None):
+        owner = processor
+    elif getattr(tokenizer, "chat_template", None):
+        owner = tokenizer
+    else:
+        raise invalid_params(
+            "params.messages",
+            f"model {model_id!r} has no chat template; send `prompt` or `tokens`, or pass `chat_template` to load",
+        )
+    try:
+        return owner.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=params.add_generation_prompt,
+            **params.chat_template_kwargs,
+        )
+    except Exception as exc:  # jinja errors, template-raised exceptions
+        raise invalid_params("params.messages", f"chat template failed: {exc}") from None
