@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import ensure_model, spawn
+from common import ensure_model, report, spawn
 from mlx_worker import protocol
 
 
@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--prefill-step", type=int, default=256)
     args = p.parse_args()
     r = measure(args.model, args.trials, args.prefill_step)
+    report("cancel", r)
     print("| phase | p50 ms | p99 ms |")
     print("|---|---|---|")
     print(f"| decoding | {r['decode_p50_ms']:.1f} | {r['decode_p99_ms']:.1f} |")

@@ -36,3 +36,15 @@ def bind_blas_like_the_worker() -> str | None:
     from mlx_worker import blas
 
     return blas.bind(None)
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def report(name: str, figures: dict) -> None:
+    """Write a benchmark's headline figures to bench/results/<name>.json
+    (bench/run_all.py gathers them into one table and chart)."""
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

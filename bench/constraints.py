@@ -27,7 +27,7 @@ import pstats
 import sys
 import time
 
-from common import ROOT, bind_blas_like_the_worker, ensure_model, median
+from common import ROOT, bind_blas_like_the_worker, ensure_model, median, report
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -48,6 +48,7 @@ DECODE_SCHEMA = {
     },
 }
 ENGINES = ("llguidance", "outlines")
+FIGURES: dict = {}  # headline numbers for bench/results/constraints.json
 PROMPT = "Return a JSON list of records:"
 
 
@@ -98,6 +99,9 @@ def decode_ratio(lm, n, rounds):
               f"{percentile(st, 50) * 1e3:8.2f}          {median(xs) / median(base):.3f}     "
               f"{percentile(base_steps, 25) / percentile(st, 25):.3f}     "
               f"{percentile(base_steps, 50) / percentile(st, 50):.3f}")
+    for e in ENGINES:
+        FIGURES[f"{e}_decode_ratio"] = median(rates[e]) / median(base)
+        FIGURES[f"{e}_step_p50_ratio"] = percentile(base_steps, 50) / percentile(steps[e], 50)
     return tokens
 
 
@@ -197,6 +201,7 @@ def main() -> None:
     tokens = decode_ratio(lm, args.tokens, args.rounds)
     mask_times(lm, tokens)
     compile_times(lm)
+    report("constraints", FIGURES)
 
 
 if __name__ == "__main__":

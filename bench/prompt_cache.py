@@ -16,14 +16,10 @@ cold ≤ 0.03. Both processes use the same BLAS (mlx_worker/blas.py).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
-import socket
-import subprocess
-import sys
 import time
 
-from common import ROOT, ensure_model, median, spawn, worker_env
+from common import ensure_model, median, report, spawn
+from peers import MlxLmServer
 
 WORDS = ("river stone light harbor window garden winter paper silver mountain letter orange "
          "quiet station market thunder candle forest bridge morning").split()
@@ -66,55 +62,8 @@ def worker_ttft(client, messages, **params) -> tuple[float, dict]:
     return first - start, {"prompt": result.usage.prompt_tokens, "cached": result.usage.cached_tokens}
 
 
-# ----------------------------------------------------------------- mlx_lm.server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(path: str, port: int, blas: str | None) -> subprocess.Popen:
-    env = worker_env()
-    if blas:
-        env["LD_PRELOAD"] = blas
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
-         "--prefill-step-size", "512", "--log-level", "WARNING"],
-        env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("mlx_lm.server exited")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/v1/models")
-            conn.getresponse().read()
-            return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("mlx_lm.server did not start")
-
-
-def server_ttft(port: int, messages) -> float:
-    body = json.dumps({"messages": messages, "max_tokens": 1, "temperature": 0, "stream": True})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    start = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    first = None
-    while True:
-        line = response.fp.readline()
-        if not line:
-            break
-        if first is None and line.startswith(b"data:"):
-            first = time.perf_counter()
-    conn.close()
-    if first is None:
-        raise RuntimeError("mlx_lm.server streamed no data chunk")
+def server_ttft(server, messages) -> float:
+    start, first, _, _ = server.stream("/v1/chat/completions", {"messages": messages, "max_tokens": 1, "temperature": 0})
     return first - start
 
 
@@ -134,10 +83,7 @@ def main() -> None:
     history = history_chat(client, args.history)
     blas = client.ready.capabilities.blas  # the server gets the same one (LD_PRELOAD)
 
-    server = port = None
-    if not args.no_server:
-        port = free_port()
-        server = start_server(path, port, blas)
+    server = None if args.no_server else MlxLmServer(path, blas)
 
     cached, cold, srv = [], [], []
     info: dict = {}
@@ -145,7 +91,7 @@ def main() -> None:
         turn1, _ = rounds_chats(history, -1)
         worker_ttft(client, turn1)  # warm both sides: the shared history gets cached
         if server:
-            server_ttft(port, turn1)
+            server_ttft(server, turn1)
         for k in range(args.rounds):
             turn1, turn2 = rounds_chats(history, k)
             worker_ttft(client, turn1)  # leaves turn 1's cache
@@ -154,13 +100,12 @@ def main() -> None:
             t, _ = worker_ttft(client, turn2, prompt_cache=False)
             cold.append(t)
             if server:
-                server_ttft(port, turn1)
-                srv.append(server_ttft(port, turn2))
+                server_ttft(server, turn1)
+                srv.append(server_ttft(server, turn2))
     finally:
         client.close()
         if server:
-            server.terminate()
-            server.wait(10)
+            server.close()
 
     new = info["prompt"] - info["cached"]
     print(f"model {args.model}; turn 2: {info['prompt']} prompt tokens, {info['cached']} from the cache, "
@@ -172,6 +117,11 @@ def main() -> None:
     if srv:
         print(f"| mlx_lm.server, cached | {median(srv) * 1000:.1f} | {median(srv) / median(cached):.2f} × worker cached |")
     print(f"\nlimit for this prompt: {new}/{info['prompt']} = {new / info['prompt']:.4f}; target ≤ 0.03")
+    figures = {"cached_over_cold": median(cached) / median(cold), "limit": new / info["prompt"],
+               "cold_ms": median(cold) * 1000, "cached_ms": median(cached) * 1000}
+    if srv:
+        figures["server_over_worker"] = median(srv) / median(cached)
+    report("prompt_cache", figures)
 
 
 if __name__ == "__main__":

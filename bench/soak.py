@@ -193,6 +193,9 @@ def main() -> int:
           f"last fifth: {s.rss_end / mib:.1f} MiB; max seen: {s.rss_max / mib:.1f} MiB")
     print(f"  MLX active memory outside the prompt cache: {s.active_warm / mib:.2f} MiB -> {s.active_end / mib:.2f} MiB")
     print(f"  RSS growth after warm-up: {s.growth * 100:+.2f} % (target <= 5 %)")
+    from common import report
+
+    report("soak", {"rss_growth": s.growth, "requests": s.requests})
     return 0 if s.growth <= 0.05 else 1
 
 

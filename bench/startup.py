@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import ensure_model, median, spawn
+from common import ensure_model, median, report, spawn
 from mlx_worker import protocol
 
 
@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     r = measure(args.model, args.rounds)
+    report("startup", r)
     print("| spawn -> ready | spawn -> first token (incl. load) |")
     print("|---|---|")
     print(f"| {r['ready_s'] * 1000:.0f} ms | {r['first_token_s'] * 1000:.0f} ms |")

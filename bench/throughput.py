@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import bind_blas_like_the_worker, ensure_model, median, spawn
+from common import bind_blas_like_the_worker, ensure_model, median, report, spawn
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -127,6 +127,13 @@ def main() -> None:
         print(f"decode worker ÷ mlx_lm.server: {w / r['decode']['mlx_lm_server']:.3f} (target ≥ 1.05)")
         print(f"prompt worker ÷ mlx_lm.server: {r['prompt_tps']['worker'] / r['prompt_tps']['mlx_lm_server']:.3f}")
     print(f"prompt worker ÷ in-process: {r['prompt_tps']['worker'] / r['prompt_tps']['inprocess']:.3f}")
+    figures = {"decode_vs_inprocess": w / r["decode"]["inprocess"],
+               "prompt_vs_inprocess": r["prompt_tps"]["worker"] / r["prompt_tps"]["inprocess"],
+               "decode_tps": r["decode"], "prompt_tps": r["prompt_tps"], "model": r["model"]}
+    if "mlx_lm_server" in r["decode"]:
+        figures["decode_vs_server"] = w / r["decode"]["mlx_lm_server"]
+        figures["prompt_vs_server"] = r["prompt_tps"]["worker"] / r["prompt_tps"]["mlx_lm_server"]
+    report("throughput", figures)
 
 
 if __name__ == "__main__":

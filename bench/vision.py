@@ -21,7 +21,7 @@ import base64
 import io
 import sys
 
-from common import ensure_model, median, spawn
+from common import ensure_model, median, spawn, report
 
 
 def picture(seed: int, size: int) -> str:
@@ -89,6 +89,7 @@ def main() -> int:
         second = median(p[1] for p in pairs)
         ratio = median(p[1] / p[0] for p in pairs)
         print(f"{name:>21}: turn 1 TTFT {first:7.1f} ms, turn 2 TTFT {second:7.1f} ms, turn 2 / turn 1 = {ratio:.3f}")
+    report("vision", {name: median(p[1] / p[0] for p in pairs) for name, pairs in ttfts.items()})
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from . import errors, protocol
 from .errors import WorkerError
+from .model_checks import text_config
 
 _worker_limit: Optional[int] = None  # --memory-limit
 
@@ -85,10 +86,6 @@ def _positive_int(cfg: dict, *keys: str) -> Optional[int]:
     return None
 
 
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config.get("llm_config") or config
-
-
 def _float_itemsize(model: Any) -> int:
     """Bytes per element of the model's activations (its float weights' dtype)."""
     try:
@@ -109,7 +106,7 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     activations. An estimate from config.json, on the generous side."""
     import mlx.core as mx
 
-    cfg = _text_config(lm.config)
+    cfg = text_config(lm.config)
     layers = _positive_int(cfg, "num_hidden_layers", "n_layer", "num_layers") or 0
     hidden = _positive_int(cfg, "hidden_size", "n_embd", "d_model") or 0
     heads = _positive_int(cfg, "num_attention_heads", "n_head") or 1

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .. import protocol
 from ..errors import invalid_params
-from ..models import LoadedModel, _text_config, context_length_of
+from ..model_checks import text_config
+from ..models import LoadedModel, context_length_of
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
@@ -54,7 +55,7 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
         if hasattr(processor, "chat_template"):
             processor.chat_template = params.chat_template
 
-    text_config = _text_config(config)
+    text_config = text_config(config)
     eos = text_config.get("eos_token_id", config.get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     detokenizer = getattr(processor, "detokenizer", None)

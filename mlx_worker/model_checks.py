@@ -1,0 +1,112 @@
+"""Checks on a model folder before any library code loads it.
+
+A folder that can't load is refused with a -32002 that names the problem
+(a bad config value, missing or truncated weights, no tokenizer) instead of
+a riddle from deep inside a model class; a folder that asks to run its own
+Python code is refused unless the host opted in with trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from . import errors
+from .errors import WorkerError
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config (a VLM nests it)."""
+    return config.get("text_config") or config.get("llm_config") or config
+
+
+# Numbers in config.json that must be positive integers when present; a
+# string or a null there fails deep inside a model class with a riddle.
+_POSITIVE_INTS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim",
+)
+_REQUIRED_IF_PRESENT = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.txt", "tokenizer.tiktoken", "qwen.tiktoken",
+)
+
+
+def safetensors_problem(file: Path) -> Optional[str]:
+    """Check a safetensors file's header against its size (reads the header
+    only): a truncated download or a corrupt file, named, before any load."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 * 1024 * 1024):
+                return f"header length {n} does not fit a file of {size} bytes"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        return f"unreadable header ({exc})"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    data = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"tensor {name!r} has no valid data_offsets"
+        if not 0 <= offsets[0] <= offsets[1] <= data:
+            return f"tensor {name!r} ends at byte {offsets[1]} but the file holds {data} bytes of data"
+    return None
+
+
+def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
+    """Refuse, with a clear -32002, a folder that cannot load or that asks to
+    run its own Python code when the host did not opt in."""
+    def fail(message: str, **data: Any) -> WorkerError:
+        return WorkerError(errors.LOAD_FAILED, message, {"path": str(path), **data})
+
+    text = text_config(config)
+    for cfg, prefix in ((config, ""), (text, "text_config.")) if text is not config else ((config, ""),):
+        for key in _POSITIVE_INTS:
+            # null may stand for "derive it" (head_dim), except for the basics
+            optional = cfg is not text or key not in _REQUIRED_IF_PRESENT
+            if key in cfg and not (cfg[key] is None and optional) and not (
+                isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] > 0
+            ):
+                raise fail(f"config.json: `{prefix}{key}` must be a positive integer (got {cfg[key]!r})",
+                           field=f"config.{prefix}{key}")
+    if "model_type" not in config or not isinstance(config["model_type"], str):
+        raise fail("config.json has no `model_type` string: the architecture is unknown", field="config.model_type")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise fail(f"no weights in {path}: expected *.safetensors files (other formats are not read)")
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            raise fail(f"{file.name} is corrupt or incomplete: {problem}", file=str(file))
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise fail(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model, vocab.json)")
+
+    if trust_remote_code:
+        return
+    code = []
+    if config.get("model_file") is not None:
+        code.append(f"config.json model_file: {config['model_file']}")
+    for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if auto_map:
+            code.append(f"{name} auto_map: {json.dumps(auto_map)[:200]}")
+    if code:
+        raise WorkerError(
+            errors.LOAD_FAILED,
+            f"{path} asks to run Python code from the model folder ({'; '.join(code)}). Refused: pass "
+            "`trust_remote_code: true` to load only if you trust this model's files.",
+            {"path": str(path), "field": "params.trust_remote_code", "remote_code": code},
+        )
