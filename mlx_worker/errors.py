@@ -35,7 +35,7 @@ CODES = {
     LOAD_FAILED: "the model folder exists but could not be loaded",
     MODEL_NOT_LOADED: "no such model_id, or model_id omitted while zero or several models are loaded",
     CONTEXT_OVERFLOW: "the prompt is longer than the model's context",
-    OUT_OF_MEMORY: "the request would exceed the memory limit",
+    OUT_OF_MEMORY: "out of memory: the request would exceed a memory limit (or a prompt cache file the cache budget)",
     BUSY: "the request queue is full",
     CONSTRAINT_INVALID: "the constraint could not be compiled or uses an unsupported feature",
     IMAGE_INVALID: "an image could not be used",

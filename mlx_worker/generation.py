@@ -74,7 +74,7 @@ def run(
             raise Cancelled
 
     stops = sampling.stop_strings(params)
-    stream = TextStream(lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False), prompt.tokens, stops)
+    stream = TextStream(lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), prompt.tokens, stops)
     stop_ids = set(params.stop_token_ids)
     # Under a constraint EOS is allowed only once the constraint is complete,
     # and it ends the output: ignore_eos does not apply.
@@ -165,23 +165,9 @@ def run(
     )
 
 
-def cancelled_before_start(params: protocol.GenerateParams) -> protocol.GenerateResult:
-    """The result of a generate cancelled before it produced anything."""
-    return protocol.GenerateResult(
-        text="",
-        tokens=[],
-        stop_reason="cancelled",
-        usage=protocol.Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=0),
-        timings=protocol.Timings(ttft_ms=0.0, prompt_tps=0.0, generation_tps=0.0, total_ms=0.0),
-        peak_memory=0,
-        model_id=params.model_id or "",
-        seed=params.seed if params.seed is not None else 0,
-    )
-
-
 def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:
     ctx = lm.context_length
-    if ctx is None or lm.max_kv_size:  # a rotating cache can run past the context
+    if ctx is None:
         return max_tokens
     if n_prompt > ctx:
         raise WorkerError(
@@ -189,6 +175,8 @@ def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:
             f"prompt is {n_prompt} tokens; the model's context is {ctx}",
             {"prompt_tokens": n_prompt, "context_length": ctx},
         )
+    if lm.max_kv_size:  # a rotating cache lets generation run past the context
+        return max_tokens
     return min(max_tokens, ctx - n_prompt)
 
 

@@ -49,24 +49,27 @@ class Handlers:
 
     def generate(self, job) -> protocol.GenerateResult:
         worker = self.worker
-        events = generation.Events(
-            progress=lambda e: worker.notify("progress", e),
-            token=lambda e: worker.notify("token", e),
-        )
+        streamed_text: list[str] = []
+        streamed_tokens: list[int] = []
+
+        def on_token(event: protocol.TokenEvent) -> None:
+            streamed_text.append(event.text)
+            streamed_tokens.extend(event.tokens)
+            worker.notify("token", event)
+
+        events = generation.Events(progress=lambda e: worker.notify("progress", e), token=on_token)
         try:
-            if job.cancel.is_set():  # cancelled while queued: answer without work
-                result = generation.cancelled_before_start(job.params)
-            else:
-                lm = self.models.get(job.params.model_id)
-                result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
+            lm = self.models.get(job.params.model_id)
+            result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
         except Exception:
             # Once `cancel` answered {cancelled: true}, the final response
-            # must be a result saying "cancelled", even if the work failed.
+            # must be a result saying "cancelled", even if the work failed;
+            # it carries what the token events already delivered.
             with job.lock:
                 job.finished = True
                 if not job.cancel.is_set():
                     raise
-            result = generation.cancelled_before_start(job.params)
+            result = protocol.cancelled_result(job.params, "".join(streamed_text), streamed_tokens)
         with job.lock:
             job.finished = True
             if job.cancel.is_set():

@@ -63,7 +63,7 @@ def rss_bytes() -> int:
         return 0
 
 
-def memory_status(limit: int | None = None) -> protocol.MemoryStatus:
+def memory_status() -> protocol.MemoryStatus:
     import mlx.core as mx
 
     return protocol.MemoryStatus(

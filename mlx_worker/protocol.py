@@ -395,6 +395,22 @@ class ShutdownResult(Out):
     shutting_down: bool
 
 
+def cancelled_result(params: GenerateParams, text: str = "", tokens: Union[list[int], None] = None) -> GenerateResult:
+    """The result of a generate cancelled before it finished normally: while
+    queued (nothing produced), or when its work failed after the cancel."""
+    tokens = tokens or []
+    return GenerateResult(
+        text=text,
+        tokens=tokens,
+        stop_reason="cancelled",
+        usage=Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=len(tokens)),
+        timings=Timings(ttft_ms=0.0, prompt_tps=0.0, generation_tps=0.0, total_ms=0.0),
+        peak_memory=0,
+        model_id=params.model_id or "",
+        seed=params.seed if params.seed is not None else 0,
+    )
+
+
 # A method's params and result types; the server adds the handlers.
 METHODS: dict[str, tuple[type, type]] = {
     "load": (LoadParams, LoadResult),
@@ -416,4 +432,3 @@ EVENTS: dict[str, type] = {
     "token": TokenEvent,
 }
 
-encoder = msgspec.json.Encoder()

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import msgspec
 
@@ -33,7 +31,7 @@ IMMEDIATE = {"cancel", "status", "shutdown"}
 _ID_VALUE = re.compile(rb'\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")\s*[,}]')
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: `in queue` compares identity
 class Job:
     id: Any
     method: str
@@ -67,7 +65,6 @@ class Worker:
         self.cond = threading.Condition()
         self.active: Optional[Job] = None
         self.models = None  # created on the compute thread (imports MLX libraries)
-        self._handlers: dict[str, Callable[[Job], Any]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -81,9 +78,13 @@ class Worker:
         log.info("stopping: %s", why)
         with self.cond:
             self.stopping.set()
+            queued = list(self.queue)
+            self.queue.clear()
             for job in self.jobs.values():
                 job.cancel.set()
             self.cond.notify_all()
+        for job in queued:  # answered now, not after the active job ends
+            self._answer_unstarted(job, shutting_down=True)
 
     def wait(self) -> int:
         """Block the main thread (so it can take signals) until stopped,
@@ -98,9 +99,6 @@ class Worker:
             self.cond.wait_for(lambda: self.active is None and not self.queue, max(0.0, deadline - time.monotonic()))
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
-
-    def send(self, message: object) -> None:
-        self.writer.send(message)
 
     def notify(self, method: str, params: object) -> None:
         self.writer.send(protocol.Notification(method, params))
@@ -176,6 +174,9 @@ class Worker:
             return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", {"field": "params"})
 
         job = Job(rid, env.method, params)
+        if not is_notification and rid in self.jobs:  # racy read is fine: ids only leave
+            self.reply_error(rid, errors.INVALID_REQUEST, f"id {rid!r} is already in flight", {"field": "id"})
+            return
         if env.method in IMMEDIATE:
             self._run_immediate(job, is_notification)
             return
@@ -222,13 +223,28 @@ class Worker:
     def cancel(self, rid: Any) -> bool:
         with self.cond:
             job = self.jobs.get(rid)
-        if job is None or job.method != "generate":
-            return False
+            if job is None or job.method != "generate":
+                return False
+            queued = job in self.queue
+            if queued:
+                self.queue.remove(job)
         with job.lock:
             if job.finished:
                 return False
             job.cancel.set()
-            return True
+        if queued:  # never started: its final response goes out at once
+            self._answer_unstarted(job, shutting_down=False)
+        return True
+
+    def _answer_unstarted(self, job: Job, shutting_down: bool) -> None:
+        """Answer a job taken off the queue before it ran: a generate gets a
+        cancelled result, anything else -32010."""
+        job.cancel.set()
+        self._retire(job)
+        if job.method == "generate":
+            self.reply(job.id, protocol.cancelled_result(job.params))
+        else:
+            self.reply_error(job.id, errors.SHUTTING_DOWN, "the worker is shutting down")
 
     def status(self) -> protocol.StatusResult:
         from .memory import memory_status
@@ -240,17 +256,21 @@ class Worker:
         return protocol.StatusResult(
             models=[m.describe() for m in models],
             queue=protocol.QueueStatus(active=active, pending=pending, max_pending=self.config.max_pending),
-            memory=memory_status(self.config.memory_limit),
+            memory=memory_status(),
             uptime_s=round(time.monotonic() - self.started, 3),
         )
 
     # -------------------------------------------------------------- compute
 
     def _compute_loop(self) -> None:
-        from .handlers import Handlers
+        try:
+            from .handlers import Handlers
 
-        handlers = Handlers(self)
-        self.models = handlers.models
+            handlers = Handlers(self)
+            self.models = handlers.models
+        except BaseException as exc:  # e.g. a broken install: answer, don't hang
+            log.exception("the compute thread could not start")
+            handlers = _Broken(f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.queue or self.stopping.is_set())
@@ -277,7 +297,7 @@ class Worker:
             self._retire(job)
             self.reply_error(job.id, exc.code, exc.message, exc.data)
             return
-        except Exception as exc:
+        except BaseException as exc:  # a Rust panic from a library is a BaseException
             self._retire(job)
             code, message = errors.classify_exception(exc)
             if code == errors.INTERNAL_ERROR:
@@ -295,6 +315,16 @@ class Worker:
         with self.cond:
             if self.jobs.get(job.id) is job:
                 del self.jobs[job.id]
+
+
+class _Broken:
+    """Stands in for the handlers when they could not be created."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def dispatch(self, job: Job) -> Any:
+        raise WorkerError(errors.INTERNAL_ERROR, self.why)
 
 
 def _id_at_head(head: bytes) -> Any:

@@ -6,7 +6,8 @@ prompt's tail (so a first token's leading space survives, unlike mlx-lm's
 streaming detokenizer), holding back:
 
 - a trailing U+FFFD, which means an incomplete UTF-8 sequence that a later
-  token may complete (no event ever carries half a character);
+  token may complete (no event ever carries half a character); bytes that
+  can never complete are released as U+FFFD after at most 3 more tokens;
 - a suffix that could be the start of a stop string (it never leaks).
 """
 
@@ -16,6 +17,7 @@ from typing import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 PROMPT_TAIL = 4
+MAX_INCOMPLETE_TOKENS = 3
 
 
 class TextStream:
@@ -41,10 +43,18 @@ class TextStream:
         """Add one generated token; return the text that is now safe to emit."""
         self._ids.append(token)
         new_text = self._decode(self._ids[self._prefix :])
+        end = len(self._ids)
         if new_text.endswith(REPLACEMENT):
-            return ""
+            # An incomplete character spans at most its last 3 bytes, so at
+            # most 3 tokens. Held longer, the bytes before those can never
+            # complete: release them if they decode the same on their own
+            # (the cut is then at a character boundary).
+            end -= MAX_INCOMPLETE_TOKENS
+            if end <= self._read or not new_text.startswith(self._decode(self._ids[self._prefix : end])):
+                return ""
+            new_text = self._decode(self._ids[self._prefix : end])
         delta = new_text[len(self._decode(self._ids[self._prefix : self._read])) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix, self._read = self._read, end
         return self._filter(delta)
 
     def finish(self) -> str:

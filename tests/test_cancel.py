@@ -55,3 +55,15 @@ def test_cancel_queued_and_finished_and_unknown(worker):
     assert worker.cancel(queued.id) is False  # finished
     assert worker.cancel("no-such-request") is False
     assert worker.cancel(987654) is False
+
+
+def test_cancel_of_a_queued_generate_is_answered_at_once(worker):
+    running = worker.generate(model_id="tiny", prompt="long", max_tokens=100000, ignore_eos=True)
+    next(iter(running))  # it is running
+    queued = worker.generate(model_id="tiny", prompt="behind it", max_tokens=5)
+    assert worker.cancel(queued.id) is True
+    result = queued.wait()  # answered while the first generation still runs
+    assert result.stop_reason == "cancelled" and result.tokens == []
+    assert worker.status().queue.active == running.id
+    assert running.cancel() is True
+    assert running.wait().stop_reason == "cancelled"

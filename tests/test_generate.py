@@ -187,3 +187,20 @@ def test_context_limit(worker, tiny_model):
     assert getattr(err.value, "code", None) == -32004
     result, _ = run(w, tokens=[5] * (ctx - 3), max_tokens=50, temperature=0, ignore_eos=True)
     assert result.stop_reason == "max_tokens" and len(result.tokens) == 3
+
+
+def test_bytes_that_can_never_complete_are_not_held_to_the_end(worker):
+    # A token that is one invalid byte on its own, repeated: each is U+FFFD
+    # at once. The stream must not hold them all back until the end.
+    vocab = worker.status().models[0].vocab_size
+    lone = next(t for t in range(3, vocab)
+                if worker.detokenize([t], model_id="tiny") == "\ufffd"
+                and worker.detokenize([t] * 4, model_id="tiny") == "\ufffd" * 4)
+    result, events = run(worker, prompt="bytes", max_tokens=12, temperature=0, ignore_eos=True,
+                         logit_bias={str(lone): 100.0})
+    assert result.tokens == [lone] * 12
+    assert result.text == "\ufffd" * 12
+    token_events = [e for e in events if isinstance(e, protocol.TokenEvent)]
+    released_early = [e for e in token_events[:8] if e.text]
+    assert released_early, "invalid bytes were held until the end of the generation"
+    assert text_of(events) == result.text

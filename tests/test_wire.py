@@ -170,16 +170,13 @@ def test_duplicate_in_flight_id_is_refused(worker):
     worker.send_line(msgspec.json.encode({"jsonrpc": "2.0", "id": "dup", "method": "status"}))
     worker.send_line(msgspec.json.encode({"jsonrpc": "2.0", "id": "dup", "method": "tokenize",
                                           "params": {"model_id": "tiny", "text": "x"}}))
-    # status is answered at once (not queued), so only the queued duplicate is refused
+    # both duplicates are refused, the immediate method (status) included
     seen = []
-    while True:
+    while len(seen) < 2:
         msg = inbox.get(timeout=30)
-        if "method" in msg:
-            continue
-        seen.append(msg)
-        if any("error" in m for m in seen) and any(m.get("result", {}).get("models") is not None for m in seen):
-            break
-    assert any(m.get("error", {}).get("code") == -32600 for m in seen)
+        if "method" not in msg:
+            seen.append(msg)
+    assert [m["error"]["code"] for m in seen] == [-32600, -32600]
     assert worker.cancel("dup") is True
     while True:
         msg = inbox.get(timeout=30)

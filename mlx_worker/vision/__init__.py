@@ -55,8 +55,8 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
         if hasattr(processor, "chat_template"):
             processor.chat_template = params.chat_template
 
-    text_config = text_config(config)
-    eos = text_config.get("eos_token_id", config.get("eos_token_id"))
+    tcfg = text_config(config)
+    eos = tcfg.get("eos_token_id", config.get("eos_token_id"))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     detokenizer = getattr(processor, "detokenizer", None)
     tokenizer = TokenizerWrapper(
@@ -83,7 +83,7 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
         max_images, why = 1, f"model type {model_type!r}"
     adapter = VisionAdapter(model, processor, encoder, model_type, limits, max_images, why)
 
-    vocab = text_config.get("vocab_size", config.get("vocab_size"))
+    vocab = tcfg.get("vocab_size", config.get("vocab_size"))
     if not isinstance(vocab, int):
         vocab = len(hf_tokenizer)
     return LoadedModel(
