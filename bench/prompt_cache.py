@@ -19,6 +19,7 @@ import argparse
 import time
 
 from common import ensure_model, median, report, spawn
+from mlx_worker.protocol import TokenEvent
 from peers import MlxLmServer
 
 WORDS = ("river stone light harbor window garden winter paper silver mountain letter orange "
@@ -55,7 +56,7 @@ def worker_ttft(client, messages, **params) -> tuple[float, dict]:
     stream = client.generate(messages=messages, max_tokens=1, temperature=0, **params)
     first = None
     for event in stream:
-        if first is None and getattr(event, "tokens", None):
+        if first is None and isinstance(event, TokenEvent) and event.tokens:
             first = time.perf_counter()
     result = stream.result
     first = first or time.perf_counter()  # an EOS first token sends no token event

@@ -85,9 +85,16 @@ def summary() -> tuple[str, list]:
     return table, bars
 
 
+ASCII = str.maketrans({"÷": "/", "≥": ">=", "≤": "<=", "→": "->", "–": "-"})
+
+
 def chart(bars: list, path: Path, title: str) -> None:
     """Bars of measured ÷ target, oriented so that ≥ 1 meets the target."""
     from PIL import Image, ImageDraw
+
+    # PIL's built-in font has no glyphs for ÷ ≥ ≤ →
+    title = title.translate(ASCII)
+    bars = [tuple(x.translate(ASCII) if isinstance(x, str) else x for x in bar) for bar in bars]
 
     row, left, width = 30, 330, 420
     img = Image.new("RGB", (left + width + 170, 50 + row * len(bars)), "white")
@@ -120,7 +127,7 @@ def main() -> None:
     print(head)
     if details:
         (RESULTS / "results.md").write_text(head + "\n## Details\n\n" + details)
-    chart(bars, RESULTS / "summary.png", "measured ÷ target (≥ 1 meets it): " + machine)
+    chart(bars, RESULTS / "summary.png", "measured / target, oriented so that >= 1 meets it; " + machine)
     print(f"wrote {RESULTS / 'results.md'} and {RESULTS / 'summary.png'}", file=sys.stderr)
 
 

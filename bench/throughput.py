@@ -15,6 +15,7 @@ import argparse
 import time
 
 from common import bind_blas_like_the_worker, ensure_model, median, report, spawn
+from mlx_worker.protocol import TokenEvent
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -45,14 +46,16 @@ class Sides:
     def worker(self, prompt: str, n: int) -> tuple[float, float]:
         start = time.perf_counter()
         first = last = None
-        count = 0
+        after_first = 0  # tokens that arrived after the first event
         for event in self.client.generate(prompt=prompt, max_tokens=n, temperature=0, logit_bias=self.bias,
                                           prompt_cache=False):
-            if getattr(event, "tokens", None):
+            if isinstance(event, TokenEvent) and event.tokens:
                 last = time.perf_counter()
-                first = first or last
-                count += len(event.tokens)
-        return first - start, (count - 1) / (last - first) if count > 1 else 0.0
+                if first is None:
+                    first = last  # (this event may carry several merged tokens)
+                else:
+                    after_first += len(event.tokens)
+        return first - start, after_first / (last - first) if after_first else 0.0
 
     def inprocess(self, prompt: str, n: int) -> tuple[float, float]:
         from mlx_lm import stream_generate

@@ -95,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 2
         model = str(ensure_model("tiny-llama"))
     started = time.perf_counter()
-    client = WorkerClient(args.worker_args)
+    client = WorkerClient(args.worker_args, trace=True)
     print(f"# spawned `python -m mlx_worker` in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     shown = 0
 

@@ -90,7 +90,10 @@ class WorkerClient:
         cwd: Optional[str] = None,
         stderr: Any = None,
         ready_timeout: float = 60.0,
+        trace: bool = False,
     ):
+        """``trace=True`` keeps every line sent and received in ``sent`` and
+        ``lines`` (tests and the demo use it; it grows without bound)."""
         full_env = dict(os.environ if env is None else env)
         full_env.setdefault("HF_HUB_OFFLINE", "1")
         self.proc = subprocess.Popen(
@@ -108,8 +111,9 @@ class WorkerClient:
         self._inboxes: dict[Any, queue.Queue] = {}
         self.unrouted: "queue.Queue[dict]" = queue.Queue()  # e.g. errors with id null
         self._ready: "queue.Queue[dict]" = queue.Queue()
-        self.lines: list[bytes] = []  # every raw stdout line, for tests and traces
-        self.sent: list[bytes] = []  # every line written to stdin
+        self.trace = trace
+        self.lines: list[bytes] = []  # every raw stdout line, when tracing
+        self.sent: list[bytes] = []  # every line written to stdin, when tracing
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         msg = self._take(self._ready, ready_timeout)
@@ -120,7 +124,8 @@ class WorkerClient:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line)
+            if self.trace:
+                self.lines.append(line)
             try:
                 msg = _decoder.decode(line)
             except msgspec.DecodeError:
@@ -133,7 +138,9 @@ class WorkerClient:
             with self._lock:
                 inbox = self._inboxes.get(_key(rid))
             (inbox or self.unrouted).put(msg)
-        for inbox in list(self._inboxes.values()) + [self._ready, self.unrouted]:
+        with self._lock:
+            inboxes = list(self._inboxes.values())
+        for inbox in inboxes + [self._ready, self.unrouted]:
             inbox.put({"eof": True})
 
     def _take(self, inbox: "queue.Queue", timeout: Optional[float]) -> dict:
@@ -156,7 +163,8 @@ class WorkerClient:
         assert self.proc.stdin is not None
         data = data if data.endswith(b"\n") else data + b"\n"
         with self._write_lock:
-            self.sent.append(data)
+            if self.trace:
+                self.sent.append(data)
             self.proc.stdin.write(data)
 
     def start(self, method: str, params: Any = None, rid: Any = None) -> tuple[Any, "queue.Queue"]:

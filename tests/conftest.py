@@ -27,6 +27,7 @@ def worker_env(**extra: str) -> dict:
 def spawn(*args: str, **kwargs) -> WorkerClient:
     kwargs.setdefault("env", worker_env())
     kwargs.setdefault("cwd", str(ROOT))
+    kwargs.setdefault("trace", True)  # tests read the raw lines
     return WorkerClient(args, **kwargs)
 
 
