@@ -45,22 +45,32 @@ def one_source(params: Any, names: Sequence[str]) -> str:
     return given[0]
 
 
-def messages_to_dicts(messages: list[protocol.ChatMessage]) -> list[dict]:
-    return [
-        {k: v for k, v in msgspec.to_builtins(m).items() if v is not None}
-        for m in messages
-    ]
+def message_dict(message: protocol.ChatMessage) -> dict:
+    """A message as a chat template sees it: unset fields left out."""
+    return {k: v for k, v in msgspec.to_builtins(message).items() if v is not None}
+
+
+def apply_template(owner: Any, messages: list[dict], params: Any, model_id: str) -> str:
+    """Render with ``owner``'s own Hugging Face chat template and its own
+    defaults; options only through ``chat_template_kwargs``."""
+    if not getattr(owner, "chat_template", None):
+        raise invalid_params(
+            "params.messages",
+            f"model {model_id!r} has no chat template; send `prompt` or `tokens`, "
+            "or pass `chat_template` to load",
+        )
+    try:
+        return owner.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=params.add_generation_prompt,
+            **params.chat_template_kwargs,
+        )
+    except Exception as exc:  # jinja errors, template-raised exceptions
+        raise invalid_params("params.messages", f"chat template failed: {exc}") from None
 
 
 def render_chat(lm: LoadedModel, params: Any) -> str:
-    tok = lm.hf_tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise invalid_params(
-            "params.messages",
-            f"model {lm.model_id!r} has no chat template; send `prompt` or `tokens`, "
-            "or pass `chat_template` to load",
-        )
-    messages = messages_to_dicts(params.messages)
     for i, m in enumerate(params.messages):
         if isinstance(m.content, list) and any(isinstance(p, protocol.ImagePart) for p in m.content):
             if lm.kind != "vision":
@@ -69,19 +79,12 @@ def render_chat(lm: LoadedModel, params: Any) -> str:
                     f"model {lm.model_id!r} is a text model and cannot take images",
                     {"field": f"params.messages[{i}].content"},
                 )
+    messages = [message_dict(m) for m in params.messages]
     # A text model's template expects string content: join text parts.
     for m in messages:
         if isinstance(m.get("content"), list):
             m["content"] = "".join(p.get("text", "") for p in m["content"])
-    try:
-        return tok.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=params.add_generation_prompt,
-            **params.chat_template_kwargs,
-        )
-    except Exception as exc:  # jinja errors, template-raised exceptions
-        raise invalid_params("params.messages", f"chat template failed: {exc}") from None
+    return apply_template(lm.hf_tokenizer, messages, params, lm.model_id)
 
 
 def encode_text(lm: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-
 from .. import protocol
-from ..errors import invalid_params
+from ..prompt import apply_template, message_dict
 from .images import ImageInput, ImageLimits, image_error, read_image
 
 
@@ -45,7 +43,7 @@ def template_messages(messages: list[protocol.ChatMessage], model_type: str) -> 
 
     raw = []
     for m in messages:
-        d = {k: v for k, v in msgspec.to_builtins(m).items() if v is not None}
+        d = message_dict(m)
         if isinstance(m.content, list):
             d["content"] = [
                 {"type": "image"} if isinstance(p, protocol.ImagePart) else {"type": "text", "text": p.text}
@@ -68,22 +66,7 @@ def template_messages(messages: list[protocol.ChatMessage], model_type: str) -> 
 
 
 def render(processor: Any, messages: list[dict], params: Any, model_id: str) -> str:
+    # The processor's template wins; some models keep it only on the tokenizer.
     tokenizer = getattr(processor, "tokenizer", processor)
-    if getattr(processor, "chat_template", None):
-        owner = processor
-    elif getattr(tokenizer, "chat_template", None):
-        owner = tokenizer
-    else:
-        raise invalid_params(
-            "params.messages",
-            f"model {model_id!r} has no chat template; send `prompt` or `tokens`, or pass `chat_template` to load",
-        )
-    try:
-        return owner.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=params.add_generation_prompt,
-            **params.chat_template_kwargs,
-        )
-    except Exception as exc:  # jinja errors, template-raised exceptions
-        raise invalid_params("params.messages", f"chat template failed: {exc}") from None
+    owner = processor if getattr(processor, "chat_template", None) else tokenizer
+    return apply_template(owner, messages, params, model_id)
