@@ -136,7 +136,7 @@ def run(
         stop_reason = "stop_string"
 
     end = time.perf_counter()
-    _store_cache(lm, params, prompt, cache, cached, fed_back, stop_reason)
+    _store_cache(lm, params, prompt, cache, fed_back, stop_reason)
     complete = protocol.UNSET
     if constraint is not None:
         complete = constraint.complete(generated)
@@ -218,7 +218,7 @@ def _prefilled(lm: LoadedModel, params: protocol.GenerateParams, cache, processe
         lm.prompt_cache.prefilled(cache, processed)
 
 
-def _store_cache(lm, params, prompt: PreparedPrompt, cache, cached: int, fed_back: list[int], stop_reason: str):
+def _store_cache(lm, params, prompt: PreparedPrompt, cache, fed_back: list[int], stop_reason: str):
     if not params.prompt_cache or lm.prompt_cache is None:
         return
     lm.prompt_cache.insert(prompt, cache, fed_back, stop_reason)

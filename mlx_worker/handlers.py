@@ -17,6 +17,17 @@ class Handlers:
     def dispatch(self, job) -> Any:
         return getattr(self, job.method)(job)
 
+    def _events(self, on_token=None) -> generation.Events:
+        """Callbacks that send a request's progress and token notifications."""
+        notify = self.worker.notify
+
+        def token(event: protocol.TokenEvent) -> None:
+            if on_token is not None:
+                on_token(event)
+            notify("token", event)
+
+        return generation.Events(progress=lambda e: notify("progress", e), token=token)
+
     def load(self, job) -> protocol.LoadResult:
         return self.models.load(job.params)
 
@@ -34,11 +45,7 @@ class Handlers:
     def cache_save(self, job) -> protocol.CacheSaveResult:
         from . import cache_files
 
-        worker = self.worker
-        events = generation.Events(  # progress while the uncached part is prefilled
-            progress=lambda e: worker.notify("progress", e),
-            token=lambda e: worker.notify("token", e),
-        )
+        events = self._events()  # progress while the uncached part is prefilled
         lm = self.models.get(job.params.model_id)
         return cache_files.save(lm, job.params, job.id, events, job.cancel.is_set)
 
@@ -48,16 +55,14 @@ class Handlers:
         return cache_files.load(self.models.get(job.params.model_id), job.params)
 
     def generate(self, job) -> protocol.GenerateResult:
-        worker = self.worker
         streamed_text: list[str] = []
         streamed_tokens: list[int] = []
 
-        def on_token(event: protocol.TokenEvent) -> None:
+        def remember(event: protocol.TokenEvent) -> None:
             streamed_text.append(event.text)
             streamed_tokens.extend(event.tokens)
-            worker.notify("token", event)
 
-        events = generation.Events(progress=lambda e: worker.notify("progress", e), token=on_token)
+        events = self._events(remember)
         try:
             lm = self.models.get(job.params.model_id)
             result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
