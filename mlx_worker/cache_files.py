@@ -76,13 +76,7 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
     store = _store_of(lm)
     path = _target(params.path)
     gen = protocol.GenerateParams(
-        model_id=params.model_id,
-        prompt=params.prompt,
-        tokens=params.tokens,
-        messages=params.messages,
-        add_generation_prompt=params.add_generation_prompt,
-        add_special_tokens=params.add_special_tokens,
-        chat_template_kwargs=params.chat_template_kwargs,
+        **{name: getattr(params, name) for name in protocol.PromptParams.__struct_fields__},
         prefill_step_size=params.prefill_step_size,
         max_tokens=0,  # prefill only: whatever the store lacks is computed now
         temperature=0.0,

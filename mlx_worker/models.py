@@ -253,13 +253,18 @@ def _load_text_model(path: Path, config: dict, params: protocol.LoadParams) -> L
     )
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
-    vocab = text_config(config).get("vocab_size")
+    return new_loaded_model(path, "text", model, tokenizer, config)
+
+
+def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **extra) -> LoadedModel:
+    """A LoadedModel before registration (the registry sets id and memory)."""
+    vocab = text_config(config).get("vocab_size", config.get("vocab_size"))
     if not isinstance(vocab, int):
         vocab = len(tokenizer._tokenizer)
     return LoadedModel(
         model_id="",
         path=str(path),
-        kind="text",
+        kind=kind,
         model=model,
         tokenizer=tokenizer,
         config=config,
@@ -267,4 +272,5 @@ def _load_text_model(path: Path, config: dict, params: protocol.LoadParams) -> L
         vocab_size=vocab,
         eos_token_ids=sorted(tokenizer.eos_token_ids),
         memory_bytes=0,
+        **extra,
     )

@@ -207,7 +207,10 @@ class GrammarConstraint(Struct, tag="grammar", tag_field="type", forbid_unknown_
 Constraint = Union[JsonSchemaConstraint, RegexConstraint, ChoiceConstraint, GrammarConstraint]
 
 
-class GenerateParams(Params):
+class PromptParams(Params):
+    """A prompt, as `generate` and `cache_save` take it: exactly one of
+    `prompt`, `tokens`, `messages`."""
+
     model_id: Union[str, None] = None
     prompt: Union[str, None] = None
     tokens: Union[list[int], None] = None
@@ -215,6 +218,9 @@ class GenerateParams(Params):
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     chat_template_kwargs: dict[str, Any] = {}
+
+
+class GenerateParams(PromptParams):
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -297,18 +303,11 @@ class GenerateResult(Out):
 # ------------------------------------------------------ prompt cache files
 
 
-class CacheSaveParams(Params):
+class CacheSaveParams(PromptParams, kw_only=True):
     """Write the prompt cache of a prompt's tokens to a file (prefilling
     whatever part of it isn't cached yet)."""
 
     path: str
-    model_id: Union[str, None] = None
-    prompt: Union[str, None] = None
-    tokens: Union[list[int], None] = None
-    messages: Union[list[ChatMessage], None] = None
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = True
-    chat_template_kwargs: dict[str, Any] = {}
     prefill_step_size: Union[int, None] = None
 
 

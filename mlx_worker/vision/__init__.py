@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import protocol
 from ..errors import invalid_params
 from ..model_checks import text_config
-from ..models import LoadedModel, context_length_of
+from ..models import LoadedModel, new_loaded_model
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
@@ -83,19 +83,4 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
         max_images, why = 1, f"model type {model_type!r}"
     adapter = VisionAdapter(model, processor, encoder, model_type, limits, max_images, why)
 
-    vocab = tcfg.get("vocab_size", config.get("vocab_size"))
-    if not isinstance(vocab, int):
-        vocab = len(hf_tokenizer)
-    return LoadedModel(
-        model_id="",
-        path=str(path),
-        kind="vision",
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        context_length=context_length_of(config),
-        vocab_size=vocab,
-        eos_token_ids=sorted(tokenizer.eos_token_ids),
-        memory_bytes=0,
-        vision=adapter,
-    )
+    return new_loaded_model(path, "vision", model, tokenizer, config, vision=adapter)
