@@ -70,3 +70,13 @@ def test_stop_token_only(worker, split_char):
     assert result.stop_reason == "eos" and result.stop_token == split_char[2]
     assert result.stop_string is None
     assert result.tokens == split_char[:2] and result.text == "x \ufffd"
+
+
+def test_stop_string_found_only_when_held_bytes_are_released(worker, split_char):
+    # A stop string that matches the U+FFFD of bytes released at the end is
+    # found after the stop token ended the loop: the result still names one
+    # reason only.
+    result, _ = forced(worker, split_char, stop=[" \ufffd"], stop_token_ids=[split_char[2]])
+    assert result.stop_reason == "stop_string" and result.stop_string == " \ufffd"
+    assert result.stop_token is None
+    assert result.tokens == split_char[:2] and result.text == "x"
