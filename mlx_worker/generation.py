@@ -74,7 +74,7 @@ def run(
             raise Cancelled
 
     stops = sampling.stop_strings(params)
-    stream = TextStream(lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), prompt.tokens, stops)
+    stream = TextStream(lm.decode, prompt.tokens, stops)
     stop_ids = set(params.stop_token_ids)
     # Under a constraint EOS is allowed only once the constraint is complete,
     # and it ends the output: ignore_eos does not apply.

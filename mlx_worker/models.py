@@ -45,6 +45,12 @@ class LoadedModel:
         # template's own defaults (mlx-lm's wrapper injects options).
         return getattr(self.tokenizer, "_tokenizer", self.tokenizer)
 
+    def decode(self, tokens: list[int]) -> str:
+        """Token ids -> text, the one way both generated text and detokenize
+        use: special tokens kept, no clean-up of spaces (it would change the
+        text, e.g. " ," -> ",", so the continuation would no longer be exact)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def describe(self) -> protocol.ModelStatus:
         cache = self.prompt_cache.status() if self.prompt_cache is not None else None
         return protocol.ModelStatus(
