@@ -14,6 +14,7 @@ import os
 import select
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Union
 
@@ -27,6 +28,10 @@ READ_CHUNK = 1 << 16
 OVERSIZE_HEAD = 512
 # While idle, how often the writer checks that the host still reads stdout.
 IDLE_CHECK_S = 0.25
+# A stdin read error other than EAGAIN/EINTR is retried this often (after
+# READ_RETRY_S, 2 x READ_RETRY_S, ...) before the worker stops.
+READ_RETRIES = 3
+READ_RETRY_S = 0.05
 
 
 @dataclass
@@ -63,12 +68,7 @@ def read_lines(
     skipping: Oversized | None = None
     while True:
         on_idle(True)
-        try:
-            chunk = os.read(fd, READ_CHUNK)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-            continue
-        except OSError:
-            chunk = b""
+        chunk = _read_chunk(fd)
         on_idle(False)
         if not chunk:
             if skipping is not None:
@@ -98,6 +98,37 @@ def read_lines(
                 if line.strip():
                     yield line
             start = nl + 1
+
+
+def _read_chunk(fd: int) -> bytes:
+    """The next bytes of ``fd``; ``b""`` only at the end of input, or when
+    reading keeps failing (logged): either way the worker stops cleanly."""
+    failures = 0
+    while True:
+        try:
+            return os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            # A non-blocking pipe (a host may hand one over): nothing to read
+            # yet is not the end of input. Wait until there is.
+            _wait_readable(fd)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            failures += 1
+            if failures > READ_RETRIES:
+                log.error("reading stdin failed %d times (%s): stopping as at end of input", failures, exc)
+                return b""
+            log.warning("reading stdin failed (%s); retrying", exc)
+            time.sleep(READ_RETRY_S * failures)
+
+
+def _wait_readable(fd: int) -> None:
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)  # hang-ups and errors are always reported
+        poller.poll()
+    except AttributeError:  # no poll() on this platform
+        select.select([fd], [], [])
 
 
 class LineWriter:
