@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import select
+import selectors
 import sys
 import threading
 import time
@@ -110,7 +111,7 @@ def _read_chunk(fd: int) -> bytes:
         except BlockingIOError:
             # A non-blocking pipe (a host may hand one over): nothing to read
             # yet is not the end of input. Wait until there is.
-            _wait_readable(fd)
+            _wait_for(fd, selectors.EVENT_READ)
         except InterruptedError:
             continue
         except OSError as exc:
@@ -122,13 +123,12 @@ def _read_chunk(fd: int) -> bytes:
             time.sleep(READ_RETRY_S * failures)
 
 
-def _wait_readable(fd: int) -> None:
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)  # hang-ups and errors are always reported
-        poller.poll()
-    except AttributeError:  # no poll() on this platform
-        select.select([fd], [], [])
+def _wait_for(fd: int, events: int) -> None:
+    """Block until ``fd`` is ready (``selectors.EVENT_READ`` or
+    ``EVENT_WRITE``), failed or hung up: the next read or write says which."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, events)
+        selector.select()
 
 
 class LineWriter:
@@ -221,7 +221,13 @@ class LineWriter:
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = os.write(self._fd, view)
+            try:
+                n = os.write(self._fd, view)
+            except BlockingIOError:
+                # A non-blocking pipe that is full: the host reads slowly,
+                # which is no broken pipe. Wait as a blocking write would.
+                _wait_for(self._fd, selectors.EVENT_WRITE)
+                continue
             view = view[n:]
 
     def _fail(self, exc: OSError) -> None:
