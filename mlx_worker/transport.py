@@ -253,22 +253,38 @@ def reader_gone(fd: int) -> bool:
 
 
 def _coalesce(batch: list) -> list:
-    """Merge runs of token events of one request; keep everything in order."""
+    """Merge runs of token events of one request; keep everything in order.
+
+    Each run is joined once (linear in its length): after a long stall the
+    batch can hold many thousands of events."""
     out: list = []
+    run: list = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(protocol.Notification("token", _merge([m.params for m in run])))
+        run.clear()
+
     for message in batch:
-        prev = out[-1] if out else None
-        if (
-            isinstance(message, protocol.Notification)
-            and message.method == "token"
-            and isinstance(prev, protocol.Notification)
-            and prev.method == "token"
-            and prev.params.id == message.params.id
-        ):
-            a, b = prev.params, message.params
-            merged = protocol.TokenEvent(id=a.id, text=a.text + b.text, tokens=a.tokens + b.tokens)
-            if a.logprobs is not msgspec.UNSET or b.logprobs is not msgspec.UNSET:
-                merged.logprobs = (a.logprobs or []) + (b.logprobs or [])
-            out[-1] = protocol.Notification("token", merged)
+        if isinstance(message, protocol.Notification) and message.method == "token":
+            if run and run[-1].params.id != message.params.id:
+                flush()
+            run.append(message)
         else:
+            flush()
             out.append(message)
+    flush()
     return out
+
+
+def _merge(events: list) -> protocol.TokenEvent:
+    merged = protocol.TokenEvent(
+        id=events[0].id,
+        text="".join(e.text for e in events),
+        tokens=[t for e in events for t in e.tokens],
+    )
+    if any(e.logprobs is not msgspec.UNSET for e in events):
+        merged.logprobs = [lp for e in events if e.logprobs for lp in e.logprobs]
+    return merged
