@@ -74,7 +74,7 @@ def run(
             raise Cancelled
 
     stops = sampling.stop_strings(params)
-    stream = TextStream(lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), prompt.tokens, stops)
+    stream = TextStream(lm.decode, prompt.tokens, stops)
     stop_ids = set(params.stop_token_ids)
     # Under a constraint EOS is allowed only once the constraint is complete,
     # and it ends the output: ignore_eos does not apply.
@@ -133,7 +133,9 @@ def run(
         text_parts.append(tail)
         events.token(protocol.TokenEvent(id=request_id, text=tail, tokens=[]))
     if stream.stopped and stop_reason != "cancelled":
-        stop_reason = "stop_string"
+        # Only a stop string ending in held-back bytes is found this late; it
+        # was complete before whatever token ended the loop.
+        stop_reason, stop_token = "stop_string", None
 
     end = time.perf_counter()
     _store_cache(lm, params, prompt, cache, fed_back, stop_reason)

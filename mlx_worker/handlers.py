@@ -40,7 +40,7 @@ class Handlers:
     def detokenize(self, job) -> protocol.DetokenizeResult:
         lm = self.models.get(job.params.model_id)
         check_token_ids(lm, job.params.tokens, "params.tokens")
-        return protocol.DetokenizeResult(text=lm.tokenizer.decode(job.params.tokens, skip_special_tokens=False))
+        return protocol.DetokenizeResult(text=lm.decode(job.params.tokens))
 
     def cache_save(self, job) -> protocol.CacheSaveResult:
         from . import cache_files

@@ -37,6 +37,7 @@ class LoadedModel:
     prompt_cache: Any = None  # a prompt cache store, when enabled
     vision: Any = None  # the vision adapter, for kind == "vision"
     memory_limit: Optional[int] = None  # load's memory_limit: weights + any one request
+    load_options: dict = field(default_factory=dict)  # load's options as sent
     extra: dict = field(default_factory=dict)
 
     @property
@@ -44,6 +45,12 @@ class LoadedModel:
         # The Hugging Face tokenizer itself: its apply_chat_template keeps the
         # template's own defaults (mlx-lm's wrapper injects options).
         return getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+
+    def decode(self, tokens: list[int]) -> str:
+        """Token ids -> text, the one way both generated text and detokenize
+        use: special tokens kept, no clean-up of spaces (it would change the
+        text, e.g. " ," -> ",", so the continuation would no longer be exact)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def describe(self) -> protocol.ModelStatus:
         cache = self.prompt_cache.status() if self.prompt_cache is not None else None
@@ -132,6 +139,7 @@ class ModelRegistry:
         existing = self._models.get(model_id)
         if existing is not None:
             if existing.path == str(path):
+                _check_same_options(existing, params)
                 return _load_result(existing, 0.0, already_loaded=True)
             raise WorkerError(
                 errors.INVALID_PARAMS,
@@ -172,6 +180,7 @@ class ModelRegistry:
             raise failure
 
         loaded.model_id = model_id
+        loaded.load_options = _load_options(params)
         loaded.memory_bytes = memory
         loaded.memory_limit = params.memory_limit
         if params.prefill_step_size:
@@ -192,6 +201,25 @@ class ModelRegistry:
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
+
+
+def _load_options(params: protocol.LoadParams) -> dict:
+    """Every load option as sent (what identifies the folder is not an option)."""
+    return {name: getattr(params, name) for name in params.__struct_fields__ if name not in ("model", "model_id")}
+
+
+def _check_same_options(existing: LoadedModel, params: protocol.LoadParams) -> None:
+    """A repeated load gets the loaded model only if it asks for the same
+    thing: options are compared as sent, never silently dropped."""
+    requested = _load_options(params)
+    differing = [name for name, value in requested.items() if existing.load_options.get(name) != value]
+    if differing:
+        raise WorkerError(
+            errors.INVALID_PARAMS,
+            f"model_id {existing.model_id!r} is already loaded from this folder with other "
+            f"{', '.join(differing)}; unload it first to load it with these options, or use another model_id",
+            {"field": f"params.{differing[0]}", "options": differing},
+        )
 
 
 def _load_failure(path: Path, config: dict, exc: BaseException) -> WorkerError:

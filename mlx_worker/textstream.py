@@ -9,6 +9,10 @@ streaming detokenizer), holding back:
   token may complete (no event ever carries half a character); bytes that
   can never complete are released as U+FFFD after at most 3 more tokens;
 - a suffix that could be the start of a stop string (it never leaks).
+
+Stop strings are matched on every complete character as soon as its token
+arrives, also while a later incomplete one is held back, so generation ends
+at the token that completes the stop string.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ class TextStream:
         new_text = self._decode(self._ids[self._prefix :])
         end = len(self._ids)
         if new_text.endswith(REPLACEMENT):
+            # The characters before the incomplete one are final: a stop
+            # string among them ends the generation at this token, not at the
+            # token that completes the character.
+            settled = new_text[len(self._decode(self._ids[self._prefix : self._read])) : -1]
+            if self._stop_in(self._held + settled):
+                self._prefix, self._read = self._read, end
+                return self._filter(settled)
             # An incomplete character spans at most its last 3 bytes, so at
             # most 3 tokens. Held longer, the bytes before those can never
             # complete: release them if they decode the same on their own
@@ -71,6 +82,9 @@ class TextStream:
             text += self._held
             self._held = ""
         return text
+
+    def _stop_in(self, text: str) -> bool:
+        return any(s in text for s in self._stops)
 
     def _filter(self, delta: str) -> str:
         if not self._stops:

@@ -12,8 +12,10 @@ import errno
 import logging
 import os
 import select
+import selectors
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Union
 
@@ -27,6 +29,10 @@ READ_CHUNK = 1 << 16
 OVERSIZE_HEAD = 512
 # While idle, how often the writer checks that the host still reads stdout.
 IDLE_CHECK_S = 0.25
+# A stdin read error other than EAGAIN/EINTR is retried this often (after
+# READ_RETRY_S, 2 x READ_RETRY_S, ...) before the worker stops.
+READ_RETRIES = 3
+READ_RETRY_S = 0.05
 
 
 @dataclass
@@ -63,12 +69,7 @@ def read_lines(
     skipping: Oversized | None = None
     while True:
         on_idle(True)
-        try:
-            chunk = os.read(fd, READ_CHUNK)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-            continue
-        except OSError:
-            chunk = b""
+        chunk = _read_chunk(fd)
         on_idle(False)
         if not chunk:
             if skipping is not None:
@@ -98,6 +99,36 @@ def read_lines(
                 if line.strip():
                     yield line
             start = nl + 1
+
+
+def _read_chunk(fd: int) -> bytes:
+    """The next bytes of ``fd``; ``b""`` only at the end of input, or when
+    reading keeps failing (logged): either way the worker stops cleanly."""
+    failures = 0
+    while True:
+        try:
+            return os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            # A non-blocking pipe (a host may hand one over): nothing to read
+            # yet is not the end of input. Wait until there is.
+            _wait_for(fd, selectors.EVENT_READ)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            failures += 1
+            if failures > READ_RETRIES:
+                log.error("reading stdin failed %d times (%s): stopping as at end of input", failures, exc)
+                return b""
+            log.warning("reading stdin failed (%s); retrying", exc)
+            time.sleep(READ_RETRY_S * failures)
+
+
+def _wait_for(fd: int, events: int) -> None:
+    """Block until ``fd`` is ready (``selectors.EVENT_READ`` or
+    ``EVENT_WRITE``), failed or hung up: the next read or write says which."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, events)
+        selector.select()
 
 
 class LineWriter:
@@ -190,7 +221,13 @@ class LineWriter:
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            n = os.write(self._fd, view)
+            try:
+                n = os.write(self._fd, view)
+            except BlockingIOError:
+                # A non-blocking pipe that is full: the host reads slowly,
+                # which is no broken pipe. Wait as a blocking write would.
+                _wait_for(self._fd, selectors.EVENT_WRITE)
+                continue
             view = view[n:]
 
     def _fail(self, exc: OSError) -> None:
@@ -216,22 +253,38 @@ def reader_gone(fd: int) -> bool:
 
 
 def _coalesce(batch: list) -> list:
-    """Merge runs of token events of one request; keep everything in order."""
+    """Merge runs of token events of one request; keep everything in order.
+
+    Each run is joined once (linear in its length): after a long stall the
+    batch can hold many thousands of events."""
     out: list = []
+    run: list = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(protocol.Notification("token", _merge([m.params for m in run])))
+        run.clear()
+
     for message in batch:
-        prev = out[-1] if out else None
-        if (
-            isinstance(message, protocol.Notification)
-            and message.method == "token"
-            and isinstance(prev, protocol.Notification)
-            and prev.method == "token"
-            and prev.params.id == message.params.id
-        ):
-            a, b = prev.params, message.params
-            merged = protocol.TokenEvent(id=a.id, text=a.text + b.text, tokens=a.tokens + b.tokens)
-            if a.logprobs is not msgspec.UNSET or b.logprobs is not msgspec.UNSET:
-                merged.logprobs = (a.logprobs or []) + (b.logprobs or [])
-            out[-1] = protocol.Notification("token", merged)
+        if isinstance(message, protocol.Notification) and message.method == "token":
+            if run and run[-1].params.id != message.params.id:
+                flush()
+            run.append(message)
         else:
+            flush()
             out.append(message)
+    flush()
     return out
+
+
+def _merge(events: list) -> protocol.TokenEvent:
+    merged = protocol.TokenEvent(
+        id=events[0].id,
+        text="".join(e.text for e in events),
+        tokens=[t for e in events for t in e.tokens],
+    )
+    if any(e.logprobs is not msgspec.UNSET for e in events):
+        merged.logprobs = [lp for e in events if e.logprobs for lp in e.logprobs]
+    return merged

@@ -8,7 +8,8 @@ from mlx_worker import protocol
 
 
 def test_cancel_during_decoding(worker):
-    stream = worker.generate(model_id="tiny", prompt="Go on", max_tokens=100000, temperature=0, ignore_eos=True)
+    prompt_ids = worker.tokenize(model_id="tiny", text="Go on").tokens
+    stream = worker.generate(model_id="tiny", tokens=prompt_ids, max_tokens=100000, temperature=0, ignore_eos=True)
     seen = 0
     for event in stream:
         if isinstance(event, protocol.TokenEvent):
@@ -18,7 +19,12 @@ def test_cancel_during_decoding(worker):
     result = stream.result
     assert result.stop_reason == "cancelled"
     assert 5 <= len(result.tokens) < 1000
-    assert result.text == "".join(e.text for e in stream.events if isinstance(e, protocol.TokenEvent))
+    # The text of the tokens produced so far, held-back bytes released:
+    # decode(prompt + tokens) - decode(prompt), and the events add up to it.
+    whole = worker.detokenize(prompt_ids + result.tokens, model_id="tiny")
+    expected = whole[len(worker.detokenize(prompt_ids, model_id="tiny")):]
+    assert result.text == expected
+    assert "".join(e.text for e in stream.events if isinstance(e, protocol.TokenEvent)) == expected
     # the worker serves normally afterwards
     after = worker.generate(model_id="tiny", prompt="Go on", max_tokens=5, temperature=0, ignore_eos=True).wait()
     assert after.stop_reason == "max_tokens" and len(after.tokens) == 5

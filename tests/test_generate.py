@@ -167,16 +167,35 @@ def test_logit_bias_and_penalties_change_output(worker):
     assert base.tokens != biased.tokens
 
 
+def continuation(worker, prompt_ids, tokens):
+    """decode(prompt + tokens) - decode(prompt): the text the host should append."""
+    whole = worker.detokenize(prompt_ids + tokens, model_id="tiny")
+    head = worker.detokenize(prompt_ids, model_id="tiny")
+    assert whole.startswith(head)
+    return whole[len(head):]
+
+
 def test_utf8_never_split_across_events(worker):
     # Sampling at high temperature from a random model emits partial byte
-    # tokens; no event may carry half a character.
-    for seed in range(4):
-        result, events = run(worker, prompt="Ünïcödé 中文 🙂", max_tokens=60, temperature=1.5, seed=seed,
-                             ignore_eos=True)
-        texts = [e.text for e in events if isinstance(e, protocol.TokenEvent)]
-        for t in texts:
-            t.encode("utf-8")  # a lone surrogate would raise
-        assert "".join(texts) == result.text
+    # tokens. An event carrying half a character would put U+FFFD where the
+    # detokenized continuation has the whole character.
+    # The regex runs make sure characters really are split across tokens (the
+    # fixture vocabulary spells these byte by byte).
+    prompt_ids = worker.tokenize(model_id="tiny", text="Ünïcödé 中文 🙂").tokens
+    held = 0
+    runs = [{"ignore_eos": True}] * 4 + [{"constraint": {"type": "regex", "pattern": "[中文🙂é]{8}"}}] * 2
+    for seed, extra in enumerate(runs):
+        result, events = run(worker, tokens=prompt_ids, max_tokens=60, temperature=1.5, seed=seed, **extra)
+        expected = continuation(worker, prompt_ids, result.tokens)
+        assert result.text == expected
+        so_far = ""
+        for e in events:
+            if isinstance(e, protocol.TokenEvent):
+                so_far += e.text
+                assert expected.startswith(so_far), (so_far, expected)
+                held += bool(e.tokens) and not e.text
+        assert so_far == expected
+    assert held, "no token was held back: the case was not exercised"
 
 
 def test_context_limit(worker, tiny_model):

@@ -10,7 +10,8 @@ the constraint (``complete(tokens)``).
 Compiled constraints are cached per (tokenizer, engine, constraint) in a
 small LRU, so a repeated schema costs a dictionary lookup; the key keeps
 JSON property order (it decides the output order), only whitespace of the
-request is irrelevant. Failures are cached too.
+request is irrelevant. Refusals are cached too; a failure of the moment
+(MemoryError, OSError) is not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from .. import protocol
+from .. import errors, protocol
 from ..errors import WorkerError
 from . import vocab
 from .common import check_json_schema, is_engine_panic, refuse
@@ -34,6 +35,8 @@ DEFAULT_ENGINE = "llguidance"
 ENGINES = ("llguidance", "outlines")
 MAX_PROGRAMS = 64
 MAX_TOKENIZERS = 4
+# Failures of the moment (memory, I/O), not of the constraint: never cached.
+TRANSIENT = (MemoryError, OSError)
 
 
 class _LRU(collections.OrderedDict):
@@ -101,6 +104,13 @@ def _compile(engine: str, info: vocab.TokenizerInfo, constraint) -> Any:
         return exc
     except RecursionError:
         return refuse("the constraint is nested too deeply")
+    except TRANSIENT as exc:
+        # Says nothing about the constraint: raised, so it is not cached and
+        # the next request compiles it again.
+        log.warning("%s failed to compile a constraint: %r (not cached)", engine, exc)
+        code = errors.OUT_OF_MEMORY if isinstance(exc, MemoryError) else errors.INTERNAL_ERROR
+        raise WorkerError(code, f"{engine} could not compile the constraint now: {type(exc).__name__}: {exc}",
+                          {"field": "params.constraint", "engine": engine}) from None
     except Exception as exc:  # the engine failed on this input: refuse it, never run unconstrained
         log.warning("%s failed to compile a constraint", engine, exc_info=True)
         return refuse(f"{engine} could not compile the constraint: {type(exc).__name__}: {exc}", engine=engine)
