@@ -15,6 +15,7 @@ export class Generation implements AsyncIterable<GenerateEvent> {
   private wake: (() => void) | undefined;
   private finished = false;
   private failure: { error: unknown } | undefined;
+  private cancelling: Promise<boolean> | undefined;
 
   constructor(
     /** The request id, as in the events' `id`. */
@@ -29,9 +30,14 @@ export class Generation implements AsyncIterable<GenerateEvent> {
     );
   }
 
-  /** Sends `cancel`; true when the generation will end with `stop_reason: "cancelled"`. */
+  /**
+   * Sends `cancel` (once; later calls return the first answer): true when the
+   * generation will end with `stop_reason: "cancelled"`.
+   */
   cancel(): Promise<boolean> {
-    return this.finished ? Promise.resolve(false) : this.cancelRequest();
+    if (this.finished && !this.cancelling) return Promise.resolve(false);
+    this.cancelling ??= this.cancelRequest();
+    return this.cancelling;
   }
 
   /** @internal called by the worker for each routed notification. */
@@ -56,7 +62,7 @@ export class Generation implements AsyncIterable<GenerateEvent> {
       if (this.failure) throw this.failure.error;
       return await this.result;
     } finally {
-      if (!done && !this.finished) this.cancelRequest().catch(() => {});
+      if (!done && !this.finished) this.cancel().catch(() => {});
     }
   }
 
