@@ -3,6 +3,8 @@
 //   npm run gen            rewrite the file
 //   npm run gen:check      exit 1 when it is stale (npm test runs this first)
 //
+//   npm run gen -- --schema PATH --out PATH   another schema / output (tests)
+//
 // The file holds one TypeScript type per message in the schema's $defs (by
 // json-schema-to-typescript), the method → params/result map, the
 // notifications, the error codes, and which params are integers (so the client
@@ -13,8 +15,10 @@ import { fileURLToPath } from "node:url";
 import { compile } from "json-schema-to-typescript";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const SCHEMA = resolve(here, "../../../protocol/schema.json");
-const OUT = resolve(here, "../src/generated/protocol.ts");
+const argv = process.argv.slice(2);
+const option = (name, fallback) => (argv.includes(name) ? resolve(argv[argv.indexOf(name) + 1]) : fallback);
+const SCHEMA = option("--schema", resolve(here, "../../../protocol/schema.json"));
+const OUT = option("--out", resolve(here, "../src/generated/protocol.ts"));
 
 const tsName = (ref) => ref.replace("#/$defs/", "");
 
@@ -114,10 +118,10 @@ export async function render() {
 
 async function main() {
   const text = await render();
-  if (process.argv.includes("--check")) {
+  if (argv.includes("--check")) {
     const current = existsSync(OUT) ? readFileSync(OUT, "utf8") : "";
     if (current !== text) {
-      console.error(`${OUT} is stale (protocol/schema.json changed): run \`npm run gen\` in clients/typescript`);
+      console.error(`${OUT} is stale (${SCHEMA} changed): run \`npm run gen\` in clients/typescript`);
       process.exit(1);
     }
     return;
