@@ -121,10 +121,12 @@ describe("pipelining", () => {
     const generation = worker.generate({ model_id: "tiny", prompt: "Long", max_tokens: 5000, ignore_eos: true });
     let finished = false;
     generation.result.finally(() => (finished = true));
-    for await (const event of generation) if (event.type === "token") break; // also cancels it
+    const events = generation[Symbol.asyncIterator]();
+    for (let next = await events.next(); !next.done && next.value.type !== "token"; next = await events.next());
     const status = await worker.request("status");
     assert.equal(finished, false);
     assert.equal(status.queue.active, generation.id);
+    assert.equal(await generation.cancel(), true);
     const result = await generation.result;
     assert.equal(result.stop_reason, "cancelled");
     assert.ok(result.tokens.length < 5000);
