@@ -8,13 +8,17 @@ export class RpcError extends Error {
     /** JSON-RPC error code (see `ERROR_CODES`), e.g. -32602 invalid params. */
     readonly code: number,
     /** The worker's message. */
-    readonly rpcMessage: string,
+    message: string,
     /** `error.data`; for invalid params `{field: "params.max_tokens"}`. */
     readonly data: unknown,
     /** The method of the request that failed. */
     readonly method: string,
   ) {
-    super(`${method}: ${code} ${rpcMessage}`);
+    super(message);
+  }
+
+  override toString(): string {
+    return `RpcError ${this.code} (${this.method}): ${this.message}`;
   }
 
   /** `data.field` when the worker named the offending field. */

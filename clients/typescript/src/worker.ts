@@ -141,9 +141,10 @@ export class Worker {
   }
 
   /** @internal use `spawnWorker`. */
-  static start(options: SpawnOptions): Promise<Worker> {
-    const worker = new Worker(options);
-    return worker.waitReady(options.readyTimeoutMs ?? 60_000).then(() => worker);
+  static async start(options: SpawnOptions): Promise<Worker> {
+    const worker = new Worker(options); // throws (→ rejects) on invalid spawn options
+    await worker.waitReady(options.readyTimeoutMs ?? 60_000);
+    return worker;
   }
 
   /** The worker's process id (undefined if it never started). */

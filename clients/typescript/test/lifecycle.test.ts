@@ -60,6 +60,8 @@ test("a bad interpreter path fails fast", async () => {
   assert.match(error.message, /could not be started.*ENOENT/);
   assert.equal(error.exitCode, null);
   assert.ok(Date.now() - started < 2000);
+  // Options spawn() refuses synchronously reject too, rather than throw.
+  await assert.rejects(spawnWorker({ python: "pyth\0on" }), TypeError);
 });
 
 test("a worker that exits before ready rejects with its exit code and stderr", async () => {

@@ -33,7 +33,7 @@ function assertSplitsIntact(lines: string[]): void {
 }
 
 test("real worker output, with characters split over tokens, survives any chunking", async () => {
-  const { worker, received } = await startWorker();
+  const { worker, received, checker } = await startWorker();
   try {
     await worker.request("load", { model: tinyModel(), model_id: "tiny" });
     const generation = worker.generate({
@@ -51,6 +51,7 @@ test("real worker output, with characters split over tokens, survives any chunki
   const multiByte = received.filter((l) => /[^\x00-\x7f]/.test(l));
   assert.ok(multiByte.length >= 5, "the worker's lines should carry raw multi-byte UTF-8");
   assertSplitsIntact(received);
+  assert.deepEqual(checker.problems, []);
 });
 
 test("2-, 3- and 4-byte characters at every offset survive any chunking", () => {
