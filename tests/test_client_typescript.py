@@ -51,6 +51,7 @@ def _ensure_installed(npm: str) -> None:
     STAMP.write_text(lock_hash + "\n")
 
 
+@pytest.mark.timeout(600)  # a first `npm ci` downloads the dev dependencies
 def test_typescript_client(tiny_model):
     _, npm = _tools()
     _ensure_installed(npm)

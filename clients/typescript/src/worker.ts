@@ -136,7 +136,7 @@ export class Worker {
     const decoder = new StringDecoder("utf8");
     this.child.stderr.on("data", (chunk: Buffer) => {
       this.keepStderr(chunk);
-      if (options.onStderr) options.onStderr(decoder.write(chunk));
+      if (options.onStderr) callHost(options.onStderr, decoder.write(chunk));
     });
   }
 
@@ -169,7 +169,8 @@ export class Worker {
     options: RequestOptions = {},
   ): Promise<Methods[M]["result"]> {
     return new Promise((resolve, reject) => {
-      this.send(method, params, { method, resolve, reject, onEvent: options.onEvent });
+      const { onEvent } = options;
+      this.send(method, params, { method, resolve, reject, onEvent: onEvent && ((e) => callHost(onEvent, e)) });
     });
   }
 
@@ -188,7 +189,7 @@ export class Worker {
         reject,
         onEvent: (event) => {
           generation.push(event);
-          onEvent?.(event);
+          if (onEvent) callHost(onEvent, event);
         },
       });
     });
@@ -274,22 +275,22 @@ export class Worker {
       return 0;
     }
     this.pending.set(id, pending);
-    this.options.onLine?.("send", line);
+    if (this.options.onLine) callHost(this.options.onLine, "send", line);
     if (this.child.stdin.writable) this.child.stdin.write(line + "\n");
     // else: the process is exiting; finalize() rejects it with WorkerExitedError.
     return id;
   }
 
   private receive(line: string): void {
-    this.options.onLine?.("recv", line);
+    if (this.options.onLine) callHost(this.options.onLine, "recv", line);
     let message: any;
     try {
       message = JSON.parse(line);
     } catch {
-      this.options.onUnrouted?.(new ProtocolError(`the worker wrote a line that is not JSON: ${line.slice(0, 200)}`));
+      this.unrouted(new ProtocolError(`the worker wrote a line that is not JSON: ${line.slice(0, 200)}`));
       return;
     }
-    if (!message || typeof message !== "object") return this.options.onUnrouted?.(message);
+    if (!message || typeof message !== "object") return this.unrouted(message);
     if (typeof message.method === "string") {
       if (message.method === "ready") return this.onReady(message.params);
       const params = message.params;
@@ -297,12 +298,12 @@ export class Worker {
       if (target?.onEvent && (message.method === "progress" || message.method === "token")) {
         target.onEvent({ type: message.method, ...params });
       } else {
-        this.options.onUnrouted?.(message);
+        this.unrouted(message);
       }
       return;
     }
     const target = typeof message.id === "number" ? this.pending.get(message.id) : undefined;
-    if (!target) return this.options.onUnrouted?.(message);
+    if (!target) return this.unrouted(message);
     this.pending.delete(message.id);
     if (message.error) {
       const { code, message: text, data } = message.error;
@@ -310,6 +311,10 @@ export class Worker {
     } else {
       target.resolve(message.result);
     }
+  }
+
+  private unrouted(message: unknown): void {
+    if (this.options.onUnrouted) callHost(this.options.onUnrouted, message);
   }
 
   private waitReady(timeoutMs: number): Promise<void> {
@@ -370,5 +375,20 @@ export class Worker {
     for (const p of pending) p.reject(this.exitError);
     this.readyWaiter?.reject(this.exitError);
     this.resolveExited({ exitCode, signal });
+  }
+}
+
+/**
+ * Calls a host callback. What it throws is rethrown on its own (an uncaught
+ * exception, as from an event listener) so it can't leave the client
+ * half-way through a chunk of lines.
+ */
+function callHost<A extends unknown[]>(callback: (...args: A) => void, ...args: A): void {
+  try {
+    callback(...args);
+  } catch (error) {
+    queueMicrotask(() => {
+      throw error;
+    });
   }
 }
