@@ -1,0 +1,80 @@
+import type { GenerateResult, ProgressEvent, TokenEvent } from "./generated/protocol";
+
+/** A streamed event of one generate: `type` is the notification's method. */
+export type GenerateEvent = ({ type: "progress" } & ProgressEvent) | ({ type: "token" } & TokenEvent);
+
+/**
+ * One running `generate`: iterate it (`for await`) for its `progress` and
+ * `token` events; `result` is the final response. Events are buffered until
+ * read. Leaving the loop early (break, throw) cancels the generation.
+ */
+export class Generation implements AsyncIterable<GenerateEvent> {
+  /** Settles with the final response; rejects with `RpcError` or `WorkerExitedError`. */
+  readonly result: Promise<GenerateResult>;
+  private readonly events: GenerateEvent[] = [];
+  private wake: (() => void) | undefined;
+  private finished = false;
+  private failure: { error: unknown } | undefined;
+  private cancelling: Promise<boolean> | undefined;
+
+  constructor(
+    /** The request id, as in the events' `id`. */
+    readonly id: number,
+    result: Promise<GenerateResult>,
+    private readonly cancelRequest: () => Promise<boolean>,
+  ) {
+    this.result = result;
+    result.then(
+      () => this.finish(undefined),
+      (error) => this.finish({ error }),
+    );
+  }
+
+  /**
+   * Sends `cancel` (once; later calls return the first answer): true when the
+   * generation will end with `stop_reason: "cancelled"`.
+   */
+  cancel(): Promise<boolean> {
+    if (this.finished && !this.cancelling) return Promise.resolve(false);
+    this.cancelling ??= this.cancelRequest();
+    return this.cancelling;
+  }
+
+  /** @internal called by the worker for each routed notification. */
+  push(event: GenerateEvent): void {
+    this.events.push(event);
+    this.wakeReader();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<GenerateEvent, GenerateResult | undefined> {
+    let done = false;
+    try {
+      for (;;) {
+        const event = this.events.shift();
+        if (event) {
+          yield event;
+          continue;
+        }
+        if (this.finished) break;
+        await new Promise<void>((resolve) => (this.wake = resolve));
+      }
+      done = true;
+      if (this.failure) throw this.failure.error;
+      return await this.result;
+    } finally {
+      if (!done && !this.finished) this.cancel().catch(() => {});
+    }
+  }
+
+  private finish(failure: { error: unknown } | undefined): void {
+    this.finished = true;
+    this.failure = failure;
+    this.wakeReader();
+  }
+
+  private wakeReader(): void {
+    const wake = this.wake;
+    this.wake = undefined;
+    wake?.();
+  }
+}

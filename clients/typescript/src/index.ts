@@ -1,0 +1,7 @@
+export { spawnWorker, Worker } from "./worker";
+export type { SpawnOptions, RequestOptions, GenerateOptions, CloseOptions, CloseResult, ExitInfo } from "./worker";
+export { Generation, type GenerateEvent } from "./generation";
+export { RpcError, WorkerExitedError, ProtocolError } from "./errors";
+export { LineSplitter } from "./lines";
+export { checkIntegerParams } from "./params";
+export * from "./generated/protocol";

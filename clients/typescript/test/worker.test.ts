@@ -1,0 +1,233 @@
+// One real worker with tiny-llama loaded: load errors, streaming, pipelining,
+// cancel, errors, and the schema of every line it sends.
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+
+import { RpcError, type GenerateEvent, type GenerateParams, type Worker } from "../src";
+import { startWorker, tinyModel, type TestWorker } from "./helpers";
+
+let tw: TestWorker;
+let worker: Worker;
+
+before(async () => {
+  tw = await startWorker();
+  worker = tw.worker;
+  await worker.request("load", { model: tinyModel(), model_id: "tiny" });
+});
+
+after(async () => {
+  const closed = await worker.close();
+  assert.equal(closed.exitCode, 0);
+  assert.equal(closed.escalatedTo, null);
+});
+
+async function run(params: GenerateParams) {
+  const generation = worker.generate({ model_id: "tiny", ...params });
+  const events: GenerateEvent[] = [];
+  for await (const event of generation) events.push(event);
+  return { events, result: await generation.result, id: generation.id };
+}
+
+const tokenTexts = (events: GenerateEvent[]) => events.flatMap((e) => (e.type === "token" ? [e.text] : []));
+const tokenIds = (events: GenerateEvent[]) => events.flatMap((e) => (e.type === "token" ? e.tokens : []));
+
+describe("load", () => {
+  test("a missing folder is a typed -32001 naming params.model", async () => {
+    const error = await worker.request("load", { model: "/no/such/model/folder" }).catch((e) => e);
+    assert.ok(error instanceof RpcError, String(error));
+    assert.equal(error.code, -32001);
+    assert.equal(error.field, "params.model");
+    assert.match(error.description ?? "", /not found/);
+    const status = await worker.request("status");
+    assert.deepEqual(
+      status.models.map((m) => m.model_id),
+      ["tiny"],
+    );
+  });
+});
+
+describe("streamed generate", () => {
+  test("progress comes before tokens; the token texts add up to the result", async () => {
+    const { events, result, id } = await run({ prompt: "Once upon a time", max_tokens: 24, temperature: 0 });
+    assert.ok(events.every((e) => e.id === id));
+    const firstToken = events.findIndex((e) => e.type === "token");
+    assert.ok(firstToken > 0 && events.slice(0, firstToken).every((e) => e.type === "progress"));
+    assert.ok(events.slice(firstToken).every((e) => e.type === "token"));
+    const last = events[firstToken - 1];
+    assert.ok(last.type === "progress" && last.processed === last.total);
+    assert.equal(tokenTexts(events).join(""), result.text);
+    assert.deepEqual(tokenIds(events), result.tokens);
+    assert.equal(result.usage.completion_tokens, result.tokens.length);
+  });
+
+  test("multi-byte characters split over several tokens arrive whole", async () => {
+    // A regex constraint makes the random model spell CJK, an emoji and é out
+    // of byte-level tokens (several tokens per character).
+    const wanted = "中文🙂é ";
+    const { events, result } = await run({
+      prompt: "Hello",
+      max_tokens: 60,
+      temperature: 0,
+      constraint: { type: "regex", pattern: `(${wanted}){3}` },
+    });
+    assert.equal(result.text, wanted.repeat(3));
+    assert.ok(result.tokens.length > [...wanted.repeat(3)].length, "each character should take several tokens");
+    const texts = tokenTexts(events);
+    assert.equal(texts.join(""), result.text);
+    // A lone surrogate (half a character) would not survive a UTF-8 round trip.
+    for (const text of texts) assert.equal(Buffer.from(text).toString(), text, "a split character");
+    assert.ok(!texts.join("").includes("\ufffd"));
+  });
+
+  test("bytes that never form a character are U+FFFD, in the events and the result alike", async () => {
+    // Find a token that decodes to a lone invalid byte (pipelined, 50 at a time).
+    let lone: number | undefined;
+    for (let start = 3; lone === undefined && start < 1024; start += 50) {
+      const ids = Array.from({ length: 50 }, (_, i) => start + i).filter((t) => t < 1024);
+      const texts = await Promise.all(ids.map((t) => worker.request("detokenize", { model_id: "tiny", tokens: [t, t] })));
+      lone = ids.find((_, i) => texts[i].text === "\ufffd\ufffd");
+    }
+    assert.ok(lone !== undefined, "no single-byte invalid token in the vocabulary");
+    const { events, result } = await run({
+      prompt: "bytes",
+      max_tokens: 6,
+      temperature: 0,
+      ignore_eos: true,
+      logit_bias: { [String(lone)]: 100 },
+    });
+    assert.deepEqual(result.tokens, Array(6).fill(lone));
+    assert.equal(result.text, "\ufffd".repeat(6));
+    assert.equal(tokenTexts(events).join(""), result.text);
+  });
+
+  test("greedy output is deterministic", async () => {
+    const a = await run({ prompt: "The sea", max_tokens: 16, temperature: 0, prompt_cache: false });
+    const b = await run({ prompt: "The sea", max_tokens: 16, temperature: 0, prompt_cache: false });
+    assert.deepEqual(a.result.tokens, b.result.tokens);
+    assert.equal(a.result.text, b.result.text);
+  });
+
+  test("a seed up to 2^53 - 1 goes through exactly and reproduces sampling", async () => {
+    const seed = Number.MAX_SAFE_INTEGER;
+    const a = await run({ prompt: "Seeds", max_tokens: 12, temperature: 1.5, seed });
+    const b = await run({ prompt: "Seeds", max_tokens: 12, temperature: 1.5, seed });
+    assert.equal(a.result.seed, seed);
+    assert.deepEqual(a.result.tokens, b.result.tokens);
+  });
+});
+
+describe("pipelining", () => {
+  test("status is answered while a generate runs", async () => {
+    const generation = worker.generate({ model_id: "tiny", prompt: "Long", max_tokens: 5000, ignore_eos: true });
+    let finished = false;
+    generation.result.finally(() => (finished = true));
+    const events = generation[Symbol.asyncIterator]();
+    for (let next = await events.next(); !next.done && next.value.type !== "token"; next = await events.next());
+    const status = await worker.request("status");
+    assert.equal(finished, false);
+    assert.equal(status.queue.active, generation.id);
+    assert.equal(await generation.cancel(), true);
+    const result = await generation.result;
+    assert.equal(result.stop_reason, "cancelled");
+    assert.ok(result.tokens.length < 5000);
+  });
+
+  test("two generates in flight get their own events", async () => {
+    const alone = await run({ prompt: "First", max_tokens: 12, temperature: 0, prompt_cache: false });
+    const p1 = { prompt: "First", max_tokens: 12, temperature: 0, prompt_cache: false };
+    const p2 = { prompt: "Second one", max_tokens: 9, temperature: 0, prompt_cache: false };
+    const [g1, g2] = await Promise.all([run(p1), run(p2)]);
+    assert.notEqual(g1.id, g2.id);
+    for (const g of [g1, g2]) {
+      assert.ok(g.events.every((e) => e.id === g.id));
+      assert.deepEqual(tokenIds(g.events), g.result.tokens);
+      assert.equal(tokenTexts(g.events).join(""), g.result.text);
+    }
+    assert.deepEqual(g1.result.tokens, alone.result.tokens);
+    assert.equal(g2.result.tokens.length, 9);
+  });
+});
+
+describe("cancel", () => {
+  const long = { model_id: "tiny", prompt: "Go on", max_tokens: 5000, ignore_eos: true } as const;
+
+  test("cancel mid-stream ends it with stop_reason cancelled", async () => {
+    const generation = worker.generate(long);
+    const events: GenerateEvent[] = [];
+    let cancelled: boolean | undefined;
+    for await (const event of generation) {
+      events.push(event);
+      if (event.type === "token" && cancelled === undefined) cancelled = await generation.cancel();
+    }
+    assert.equal(cancelled, true);
+    const result = await generation.result;
+    assert.equal(result.stop_reason, "cancelled");
+    assert.ok(result.tokens.length < 5000);
+    assert.equal(tokenTexts(events).join(""), result.text);
+  });
+
+  test("an unknown id gives false", async () => {
+    assert.equal(await worker.cancel(987654), false);
+    assert.equal(await worker.cancel("nope"), false);
+  });
+
+  test("aborting the signal sends cancel", async () => {
+    const controller = new AbortController();
+    const seen: GenerateEvent[] = [];
+    const generation = worker.generate(long, {
+      signal: controller.signal,
+      onEvent: (event) => {
+        seen.push(event);
+        if (event.type === "token") controller.abort();
+      },
+    });
+    const result = await generation.result;
+    assert.equal(result.stop_reason, "cancelled");
+    assert.ok(result.tokens.length < 5000);
+    assert.equal(tokenTexts(seen).join(""), result.text);
+    const cancels = tw.sent.map((l) => JSON.parse(l)).filter((m) => m.method === "cancel" && m.params.id === generation.id);
+    assert.equal(cancels.length, 1);
+  });
+
+  test("an already aborted signal cancels at once", async () => {
+    const generation = worker.generate(long, { signal: AbortSignal.abort() });
+    const result = await generation.result;
+    assert.equal(result.stop_reason, "cancelled");
+    assert.deepEqual(result.tokens, []);
+  });
+});
+
+describe("errors", () => {
+  const cases: Array<[string, Record<string, unknown>, string]> = [
+    ["a wrong type", { prompt: "x", max_tokens: "ten" }, "params.max_tokens"],
+    ["an unknown field", { prompt: "x", max_tokenz: 3 }, "max_tokenz"],
+    ["an out-of-range value", { prompt: "x", top_logprobs: 1000 }, "params.top_logprobs"],
+  ];
+  for (const [what, params, field] of cases) {
+    test(`${what} is -32602 naming the field, and the worker keeps serving`, async () => {
+      const error = await worker.request("generate", params as GenerateParams).catch((e) => e);
+      assert.ok(error instanceof RpcError, String(error));
+      assert.equal(error.code, -32602);
+      assert.ok(`${error.field} ${error.message}`.includes(field), `${error.message} should name ${field}`);
+      const { result } = await run({ prompt: "still here", max_tokens: 2, temperature: 0 });
+      assert.equal(result.tokens.length, 2);
+    });
+  }
+
+  test("seeds and other integers above 2^53 are refused before sending", async () => {
+    const before = tw.sent.length;
+    for (const seed of [2 ** 53, 2 ** 64 - 1, 1.5]) {
+      const error = await worker.request("generate", { prompt: "x", seed }).catch((e) => e);
+      assert.ok(error instanceof RangeError && /params\.seed/.test(error.message), String(error));
+    }
+    const generation = worker.generate({ prompt: "x", tokens: [1, 2 ** 60] });
+    await assert.rejects(generation.result, /params\.tokens\[1\]/);
+    assert.equal(tw.sent.length, before, "nothing may be sent");
+  });
+});
+
+test("every line the worker sent validates against protocol/schema.json", () => {
+  assert.ok(tw.checker.checked > 50, `only ${tw.checker.checked} lines checked`);
+  assert.deepEqual(tw.checker.problems, []);
+  assert.ok(tw.received[0].includes('"ready"'));
+});
