@@ -17,16 +17,16 @@ class Handlers:
     def dispatch(self, job) -> Any:
         return getattr(self, job.method)(job)
 
-    def _events(self, on_token=None) -> generation.Events:
+    def _events(self, job, on_token=None) -> generation.Events:
         """Callbacks that send a request's progress and token notifications."""
-        notify = self.worker.notify
+        notify = self.worker.job_notify
 
         def token(event: protocol.TokenEvent) -> None:
             if on_token is not None:
                 on_token(event)
-            notify("token", event)
+            notify(job, "token", event)
 
-        return generation.Events(progress=lambda e: notify("progress", e), token=token)
+        return generation.Events(progress=lambda e: notify(job, "progress", e), token=token)
 
     def load(self, job) -> protocol.LoadResult:
         return self.models.load(job.params)
@@ -45,7 +45,7 @@ class Handlers:
     def cache_save(self, job) -> protocol.CacheSaveResult:
         from . import cache_files
 
-        events = self._events()  # progress while the uncached part is prefilled
+        events = self._events(job)  # progress while the uncached part is prefilled
         lm = self.models.get(job.params.model_id)
         return cache_files.save(lm, job.params, job.id, events, job.cancel.is_set)
 
@@ -62,7 +62,7 @@ class Handlers:
             streamed_text.append(event.text)
             streamed_tokens.extend(event.tokens)
 
-        events = self._events(remember)
+        events = self._events(job, remember)
         try:
             lm = self.models.get(job.params.model_id)
             result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
