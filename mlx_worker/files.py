@@ -75,7 +75,8 @@ def read_regular(path: str, max_bytes: int) -> bytes:
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=True) as fh:
             fd = -1
-            return fh.read(max_bytes + 1)
+            # Never ask for more than the file holds: read(n) allocates n bytes.
+            return fh.read(min(max_bytes, st.st_size) + 1)
     except (PathProblem, FileTooLarge):
         raise
     except OSError as exc:

@@ -365,6 +365,21 @@ def test_load_bounds_at_the_edges_are_served(hw, tiny_model):
         ok(hw.call("unload", {"model_id": "edges"}))
 
 
+def test_vision_load_bounds_at_the_edges_are_served(hw, vlm_path, tmp_path):
+    huge = 2**63 - 1
+    params = {"model": vlm_path, "model_id": "vedges", "max_images": huge, "max_image_pixels": huge,
+              "max_image_bytes": huge, "image_cache_bytes": huge}
+    ok(hw.call("load", params))
+    try:
+        picture = tmp_path / "p.png"
+        picture.write_bytes(png(noise(3, (64, 64))))
+        for source in (str(picture), b64(picture.read_bytes())):
+            result = ok(hw.call("generate", {"model_id": "vedges", "messages": image_msg(source), **GREEDY}))
+            assert len(result["tokens"]) == 6
+    finally:
+        ok(hw.call("unload", {"model_id": "vedges"}))
+
+
 def test_load_prefill_step_size_zero_or_negative_is_refused_and_later_generates_work(hw, tiny_model):
     for value in (0, -1):
         err = error(hw.call("load", {"model": tiny_model, "model_id": "p", "prefill_step_size": value}),
