@@ -237,7 +237,9 @@ class PromptParams(Params):
 
 class GenerateParams(PromptParams):
     max_tokens: Count = 256
-    temperature: Annotated[float, Meta(ge=0.0)] = 1.0
+    # 1/temperature must stay nonzero in float16 logits: rounded to 0, it turns
+    # masked (-inf) tokens into NaN and the sampler picks any of them.
+    temperature: Annotated[float, Meta(ge=0.0, le=1e4)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0  # 0: off; < vocab_size checked per model
     min_p: Probability = 0.0

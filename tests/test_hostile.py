@@ -283,7 +283,7 @@ def test_an_unparsable_chat_template_is_refused_at_load(hw, tiny_model, tmp_path
 GEN = {"model_id": "tiny", "prompt": "Once", "max_tokens": 2, "prompt_cache": False}
 BAD_VALUES = [
     ("generate", "max_tokens", -1), ("generate", "max_tokens", 2**63),
-    ("generate", "temperature", -0.5),
+    ("generate", "temperature", -0.5), ("generate", "temperature", 1e300), ("generate", "temperature", 10000.5),
     ("generate", "top_p", 0), ("generate", "top_p", -1e-300), ("generate", "top_p", 1.0000001),
     ("generate", "top_k", -1), ("generate", "top_k", 1024), ("generate", "top_k", 2**32),
     ("generate", "top_k", 2**64 - 1),
@@ -343,7 +343,7 @@ GOOD_EDGES = [
     {"prefill_step_size": 2**31 - 1}, {"prefill_step_size": 1},
     {"top_k": 1023}, {"top_k": 1}, {"min_p": 1.0}, {"min_p": 0.0}, {"top_p": 1.0}, {"top_p": 5e-324},
     {"seed": 2**64 - 1}, {"seed": 0}, {"max_tokens": 2**63 - 1}, {"max_tokens": 0},
-    {"temperature": 1e300}, {"temperature": 5e-324}, {"top_logprobs": 20, "logprobs": True},
+    {"temperature": 1e4}, {"temperature": 5e-324}, {"top_logprobs": 20, "logprobs": True},
     {"stop_token_ids": [1023]}, {"logit_bias": {"0": 1e308, "1023": -1e308, "0001": -1e308}},
     {"presence_penalty": 1.7e308}, {"frequency_penalty": -1.7e308},
 ]
@@ -363,6 +363,19 @@ def test_load_bounds_at_the_edges_are_served(hw, tiny_model):
         assert len(ok(hw.call("generate", {**GEN, "model_id": "edges", "max_tokens": 3}))["tokens"]) == 3
     finally:
         ok(hw.call("unload", {"model_id": "edges"}))
+
+
+@pytest.mark.parametrize("model_id", ["tiny", "fp16"])
+def test_the_largest_temperature_keeps_masked_tokens_out(hw, model_id):
+    greedy, _ = _tokens_and_logprobs(hw, model_id, temperature=0)
+    for params in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-30}):
+        tokens, entries = _tokens_and_logprobs(hw, model_id, temperature=1e4, **params)
+        assert tokens == greedy, params
+        _all_numbers(entries)
+    constraint = {"type": "choice", "options": ["abc", "xyz"]}
+    result = ok(hw.call("generate", {"model_id": model_id, "prompt": "Once", "temperature": 1e4, "seed": 2,
+                                     "constraint": constraint, "max_tokens": 20, "prompt_cache": False}))
+    assert result["text"] in ("abc", "xyz") and result["constraint_complete"]
 
 
 def test_vision_load_bounds_at_the_edges_are_served(hw, vlm_path, tmp_path):
