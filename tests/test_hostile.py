@@ -256,6 +256,19 @@ def test_text_parts_reach_the_template_as_transformers_passes_them(hw, tiny_mode
         ok(hw.call("unload", {"model_id": "trim"}))
 
 
+@pytest.mark.parametrize("model_id", ["tiny", "vlm"])
+@pytest.mark.parametrize("method", ["generate", "cache_save"])
+def test_a_template_that_renders_nothing_is_invalid_params(hw, tmp_path, model_id, method):
+    params = {"model_id": model_id, "messages": [{"role": "user", "content": "hi"}],
+              "chat_template_kwargs": {"chat_template": "{{ '' }}"}}
+    if method == "cache_save":
+        params["path"] = str(tmp_path / "c.safetensors")
+    else:
+        params.update(GREEDY)
+    error(hw.call(method, params), errors.INVALID_PARAMS)
+    serves(hw)
+
+
 def test_an_unparsable_chat_template_is_refused_at_load(hw, tiny_model, tmp_path):
     broken = "{% for m in messages %}{{ m['content'] }"
     err = error(hw.call("load", {"model": tiny_model, "model_id": "bad", "chat_template": broken}),
