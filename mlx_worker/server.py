@@ -42,6 +42,9 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
     finished: bool = False
     answered: bool = False  # its one final response is out (or being sent)
+    # A generate's token events sent so far: what a cancelled result carries.
+    streamed_text: list = field(default_factory=list)
+    streamed_tokens: list = field(default_factory=list)
 
 
 @dataclass
@@ -102,7 +105,11 @@ class Worker:
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
         for job in unfinished:
-            self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
+            if job.method == "generate":  # cancelled: its result carries what was streamed
+                self._answer_with(job, lambda j=job: protocol.Response(id=j.id, result=protocol.cancelled_result(
+                    j.params, "".join(j.streamed_text), list(j.streamed_tokens))))
+            else:
+                self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
 
@@ -124,8 +131,21 @@ class Worker:
     def job_notify(self, job: "Job", method: str, params: object) -> None:
         """A job's event, unless its final response already went out."""
         with job.lock:
-            if not job.answered:
-                self.notify(method, params)
+            if job.answered:
+                return
+            if isinstance(params, protocol.TokenEvent):
+                job.streamed_text.append(params.text)
+                job.streamed_tokens.extend(params.tokens)
+            self.notify(method, params)
+
+    def _answer_with(self, job: "Job", make) -> None:
+        # Claim and build the response under the job's lock: no event can
+        # slip in between what the response says was streamed and the response.
+        with job.lock:
+            if job.answered:
+                return
+            job.answered = True
+            self.writer.send(make())
 
     @staticmethod
     def _claim(job: "Job") -> bool:

@@ -170,6 +170,28 @@ def test_a_running_tokenize_is_answered_before_the_exit(tiny_model, how):
         w.close()
 
 
+def test_a_generate_inside_a_long_prefill_chunk_gets_its_cancelled_result_before_the_exit(small_model):
+    w = RawWorker()
+    try:
+        ok(w.call("load", {"model": small_model, "model_id": "small"}))
+        prompt = [(i * 7919) % 1000 + 10 for i in range(3800)]  # one chunk: seconds of work
+        w.request("generate", {"model_id": "small", "tokens": prompt, "max_tokens": 4, "prefill_step_size": 4096,
+                               "prompt_cache": False}, id="g")
+        w.call("status", id="st")
+        time.sleep(0.3)
+        assert ok(w.call("cancel", {"id": "g"}, timeout=QUICK)) == {"cancelled": True}
+        w.request("shutdown", id="bye")
+        took = exited_within(w.proc, 10)
+        w._reader.join(5)
+        answers = [m for m in w.responses() if m.get("id") == "g"]
+        assert len(answers) == 1, answers
+        assert answers[0]["result"]["stop_reason"] == "cancelled"  # what cancel's `true` promised
+        assert took is not None and took < 1.6, took
+        assert not w.bad_lines
+    finally:
+        w.close()
+
+
 # ------------------------------------------------------------- logits
 
 
