@@ -108,6 +108,7 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
     from mlx_lm.models.cache import save_prompt_cache
 
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    _unlink(tmp)  # never write into whatever sits there (a FIFO would block the writer)
     try:
         save_prompt_cache(str(tmp), compact(entry.cache), metadata)
         os.replace(tmp, path)
