@@ -91,8 +91,8 @@ def special_entry(path: Path) -> Optional[str]:
     device, a socket): the libraries would block opening it, so it is refused."""
     try:
         entries = list(os.scandir(path))
-    except OSError as exc:
-        return f"the folder cannot be listed: {exc.strerror or exc}"
+    except OSError:
+        return None  # unlistable: the checks below name what they can't read
     for entry in entries:
         try:
             st = os.stat(entry.path)  # follows links (hub caches link to blobs)

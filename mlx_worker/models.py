@@ -115,8 +115,7 @@ class ModelRegistry:
             ) from None
 
     def load(self, params: protocol.LoadParams) -> protocol.LoadResult:
-        path = _model_folder(params.model)
-        path = path.resolve()
+        path = _model_folder(params.model).resolve()
         model_id = params.model_id or path.name
         existing = self._models.get(model_id)
         if existing is not None:

@@ -35,9 +35,11 @@ def stop_strings(params: protocol.GenerateParams) -> list[str]:
     return [params.stop] if isinstance(params.stop, str) else list(params.stop)
 
 
-# The smallest positive normal float32: top_p and 1/temperature meet the
-# float32 logprobs there, and a value past it rounds to 0 or infinity.
-_F32_TINY = 1.1754943508222875e-38
+# top_p meets float32 probabilities (mlx-lm sums them in float32), and
+# 1/temperature meets the logprobs in their own dtype (float16 at worst): past
+# these, the product rounds to 0 or overflows.
+_F32_TINY = 1.1754943508222875e-38  # the smallest positive normal float32
+_F16_MAX = 65504.0
 
 
 def make(params: protocol.GenerateParams):
@@ -68,9 +70,6 @@ def make(params: protocol.GenerateParams):
     if processors:
         processors.append(keep_finite)
     return sampler, processors
-
-
-_F16_MAX = 65504.0
 
 
 def keep_finite(tokens: mx.array, logits: mx.array) -> mx.array:
