@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
 import msgspec
 
-from . import errors, generation, protocol
+from . import errors, files, generation, protocol
 from .errors import WorkerError, invalid_params
 from .prompt import prepare
 from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, compact, make_cache
@@ -107,6 +108,7 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
     from mlx_lm.models.cache import save_prompt_cache
 
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    _unlink(tmp)  # never write into whatever sits there (a FIFO would block the writer)
     try:
         save_prompt_cache(str(tmp), compact(entry.cache), metadata)
         os.replace(tmp, path)
@@ -123,13 +125,27 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
     )
 
 
+def _host_path(raw: str) -> Path:
+    try:
+        return Path(files.check_path(raw))
+    except files.PathProblem as exc:
+        raise invalid_params("params.path", exc.message) from None
+
+
 def _target(raw: str) -> Path:
-    path = Path(raw).expanduser()
+    path = _host_path(raw)
     if path.suffix != ".safetensors":
         raise invalid_params("params.path", "the cache file name must end with .safetensors")
-    if not path.parent.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(files.stat_of(str(path.parent)).st_mode)
+    except files.PathProblem:
+        is_dir = False
+    if not is_dir:
         raise invalid_params("params.path", f"folder not found: {path.parent}")
-    return path.resolve()
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # a name too long, a loop of links
+        raise invalid_params("params.path", f"cannot use {path}: {exc}") from None
 
 
 def _unlink(path: Path) -> None:
@@ -144,9 +160,11 @@ def _unlink(path: Path) -> None:
 
 def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     store = _store_of(lm)
-    path = Path(params.path).expanduser()
-    if not path.is_file():
-        raise _invalid(path, "file not found")
+    path = _host_path(params.path)
+    try:
+        files.check_regular(str(path))
+    except files.PathProblem as exc:
+        raise _invalid(path, "file not found" if exc.reason == "not_found" else exc.message) from None
     if path.suffix != ".safetensors":
         raise _invalid(path, "the file name must end with .safetensors")
     from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache

@@ -47,6 +47,8 @@ def run(
     start = time.perf_counter()
     sampling.validate(params, lm.vocab_size)
     prompt = prepare(lm, params)
+    if not prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
+        raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
     n_prompt = len(prompt.tokens)
     max_tokens = _clamp_to_context(lm, n_prompt, params.max_tokens)
     memory.admit_generate(lm, n_prompt, max_tokens, params.prefill_step_size or lm.prefill_step_size)
@@ -184,6 +186,7 @@ def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:
 
 def _logprob(token: int, logprobs: mx.array, top: int) -> protocol.TokenLogprob:
     entry = protocol.TokenLogprob(token=token, logprob=logprobs[token].item())
+    top = min(top, logprobs.shape[-1])  # a vocabulary smaller than top_logprobs
     if top > 0:
         ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
         values = logprobs[ids].tolist()

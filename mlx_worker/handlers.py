@@ -17,16 +17,11 @@ class Handlers:
     def dispatch(self, job) -> Any:
         return getattr(self, job.method)(job)
 
-    def _events(self, on_token=None) -> generation.Events:
-        """Callbacks that send a request's progress and token notifications."""
-        notify = self.worker.notify
-
-        def token(event: protocol.TokenEvent) -> None:
-            if on_token is not None:
-                on_token(event)
-            notify("token", event)
-
-        return generation.Events(progress=lambda e: notify("progress", e), token=token)
+    def _events(self, job) -> generation.Events:
+        """Callbacks that send a request's progress and token notifications
+        (the job remembers what its token events carried)."""
+        notify = self.worker.job_notify
+        return generation.Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
 
     def load(self, job) -> protocol.LoadResult:
         return self.models.load(job.params)
@@ -45,7 +40,7 @@ class Handlers:
     def cache_save(self, job) -> protocol.CacheSaveResult:
         from . import cache_files
 
-        events = self._events()  # progress while the uncached part is prefilled
+        events = self._events(job)  # progress while the uncached part is prefilled
         lm = self.models.get(job.params.model_id)
         return cache_files.save(lm, job.params, job.id, events, job.cancel.is_set)
 
@@ -55,14 +50,7 @@ class Handlers:
         return cache_files.load(self.models.get(job.params.model_id), job.params)
 
     def generate(self, job) -> protocol.GenerateResult:
-        streamed_text: list[str] = []
-        streamed_tokens: list[int] = []
-
-        def remember(event: protocol.TokenEvent) -> None:
-            streamed_text.append(event.text)
-            streamed_tokens.extend(event.tokens)
-
-        events = self._events(remember)
+        events = self._events(job)
         try:
             lm = self.models.get(job.params.model_id)
             result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
@@ -74,7 +62,7 @@ class Handlers:
                 job.finished = True
                 if not job.cancel.is_set():
                     raise
-            result = protocol.cancelled_result(job.params, "".join(streamed_text), streamed_tokens)
+            result = protocol.cancelled_result(job.params, "".join(job.streamed_text), list(job.streamed_tokens))
         with job.lock:
             job.finished = True
             if job.cancel.is_set():

@@ -9,6 +9,8 @@ Python code is refused unless the host opted in with trust_remote_code.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,11 +65,54 @@ def safetensors_problem(file: Path) -> Optional[str]:
     return None
 
 
+def template_problem(template: Any) -> Optional[str]:
+    """Why a chat template (a string, or named templates) can't be parsed, or
+    None. Parsed the way transformers' apply_chat_template parses it, so a
+    broken template is refused at load rather than at its first use."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    named = template.items() if isinstance(template, dict) else [(None, template)]
+    for name, text in named:
+        if text is None:
+            continue
+        try:
+            if not isinstance(text, str):
+                raise TypeError(f"a template must be a string, not {type(text).__name__}")
+            _compile_jinja_template(text)
+        except Exception as exc:  # jinja2.TemplateSyntaxError and friends
+            where = f"template {name!r}: " if name else ""
+            line = getattr(exc, "lineno", None)
+            return f"{where}{type(exc).__name__}: {exc}" + (f" (line {line})" if line else "")
+    return None
+
+
+def special_entry(path: Path) -> Optional[str]:
+    """A name in the folder that is not a folder or a regular file (a FIFO, a
+    device, a socket): the libraries would block opening it, so it is refused."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return None  # unlistable: the checks below name what they can't read
+    for entry in entries:
+        try:
+            st = os.stat(entry.path)  # follows links (hub caches link to blobs)
+        except OSError:
+            continue  # a dangling link: whatever reads it fails, it doesn't block
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            return entry.name
+    return None
+
+
 def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
     """Refuse, with a clear -32002, a folder that cannot load or that asks to
     run its own Python code when the host did not opt in."""
     def fail(message: str, **data: Any) -> WorkerError:
         return WorkerError(errors.LOAD_FAILED, message, {"path": str(path), **data})
+
+    special = special_entry(path)
+    if special is not None:
+        raise fail(f"{path / special} is not a regular file (a FIFO, device or socket is never read)",
+                   file=str(path / special))
 
     text = text_config(config)
     for cfg, prefix in ((config, ""), (text, "text_config.")) if text is not config else ((config, ""),):

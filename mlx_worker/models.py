@@ -6,14 +6,15 @@ import gc
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import errors, protocol
+from . import errors, files, protocol
 from .errors import WorkerError
-from .model_checks import check_folder, text_config
+from .model_checks import check_folder, template_problem, text_config
 
 log = logging.getLogger("mlx_worker.models")
 
@@ -77,8 +78,11 @@ def context_length_of(config: dict) -> Optional[int]:
 
 def read_config(path: Path) -> dict:
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise WorkerError(errors.LOAD_FAILED, f"config.json not found in {path}", {"path": str(path)})
+    try:
+        files.check_regular(str(config_path))
+    except files.PathProblem as exc:
+        why = f"config.json not found in {path}" if exc.reason == "not_found" else f"config.json: {exc.message}"
+        raise WorkerError(errors.LOAD_FAILED, why, {"path": str(path)}) from None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -118,24 +122,8 @@ class ModelRegistry:
             ) from None
 
     def load(self, params: protocol.LoadParams) -> protocol.LoadResult:
-        path = Path(params.model).expanduser()
-        if not path.exists():
-            raise WorkerError(
-                errors.MODEL_PATH_NOT_FOUND,
-                f"model path not found: {params.model} (models are loaded from local folders only)",
-                {"field": "params.model", "path": params.model},
-            )
-        if not path.is_dir():
-            raise WorkerError(
-                errors.MODEL_PATH_NOT_FOUND,
-                f"model path is not a folder: {params.model}",
-                {"field": "params.model", "path": params.model},
-            )
-        path = path.resolve()
+        path = _model_folder(params.model).resolve()
         model_id = params.model_id or path.name
-        from . import prompt_cache
-
-        prompt_cache.validate_load_params(params)
         existing = self._models.get(model_id)
         if existing is not None:
             if existing.path == str(path):
@@ -147,8 +135,10 @@ class ModelRegistry:
                 {"field": "params.model_id"},
             )
 
-        if params.memory_limit is not None and params.memory_limit <= 0:
-            raise errors.invalid_params("params.memory_limit", "memory_limit must be a positive number of bytes")
+        if params.chat_template is not None:
+            problem = template_problem(params.chat_template)
+            if problem:
+                raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         from . import memory as memory_budget
@@ -165,6 +155,7 @@ class ModelRegistry:
                 loaded = load_vision_model(path, config, params)
             else:
                 loaded = _load_text_model(path, config, params)
+            _check_folder_template(loaded, path)
             _settle_random_state()
             memory = max(0, mx.get_active_memory() - before)
             failure = None
@@ -186,6 +177,8 @@ class ModelRegistry:
         if params.prefill_step_size:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
+        from . import prompt_cache
+
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
@@ -220,6 +213,41 @@ def _check_same_options(existing: LoadedModel, params: protocol.LoadParams) -> N
             f"{', '.join(differing)}; unload it first to load it with these options, or use another model_id",
             {"field": f"params.{differing[0]}", "options": differing},
         )
+
+
+def _check_folder_template(loaded: "LoadedModel", path: Path) -> None:
+    owners = [loaded.hf_tokenizer, getattr(loaded.vision, "processor", None)]
+    for owner in owners:
+        problem = template_problem(getattr(owner, "chat_template", None))
+        if problem:
+            raise WorkerError(
+                errors.LOAD_FAILED,
+                f"the model folder's chat template does not parse: {problem} "
+                "(pass a working `chat_template` to load to replace it)",
+                {"path": str(path), "field": "params.chat_template"},
+            )
+
+
+def _model_folder(raw: str) -> Path:
+    """The folder a load names, by the one path rule (files.py)."""
+    try:
+        st = files.stat_of(files.check_path(raw))
+    except files.PathProblem as exc:
+        if exc.reason in ("relative_path", "invalid_path"):
+            raise errors.invalid_params("params.model", exc.message) from None
+        raise WorkerError(
+            errors.MODEL_PATH_NOT_FOUND,
+            f"model path not found: {raw} (models are loaded from local folders only)"
+            if exc.reason == "not_found" else f"model path unusable: {exc.message}",
+            {"field": "params.model", "path": raw},
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise WorkerError(
+            errors.MODEL_PATH_NOT_FOUND,
+            f"model path is not a folder: {raw}",
+            {"field": "params.model", "path": raw},
+        )
+    return Path(raw)
 
 
 def _load_failure(path: Path, config: dict, exc: BaseException) -> WorkerError:

@@ -79,11 +79,10 @@ def render_chat(lm: LoadedModel, params: Any) -> str:
                     f"model {lm.model_id!r} is a text model and cannot take images",
                     {"field": f"params.messages[{i}].content"},
                 )
+    # Text parts reach the template as the list of {"type": "text", "text"}
+    # parts the host sent, as transformers passes them: a template may trim
+    # or separate parts, so joining them here would render differently.
     messages = [message_dict(m) for m in params.messages]
-    # A text model's template expects string content: join text parts.
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(p.get("text", "") for p in m["content"])
     return apply_template(lm.hf_tokenizer, messages, params, lm.model_id)
 
 

@@ -58,7 +58,6 @@ from mlx_lm.models.cache import (
 )
 
 from . import protocol
-from .errors import invalid_params
 
 log = logging.getLogger("mlx_worker.prompt_cache")
 
@@ -393,15 +392,6 @@ class PromptCacheStore:
 
 
 # ------------------------------------------------------------------ at load
-
-
-def validate_load_params(params: protocol.LoadParams) -> None:
-    if params.max_kv_size is not None and params.max_kv_size < 1:
-        raise invalid_params("params.max_kv_size", "max_kv_size must be >= 1")
-    if params.prompt_cache_bytes is not None and params.prompt_cache_bytes < 0:
-        raise invalid_params("params.prompt_cache_bytes", "prompt_cache_bytes must be >= 0 (0 disables the cache)")
-    if params.prompt_cache_entries is not None and params.prompt_cache_entries < 0:
-        raise invalid_params("params.prompt_cache_entries", "prompt_cache_entries must be >= 0 (0 disables the cache)")
 
 
 def total_memory() -> int:

@@ -11,14 +11,29 @@ fixed; new optional fields may be added freely.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
-from msgspec import UNSET, Raw, Struct, UnsetType
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 PROTOCOL_VERSION = "1.0"
 
 RequestId = Union[int, str]
+
+# Value bounds live in the types: decoding refuses a value outside them with
+# -32602 naming the field, and schema.json carries them. Counts that reach
+# MLX as indices or slice bounds are 32-bit there; byte sizes and other counts
+# stay within int64 (what a C++ host and MLX's own integers hold).
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+PositiveCount = Annotated[int, Meta(ge=1, le=INT64_MAX)]
+StepSize = Annotated[int, Meta(ge=1, le=INT32_MAX)]  # tokens per prefill chunk
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]  # < vocab_size is checked per model
+# logit_bias keys: a token id written in ASCII decimal digits, nothing else.
+TokenIdKey = Annotated[str, Meta(pattern="^[0-9]{1,10}$")]
+StopString = Annotated[str, Meta(min_length=1)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
 class Params(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -120,16 +135,16 @@ class LoadParams(Params):
     model_id: Union[str, None] = None
     trust_remote_code: bool = False
     chat_template: Union[str, None] = None
-    max_kv_size: Union[int, None] = None
-    prefill_step_size: Union[int, None] = None
-    prompt_cache_bytes: Union[int, None] = None
-    prompt_cache_entries: Union[int, None] = None
-    memory_limit: Union[int, None] = None  # bytes: this model's weights + any one request
+    max_kv_size: Union[Annotated[int, Meta(ge=1, le=INT32_MAX)], None] = None
+    prefill_step_size: Union[StepSize, None] = None
+    prompt_cache_bytes: Union[Count, None] = None  # 0 disables the prompt cache
+    prompt_cache_entries: Union[Count, None] = None  # 0 disables the prompt cache
+    memory_limit: Union[PositiveCount, None] = None  # bytes: this model's weights + any one request
     # Vision models only (ignored for text models); None = the worker's default.
-    max_images: Union[int, None] = None
-    max_image_pixels: Union[int, None] = None
-    max_image_bytes: Union[int, None] = None
-    image_cache_bytes: Union[int, None] = None
+    max_images: Union[PositiveCount, None] = None
+    max_image_pixels: Union[PositiveCount, None] = None
+    max_image_bytes: Union[PositiveCount, None] = None
+    image_cache_bytes: Union[Count, None] = None
 
 
 class LoadResult(Out):
@@ -173,7 +188,7 @@ class TokenizeResult(Out):
 
 
 class DetokenizeParams(Params):
-    tokens: list[int]
+    tokens: list[TokenId]
     model_id: Union[str, None] = None
 
 
@@ -213,7 +228,7 @@ class PromptParams(Params):
 
     model_id: Union[str, None] = None
     prompt: Union[str, None] = None
-    tokens: Union[list[int], None] = None
+    tokens: Union[list[TokenId], None] = None
     messages: Union[list[ChatMessage], None] = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
@@ -221,24 +236,26 @@ class PromptParams(Params):
 
 
 class GenerateParams(PromptParams):
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 20
+    max_tokens: Count = 256
+    # 1/temperature must stay nonzero in float16 logits: rounded to 0, it turns
+    # masked (-inf) tokens into NaN and the sampler picks any of them.
+    temperature: Annotated[float, Meta(ge=0.0, le=1e4)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0  # 0: off; < vocab_size checked per model
+    min_p: Probability = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] = 1.0
+    repetition_context_size: Annotated[int, Meta(ge=1, le=INT32_MAX)] = 20
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] = {}
-    seed: Union[int, None] = None
-    stop: Union[str, list[str]] = []
-    stop_token_ids: list[int] = []
+    logit_bias: dict[TokenIdKey, float] = {}
+    seed: Union[Annotated[int, Meta(ge=0)], None] = None  # JSON integers stop at 2^64 - 1
+    stop: Union[StopString, list[StopString]] = []
+    stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
     logprobs: bool = False
-    top_logprobs: int = 0
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] = 0
     prompt_cache: bool = True
-    prefill_step_size: Union[int, None] = None
+    prefill_step_size: Union[StepSize, None] = None
     constraint: Union[Constraint, None] = None
 
 
@@ -308,7 +325,7 @@ class CacheSaveParams(PromptParams, kw_only=True):
     whatever part of it isn't cached yet)."""
 
     path: str
-    prefill_step_size: Union[int, None] = None
+    prefill_step_size: Union[StepSize, None] = None
 
 
 class CacheSaveResult(Out):

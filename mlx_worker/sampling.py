@@ -14,48 +14,47 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 def validate(params: protocol.GenerateParams, vocab_size: int) -> None:
-    """Range checks msgspec's types can't express; each names its field."""
-    checks = [
-        ("max_tokens", params.max_tokens >= 0, "must be >= 0"),
-        ("temperature", params.temperature >= 0, "must be >= 0"),
-        ("top_p", 0 < params.top_p <= 1, "must be in (0, 1]"),
-        ("top_k", 0 <= params.top_k < vocab_size, f"must be in [0, {vocab_size}) (0: off)"),
-        ("min_p", 0 <= params.min_p <= 1, "must be in [0, 1]"),
-        ("repetition_penalty", params.repetition_penalty > 0, "must be > 0"),
-        ("repetition_context_size", params.repetition_context_size >= 1, "must be >= 1"),
-        ("top_logprobs", 0 <= params.top_logprobs <= 20, "must be in [0, 20]"),
-        ("prefill_step_size", params.prefill_step_size is None or params.prefill_step_size >= 1, "must be >= 1"),
-        ("seed", params.seed is None or 0 <= params.seed < 2**64, "must be in [0, 2^64)"),
-    ]
-    for name, ok, why in checks:
-        if not ok:
-            raise invalid_params(f"params.{name}", f"{name} {why}")
+    """What depends on the model (the vocabulary); every other bound is in
+    the params' types (protocol.py)."""
+    if params.top_k >= vocab_size:
+        raise invalid_params("params.top_k", f"top_k must be in [0, {vocab_size}) (0: off)")
+    # msgspec decodes JSON integers past 2^64 - 1 too, and Meta bounds stop at int64.
+    if params.seed is not None and params.seed >= 2**64:
+        raise invalid_params("params.seed", "seed must be in [0, 2^64)")
     for key in params.logit_bias:
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
-        if not 0 <= token < vocab_size:
+        if int(key) >= vocab_size:  # the key is ASCII digits (protocol.TokenIdKey)
             raise invalid_params(
                 f"params.logit_bias.{key}", f"logit_bias key {key!r} is not a token id in [0, {vocab_size})"
             )
     for i, token in enumerate(params.stop_token_ids):
-        if not 0 <= token < vocab_size:
+        if token >= vocab_size:
             raise invalid_params(f"params.stop_token_ids[{i}]", f"token id {token} is outside the vocabulary")
-    stops = [params.stop] if isinstance(params.stop, str) else params.stop
-    for i, s in enumerate(stops):
-        if not s:
-            raise invalid_params(f"params.stop[{i}]", "stop strings must not be empty")
 
 
 def stop_strings(params: protocol.GenerateParams) -> list[str]:
     return [params.stop] if isinstance(params.stop, str) else list(params.stop)
 
 
+# top_p meets float32 probabilities (mlx-lm sums them in float32), and
+# 1/temperature meets the logprobs in their own dtype (float16 at worst): past
+# these, the product rounds to 0 or overflows.
+_F32_TINY = 1.1754943508222875e-38  # the smallest positive normal float32
+_F16_MAX = 65504.0
+
+
 def make(params: protocol.GenerateParams):
+    top_p = params.top_p
+    if top_p < 1.0:
+        # top_p x mass rounding to 0 would drop every token (uniform sampling);
+        # at the smallest float32 only the most likely token is left: greedy.
+        top_p = max(top_p, _F32_TINY)
+    temperature = params.temperature
+    if temperature and 1.0 / temperature > _F16_MAX:
+        # logprobs / temperature overflows (in float16 first): the limit is greedy.
+        temperature = 0.0
     sampler = make_sampler(
-        temp=params.temperature,
-        top_p=params.top_p if params.top_p < 1.0 else 0.0,
+        temp=temperature,
+        top_p=top_p if top_p < 1.0 else 0.0,
         min_p=params.min_p,
         top_k=params.top_k,
     )
@@ -68,7 +67,21 @@ def make(params: protocol.GenerateParams):
         frequency_penalty=params.frequency_penalty or None,
         frequency_context_size=params.repetition_context_size,
     )
+    if processors:
+        processors.append(keep_finite)
     return sampler, processors
+
+
+def keep_finite(tokens: mx.array, logits: mx.array) -> mx.array:
+    """Clamp, in the logits' own dtype, what a bias or penalty pushed past its
+    range: +inf becomes the largest finite value (the token stays the most
+    likely), NaN (0/0 from a penalty that rounded to 0) the lowest finite
+    value; -inf stays -inf (a banned or masked token). So the logprobs
+    derived from the logits stay numbers."""
+    if not mx.issubdtype(logits.dtype, mx.floating):
+        return logits
+    info = mx.finfo(logits.dtype)
+    return mx.nan_to_num(logits, nan=float(info.min), posinf=float(info.max), neginf=-float("inf"))
 
 
 def with_prefix(processors: List[LogitsProcessor], prefix: list[int]) -> List[LogitsProcessor]:

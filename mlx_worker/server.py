@@ -41,6 +41,10 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     finished: bool = False
+    answered: bool = False  # its one final response is out (or being sent)
+    # A generate's token events sent so far: what a cancelled result carries.
+    streamed_text: list = field(default_factory=list)
+    streamed_tokens: list = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +101,15 @@ class Worker:
         self.reader_idle.wait(max(0.0, deadline - time.monotonic()))
         with self.cond:
             self.cond.wait_for(lambda: self.active is None and not self.queue, max(0.0, deadline - time.monotonic()))
+            unfinished = list(self.jobs.values())
+        # Work that can't stop at once (a load, a tokenize, a long prefill
+        # chunk) still gets its one response before the exit.
+        for job in unfinished:
+            if job.method == "generate":  # cancelled: its result carries what was streamed
+                self._answer_with(job, lambda j=job: protocol.Response(id=j.id, result=protocol.cancelled_result(
+                    j.params, "".join(j.streamed_text), list(j.streamed_tokens))))
+            else:
+                self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
 
@@ -105,6 +118,42 @@ class Worker:
 
     def reply(self, id: Any, result: object) -> None:
         self.writer.send(protocol.Response(id=id, result=result))
+
+    def answer(self, job: "Job", result: object) -> None:
+        """A job's final response: sent once, whoever gets there first."""
+        if self._claim(job):
+            self.reply(job.id, result)
+
+    def answer_error(self, job: "Job", code: int, message: str, data: Any = None) -> None:
+        if self._claim(job):
+            self.reply_error(job.id, code, message, data)
+
+    def job_notify(self, job: "Job", method: str, params: object) -> None:
+        """A job's event, unless its final response already went out."""
+        with job.lock:
+            if job.answered:
+                return
+            if isinstance(params, protocol.TokenEvent):
+                job.streamed_text.append(params.text)
+                job.streamed_tokens.extend(params.tokens)
+            self.notify(method, params)
+
+    def _answer_with(self, job: "Job", make) -> None:
+        # Claim and build the response under the job's lock: no event can
+        # slip in between what the response says was streamed and the response.
+        with job.lock:
+            if job.answered:
+                return
+            job.answered = True
+            self.writer.send(make())
+
+    @staticmethod
+    def _claim(job: "Job") -> bool:
+        with job.lock:
+            if job.answered:
+                return False
+            job.answered = True
+            return True
 
     def reply_error(self, id: Any, code: int, message: str, data: Any = None) -> None:
         error = protocol.ErrorObject(code=code, message=message)
@@ -242,9 +291,9 @@ class Worker:
         job.cancel.set()
         self._retire(job)
         if job.method == "generate":
-            self.reply(job.id, protocol.cancelled_result(job.params))
+            self.answer(job, protocol.cancelled_result(job.params))
         else:
-            self.reply_error(job.id, errors.SHUTTING_DOWN, "the worker is shutting down")
+            self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down")
 
     def status(self) -> protocol.StatusResult:
         from .memory import memory_status
@@ -295,17 +344,17 @@ class Worker:
             result = handlers.dispatch(job)
         except WorkerError as exc:
             self._retire(job)
-            self.reply_error(job.id, exc.code, exc.message, exc.data)
+            self.answer_error(job, exc.code, exc.message, exc.data)
             return
         except BaseException as exc:  # a Rust panic from a library is a BaseException
             self._retire(job)
             code, message = errors.classify_exception(exc)
             if code == errors.INTERNAL_ERROR:
                 log.exception("%s failed", job.method)
-            self.reply_error(job.id, code, message)
+            self.answer_error(job, code, message)
             return
         self._retire(job)
-        self.reply(job.id, result)
+        self.answer(job, result)
 
     def _retire(self, job: Job) -> None:
         # Before the reply is queued: a host may reuse the id the moment the
@@ -358,7 +407,8 @@ def _id_at_head(head: bytes) -> Any:
 
 
 def _field_of(exc: msgspec.ValidationError, root: str) -> dict:
-    # msgspec says "... - at `$.a.b[0]`"; hosts get it as "params.a.b[0]".
-    match = re.search(r"at `\$(.*)`$", str(exc))
+    # msgspec says "... - at `$.a.b[0]`" (or "at `key` in `$.a`" for a
+    # mapping's key); hosts get it as "params.a.b[0]".
+    match = re.search(r"`\$([^`]*)`$", str(exc))
     path = match.group(1) if match else ""
     return {"field": root + path if root else path.lstrip(".")}

@@ -98,10 +98,10 @@ def test_default_limit_guards_absurd_requests(fresh_worker, tiny_model):
     allocation that fails crashes the process)."""
     fresh_worker.load(tiny_model, model_id="tiny")
     assert fresh_worker.status().memory.limit > 0
-    # A rotating cache lifts the context limit: ask for 2^40 KV tokens.
-    fresh_worker.load(tiny_model, model_id="huge", max_kv_size=2**40)
+    # A rotating cache lifts the context limit: ask for 2^31 - 1 KV tokens (the bound: MLX indexes them with int32).
+    fresh_worker.load(tiny_model, model_id="huge", max_kv_size=2**31 - 1)
     with pytest.raises(RpcError) as e:
-        fresh_worker.generate(model_id="huge", prompt="x", max_tokens=2**40 - 10).wait()
+        fresh_worker.generate(model_id="huge", prompt="x", max_tokens=2**31 - 1 - 10).wait()
     assert oom(e)["limit_kind"] == "worker"
     assert fresh_worker.generate(model_id="tiny", prompt="x", max_tokens=2, ignore_eos=True).wait().tokens
 

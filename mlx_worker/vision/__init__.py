@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from .. import protocol
-from ..errors import invalid_params
 from ..model_checks import text_config
 from ..models import LoadedModel, new_loaded_model
 from .adapter import VisionAdapter
@@ -26,22 +25,18 @@ from .lm import wrap_language_model
 __all__ = ["load_vision_model", "VisionAdapter"]
 
 
-def _option(params: protocol.LoadParams, name: str, default: int, minimum: int) -> int:
-    value = getattr(params, name)
-    if value is None:
-        return default
-    if value < minimum:
-        raise invalid_params(f"params.{name}", f"must be at least {minimum}")
-    return value
+def _option(params: protocol.LoadParams, name: str, default: int) -> int:
+    value = getattr(params, name)  # bounds: protocol.LoadParams
+    return default if value is None else value
 
 
 def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> LoadedModel:
     limits = ImageLimits(
-        max_images=_option(params, "max_images", DEFAULT_MAX_IMAGES, 1),
-        max_pixels=_option(params, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, 1),
-        max_bytes=_option(params, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES, 1),
+        max_images=_option(params, "max_images", DEFAULT_MAX_IMAGES),
+        max_pixels=_option(params, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        max_bytes=_option(params, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES),
     )
-    cache_bytes = _option(params, "image_cache_bytes", DEFAULT_IMAGE_CACHE_BYTES, 0)
+    cache_bytes = _option(params, "image_cache_bytes", DEFAULT_IMAGE_CACHE_BYTES)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper

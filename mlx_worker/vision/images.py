@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
-from .. import errors
+from .. import errors, files
 from ..errors import WorkerError
 
 DEFAULT_MAX_IMAGES = 16
@@ -97,23 +97,12 @@ def _too_large(field: str, size: int, limits: ImageLimits) -> WorkerError:
 
 
 def _from_path(path: str, field: str, limits: ImageLimits) -> bytes:
-    if not os.path.isabs(path):
-        raise image_error(field, "relative_path", f"image paths must be absolute: {path!r}")
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > limits.max_bytes:
-                raise _too_large(field, size, limits)
-            # Read one byte past the limit: a file that grows is still bounded.
-            data = fh.read(limits.max_bytes + 1)
-    except WorkerError:
-        raise
-    except FileNotFoundError:
-        raise image_error(field, "not_found", f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise image_error(field, "unreadable", f"image path is a folder: {path}") from None
-    except OSError as exc:
-        raise image_error(field, "unreadable", f"image file could not be read: {path}: {exc.strerror or exc}") from None
+        data = files.read_regular(files.check_path(path), limits.max_bytes)
+    except files.PathProblem as exc:
+        raise image_error(field, exc.reason, f"image: {exc.message}") from None
+    except files.FileTooLarge as exc:
+        raise _too_large(field, exc.size, limits) from None
     if len(data) > limits.max_bytes:
         raise _too_large(field, len(data), limits)
     return data
@@ -125,10 +114,10 @@ def _from_data_url(source: str, field: str, limits: ImageLimits) -> bytes:
     params = [p.strip().lower() for p in match.group(2).split(";") if p.strip()]
     if "base64" not in params:
         raise image_error(field, "not_base64", "data URLs must be base64-encoded (`data:image/png;base64,...`)")
-    return _from_base64(source[match.end():], field, limits)
+    return _from_base64(source[match.end():], field, limits, in_data_url=True)
 
 
-def _from_base64(text: str, field: str, limits: ImageLimits) -> bytes:
+def _from_base64(text: str, field: str, limits: ImageLimits, in_data_url: bool = False) -> bytes:
     # Size from the encoded length first: never decode more than the limit.
     if len(text) // 4 * 3 > limits.max_bytes + 2:
         compact = "".join(text.split())  # MIME line breaks do not count
@@ -136,6 +125,8 @@ def _from_base64(text: str, field: str, limits: ImageLimits) -> bytes:
             raise _too_large(field, len(compact) // 4 * 3, limits)
     data = _b64decode(text)
     if data is None:
+        if in_data_url:  # never a path, whatever it looks like
+            raise image_error(field, "not_base64", "the data URL's payload is not valid base64")
         if _looks_like_path(text):
             raise image_error(field, "relative_path", f"image paths must be absolute: {text!r}")
         raise image_error(
@@ -153,6 +144,8 @@ def _b64decode(text: str) -> bytes | None:
     except (binascii.Error, ValueError):
         pass
     compact = "".join(text.split())
+    if "=" not in compact and len(compact) % 4 in (2, 3):
+        compact += "=" * (-len(compact) % 4)  # unpadded base64 (as in JWTs, many encoders)
     for altchars in (None, b"-_"):  # line breaks; the URL-safe alphabet
         try:
             return base64.b64decode(compact, altchars=altchars, validate=True)

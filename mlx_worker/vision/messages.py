@@ -61,8 +61,19 @@ def template_messages(messages: list[protocol.ChatMessage], model_type: str) -> 
                     f"this model takes images in user messages only, not in a {m.role!r} message",
                 )
     shaped = apply_chat_template(None, {"model_type": model_type}, raw, return_messages=True)
-    # The formatter rebuilds each message from role and content: put back the rest.
-    return [{**{k: v for k, v in r.items() if k != "content"}, **s} for r, s in zip(raw, shaped)]
+    # The formatter rebuilds each message from role and content: put back the
+    # rest. It joins the text parts of a message without images (with
+    # spaces): such a message keeps its parts as sent, as transformers passes
+    # them, since a template may trim or separate parts.
+    return [
+        {**{k: v for k, v in r.items() if k != "content"}, **({"content": r["content"]} if _text_parts(m) else s)}
+        for m, r, s in zip(messages, raw, shaped)
+    ]
+
+
+def _text_parts(message: protocol.ChatMessage) -> bool:
+    """Content given as a list of parts, none of them an image."""
+    return isinstance(message.content, list) and not any(isinstance(p, protocol.ImagePart) for p in message.content)
 
 
 def render(processor: Any, messages: list[dict], params: Any, model_id: str) -> str:
