@@ -1,5 +1,8 @@
 #include "mlx_worker/client.hpp"
 
+#include <condition_variable>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -47,24 +50,46 @@ namespace detail {
 // wait for this very thread.
 thread_local bool dispatching = false;
 
+// A call's outcome is kept as data and each waiter throws its own exception object:
+// no exception object is shared between threads.
 struct CallState {
-  std::promise<nlohmann::json> promise;
-  std::shared_future<nlohmann::json> future = promise.get_future().share();
-  EventHandler on_event;
-  std::exception_ptr handler_error;  // a callback that threw fails the call
+  EventHandler on_event;             // used by the reader thread only
+  std::exception_ptr handler_error;  // reader thread only, until done
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool done = false;
+  nlohmann::json result;
+  std::optional<RpcError> rpc_error;
+  std::optional<WorkerExited> exited;
+
+  void finish(nlohmann::json value, std::optional<RpcError> error, std::optional<WorkerExited> gone) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (done) return;
+    result = std::move(value);
+    rpc_error = std::move(error);
+    exited = std::move(gone);
+    done = true;
+    cv.notify_all();
+  }
 };
 
 }  // namespace detail
 
 nlohmann::json Call::get() const {
-  if (detail::dispatching && state_->future.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  if (!state_->done && detail::dispatching) {
     throw std::logic_error("mlx_worker: waiting for a response inside an event callback would deadlock");
   }
-  return state_->future.get();
+  state_->cv.wait(lock, [this] { return state_->done; });
+  if (state_->handler_error) std::rethrow_exception(state_->handler_error);
+  if (state_->rpc_error) throw RpcError(*state_->rpc_error);
+  if (state_->exited) throw WorkerExited(*state_->exited);
+  return state_->result;
 }
 
 bool Call::wait_for(std::chrono::milliseconds timeout) const {
-  return state_->future.wait_for(timeout) == std::future_status::ready;
+  std::unique_lock<std::mutex> lock(state_->mutex);
+  return state_->cv.wait_for(lock, timeout, [this] { return state_->done; });
 }
 
 // ---- client -----------------------------------------------------------------
@@ -281,30 +306,28 @@ void Client::handle_line(std::string_view line) {
     state = std::move(it->second);
     pending_.erase(it);
   }
-  if (state->handler_error) {
-    state->promise.set_exception(state->handler_error);
-  } else if (auto error = message.find("error"); error != message.end() && error->is_object()) {
+  if (auto error = message.find("error"); error != message.end() && error->is_object()) {
     int code = error->value("code", 0);
     std::string text = error->value("message", std::string());
     nlohmann::json data = error->contains("data") ? (*error)["data"] : nlohmann::json();
-    state->promise.set_exception(std::make_exception_ptr(RpcError(code, std::move(text), std::move(data))));
+    state->finish({}, RpcError(code, std::move(text), std::move(data)), std::nullopt);
   } else {
     auto result = message.find("result");
-    state->promise.set_value(result != message.end() ? *result : nlohmann::json());
+    state->finish(result != message.end() ? *result : nlohmann::json(), std::nullopt, std::nullopt);
   }
 }
 
 void Client::on_exit(const ExitStatus& status) {
   std::map<std::int64_t, std::shared_ptr<detail::CallState>> orphans;
-  std::exception_ptr error;
+  std::optional<WorkerExited> error;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     exit_status_ = status;
     orphans.swap(pending_);
-    error = std::make_exception_ptr(exited_error());
+    error = exited_error();
     cv_.notify_all();
   }
-  for (auto& [id, state] : orphans) state->promise.set_exception(error);
+  for (auto& [id, state] : orphans) state->finish({}, std::nullopt, error);
 }
 
 }  // namespace mlx_worker
