@@ -529,6 +529,7 @@ TEST(Lifecycle, KilledWorkerFailsEveryPendingAndLaterCall) {
   auto start = Clock::now();
   ASSERT_EQ(::kill(pid, SIGKILL), 0);
   for (auto* call : {&running, &queued}) {
+    ASSERT_TRUE(call->wait_for(5s)) << "a pending call hangs after the worker died";
     try {
       call->get();
       ADD_FAILURE() << "a call survived the worker";
@@ -543,4 +544,25 @@ TEST(Lifecycle, KilledWorkerFailsEveryPendingAndLaterCall) {
   EXPECT_EQ(worker->close().signal, SIGKILL);
   EXPECT_EQ(::kill(pid, 0), -1);
   EXPECT_EQ(errno, ESRCH) << "the worker was not reaped";
+}
+
+// ---- SIGPIPE -------------------------------------------------------------------------
+
+TEST(Lifecycle, WritingToAClosedStdinNeverRaisesSigpipe) {
+  ::signal(SIGPIPE, SIG_DFL);  // as in a host that never touched it: SIGPIPE would kill us
+  // A "worker" that announces itself, closes its stdin and stays alive.
+  SpawnOptions o;
+  o.python = "/bin/sh";
+  o.args = {"-c",
+            R"(printf '%s\n' '{"jsonrpc":"2.0","method":"ready","params":{"protocol_version":"1.0","worker_version":"0","mlx_version":"0","device":"cpu","pid":1,"capabilities":{"methods":[],"max_line_bytes":1,"batch":false,"constraints":[],"constraint_engines":[],"vision":false}}}'; exec 0<&-; exec sleep 30)"};
+  auto worker = Client::spawn(o);
+  std::this_thread::sleep_for(200ms);  // let it close stdin
+  std::vector<Call> calls;
+  for (int i = 0; i < 3; ++i) calls.push_back(worker->send("status"));  // EPIPE, no signal
+  EXPECT_FALSE(calls[0].wait_for(100ms));
+  sigset_t pending;
+  sigpending(&pending);
+  EXPECT_FALSE(sigismember(&pending, SIGPIPE));
+  EXPECT_EQ(worker->close({200ms, 3000ms, 3000ms}).signal, SIGTERM);
+  for (auto& call : calls) EXPECT_THROW(call.get(), WorkerExited);
 }
