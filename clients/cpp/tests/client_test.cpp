@@ -367,6 +367,10 @@ TEST_F(Worker, InvalidParamsNameTheFieldAndTheWorkerKeepsServing) {
   } catch (const RpcError& e) {
     EXPECT_EQ(e.code(), errc::method_not_found);
   }
+  // A string that is not UTF-8 is refused before it is sent (the worker could not tell
+  // whose request its -32700 answers).
+  EXPECT_THROW(client_->request("tokenize", {{"text", "\xC3("}}), nlohmann::json::type_error);
+  EXPECT_EQ(client_->status().models.size(), 1u);
   // The generated types never send null for an unset option.
   GenerateParams p;
   p.prompt = "x";

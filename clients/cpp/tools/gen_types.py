@@ -99,16 +99,18 @@ class Generator:
         if not tagged and (None in kinds or len(set(kinds)) != len(kinds)):
             return "nlohmann::json", set()
         parts, deps = [], set()
-        for i, m in enumerate(flat):
+        for m in flat:
             t, d = self.cpp_type(m, owner, prop)
             parts.append(t)
             deps |= d
         vtype = f"std::variant<{', '.join(parts)}>"
         if vtype not in self.aliases:
-            base = prop[: -len("_item")] if prop.endswith("_item") else prop
-            name = ALIAS_BY_PROPERTY.get(prop) or (camel(base) if prop.endswith("_item") else owner + camel(prop))
-            if prop.endswith("_item"):
-                name = owner + camel(base) + "Part"
+            if prop in ALIAS_BY_PROPERTY:
+                name = ALIAS_BY_PROPERTY[prop]
+            elif prop.endswith("_item"):  # a union inside an array: ChatMessage.content -> ChatMessageContentPart
+                name = owner + camel(prop[: -len("_item")]) + "Part"
+            else:
+                name = owner + camel(prop)
             self.aliases[vtype] = name
             self.alias_order.append((name, vtype, deps))
         return self.aliases[vtype], deps
