@@ -118,6 +118,8 @@ class Generator:
     def json_kind(self, sch: dict):
         if "$ref" in sch:
             return "object"
+        if "enum" in sch and all(isinstance(v, str) for v in sch["enum"]):
+            return "string"
         kind = sch.get("type")
         if kind in ("string", "boolean", "array", "object"):
             return kind
