@@ -1,0 +1,88 @@
+"""The C++ client (clients/cpp) built and tested against the real worker.
+
+Configures and builds clients/cpp with CMake into clients/cpp/build/<variant> (gitignored,
+reused when present), then runs its GoogleTest suite through ctest: once plain, once
+under AddressSanitizer+UBSan, once under ThreadSanitizer. A missing toolchain or library
+is a failure that says what to install, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, worker_env
+
+CPP = ROOT / "clients" / "cpp"
+INSTALL_HINT = (
+    "install the C++ toolchain: Debian/Ubuntu `apt-get install g++ cmake ninja-build "
+    "nlohmann-json3-dev libgtest-dev`; macOS `brew install cmake ninja nlohmann-json googletest` "
+    "(see clients/cpp/README.md)"
+)
+VARIANTS = {"plain": "", "asan": "address", "tsan": "thread"}
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def explain(output: str) -> str:
+    """What to install, when a build's output shows that something is missing."""
+    missing = []
+    if "No CMAKE_CXX_COMPILER could be found" in output:
+        missing.append("a C++17 compiler (g++ / Xcode command line tools)")
+    if "nlohmann_json" in output and "Could not find" in output:
+        missing.append("nlohmann/json (nlohmann-json3-dev / brew nlohmann-json)")
+    if "GTest" in output and "Could not find" in output:
+        missing.append("GoogleTest (libgtest-dev / brew googletest)")
+    for lib, deb in (("asan", "libasan8"), ("tsan", "libtsan2"), ("ubsan", "libubsan1")):
+        if re.search(rf"cannot find (-l{lib}|lib{lib})", output):
+            missing.append(f"the {lib} runtime ({deb}, normally installed with g++)")
+    return ("missing: " + "; ".join(missing) + ". " if missing else "") + INSTALL_HINT
+
+
+def build(variant: str, target: str) -> Path:
+    if not shutil.which("cmake"):
+        pytest.fail("cmake not found: " + INSTALL_HINT)
+    build_dir = CPP / "build" / variant
+    configure = ["cmake", "-S", str(CPP), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Debug",
+                 f"-DMLX_WORKER_SANITIZE={VARIANTS[variant]}", f"-DMLX_WORKER_PYTHON={sys.executable}",
+                 f"-DMLX_WORKER_REPO_ROOT={ROOT}"]
+    if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", "2", "--target", target]):
+        proc = run(cmd)
+        if proc.returncode != 0:
+            pytest.fail(f"`{' '.join(cmd)}` failed:\n{proc.stdout[-6000:]}\n{explain(proc.stdout)}")
+    return build_dir
+
+
+def test_generated_types_are_current():
+    proc = run([sys.executable, str(CPP / "tools" / "gen_types.py"), "--check"])
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cpp_client(variant, tiny_model):
+    build_dir = build(variant, "mlx_worker_tests")
+    env = dict(os.environ, MLX_WORKER_TEST_MODEL=tiny_model)
+    proc = run(["ctest", "--test-dir", str(build_dir), "--output-on-failure"], env=env)
+    assert proc.returncode == 0, proc.stdout[-12000:]
+
+
+def test_readme_example_runs(tiny_model):
+    build_dir = build("plain", "mlx_worker_example")
+    exe = build_dir / "mlx_worker_example"
+    proc = run([str(exe), sys.executable, tiny_model], cwd=ROOT, env=worker_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert re.search(r"\n\[(max_tokens|eos|stop_string), \d+ tokens\]\n$", proc.stdout), proc.stdout
+    # The README shows this very program.
+    readme = (CPP / "README.md").read_text(encoding="utf-8")
+    assert (CPP / "examples" / "example.cpp").read_text(encoding="utf-8").strip() in readme
