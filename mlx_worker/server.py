@@ -409,6 +409,11 @@ def _id_at_head(head: bytes) -> Any:
 def _field_of(exc: msgspec.ValidationError, root: str) -> dict:
     # msgspec says "... - at `$.a.b[0]`" (or "at `key` in `$.a`" for a
     # mapping's key); hosts get it as "params.a.b[0]".
+    # An unknown key is named by the field itself, so a host sees which
+    # option it misspelt ("params.max_tokenz", not "params").
     match = re.search(r"`\$([^`]*)`$", str(exc))
     path = match.group(1) if match else ""
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", str(exc))
+    if unknown:
+        path += "." + unknown.group(1)
     return {"field": root + path if root else path.lstrip(".")}
