@@ -3,7 +3,8 @@
 Fixtures: fp32 (tiny-llama), bf16, 4-bit, 8-bit and mixed 3/6-bit conversions
 made with mlx-lm's own converter (bf16 scales, as community conversions of
 bf16 checkpoints have), and a sliding-window family (gemma3 text: local layers
-with a 16-token window, which every prompt here crosses).
+with a 16-token window, which every prompt here crosses) and a recurrent one
+(mamba: state that can't be trimmed).
 
 The reference is mlx-lm itself, run in this process on the same checkpoint
 with the same prompt tokens. What is guaranteed per dtype is stated in
@@ -30,6 +31,7 @@ TEXT_FIXTURES = {
     "tiny-llama-q8": "quantized",
     "tiny-llama-mixed": "quantized",
     "tiny-gemma3": "fp32",
+    "tiny-mamba": "fp32",
 }
 # Cached vs uncached logprobs of the same token (protocol/README.md, "Numerics per dtype").
 LOGPROB_TOLERANCE = {"fp32": 1e-4, "bf16": 0.05, "quantized": 0.05}
@@ -122,8 +124,24 @@ def test_cancel(fx):
 def test_cached_equals_uncached(fx):
     """A follow-up turn served from the prompt cache gives what a cold run gives,
     to the per-dtype guarantee in protocol/README.md ("Numerics per dtype").
-    Steps of 16 give the sliding-window model reusable chunk boundaries."""
-    _, dtype, _, w, _, _ = fx
+    The follow-up extends the first turn's tokens exactly (what recurrent state
+    needs); steps of 16 give the sliding-window model reusable chunk boundaries."""
+    _, dtype, _, w, prompts, _ = fx
+    first = w.generate(model_id="m", tokens=prompts["chat"], max_tokens=12, temperature=0, ignore_eos=True,
+                       prefill_step_size=16).wait()
+    turn = prompts["chat"] + first.tokens + w.tokenize(model_id="m", text="\nAnd then what?").tokens
+    params = dict(tokens=turn, max_tokens=16, temperature=0, ignore_eos=True, top_logprobs=2, prefill_step_size=16)
+    cached, cached_events = run(w, **params)
+    cold, cold_events = run(w, **params, prompt_cache=False)
+    assert cached.usage.cached_tokens > 0 and cold.usage.cached_tokens == 0
+    assert_same_output(dtype, cached, cold, cached_events, cold_events)
+
+
+def test_cached_chat_turn_equals_uncached(fx):
+    """The next chat turn, rendered from messages (the answer re-tokenized)."""
+    name, dtype, _, w, _, _ = fx
+    if name == "tiny-mamba":
+        pytest.skip("recurrent state is reused only by prompts extending all of its tokens")
     first = w.generate(model_id="m", messages=CHAT, max_tokens=12, temperature=0, prefill_step_size=16).wait()
     turn = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then what?"}]
     params = dict(messages=turn, max_tokens=16, temperature=0, ignore_eos=True, top_logprobs=2, prefill_step_size=16)
@@ -150,6 +168,17 @@ def assert_same_output(dtype, a, b, a_events, b_events):
                 assert alt is not None and mine.logprob - alt <= 2 * tol, (mine, other)
             break
         assert abs(x.logprob - y.logprob) <= tol, (x, y)
+
+
+def test_prefill_chunking_within_the_dtype_tolerance(fx):
+    name, dtype, _, w, prompts, expected = fx
+    if name == "tiny-gemma3":
+        pytest.skip("the prompt wraps the 16-token window: chunking is part of the result (see Rotating caches)")
+    params = dict(tokens=prompts["chat"], max_tokens=16, temperature=0, ignore_eos=True, top_logprobs=2,
+                  prompt_cache=False)
+    whole, whole_events = run(w, **params)
+    chunked, chunked_events = run(w, **params, prefill_step_size=5)
+    assert_same_output(dtype, chunked, whole, chunked_events, whole_events)
 
 
 SCHEMA = {
