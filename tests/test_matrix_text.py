@@ -170,6 +170,7 @@ def assert_same_output(dtype, a, b, a_events, b_events):
         assert abs(x.logprob - y.logprob) <= tol, (x, y)
 
 
+@pytest.mark.heavy
 def test_prefill_chunking_within_the_dtype_tolerance(fx):
     name, dtype, _, w, prompts, expected = fx
     if name == "tiny-gemma3":
@@ -199,6 +200,7 @@ def test_constraint_output_validates(fx):
     jsonschema.validate(json.loads(result.text), SCHEMA)
 
 
+@pytest.mark.heavy
 def test_memory_estimate_bounds_the_measured_peak(fx):
     """The admission estimate (read from a refusal) is at least what the same
     request then measures (peak_memory over the model's own memory)."""
