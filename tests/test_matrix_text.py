@@ -6,22 +6,25 @@ bf16 checkpoints have), and a sliding-window family (gemma3 text: local layers
 with a 16-token window, which every prompt here crosses) and a recurrent one
 (mamba: state that can't be trimmed).
 
-The reference is mlx-lm itself, run in this process on the same checkpoint
-with the same prompt tokens. What is guaranteed per dtype is stated in
+The reference is mlx-lm itself on the same checkpoint with the same prompt
+tokens, in a child process bound to the worker's BLAS (tests/reference.py). What is guaranteed per dtype is stated in
 protocol/README.md ("Numerics per dtype") and tested here as stated.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import pytest
 
+import reference
 from conftest import spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
-import reference
+from numerics import assert_same_output
 
 # fixture -> dtype class of its activations (the guarantees differ per class).
 TEXT_FIXTURES = {
@@ -33,13 +36,9 @@ TEXT_FIXTURES = {
     "tiny-gemma3": "fp32",
     "tiny-mamba": "fp32",
 }
-# Cached vs uncached logprobs of the same token (protocol/README.md, "Numerics per dtype").
-LOGPROB_TOLERANCE = {"fp32": 1e-4, "bf16": 0.05, "quantized": 0.05}
 
 CHAT = [{"role": "user", "content": "Tell me about the sea and the city, the tree and the farm."}]
 LONG = "The model writes a stream of tokens to the host, one line at a time. " * 3  # > 16-token window
-
-
 CANCEL_REFERENCE = 200  # tokens of the uninterrupted run a cancelled one is compared with
 
 
@@ -151,25 +150,6 @@ def test_cached_chat_turn_equals_uncached(fx):
     assert_same_output(dtype, cached, cold, cached_events, cold_events)
 
 
-def assert_same_output(dtype, a, b, a_events, b_events):
-    """fp32: the same tokens. Every dtype: each token both runs chose has logprobs
-    within the tolerance; where the tokens part, it was a near-tie (the other
-    run's token within twice the tolerance of the top in both runs)."""
-    tol = LOGPROB_TOLERANCE[dtype]
-    if dtype == "fp32":
-        assert a.tokens == b.tokens
-    a_lp = [lp for e in a_events for lp in e.logprobs]
-    b_lp = [lp for e in b_events for lp in e.logprobs]
-    assert len(a_lp) == len(a.tokens) and len(b_lp) == len(b.tokens)
-    for x, y in zip(a_lp, b_lp):
-        if x.token != y.token:
-            for mine, other in ((x, y), (y, x)):
-                alt = next((t.logprob for t in mine.top if t.token == other.token), None)
-                assert alt is not None and mine.logprob - alt <= 2 * tol, (mine, other)
-            break
-        assert abs(x.logprob - y.logprob) <= tol, (x, y)
-
-
 @pytest.mark.heavy
 def test_prefill_chunking_within_the_dtype_tolerance(fx):
     name, dtype, _, w, prompts, expected = fx
@@ -191,8 +171,6 @@ SCHEMA = {
 
 
 def test_constraint_output_validates(fx):
-    import jsonschema
-
     _, _, _, w, _, _ = fx
     result = w.generate(model_id="m", messages=CHAT, max_tokens=60, temperature=0,
                         constraint={"type": "json_schema", "schema": SCHEMA}).wait()
@@ -202,19 +180,20 @@ def test_constraint_output_validates(fx):
 
 @pytest.mark.heavy
 def test_memory_estimate_bounds_the_measured_peak(fx):
-    """The admission estimate (read from a refusal) is at least what the same
-    request then measures (peak_memory over the model's own memory)."""
+    """The admission estimate (read from a refusal under a limit just above the
+    weights) is at least what the same request then measures in a worker of
+    its own: peak_memory over the model's own memory."""
     _, _, path, *_ = fx
-    with spawn() as w:
-        weights = sum(p.stat().st_size for p in __import__("pathlib").Path(path).glob("*.safetensors"))
-        w.load(path, model_id="probe", memory_limit=weights + 1)
-        ids = [7 + i % 900 for i in range(300)]
-        params = dict(tokens=ids, max_tokens=20, temperature=0, ignore_eos=True, prompt_cache=False,
-                      prefill_step_size=128)
-        with pytest.raises(RpcError) as refused:
-            w.generate(model_id="probe", **params).wait()
-        needed = refused.value.data["needed"]
-        w.unload("probe")
-        loaded = w.load(path, model_id="m")
-        result = w.generate(model_id="m", **params).wait()
-        assert result.peak_memory <= loaded.memory_bytes + needed, (result.peak_memory, loaded.memory_bytes, needed)
+    weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    for n_prompt, step in ((300, 128), (1500, 512)):
+        params = dict(tokens=[7 + i % 900 for i in range(n_prompt)], max_tokens=20, temperature=0,
+                      ignore_eos=True, prompt_cache=False, prefill_step_size=step)
+        with spawn() as w:
+            w.load(path, model_id="probe", memory_limit=weights + 1)
+            with pytest.raises(RpcError) as refused:
+                w.generate(model_id="probe", **params).wait()
+            needed = refused.value.data["needed"]
+        with spawn() as w:
+            loaded = w.load(path, model_id="m")
+            result = w.generate(model_id="m", **params).wait()
+        assert result.peak_memory <= loaded.memory_bytes + needed, (n_prompt, result.peak_memory, loaded.memory_bytes, needed)

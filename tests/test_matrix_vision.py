@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 
+import reference
 from conftest import spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
+from numerics import assert_same_output
 from vision_images import b64, gradient, noise, png, user
-from test_matrix_text import assert_same_output
-import reference
 
 VISION_FIXTURES = {
     "tiny-qwen2-vl": "fp32",
@@ -26,11 +26,12 @@ VISION_FIXTURES = {
     "tiny-glm4v": "fp32",
 }
 GREEDY = dict(max_tokens=24, temperature=0, ignore_eos=True, prompt_cache=False)
+REFERENCE_IMAGE = noise(3)
 
 
 @pytest.fixture(scope="module", params=list(VISION_FIXTURES))
 def vx(request):
-    """(name, dtype class, worker with the fixture loaded as "m", mlx-vlm's tokens for REFERENCE_MESSAGES)."""
+    """(name, dtype class, worker with the fixture loaded as "m", mlx-vlm's tokens for ask(REFERENCE_IMAGE))."""
     name = request.param
     path = str(ensure_model(name))
     w = spawn()
@@ -49,9 +50,6 @@ def ask(picture, text="What is in the picture?"):
 
 def gen(w, **params):
     return w.generate(model_id="m", **{**GREEDY, **params}).wait()
-
-
-REFERENCE_IMAGE = noise(3)
 
 
 def test_two_images_give_different_tokens(vx):
