@@ -10,6 +10,9 @@ rendered prompt and images.
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 
 import reference
@@ -101,3 +104,13 @@ def test_cached_equals_uncached(vx):
     cached, cold = cached_stream.result, cold_stream.result
     assert cached.usage.cached_tokens > 0 and cold.usage.cached_tokens == 0
     assert_same_output(dtype, cached, cold, cached_events, cold_events)
+
+
+def test_constraint_output_validates(vx):
+    _, _, w, _ = vx
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    result = w.generate(model_id="m", messages=ask(noise(7)), max_tokens=40, temperature=0,
+                        constraint={"type": "json_schema", "schema": schema}).wait()
+    assert result.constraint_complete is True, result.text
+    jsonschema.validate(json.loads(result.text), schema)
