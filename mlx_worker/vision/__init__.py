@@ -30,6 +30,19 @@ def _option(params: protocol.LoadParams, name: str, default: int) -> int:
     return default if value is None else value
 
 
+def _eos_token_ids(processor, hf_tokenizer, config: dict) -> list[int]:
+    """The ids mlx-vlm's own generate stops on: its stopping criteria hold
+    config.json's eos_token_id as generation_config.json overrides it, plus
+    the tokenizer's EOS."""
+    criteria = getattr(hf_tokenizer, "stopping_criteria", None) or getattr(processor, "stopping_criteria", None)
+    ids = getattr(criteria, "eos_token_ids", None)
+    if not ids:  # a null in text_config must not hide the top-level value
+        tcfg = text_config(config)
+        ids = next((v for v in (tcfg.get("eos_token_id"), config.get("eos_token_id")) if v is not None), None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return [int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+
+
 def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> LoadedModel:
     limits = ImageLimits(
         max_images=_option(params, "max_images", DEFAULT_MAX_IMAGES),
@@ -50,9 +63,7 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
         if hasattr(processor, "chat_template"):
             processor.chat_template = params.chat_template
 
-    tcfg = text_config(config)
-    eos = tcfg.get("eos_token_id", config.get("eos_token_id"))
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = _eos_token_ids(processor, hf_tokenizer, config)
     detokenizer = getattr(processor, "detokenizer", None)
     tokenizer = TokenizerWrapper(
         hf_tokenizer,

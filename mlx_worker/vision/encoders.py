@@ -154,7 +154,9 @@ class QwenEncoder:
             return None, positions  # no image left to feed: plain tokens will do
         if cursor < len(tokens):
             segments.append(embed(mx.array(tokens[cursor:])))
-        dtype = embed.weight.dtype if hasattr(embed, "weight") else segments[0].dtype
+        # The embedding's output dtype, not its weight's: a quantized table's
+        # weight is packed uint32 (casting to it turns features into integers).
+        dtype = embed(mx.array(tokens[:1])).dtype
         return mx.concatenate([s.astype(dtype) for s in segments], axis=0), positions
 
 
@@ -162,6 +164,8 @@ class QwenEncoder:
 
 # Fields of mlx-vlm's InputEmbeddingsFeatures the generic path can pass on.
 _HANDLED = {"inputs_embeds", "position_ids", "rope_deltas", "attention_mask"}
+# Where some mlx-vlm language models keep the positions get_input_embeddings planned.
+_OWN_PLAN = ("_position_ids", "_rope_deltas")
 
 
 class GenericEncoder:
@@ -204,6 +208,10 @@ class GenericEncoder:
         extra = dict(prompt.extra)
         pixel_values = extra.pop("pixel_values", None)
         mask = extra.pop("attention_mask", None)
+        lm = self.vlm.language_model
+        for name in _OWN_PLAN:  # a plan left by an earlier prompt must not stand in for this one's
+            if hasattr(lm, name):
+                setattr(lm, name, None)
         out = self.vlm.get_input_embeddings(mx.array([prompt.tokens]), pixel_values, mask=mask, **extra)
         unhandled = [k for k, v in out.to_dict().items() if v is not None and k not in _HANDLED]
         if unhandled:
@@ -211,7 +219,13 @@ class GenericEncoder:
                 errors.GENERATION_FAILED,
                 f"model type {self.vlm.config.model_type!r} needs inputs this worker does not pass: {unhandled}",
             )
+        ids, deltas = out.position_ids, out.rope_deltas
+        if ids is None:
+            # GLM-4V style: get_input_embeddings keeps the image positions inside
+            # the language model instead of returning them. The wrapper passes
+            # positions explicitly on every call, so take the model's plan.
+            ids, deltas = (getattr(lm, name, None) for name in _OWN_PLAN)
         positions = None
-        if out.position_ids is not None and out.position_ids.ndim == 3 and out.rope_deltas is not None:
-            positions = Positions(ids=out.position_ids, delta=int(mx.array(out.rope_deltas).reshape(-1)[0].item()))
+        if ids is not None and ids.ndim == 3 and deltas is not None:
+            positions = Positions(ids=ids, delta=int(mx.array(deltas).reshape(-1)[0].item()))
         return out.inputs_embeds[0, start:], positions

@@ -12,7 +12,9 @@ j < len(prompt) gets column j of them, a later (generated) token gets
 j + delta. Passing explicit positions on every call keeps mlx-vlm's own
 per-generation state (``_position_ids``/``_rope_deltas``) out of the picture,
 and makes chunked prefill, a cache that already holds a prefix, and decoding
-all agree with a single cold pass.
+all agree with a single cold pass. Models that plan image positions inside
+their language model (GLM-4V's ``_position_ids``) have that plan taken over
+by the encoder (encoders.py), so it is what gets passed here.
 """
 
 from __future__ import annotations
