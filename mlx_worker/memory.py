@@ -143,11 +143,11 @@ def admit_generate(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> Non
     need, parts = generate_need(lm, n_prompt, max_tokens, prefill_step)
     model_limit = getattr(lm, "memory_limit", None)
     if model_limit and lm.memory_bytes + need > model_limit:
-        raise _oom("generate", need, model_limit - lm.memory_bytes, model_limit, "model", parts)
+        raise refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", parts)
     limit = worker_limit()
     available = limit - mx.get_active_memory()
     if need > available:
-        raise _oom("generate", need, available, limit, "worker", parts)
+        raise refusal("generate", need, available, limit, "worker", parts)
 
 
 def weights_bytes(path: Path) -> int:
@@ -160,14 +160,14 @@ def admit_load(path: Path, model_limit: Optional[int]) -> None:
 
     need = weights_bytes(path)
     if model_limit and need > model_limit:
-        raise _oom("load", need, model_limit, model_limit, "model", {"weights": need})
+        raise refusal("load", need, model_limit, model_limit, "model", {"weights": need})
     limit = worker_limit()
     available = limit - mx.get_active_memory()
     if need > available:
-        raise _oom("load", need, available, limit, "worker", {"weights": need})
+        raise refusal("load", need, available, limit, "worker", {"weights": need})
 
 
-def _oom(what: str, need: int, available: int, limit: int, which: str, parts: dict) -> WorkerError:
+def refusal(what: str, need: int, available: int, limit: int, which: str, parts: dict) -> WorkerError:
     name = "the model's memory_limit" if which == "model" else "the worker's memory limit"
     hint = (
         " (fewer max_tokens, a shorter prompt, a smaller prefill_step_size or max_kv_size would need less)"

@@ -383,9 +383,12 @@ class ModelStatus(Out):
 
 
 class QueueStatus(Out):
-    active: Union[RequestId, None]
+    active: Union[RequestId, None]  # the oldest running request
     pending: int
     max_pending: int
+    # Every request the compute thread is working on (generations stepping
+    # together in a batch), oldest first.
+    running: list[RequestId] = msgspec.field(default_factory=list)
 
 
 class MemoryStatus(Out):
