@@ -120,6 +120,7 @@ class Generation:
         if params.prompt_cache and lm.prompt_cache is not None:
             self.lease = lm.prompt_cache.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
             self.cache, self.cached = self.lease.cache, self.lease.cached
+            self.lease.cache = None  # the request owns it now (it may move into a batch)
         else:
             self.cache, self.cached = prompt_cache.make_cache(lm, keep), 0
         self.processed = self.cached

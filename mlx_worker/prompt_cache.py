@@ -28,14 +28,15 @@ above (an entry valid only at its exact length and chunking), leaves nothing
 to process on an exact hit, and doesn't refresh an entry's LRU position when
 it is read.
 
-Ownership: a request that reuses all of an entry's prompt (the next turn of
-a chat: the earlier prompt, maybe some of the answer) takes the entry out of
-the store, trims off what it doesn't share and writes into it: no copy. Its
-own cache goes back in when it finishes. A request that branches off inside
-the entry's prompt (an edited message, a regenerated answer, another
-conversation with the same system prompt) gets a copy instead, so the
-stored conversation survives: new cache objects whose arrays share the
-stored buffers, cut to the shared prefix (MLX never writes into a buffer
+Ownership: a request that continues into an entry's answer (the next turn
+of that chat: the earlier prompt and some of the answer) takes the entry out
+of the store under its lease, trims off what it doesn't share and writes
+into it: no copy. Its own cache goes back in when it finishes (commit); if
+it fails, the lease puts back what it took (abort). Any other reuse (an
+edited message, a regenerated answer, a shared system prompt or a loaded
+cache file that many concurrent requests start from) gets a copy, so the
+entry stays available to the others: new cache objects whose arrays share
+the stored buffers, cut to the shared prefix (MLX never writes into a buffer
 another array still uses; the first write copies the prefix).
 """
 
@@ -301,8 +302,8 @@ class PromptCacheStore:
                 log.info("prompt cache miss (%d tokens): %s", n, reason)
             return Lease(self, cache, 0, step, keep, cache_window(cache), None)
         taken = None
-        if best_m >= best.n_prompt:
-            self._remove(best)  # the request continues it: take it, no copy
+        if best_m > best.n_prompt:
+            self._remove(best)  # the request continues that conversation: take it, no copy
             cache = best.cache
             trim_prompt_cache(cache, len(best.key) - best_m)
             taken = best

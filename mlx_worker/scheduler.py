@@ -100,6 +100,8 @@ class Scheduler:
         model_out = sum(g.need for g in others if g.lm is lm)
         limit = memory.worker_limit()
         model_limit = getattr(lm, "memory_limit", None)
+        if model_limit and lm.memory_bytes + need > model_limit:  # never fits, even alone
+            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
         for attempt in range(2):
             available = limit - mx.get_active_memory() - outstanding
             model_ok = not model_limit or lm.memory_bytes + model_out + need <= model_limit
@@ -110,8 +112,6 @@ class Scheduler:
             break
         if others:
             return False  # wait: running requests will free memory
-        if model_limit and lm.memory_bytes + need > model_limit:
-            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
