@@ -57,10 +57,12 @@ class Handlers:
     def generate(self, job) -> protocol.GenerateResult:
         streamed_text: list[str] = []
         streamed_tokens: list[int] = []
+        by_channel: dict[str, list[str]] = {"content": [], "reasoning": []}
 
         def remember(event: protocol.TokenEvent) -> None:
             streamed_text.append(event.text)
             streamed_tokens.extend(event.tokens)
+            by_channel.get(event.channel, []).append(event.text)
 
         events = self._events(remember)
         try:
@@ -74,7 +76,10 @@ class Handlers:
                 job.finished = True
                 if not job.cancel.is_set():
                     raise
-            result = protocol.cancelled_result(job.params, "".join(streamed_text), streamed_tokens)
+            result = protocol.cancelled_result(
+                job.params, "".join(streamed_text), streamed_tokens,
+                content="".join(by_channel["content"]), reasoning="".join(by_channel["reasoning"]),
+            )
         with job.lock:
             job.finished = True
             if job.cancel.is_set():

@@ -223,7 +223,22 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         memory_bytes=m.memory_bytes,
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
+        **_channel_info(m.tokenizer),
     )
+
+
+def _channel_info(tokenizer) -> dict:
+    """The model family's tool-call format and reasoning markers, as mlx-lm's
+    TokenizerWrapper detected them."""
+    from .tool_grammar import family_of, syntax_for
+
+    out: dict = {}
+    if getattr(tokenizer, "has_tool_calling", False):
+        out["tool_call_format"] = family_of(tokenizer)
+        out["tool_grammar"] = syntax_for(tokenizer) is not None
+    if getattr(tokenizer, "has_thinking", False):
+        out["reasoning_markers"] = [tokenizer.think_start, tokenizer.think_end]
+    return out
 
 
 def _release() -> None:

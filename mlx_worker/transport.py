@@ -226,9 +226,12 @@ def _coalesce(batch: list) -> list:
             and isinstance(prev, protocol.Notification)
             and prev.method == "token"
             and prev.params.id == message.params.id
+            and prev.params.channel == message.params.channel
+            and prev.params.tool_call_index == message.params.tool_call_index
         ):
             a, b = prev.params, message.params
-            merged = protocol.TokenEvent(id=a.id, text=a.text + b.text, tokens=a.tokens + b.tokens)
+            merged = protocol.TokenEvent(id=a.id, text=a.text + b.text, tokens=a.tokens + b.tokens,
+                                         channel=a.channel, tool_call_index=a.tool_call_index)
             if a.logprobs is not msgspec.UNSET or b.logprobs is not msgspec.UNSET:
                 merged.logprobs = (a.logprobs or []) + (b.logprobs or [])
             out[-1] = protocol.Notification("token", merged)
