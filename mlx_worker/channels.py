@@ -4,9 +4,10 @@ Layered on the text stream (``textstream.TextStream`` decides the exact text
 and cuts stop strings; this module only labels it). The splitting is mlx-lm's
 own ``TextStateMachine`` with the transitions ``mlx_lm.server`` uses, built
 from the family's markers that mlx-lm's ``TokenizerWrapper`` detects
-(``think_start/end``, ``tool_call_start/end``). One extension: a family whose
-calls have no end marker (Mistral's ``[TOOL_CALLS]``) starts a new call at
-each start marker, so every call has its own text.
+(``think_start/end``, ``tool_call_start/end``). Two extensions: a family
+whose calls have no end marker (Mistral's ``[TOOL_CALLS]``) starts a new call
+at each start marker, so every call has its own text; and a stray marker (a
+``</think>`` with no block open) is a marker too, never channel text.
 
 The state machine strips markers; they are put back here as "marker" pieces
 so that every piece of text is accounted for: the concatenation of all
@@ -42,6 +43,15 @@ def transitions_for(tokenizer) -> dict:
             transitions["reasoning"].append((tokenizer.tool_call_start, "tool"))
         end = tokenizer.tool_call_end
         transitions["tool"] = [(end, "normal")] if end else [(tokenizer.tool_call_start, "tool")]
+    # A stray closing marker (or a second opening one) is still a marker:
+    # it must not leak into the text of a channel.
+    if getattr(tokenizer, "has_thinking", False):
+        transitions["normal"].append((tokenizer.think_end, "normal"))
+        transitions["reasoning"].append((tokenizer.think_start, "reasoning"))
+    if getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_call_end:
+        transitions["normal"].append((tokenizer.tool_call_end, "normal"))
+        if "reasoning" in transitions:
+            transitions["reasoning"].append((tokenizer.tool_call_end, "reasoning"))
     for marker in getattr(tokenizer, "structural_markers", ()) or ():
         transitions.setdefault("normal", []).append((marker, "normal"))
     for state, edges in (getattr(tokenizer, "response_transitions", None) or {}).items():
@@ -96,6 +106,11 @@ class ChannelSplitter:
     @property
     def in_call(self) -> bool:
         return self.state[0] == "tool"
+
+    def empty_piece(self) -> Piece:
+        """No text, in the current channel (a token whose text is held)."""
+        call = len(self.calls) - 1 if self.in_call and self.calls else None
+        return Piece(self.channel, "", call)
 
     def push(self, text: str) -> list[Piece]:
         """Label a chunk of text; text that may be the start of a marker is

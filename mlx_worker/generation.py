@@ -179,9 +179,7 @@ def _send_pieces(events: Events, request_id, channels: ChannelSplitter, pieces, 
     """One token event per channel piece; the first carries the token (and
     its logprobs). A token whose text is held still gets its event."""
     if not pieces:
-        events.token(protocol.TokenEvent(id=request_id, text="", tokens=tokens, logprobs=logprobs,
-                                         channel=channels.channel))
-        return
+        pieces = [channels.empty_piece()]
     for i, piece in enumerate(pieces):
         event = protocol.TokenEvent(id=request_id, text=piece.text, tokens=tokens if i == 0 else [],
                                     logprobs=logprobs if i == 0 else protocol.UNSET, channel=piece.channel)
