@@ -371,3 +371,25 @@ def test_load_reports_the_family(tw, paths):
     assert (qwen.tool_call_format, qwen.tool_grammar, qwen.reasoning_markers) == ("json_tools", True, ["<think>", "</think>"])
     mistral = tw.load(paths["mistral"], model_id="mistral")
     assert (mistral.tool_call_format, mistral.tool_grammar, mistral.reasoning_markers) == ("mistral", True, None)
+
+
+def test_typed_client_tools_and_channels(tw):
+    """The client takes typed tools and reads the stream by channel."""
+    tool = protocol.Tool(function=protocol.ToolFunction(name="get_weather", parameters=WEATHER))
+    stream = tw.generate(model_id="qwen3", messages=ASK, tools=[tool], tool_choice=protocol.NamedToolChoice(
+        name="get_weather"), max_tokens=120, seed=2)
+    result = stream.wait()
+    assert stream.channel_text("content") == result.content
+    texts = stream.tool_call_texts()
+    assert [json.loads(t)["arguments"] for t in texts[: len(result.tool_calls)]] == [c.arguments for c in result.tool_calls]
+    check_calls(result, ["get_weather"])
+
+
+def test_tools_on_a_model_without_a_call_format(worker):
+    """tiny-llama's ChatML template has no tool-call format: calls can't be
+    constrained, so tools are refused (fail closed) unless tool_choice is none."""
+    with pytest.raises(RpcError) as err:
+        worker.generate(model_id="tiny", prompt="hi", tools=TOOLS, max_tokens=2).wait()
+    assert err.value.code == -32007 and err.value.data["field"] == "params.tools"
+    result = worker.generate(model_id="tiny", prompt="hi", tools=TOOLS, tool_choice="none", max_tokens=2).wait()
+    assert result.stop_reason in ("max_tokens", "eos") and result.tool_calls == []
