@@ -268,6 +268,9 @@ def _load_text_model(path: Path, config: dict, params: protocol.LoadParams) -> L
     )
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
+    from .markers import extend_thinking
+
+    extend_thinking(tokenizer)
     return new_loaded_model(path, "text", model, tokenizer, config)
 
 
