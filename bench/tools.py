@@ -1,20 +1,22 @@
 """Cost of tools on decode, on a 32k-vocabulary model with a Qwen3-style tool
 template (tiny-qwen3-tools-32k).
 
-    python bench/tools.py [--tokens 200] [--rounds 10]
+    python bench/tools.py [--tokens 200] [--rounds 12]
 
 Same prompt (a chat rendered with the tools), seed and length on every side;
 EOS is banned with logit_bias so each run decodes the same count. Runs
 alternate (order rotating):
 
 - no tools: plain generation (the channel splitter still labels the text);
-- auto: ``tools`` given, ``tool_choice: "auto"``: the lazy tool grammar runs
-  on every token (free text until ``<tool_call>``);
+- auto: ``tools`` given, ``tool_choice: "auto"``: the lazy tool processor
+  runs on every token (free text until ``<tool_call>``, the mask chosen on
+  the device; the call grammar takes over once a call starts);
 - required: a forced call (the whole output is under the call grammar and
   the tool's schema; the schema keeps it going until max_tokens).
 
-Prints median tokens/s and pooled per-token step p50 of each, and their
-ratios to "no tools". Target: auto ÷ no tools ≥ 0.95.
+Prints median and best tokens/s and pooled per-token step p50 of each, and
+their ratios to "no tools" (best-of and step p50 resist load from other
+processes on a shared machine). Target: auto ÷ no tools ≥ 0.95.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ def run_once(lm, prompt, n, variant, seed, stamps):
 
 
 def grammar_cost_us(lm, prompt: str, outputs: list[list[int]]) -> list[float]:
-    """The auto tool grammar's own work per token (consume, mask, apply),
-    replayed over tokens the auto runs produced: robust to load from other
-    processes, which swamps a few percent in whole-run tokens/s."""
+    """The auto tool processor's own work per token, replayed over tokens
+    the auto runs produced: robust to load from other processes, which swamps
+    a few percent in whole-run tokens/s."""
     import msgspec
 
     import mlx.core as mx
@@ -87,6 +89,7 @@ def grammar_cost_us(lm, prompt: str, outputs: list[list[int]]) -> list[float]:
         mx.eval(proc(mx.array(context), logits))
         for t in tokens[:-1]:
             context.append(t)
+            proc.observe(t)
             ids = mx.array(context)
             mx.eval(ids)
             t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def grammar_cost_us(lm, prompt: str, outputs: list[list[int]]) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=12)  # a multiple of 3: each order equally often
     p.add_argument("--model", default="tiny-qwen3-tools-32k")
     args = p.parse_args()
     blas = bind_blas_like_the_worker()
@@ -134,12 +137,15 @@ def main() -> None:
             steps[v].extend(b - a for a, b in zip(stamps, stamps[1:]))
     base, base_steps = median(rates["no_tools"]), percentile(steps["no_tools"], 50)
     print(f"\ndecode, {args.tokens} tokens x {args.rounds} rounds (auto runs started {calls} calls)")
-    print(f"  {'':10} tokens/s  step p50 ms   ratio: tokens/s  step p50")
+    print(f"  {'':10} tokens/s (median, best)  step p50 ms   ratio: median  best  step p50")
     figures = {}
+    best_base = max(rates["no_tools"])
     for v in variants:
-        rate, step = median(rates[v]), percentile(steps[v], 50)
-        print(f"  {v:10} {rate:8.1f}  {step * 1e3:10.3f}          {rate / base:.3f}     {base_steps / step:.3f}")
+        rate, best, step = median(rates[v]), max(rates[v]), percentile(steps[v], 50)
+        print(f"  {v:10} {rate:8.1f} {best:8.1f}       {step * 1e3:8.3f}          {rate / base:.3f}  "
+              f"{best / best_base:.3f}  {base_steps / step:.3f}")
         figures[f"{v}_decode_ratio"] = rate / base
+        figures[f"{v}_best_ratio"] = best / best_base
         figures[f"{v}_step_p50_ratio"] = base_steps / step
     figures["auto_over_no_tools"] = figures.pop("auto_decode_ratio")
     cost = grammar_cost_us(lm, prompt, outputs[:3])

@@ -61,7 +61,11 @@ def transitions_for(tokenizer) -> dict:
 
 def initial_state(tokenizer, prompt_tokens: Sequence[int]) -> str:
     """"reasoning" when the prompt opened a reasoning block it didn't close
-    (a template that starts ``<think>`` in the generation prompt)."""
+    (a template that starts ``<think>`` in the generation prompt); "tool"
+    when the prompt ends with a call's start marker (a host that prefills it)."""
+    start = getattr(tokenizer, "tool_call_start_tokens", None) if getattr(tokenizer, "has_tool_calling", False) else None
+    if start and len(prompt_tokens) >= len(start) and tuple(prompt_tokens[-len(start):]) == tuple(start):
+        return "tool"
     state = "normal"
     if getattr(tokenizer, "has_thinking", False) and prompt_tokens:
         start = tokenizer.rfind_think_start(prompt_tokens)
@@ -97,7 +101,11 @@ class ChannelSplitter:
         transitions = transitions_for(tokenizer)
         machine = TextStateMachine(transitions or None)
         ends_without = bool(getattr(tokenizer, "has_tool_calling", False) and not tokenizer.tool_call_end)
-        return cls(machine, transitions, machine.make_state(initial_state(tokenizer, prompt_tokens)), ends_without)
+        initial = initial_state(tokenizer, prompt_tokens)
+        splitter = cls(machine, transitions, machine.make_state(initial), ends_without)
+        if initial == "tool":
+            splitter.calls.append(CallText())
+        return splitter
 
     @property
     def channel(self) -> str:

@@ -59,6 +59,7 @@ def run(
     tool_processor = tool_grammar.processor_for(lm, params)
     if tool_processor is not None:
         processors = processors + [tool_processor]
+    observe = getattr(tool_processor, "observe", None)  # the lazy tool grammar follows the tokens
 
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
     mx.random.seed(seed)
@@ -111,6 +112,8 @@ def run(
             if first_token_at is None:
                 first_token_at = prefill_done_at = time.perf_counter()
             fed_back.append(token)
+            if observe is not None:
+                observe(token)
             if token in eos_ids or token in stop_ids:
                 stop_reason, stop_token = "eos", token
                 break

@@ -1,13 +1,14 @@
 """tool_choice -> a logits processor that makes tool calls valid by construction.
 
-With tools given, generation runs under one llguidance Lark grammar: free
-text (reasoning markers allowed) until the family's call start marker, then
-exactly the family's call syntax around one of the tools' names and that
-tool's ``parameters`` schema, then free text again (llguidance's lazy
-"structural tag" pattern). ``required`` / ``{name}`` make the call start at
-the first token; ``none`` only forbids the start marker. The grammar is
-compiled and run by the constraint machinery (``mlx_worker.constraints``):
-same cache, same mask, same fail-closed errors (-32007).
+With tools given, the output is free until the model writes the family's
+call start marker; from there it is held to exactly the family's call syntax
+around one of the tools' names and that tool's ``parameters`` schema, then
+it is free again (llguidance's lazy "structural tag" idea, run as
+``tool_processor.ToolCallProcessor`` so that free text costs no CPU work).
+``required`` / ``{name}`` make the call start at the first token; ``none``
+only forbids the start marker. The call grammar is compiled and matched by
+the constraint machinery (``mlx_worker.constraints``): same cache, same
+mask, same fail-closed errors (-32007).
 
 Call syntaxes are known per mlx-lm tool parser (the family's format):
 
@@ -35,6 +36,7 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 
 @dataclass
 class CallSyntax:
+    trigger_id: int  # the start marker (one token)
     trigger: str  # lark for the start marker
     before_name: str
     after_name: str
@@ -68,23 +70,13 @@ def syntax_for(tokenizer) -> Optional[CallSyntax]:
         end = _single_token(tokenizer, tokenizer.tool_call_end_tokens)
         if end is None:
             return None
-        return CallSyntax(_special(start), _lit('\n{"name": "'), _lit('", "arguments": '),
+        return CallSyntax(start, _special(start), _lit('\n{"name": "'), _lit('", "arguments": '),
                           f"{_lit(chr(125) + chr(10))} {_special(end)}", free_after=True)
     if family == "mistral":
         args = tokenizer.encode("[ARGS]", add_special_tokens=False)
         sep = _special(args[0]) if len(args) == 1 else _lit("[ARGS]")
-        return CallSyntax(_special(start), "", sep, "", free_after=False)
+        return CallSyntax(start, _special(start), "", sep, "", free_after=False)
     return None
-
-
-def allowed_specials(tokenizer) -> list[int]:
-    """Special tokens free text may contain: the reasoning markers."""
-    out = []
-    if getattr(tokenizer, "has_thinking", False):
-        for ids in (tokenizer.think_start_tokens, tokenizer.think_end_tokens):
-            if ids is not None and len(ids) == 1:
-                out.append(ids[0])
-    return out
 
 
 def chosen_tools(params: protocol.GenerateParams) -> tuple[str, list[protocol.Tool]]:
@@ -142,27 +134,28 @@ def processor_for(lm, params: protocol.GenerateParams):
             constraints.compile_for(lm, protocol.JsonSchemaConstraint(schema=_schema(t)))
         except WorkerError as exc:
             raise _refuse(exc.message, f"params.tools[{i}].function.parameters") from None
-    lark = grammar(syntax, tools, mode, allowed_specials(tok))
+    lark = call_grammar(syntax, tools)
     try:
         compiled = constraints.compile_for(lm, protocol.GrammarConstraint(lark=lark))
     except WorkerError as exc:
         raise _refuse(exc.message, FIELD) from None
-    return compiled.processor()
+    from .tool_processor import ToolCallProcessor
+
+    return ToolCallProcessor(
+        compiled.program, compiled.info, syntax.trigger_id,
+        first="call_only" if mode == "required" else "free",
+        after_call="free" if syntax.free_after else "call_or_end",
+    )
 
 
-def grammar(syntax: CallSyntax, tools: list[protocol.Tool], mode: str, specials: list[int]) -> str:
+def call_grammar(syntax: CallSyntax, tools: list[protocol.Tool]) -> str:
+    """One call, start marker included: one of the tools' names and its
+    arguments, in the family's syntax."""
     from .constraints.llguidance_engine import JSON_OPTIONS, JSON_OVERRIDES
 
-    free_items = ["TEXT"] + [_special(i) for i in specials]
-    lines = ["%llguidance {}"]
-    if mode == "required":
-        lines.append("start: call (free call)* free" if syntax.free_after else "start: call+")
-    else:
-        lines.append("start: free (call free)*" if syntax.free_after else "start: free call*")
-    lines += [
-        f"free: ({' | '.join(free_items)})*",
-        "TEXT: /(.|\\n)+/",
-        "call: " + syntax.trigger + " (" + " | ".join(f"tool_{i}" for i in range(len(tools))) + ")",
+    lines = [
+        "%llguidance {}",
+        "start: " + syntax.trigger + " (" + " | ".join(f"tool_{i}" for i in range(len(tools))) + ")",
     ]
     for i, t in enumerate(tools):
         schema = dict(_schema(t))

@@ -235,6 +235,19 @@ def test_none_never_calls(tw, family):
     assert result.tokens[0] == start
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_that_opens_a_call(tw, family):
+    """A host that prefills the start marker: the output completes that call
+    under the grammar, and it is reported as a call."""
+    prompt = tw.tokenize(model_id=family, messages=ASK, tools=TOOLS).prompt + FAMILIES[family]["start"]
+    for seed in range(3):
+        result, events = run(tw, family, messages=None, prompt=prompt, tools=TOOLS, seed=seed, temperature=1.0)
+        check_channels(result, events)
+        assert events[0].channel == "tool_call"
+        check_calls(result)
+        assert all(c.reason == "incomplete" for c in result.invalid_tool_calls)
+
+
 # ------------------------------------------------------ interrupted calls
 
 
