@@ -82,6 +82,11 @@ def syntax_for(tokenizer) -> Optional[CallSyntax]:
 def chosen_tools(params: protocol.GenerateParams) -> tuple[str, list[protocol.Tool]]:
     """(mode, tools the grammar may call); mode is auto | required | none."""
     tools = params.tools or []
+    seen = set()
+    for i, t in enumerate(tools):
+        if t.function.name in seen:
+            raise invalid_params(f"params.tools[{i}].function.name", f"tool name {t.function.name!r} is given twice")
+        seen.add(t.function.name)
     choice = params.tool_choice
     if isinstance(choice, protocol.NamedToolChoice):
         names = {n for n in (choice.name, choice.function.name if choice.function else None) if n}
@@ -94,11 +99,6 @@ def chosen_tools(params: protocol.GenerateParams) -> tuple[str, list[protocol.To
         return "required", picked
     if choice == "required" and not tools:
         raise invalid_params("params.tool_choice", 'tool_choice "required" needs `tools`')
-    seen = set()
-    for i, t in enumerate(tools):
-        if t.function.name in seen:
-            raise invalid_params(f"params.tools[{i}].function.name", f"tool name {t.function.name!r} is given twice")
-        seen.add(t.function.name)
     return choice, tools
 
 

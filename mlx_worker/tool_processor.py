@@ -45,6 +45,7 @@ class ToolCallProcessor:
         self.mode = first
         self.m = None  # the matcher of the call being written
         self.known: list[int] = []  # generated tokens known on the CPU
+        self.observed = 0
         self.steps = 0  # processor calls so far
         self.words = np.zeros(info.mask_words, dtype=np.int32)
         self._ptr, self._nbytes = self.words.ctypes.data, self.words.nbytes
@@ -56,7 +57,7 @@ class ToolCallProcessor:
 
     def observe(self, token: int) -> None:
         """The generation loop received ``token`` (in order, every token)."""
-        self.observed = getattr(self, "observed", 0) + 1
+        self.observed += 1
         if self.observed > len(self.known):
             self.known.append(token)
 
@@ -67,10 +68,6 @@ class ToolCallProcessor:
             if is_engine_panic(exc):
                 raise self._failure(f"the matcher failed: {exc}") from None
             raise
-
-    @property
-    def in_call(self) -> bool:
-        return self.m is not None
 
     # -------------------------------------------------------------- steps
 
