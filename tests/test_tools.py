@@ -11,8 +11,10 @@ never prose.
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
+import msgspec
 import pytest
 from transformers import AutoTokenizer
 
@@ -416,3 +418,30 @@ def test_tools_on_a_model_without_a_call_format(worker):
     assert err.value.code == -32007 and err.value.data["field"] == "params.tools"
     result = worker.generate(model_id="tiny", prompt="hi", tools=TOOLS, tool_choice="none", max_tokens=2).wait()
     assert result.stop_reason in ("max_tokens", "eos") and result.tool_calls == []
+
+
+def test_merged_events_keep_their_channels(paths):
+    """A host that stops reading: the worker merges queued token events, but
+    only those of one channel (and call), so channels still add up."""
+    from harness import RawWorker
+
+    w = RawWorker()
+    try:
+        w.call("load", {"model": paths["qwen3"], "model_id": "qwen3"})
+        tools = [{"type": "function", "function": {"name": "note", "parameters": {
+            "type": "object", "properties": {"text": {"type": "string", "minLength": 150, "maxLength": 160}},
+            "required": ["text"]}}}]  # long enough to end after the pipe is full
+        start = len(w.messages)
+        w.pause_reading()
+        w.request("generate", {"messages": ASK, "tools": tools, "tool_choice": "required", "seed": 0,
+                               "max_tokens": 300, "top_logprobs": 20, "logit_bias": {"2": -100}}, id="g")
+        time.sleep(3.0)  # the pipe fills with ~1 KB events
+        w.resume_reading()
+        result = msgspec.convert(w.response("g", timeout=120)["result"], protocol.GenerateResult)
+        events = [msgspec.convert(m["params"], protocol.TokenEvent) for m in w.messages[start:] if m.get("method") == "token"]
+        assert len(events) < len(result.tokens) + 2, "token events were not merged"
+        check_channels(result, events)
+        assert [e.text for e in events if e.channel == "marker"][:2] == ["<tool_call>", "</tool_call>"]
+        assert result.tool_calls and result.tool_calls[0].name == "note"
+    finally:
+        w.close()
