@@ -230,7 +230,7 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
 def _channel_info(tokenizer) -> dict:
     """The model family's tool-call format and reasoning markers, as mlx-lm's
     TokenizerWrapper detected them."""
-    from .tool_grammar import family_of, syntax_for
+    from .tool_grammar import family_of, syntax_for  # late: it imports MLX
 
     out: dict = {}
     if getattr(tokenizer, "has_tool_calling", False):
