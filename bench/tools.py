@@ -149,10 +149,10 @@ def main() -> None:
         figures[f"{v}_step_p50_ratio"] = base_steps / step
     figures["auto_over_no_tools"] = figures.pop("auto_decode_ratio")
     cost = grammar_cost_us(lm, prompt, outputs[:3])
-    figures["auto_grammar_us_p50"] = percentile(cost, 50)
-    figures["auto_grammar_share_of_step"] = percentile(cost, 50) / 1e6 / base_steps
+    figures["auto_processor_us_p50"] = percentile(cost, 50)
+    figures["auto_processor_share_of_step"] = percentile(cost, 50) / 1e6 / base_steps
     print(f"\nauto tool processor's own work per token, replayed: p50 {percentile(cost, 50):.1f} us, "
-          f"p99 {percentile(cost, 99):.1f} us = {figures['auto_grammar_share_of_step']:.2%} of a no-tools step")
+          f"p99 {percentile(cost, 99):.1f} us = {figures['auto_processor_share_of_step']:.2%} of a no-tools step")
     report("tools", figures)
 
 
