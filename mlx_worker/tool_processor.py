@@ -87,7 +87,13 @@ class ToolCallProcessor:
                 self._open_call()
             else:
                 return self._free_mask(tokens, logits, device_select=True)
-        last = int(tokens[-1].item())  # waits for the last step: a call needs it
+        # A call needs the last token: queue its read right behind the step
+        # that samples it, then this step's forward pass, so the matcher
+        # works while the model runs (as the constraint processor does).
+        last_token = tokens[-1]
+        mx.async_eval(last_token)
+        mx.async_eval(logits)
+        last = int(last_token.item())
         if len(self.known) < step:
             self.known.append(last)
         self._consume(last)
