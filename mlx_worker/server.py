@@ -45,6 +45,21 @@ class Job:
     # A generate's token events sent so far: what a cancelled result carries.
     streamed_text: list = field(default_factory=list)
     streamed_tokens: list = field(default_factory=list)
+    streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
+
+    def record(self, event: protocol.TokenEvent) -> None:
+        self.streamed_text.append(event.text)
+        self.streamed_tokens.extend(event.tokens)
+        self.streamed_channels.get(event.channel, []).append(event.text)
+
+    def cancelled_result(self) -> protocol.GenerateResult:
+        """A cancelled generate's result when its work could not finish it:
+        it carries exactly what its token events delivered."""
+        return protocol.cancelled_result(
+            self.params, "".join(self.streamed_text), list(self.streamed_tokens),
+            content="".join(self.streamed_channels["content"]),
+            reasoning="".join(self.streamed_channels["reasoning"]),
+        )
 
 
 @dataclass
@@ -106,8 +121,7 @@ class Worker:
         # chunk) still gets its one response before the exit.
         for job in unfinished:
             if job.method == "generate":  # cancelled: its result carries what was streamed
-                self._answer_with(job, lambda j=job: protocol.Response(id=j.id, result=protocol.cancelled_result(
-                    j.params, "".join(j.streamed_text), list(j.streamed_tokens))))
+                self._answer_with(job, lambda j=job: protocol.Response(id=j.id, result=j.cancelled_result()))
             else:
                 self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
@@ -134,8 +148,7 @@ class Worker:
             if job.answered:
                 return
             if isinstance(params, protocol.TokenEvent):
-                job.streamed_text.append(params.text)
-                job.streamed_tokens.extend(params.tokens)
+                job.record(params)
             self.notify(method, params)
 
     def _answer_with(self, job: "Job", make) -> None:
