@@ -31,6 +31,7 @@ RUNS = [
     ("cancel.py", [], ["--trials", "8"]),
     ("constraints.py", [], ["--rounds", "5"]),
     ("vision.py", [], ["--rounds", "5"]),
+    ("tools.py", [], ["--rounds", "4"]),
     ("soak.py", [], ["--requests", "200", "--warmup", "50"]),
 ]
 
@@ -48,6 +49,8 @@ METRICS = [
     ("startup", "first_token_s", "spawn → first token after load (s)", None, "lower", "{:.2f}"),
     ("constraints", "llguidance_decode_ratio", "decode: llguidance ÷ unconstrained", 0.95, "higher", "{:.3f}"),
     ("constraints", "outlines_decode_ratio", "decode: outlines ÷ unconstrained", None, "higher", "{:.3f}"),
+    ("tools", "auto_over_no_tools", "decode: tools + auto grammar ÷ no tools (32k)", 0.95, "higher", "{:.3f}"),
+    ("tools", "auto_step_p50_ratio", "decode step p50: no tools ÷ tools + auto grammar", None, "higher", "{:.3f}"),
     ("vision", "prompt + image cache", "vision turn-2 TTFT ÷ turn 1 (both caches)", None, "lower", "{:.3f}"),
     ("soak", "rss_growth", "soak: RSS growth after warm-up", 0.05, "lower", "{:+.2%}"),
 ]

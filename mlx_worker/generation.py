@@ -31,10 +31,11 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import errors, memory, prompt_cache, protocol, sampling
+from . import errors, memory, prompt_cache, protocol, sampling, tool_calls, tool_grammar
+from .channels import ChannelSplitter
 from .errors import WorkerError
 from .models import LoadedModel
-from .prompt import prepare
+from .prompt import prepare, tool_dicts
 from .textstream import TextStream
 
 log = logging.getLogger("mlx_worker.generation")
@@ -96,14 +97,21 @@ class Generation:
         self.constraint = _compile_constraint(lm, params)
         if self.constraint is not None:
             self.processors = self.processors + [self.constraint.processor()]
+        tool_processor = tool_grammar.processor_for(lm, params)
+        if tool_processor is not None:
+            self.processors = self.processors + [tool_processor]
+        # The lazy tool grammar follows the tokens as they are read.
+        self.observe = getattr(tool_processor, "observe", None)
         self._check_cancel()
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.key = sampling.request_key(self.seed) if params.temperature else None
         self.stream = TextStream(lm.decode, self.prompt.tokens, sampling.stop_strings(params))
+        self.channels = ChannelSplitter.for_model(lm.tokenizer, self.prompt.tokens)
         self.stop_ids = set(params.stop_token_ids)
-        # Under a constraint EOS is allowed only once the constraint is complete,
-        # and it ends the output: ignore_eos does not apply.
-        self.eos_ids = set() if params.ignore_eos and self.constraint is None else set(lm.eos_token_ids)
+        # Under a constraint (or a tool grammar) EOS is allowed only once it is
+        # complete, and it ends the output: ignore_eos does not apply.
+        constrained = self.constraint is not None or tool_processor is not None
+        self.eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
 
@@ -215,16 +223,16 @@ class Generation:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.fed_back.append(token)
+        if self.observe is not None:
+            self.observe(token)
         if token in self.eos_ids or token in self.stop_ids:
             self.stop_token = token
             return "eos"
         self.generated.append(token)
         text = self.stream.push(token)
         self.text_parts.append(text)
-        event = protocol.TokenEvent(id=self.request_id, text=text, tokens=[token])
-        if self.want_logprobs:
-            event.logprobs = [_logprob(token, logprobs, self.params.top_logprobs)]
-        self.events.token(event)
+        logprob = [_logprob(token, logprobs, self.params.top_logprobs)] if self.want_logprobs else protocol.UNSET
+        self._send_pieces(self.channels.push(text), [token], logprob)
         if self.stream.stopped:
             return "stop_string"
         if len(self.fed_back) >= self.max_tokens:
@@ -240,13 +248,16 @@ class Generation:
         committed to the prompt cache."""
         stream = self.stream
         tail = stream.finish()
-        if tail:
-            self.text_parts.append(tail)
-            self.events.token(protocol.TokenEvent(id=self.request_id, text=tail, tokens=[]))
+        self.text_parts.append(tail)
+        pieces = self.channels.push(tail) + self.channels.finish()
+        if pieces:
+            self._send_pieces(pieces, [], protocol.UNSET)
         if stream.stopped and stop_reason != "cancelled":
             # Only a stop string ending in held-back bytes is found this late; it
             # was complete before whatever token ended the loop.
             stop_reason, self.stop_token = "stop_string", None
+        calls, invalid_calls = tool_calls.collect(self.lm.tokenizer, self.channels.calls, stop_reason == "eos",
+                                                  tool_dicts(self.params.tools))
         end = time.perf_counter()
         if self.lease is not None:
             self.stored = self.lease.commit(self.prompt, cache if cache is not None else self.cache,
@@ -276,10 +287,26 @@ class Generation:
             peak_memory=mx.get_peak_memory(),
             model_id=self.lm.model_id,
             seed=self.seed,
+            content=self.channels.texts["content"],
+            reasoning=self.channels.texts["reasoning"],
+            tool_calls=calls,
+            invalid_tool_calls=invalid_calls,
             stop_string=stream.stop_string,
             stop_token=self.stop_token,
             constraint_complete=complete,
         )
+
+    def _send_pieces(self, pieces, tokens: list[int], logprobs) -> None:
+        """One token event per channel piece; the first carries the token (and
+        its logprobs). A token whose text is held still gets its event."""
+        if not pieces:
+            pieces = [self.channels.empty_piece()]
+        for i, piece in enumerate(pieces):
+            event = protocol.TokenEvent(id=self.request_id, text=piece.text, tokens=tokens if i == 0 else [],
+                                        logprobs=logprobs if i == 0 else protocol.UNSET, channel=piece.channel)
+            if piece.call is not None:
+                event.tool_call_index = piece.call
+            self.events.token(event)
 
     def abort(self) -> None:
         """The request failed: give back what it took."""

@@ -37,6 +37,21 @@ class Job:
     # A generate's token events sent so far: what a cancelled result carries.
     streamed_text: list = field(default_factory=list)
     streamed_tokens: list = field(default_factory=list)
+    streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
+
+    def record(self, event: protocol.TokenEvent) -> None:
+        self.streamed_text.append(event.text)
+        self.streamed_tokens.extend(event.tokens)
+        self.streamed_channels.get(event.channel, []).append(event.text)
+
+    def cancelled_result(self) -> protocol.GenerateResult:
+        """A cancelled generate's result when its work could not finish it:
+        it carries exactly what its token events delivered."""
+        return protocol.cancelled_result(
+            self.params, "".join(self.streamed_text), list(self.streamed_tokens),
+            content="".join(self.streamed_channels["content"]),
+            reasoning="".join(self.streamed_channels["reasoning"]),
+        )
 
     def should_stop(self) -> bool:
         return self.cancel.is_set()
@@ -164,8 +179,7 @@ class JobTable:
             if job._answered:
                 return
             if isinstance(params, protocol.TokenEvent):
-                job.streamed_text.append(params.text)
-                job.streamed_tokens.extend(params.tokens)
+                job.record(params)
             self._send(protocol.Notification(method, params))
 
     def finish(self, job: Job, result: object) -> None:
@@ -185,7 +199,7 @@ class JobTable:
         with. A cancel that was promised wins over both."""
         def make():
             if job.cancel.is_set() and isinstance(outcome, BaseException):
-                result = protocol.cancelled_result(job.params, "".join(job.streamed_text), list(job.streamed_tokens))
+                result = job.cancelled_result()
             elif isinstance(outcome, BaseException):
                 return _error_response(job, outcome)
             else:

@@ -54,6 +54,8 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
     from mlx_vlm import load as mlx_vlm_load
+
+    from ..markers import extend_thinking, tool_parser_options
     from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
     vlm, processor = mlx_vlm_load(str(path), trust_remote_code=params.trust_remote_code)
@@ -69,7 +71,9 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
         hf_tokenizer,
         type(detokenizer) if detokenizer is not None else NaiveStreamingDetokenizer,
         eos_token_ids=eos,
+        **tool_parser_options(hf_tokenizer),
     )
+    extend_thinking(tokenizer)
 
     model_type = str(config.get("model_type", ""))
     model = wrap_language_model(vlm, mrope=hasattr(vlm.language_model, "get_rope_index"))
