@@ -260,3 +260,44 @@ def test_memory_admission_of_a_batch(tiny_model):
         assert c.wait().stop_reason == "max_tokens"
     finally:
         w.close()
+
+
+def test_tool_calls_and_channels_in_a_batch():
+    """Tool-call requests (lazy grammar, forced calls, reasoning channels)
+    decode in one batch with plain ones; each equals its solo run, channel
+    by channel."""
+    from test_tools import ASK, TOOLS
+
+    w = spawn()
+    try:
+        w.load(str(ensure_model("tiny-qwen3-tools")), model_id="qwen3")
+        base = {"model_id": "qwen3", "messages": ASK, "max_tokens": 80, "tools": TOOLS}
+        params = [
+            {**base, "tool_choice": "required", "seed": 1, "temperature": 1.0},
+            {**base, "tool_choice": {"name": "get_weather"}, "seed": 2, "temperature": 0.7},
+            {**base, "tool_choice": "auto", "seed": 3, "temperature": 1.5},
+            {**base, "tool_choice": "none", "seed": 4, "temperature": 1.0},
+            {"model_id": "qwen3", "prompt": "plain", "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+        ]
+        alone = [w.generate(**p).wait() for p in params]
+        together, seen = run_together(w, params)
+        assert max(seen) >= 2, seen
+        for i, (a, b) in enumerate(zip(alone, together)):
+            same_output(a, b.result, i)
+            assert (b.result.content, b.result.reasoning) == (a.content, a.reasoning), i
+            assert calls(b.result) == calls(a), i
+        assert any(r.tool_calls for r in alone)
+    finally:
+        w.close()
+
+
+def calls(result) -> list:
+    """Tool calls without their ids (random per call)."""
+    import msgspec
+
+    out = []
+    for c in list(result.tool_calls or []) + list(result.invalid_tool_calls or []):
+        d = msgspec.to_builtins(c)
+        d.pop("id", None)
+        out.append(d)
+    return out
