@@ -34,7 +34,7 @@ import mlx.core as mx
 from . import errors, memory, prompt_cache, protocol, sampling, tool_calls, tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
-from .models import LoadedModel
+from .loaded import LoadedModel
 from .prompt import prepare, tool_dicts
 from .textstream import TextStream
 

@@ -8,73 +8,17 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from . import errors, files, protocol
+from . import errors, files, protocol, prompt_cache
+from . import memory as memory_budget
 from .errors import WorkerError
-from .model_checks import check_folder, template_problem, text_config
+from .loaded import LoadedModel, new_loaded_model
+from .model_checks import check_folder, template_problem
+from .vision import load_vision_model
 
 log = logging.getLogger("mlx_worker.models")
-
-DEFAULT_PREFILL_STEP = 512
-
-
-@dataclass
-class LoadedModel:
-    model_id: str
-    path: str
-    kind: str  # "text" | "vision"
-    model: Any  # the nn.Module that generate_step drives
-    tokenizer: Any  # mlx_lm TokenizerWrapper
-    config: dict
-    context_length: Optional[int]
-    vocab_size: int
-    eos_token_ids: list[int]
-    memory_bytes: int
-    prefill_step_size: int = DEFAULT_PREFILL_STEP
-    max_kv_size: Optional[int] = None
-    prompt_cache: Any = None  # a prompt cache store, when enabled
-    vision: Any = None  # the vision adapter, for kind == "vision"
-    memory_limit: Optional[int] = None  # load's memory_limit: weights + any one request
-    load_options: dict = field(default_factory=dict)  # load's options as sent
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def hf_tokenizer(self):
-        # The Hugging Face tokenizer itself: its apply_chat_template keeps the
-        # template's own defaults (mlx-lm's wrapper injects options).
-        return getattr(self.tokenizer, "_tokenizer", self.tokenizer)
-
-    def decode(self, tokens: list[int]) -> str:
-        """Token ids -> text, the one way both generated text and detokenize
-        use: special tokens kept, no clean-up of spaces (it would change the
-        text, e.g. " ," -> ",", so the continuation would no longer be exact)."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def describe(self) -> protocol.ModelStatus:
-        cache = self.prompt_cache.status() if self.prompt_cache is not None else None
-        return protocol.ModelStatus(
-            model_id=self.model_id,
-            kind=self.kind,
-            path=self.path,
-            context_length=self.context_length,
-            vocab_size=self.vocab_size,
-            memory_bytes=self.memory_bytes,
-            prompt_cache=cache,
-            memory_limit=self.memory_limit,
-        )
-
-
-def context_length_of(config: dict) -> Optional[int]:
-    for cfg in (text_config(config), config):
-        for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx"):
-            value = cfg.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
 
 def read_config(path: Path) -> dict:
     config_path = path / "config.json"
@@ -141,8 +85,6 @@ class ModelRegistry:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
-        from . import memory as memory_budget
-
         memory_budget.admit_load(path, params.memory_limit)
         start = time.perf_counter()
         import mlx.core as mx
@@ -150,8 +92,6 @@ class ModelRegistry:
         before = mx.get_active_memory()
         try:
             if "vision_config" in config:
-                from .vision import load_vision_model
-
                 loaded = load_vision_model(path, config, params)
             else:
                 loaded = _load_text_model(path, config, params)
@@ -177,8 +117,6 @@ class ModelRegistry:
         if params.prefill_step_size:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
-        from . import prompt_cache
-
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
@@ -328,23 +266,3 @@ def _load_text_model(path: Path, config: dict, params: protocol.LoadParams) -> L
 
     extend_thinking(tokenizer)
     return new_loaded_model(path, "text", model, tokenizer, config)
-
-
-def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **extra) -> LoadedModel:
-    """A LoadedModel before registration (the registry sets id and memory)."""
-    vocab = text_config(config).get("vocab_size", config.get("vocab_size"))
-    if not isinstance(vocab, int):
-        vocab = len(tokenizer._tokenizer)
-    return LoadedModel(
-        model_id="",
-        path=str(path),
-        kind=kind,
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        context_length=context_length_of(config),
-        vocab_size=vocab,
-        eos_token_ids=sorted(tokenizer.eos_token_ids),
-        memory_bytes=0,
-        **extra,
-    )

@@ -58,7 +58,11 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
+import msgspec
+
 from . import protocol
+from .errors import WorkerError
+from .prompt import encode_text, render_chat
 
 log = logging.getLogger("mlx_worker.prompt_cache")
 
@@ -104,11 +108,6 @@ def keep_for(lm, params, tokens: list[int]) -> int:
 
 
 def _system_tokens(lm, params, n_system: int, tokens: list[int]) -> int:
-    import msgspec
-
-    from .errors import WorkerError
-    from .prompt import encode_text, render_chat
-
     head = msgspec.structs.replace(params, messages=params.messages[:n_system], add_generation_prompt=False)
     try:
         system = encode_text(lm, render_chat(lm, head), add_special_tokens=False)

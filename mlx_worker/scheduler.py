@@ -21,14 +21,14 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 
 from . import errors, memory
 from .batch import DecodeGroup
 from .errors import WorkerError
-from .generation import Cancelled, Generation
+from .generation import Generation
 
 log = logging.getLogger("mlx_worker.scheduler")
 

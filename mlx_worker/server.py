@@ -19,7 +19,6 @@ from typing import Any, Optional
 import msgspec
 
 from . import errors, protocol
-from .errors import WorkerError
 from .jobs import Job, JobTable
 from .transport import LineWriter, Oversized, read_lines
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import protocol
 from ..model_checks import text_config
-from ..models import LoadedModel, new_loaded_model
+from ..loaded import LoadedModel, new_loaded_model
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
