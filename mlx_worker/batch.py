@@ -137,5 +137,30 @@ class DecodeGroup:
         return out
 
 
+def prefill_together(model, gens: list[Generation], n: int) -> None:
+    """One forward pass for the next (up to) ``n`` prompt tokens of several
+    requests of one model, as mlx-lm's BatchGenerator prefills: their caches
+    merged (left-padded), shorter inputs right-padded, the padding rolled to
+    the left afterwards; then each request's own cache is extracted again."""
+    tokens = [g.pending_tokens(n) for g in gens]
+    lengths = [len(t) for t in tokens]
+    width = max(lengths)
+    padding = [width - k for k in lengths]
+    cache = [BatchKVCache.merge([g.cache[i] for g in gens]) for i in range(len(gens[0].cache))]
+    inputs = mx.array([t + [0] * p for t, p in zip(tokens, padding)], dtype=mx.uint32)
+    if max(padding):
+        for c in cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    with mx.stream(generation_stream):
+        model(inputs, cache=cache)
+        if max(padding):
+            for c in cache:
+                c.finalize()
+        mx.eval([c.state for c in cache])
+    for i, (g, k) in enumerate(zip(gens, lengths)):
+        g.prefilled(k, [c.extract(i) for c in cache])
+    mx.clear_cache()
+
+
 def _plain(layer: BatchKVCache, i: int) -> KVCache:
     return layer.extract(i)

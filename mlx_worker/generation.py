@@ -178,6 +178,18 @@ class Generation:
         self._progress(self.processed)
         mx.clear_cache()
 
+    def pending_tokens(self, n: int) -> list[int]:
+        """The next ``n`` prompt tokens to prefill (never the last one)."""
+        return self.prompt.tokens[self.processed : self.processed + min(n, self.to_prefill)]
+
+    def prefilled(self, n: int, cache: list) -> None:
+        """``n`` more tokens went through ``cache`` (a batched prefill's share)."""
+        self.cache = cache
+        self.processed += n
+        if self.lease is not None:
+            self.lease.progress(self.cache, self.processed)
+        self._progress(self.processed)
+
     def last_input(self) -> tuple[mx.array, Optional[mx.array]]:
         """The prompt's last token (and its embedding): the first decode step's input."""
         last = mx.array(self.prompt.tokens[-1:], dtype=mx.uint32)

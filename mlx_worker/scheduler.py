@@ -26,13 +26,14 @@ from typing import Callable
 import mlx.core as mx
 
 from . import errors, memory
-from .batch import DecodeGroup
+from .batch import DecodeGroup, prefill_together
 from .errors import WorkerError
 from .generation import Generation
 
 log = logging.getLogger("mlx_worker.scheduler")
 
 MIN_CHUNK = 16
+MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
 CHUNK_TIME_IN_STEPS = 1.5  # a chunk during decoding takes about this many decode steps
 
 # (generation, outcome) -> None: a GenerateResult or the exception it ended with.
@@ -201,15 +202,40 @@ class Scheduler:
         decoding = self.decoding() > 0
         if decoding and gen.batchable:
             n = min(n, self._chunk)
+        # Short prompts of the same model that arrived together are processed
+        # in one forward pass (each fits this chunk whole): their first tokens
+        # come sooner than one prompt after another.
+        together = [gen]
+        if gen.batchable and gen.to_prefill <= n:
+            for other in list(self.prefilling):
+                if len(together) >= MAX_PREFILL_ROWS:
+                    break
+                if (other.lm is gen.lm and other.batchable and other.to_prefill <= n
+                        and other.step_size == gen.step_size and not other.should_stop()):
+                    self.prefilling.remove(other)
+                    together.append(other)
+        before = [g.processed for g in together]
         t0 = time.perf_counter()
         try:
-            gen.prefill(n)
+            if len(together) > 1:
+                prefill_together(gen.lm.model, together, n)
+            else:
+                gen.prefill(n)
         except BaseException as exc:
-            gen.abort()
-            self.done(gen, _memory_error(exc))
+            for g in together:
+                g.abort()
+                self.done(g, _memory_error(exc))
             return
+        dt = time.perf_counter() - t0
+        done = sum(g.processed - b for g, b in zip(together, before))
+        log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
+                  done, len(together), dt * 1000, self.decoding(), self._step_s * 1000)
         if decoding and gen.batchable:
-            self._tune_chunk(n, time.perf_counter() - t0)
+            self._tune_chunk(done, dt)
+        for g in together:
+            self._after_chunk(g)
+
+    def _after_chunk(self, gen: Generation) -> None:
         if gen.to_prefill > 0:
             self.prefilling.append(gen)  # the next prompt's turn
         elif gen.should_stop():

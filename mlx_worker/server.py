@@ -24,6 +24,9 @@ from .transport import LineWriter, Oversized, read_lines
 
 log = logging.getLogger("mlx_worker.server")
 
+# Jobs taken one after another before the running generations step again.
+BURST = 16
+
 # Answered on the reader thread, never queued behind a generation.
 IMMEDIATE = {"cancel", "status", "shutdown"}
 
@@ -221,6 +224,7 @@ class Worker:
         except BaseException as exc:  # e.g. a broken install: answer, don't hang
             log.exception("the compute thread could not start")
             handlers = _Broken(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
+        taken = 0
         while True:
             busy = handlers.busy()
             job = self.table.take(wait=not busy)
@@ -230,6 +234,10 @@ class Worker:
                 continue
             if job is not None:
                 handlers.run(job)
+                taken += 1
+                if taken < BURST and self.table.pending():
+                    continue  # requests that arrived together start together
+            taken = 0
             if handlers.busy():
                 handlers.step()
 
