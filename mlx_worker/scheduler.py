@@ -5,8 +5,9 @@ turn it is: prompts take turns chunk by chunk) and then one decode step of
 every decode group (one batch per model, plus a group per request that can't
 be merged). So a new prompt stalls the running streams for at most one
 chunk, and a short request behind a long prompt starts after a chunk or two.
-While streams are decoding, chunks are sized (from measured speeds) to take
-about one and a half decode steps; alone, a prompt is processed in its own
+While streams are decoding, chunks are sized (from measured times) to take
+about two decode steps, so a stream's gap between tokens stays within about
+three idle gaps; alone, a prompt is processed in its own
 ``prefill_step_size`` chunks, exactly as mlx-lm would.
 
 Admission: a request is admitted when the KV it may need (memory.py's
@@ -34,7 +35,7 @@ log = logging.getLogger("mlx_worker.scheduler")
 
 MIN_CHUNK = 16
 MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
-CHUNK_TIME_IN_STEPS = 1.5  # a chunk during decoding takes about this many decode steps
+CHUNK_TIME_IN_STEPS = 2.0  # a chunk during decoding takes about this many decode steps
 
 # (generation, outcome) -> None: a GenerateResult or the exception it ended with.
 Done = Callable[[Generation, object], None]
@@ -48,7 +49,6 @@ class Scheduler:
         self.groups: dict[int, DecodeGroup] = {}  # id(model) -> its batch
         self.solo: list[DecodeGroup] = []
         self._step_s = 0.0  # decode step time (moving average)
-        self._prefill_tps = 0.0  # prefill tokens/s while decoding (moving average)
         self._chunk = 64
 
     def busy(self) -> bool:
@@ -231,7 +231,7 @@ class Scheduler:
         log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
                   done, len(together), dt * 1000, self.decoding(), self._step_s * 1000)
         if decoding and gen.batchable:
-            self._tune_chunk(done, dt)
+            self._tune_chunk(done, dt, gen.step_size)
         for g in together:
             self._after_chunk(g)
 
@@ -243,13 +243,16 @@ class Scheduler:
         else:
             self._to_decode(gen)
 
-    def _tune_chunk(self, n: int, dt: float) -> None:
+    def _tune_chunk(self, n: int, dt: float, limit: int) -> None:
+        """Size the next chunk so that it takes about CHUNK_TIME_IN_STEPS
+        decode steps: grown while chunks run shorter, shrunk while longer
+        (a measured controller: a chunk's cost is not proportional to its
+        tokens, small chunks carry fixed costs)."""
         if dt <= 0 or not self._step_s:
             return
-        tps = n / dt
-        self._prefill_tps = tps if not self._prefill_tps else 0.7 * self._prefill_tps + 0.3 * tps
-        target = int(self._prefill_tps * self._step_s * CHUNK_TIME_IN_STEPS)
-        self._chunk = max(MIN_CHUNK, target // MIN_CHUNK * MIN_CHUNK)
+        target = self._step_s * CHUNK_TIME_IN_STEPS
+        chunk = self._chunk * (1.25 if dt < target else 0.8)
+        self._chunk = int(max(MIN_CHUNK, min(limit, chunk)))
 
     def _step_group(self, group: DecodeGroup) -> None:
         for gen, outcome, cache in group.step():
