@@ -81,7 +81,7 @@ class Handlers:
         self.table.finish_generate(gen.job, outcome)
 
     def load(self, job: Job) -> protocol.LoadResult:
-        return self.models.load(job.params)
+        return self.models.load(job.params, should_stop=job.should_stop)
 
     def unload(self, job: Job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)

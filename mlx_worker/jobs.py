@@ -21,6 +21,11 @@ from typing import Any, Callable, Optional
 
 from . import errors, protocol
 
+# Methods `cancel` applies to. A long phase of any job polls
+# ``job.should_stop`` (set by cancel and at shutdown); adding a method here
+# (a cancellable `load`, say) is all the table needs.
+CANCELLABLE = {"generate"}
+
 
 @dataclass(eq=False)  # a job is itself: `in queue` compares identity
 class Job:
@@ -126,7 +131,7 @@ class JobTable:
         """``cancel {id}``: True promises a cancelled final response."""
         with self.cond:
             job = self.jobs.get(rid)
-            if job is None or job.method != "generate":
+            if job is None or job.method not in CANCELLABLE:
                 return False
             queued = job in self.queue
             if queued:

@@ -122,6 +122,11 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     kv = 2 * layers * kv_heads * head_dim * itemsize * kv_tokens
 
     growth = kv // layers if layers else 0  # a layer's cache is copied as it grows
+    # A windowed cache (max_kv_size, sliding-window layers) keeps a snapshot
+    # of its state during prompt processing for the prompt cache
+    # (prompt_cache.Lease.progress): a second copy of up to a window of KV.
+    window = lm.max_kv_size or _positive_int(cfg, "sliding_window")
+    snapshot = 2 * layers * kv_heads * head_dim * itemsize * min(kv_tokens, window) if window else 0
 
     chunk = max(1, min(prefill_step, n_prompt))
     # One layer's temporaries at a time (MLX frees buffers as soon as their
@@ -132,8 +137,11 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     if mx.default_device().type != mx.DeviceType.gpu:
         acts += (heads + 1) * chunk * min(total, kv_tokens) * 4
     logits = 4 * lm.vocab_size * 4  # fp32 logits, log-probs, sampling copies
-    need = int((kv + growth + acts + logits) * 1.1)
-    return need, {"kv_cache": kv, "activations": acts, "kv_tokens": kv_tokens}
+    need = int((kv + growth + snapshot + acts + logits) * 1.1)
+    parts = {"kv_cache": kv, "activations": acts, "kv_tokens": kv_tokens}
+    if snapshot:
+        parts["snapshot"] = snapshot
+    return need, parts
 
 
 def admit_generate(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> None:

@@ -65,7 +65,8 @@ class ModelRegistry:
                 {"field": "params.model_id", "loaded": list(self._models)},
             ) from None
 
-    def load(self, params: protocol.LoadParams) -> protocol.LoadResult:
+    def load(self, params: protocol.LoadParams, should_stop=lambda: False) -> protocol.LoadResult:
+        """``should_stop``: polled between phases (shutdown; a cancellable load)."""
         path = _model_folder(params.model).resolve()
         model_id = params.model_id or path.name
         existing = self._models.get(model_id)
@@ -86,6 +87,8 @@ class ModelRegistry:
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         memory_budget.admit_load(path, params.memory_limit)
+        if should_stop():
+            raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the model was not loaded")
         start = time.perf_counter()
         import mlx.core as mx
 
