@@ -461,7 +461,7 @@ class QueueStatus(Out):
     max_pending: int
     # Every request the compute thread is working on (generations stepping
     # together in a batch), oldest first.
-    running: list[RequestId] = msgspec.field(default_factory=list)
+    running: list[RequestId]
 
 
 class MemoryStatus(Out):

@@ -660,15 +660,14 @@ void to_json(nlohmann::json& j, const QueueStatus& v) {
   if (v.active) j["active"] = *v.active;
   j["max_pending"] = v.max_pending;
   j["pending"] = v.pending;
-  if (v.running) j["running"] = *v.running;
+  j["running"] = v.running;
 }
 void from_json(const nlohmann::json& j, QueueStatus& v) {
   if (auto it = j.find("active"); it != j.end() && !it->is_null()) v.active = it->get<RequestId>();
   else v.active.reset();
   j.at("max_pending").get_to(v.max_pending);
   j.at("pending").get_to(v.pending);
-  if (auto it = j.find("running"); it != j.end() && !it->is_null()) v.running = it->get<std::vector<RequestId>>();
-  else v.running.reset();
+  j.at("running").get_to(v.running);
 }
 
 void to_json(nlohmann::json& j, const ReadyEvent& v) {
