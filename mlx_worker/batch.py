@@ -102,6 +102,7 @@ class DecodeGroup:
             try:
                 logits = self.model(self.y[:, None], cache=self.cache, **kwargs)[:, -1, :]
             except BaseException as exc:  # the whole batch fails: every row gets it
+                self.leave(list(range(len(rows))))
                 return [(gen, exc, None) for gen in rows]
             tokens, logprobs = [], []
             for i, gen in enumerate(rows):

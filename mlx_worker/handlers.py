@@ -8,6 +8,7 @@ running generation uses the model.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from . import errors, generation, protocol
@@ -16,6 +17,8 @@ from .jobs import Job, JobTable
 from .models import ModelRegistry
 from .prompt import check_token_ids, tokenize
 from .scheduler import Scheduler, run_alone
+
+log = logging.getLogger("mlx_worker.handlers")
 
 
 class Handlers:
@@ -36,7 +39,11 @@ class Handlers:
             for job in jobs:
                 self.run(job)
         if self.scheduler.busy():
-            self.scheduler.step()
+            try:
+                self.scheduler.step()
+            except BaseException as exc:  # must not end the compute thread
+                log.exception("the scheduler failed; ending the requests it held")
+                self.scheduler.fail_all(exc)
 
     def run(self, job: Job) -> None:
         try:

@@ -270,6 +270,18 @@ class Scheduler:
             outcome = exc
         self.done(gen, outcome)
 
+    def fail_all(self, exc: BaseException) -> None:
+        """A bug in the scheduler itself: every request it holds ends with
+        the error (a cancelled one with its cancelled result); it starts over."""
+        gens = self.running() + list(self.waiting)
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.groups.clear()
+        self.solo.clear()
+        for gen in gens:
+            gen.abort()
+            self.done(gen, exc)
+
     # ------------------------------------------------------------ unload
 
     def holds(self, lm) -> bool:
