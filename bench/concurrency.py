@@ -67,11 +67,20 @@ def worker_stream(client, bias: dict, prompt: str, n: int, out: Stream, **extra)
 
 
 def server_stream(port: int, bias: dict, prompt: str, n: int, out: Stream, **_) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     out.start = time.perf_counter()
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "logit_bias": bias, "stream": True}
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
+    for attempt in range(100):
+        # Python's HTTP server listens with a backlog of 5: with many streams
+        # at once, connections are reset; retry (the wait counts in TTFT).
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            break
+        except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError):
+            time.sleep(0.02)
+    else:
+        raise RuntimeError("mlx_lm.server refused the connection 100 times")
     while True:
         line = response.fp.readline()
         if not line:

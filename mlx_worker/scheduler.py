@@ -313,3 +313,11 @@ def run_alone(gen: Generation) -> object:
     while alone.busy() and not outcome:
         alone.step()
     return outcome[0]
+
+
+def run(lm, params, request_id, events, should_stop) -> object:
+    """One generate, alone, in-process (benchmarks): its result, or raises."""
+    outcome = run_alone(Generation(lm, params, request_id, events, should_stop))
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
