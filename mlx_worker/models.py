@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import errors, files, protocol, prompt_cache
+from . import errors, files, protocol, prompt_cache, speculative
 from . import memory as memory_budget
 from .errors import WorkerError
 from .loaded import LoadedModel, new_loaded_model
@@ -84,6 +84,9 @@ class ModelRegistry:
             problem = template_problem(params.chat_template)
             if problem:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
+        draft = None
+        if params.draft_model_id is not None:  # loaded first, like any model
+            draft = speculative.find(self.get, params.draft_model_id, "params.draft_model_id")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         memory_budget.admit_load(path, params.memory_limit)
@@ -120,6 +123,13 @@ class ModelRegistry:
         if params.prefill_step_size:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
+        if draft is not None:
+            try:
+                speculative.check_pair(loaded, draft, "params.draft_model_id")
+            except WorkerError:
+                loaded = draft = None
+                _release()
+                raise
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000

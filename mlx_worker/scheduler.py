@@ -136,6 +136,10 @@ class Scheduler:
         if gen.max_tokens == 0:
             self._prime_only(gen)
             return
+        if gen.draft is not None:  # speculative: its own sequential group
+            group = gen.draft.group(gen)
+            self.solo.append(group)
+            return
         if gen.batchable:
             group = self.groups.setdefault(id(gen.lm.model), DecodeGroup(gen.lm.model, True))
         else:
