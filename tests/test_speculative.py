@@ -129,6 +129,17 @@ def test_prompt_cache_reuse_with_draft(w):
     assert progress and all(p.cached == second.usage.cached_tokens for p in progress)
     cold, _ = run(w, messages=messages, max_tokens=25, prompt_cache=False)
     assert_same(cold, second)
+    # The same request again and again: each continues the stored pair of
+    # caches (mlx_lm.server's output with a draft changes here). The draft's
+    # half was cut to the same tokens as the target's: it proposes and gets
+    # accepted exactly what it does from scratch.
+    cold_spec, _ = run(w, messages=messages, max_tokens=25, prompt_cache=False, draft_model_id="draft")
+    for _ in range(3):
+        again, _ = run(w, messages=messages, max_tokens=25, draft_model_id="draft")
+        assert again.usage.cached_tokens == again.usage.prompt_tokens - 1
+        assert_same(cold, again)
+        assert (again.usage.draft_tokens, again.usage.accepted_draft_tokens) == \
+            (cold_spec.usage.draft_tokens, cold_spec.usage.accepted_draft_tokens)
     # A stop string ended the first turn mid-round: both caches were cut to
     # what was emitted, so the continuation is still exact.
     stop_probe, _ = run(w, prompt="sea draw left", max_tokens=20, ignore_eos=True, prompt_cache=False)
@@ -141,6 +152,9 @@ def test_prompt_cache_reuse_with_draft(w):
     assert again.usage.cached_tokens > 0
     cold, _ = run(w, prompt=follow, max_tokens=15, ignore_eos=True, prompt_cache=False)
     assert_same(cold, again)
+    cold_spec, _ = run(w, prompt=follow, max_tokens=15, ignore_eos=True, prompt_cache=False, draft_model_id="draft",
+                       num_draft_tokens=6)
+    assert again.usage.accepted_draft_tokens == cold_spec.usage.accepted_draft_tokens
 
 
 def test_cancel_mid_generation_and_during_prefill(w):
