@@ -141,7 +141,7 @@ class Draft:
     def for_request(cls, lm: LoadedModel, draft: LoadedModel, num: int, params, tool_processor) -> "Draft":
         field = "params.draft_model_id"
         check_pair(lm, draft, field)
-        if tool_processor is not None:
+        if getattr(tool_processor, "observe", None) is not None:  # a lazy grammar, told of tokens as read
             raise errors.invalid_params(
                 field, "speculative decoding with tools under a tool-call grammar is not supported; "
                 "send tool_choice \"none\" or no draft_model_id")

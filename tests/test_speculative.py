@@ -237,3 +237,22 @@ def test_what_cant_be_exact_is_refused(w):
     finally:
         w.unload("sliding")
         w.unload("windowed")
+
+
+def test_tools_with_a_draft():
+    """tool_choice "none" (a stateless mask) works with a draft and gives the
+    draftless output; a tool-call grammar is refused."""
+    path = str(ensure_model("tiny-qwen3-tools"))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    with spawn() as worker:
+        worker.load(path, model_id="m")  # its own draft: the same tokenizer by construction
+        base = dict(model_id="m", messages=messages, tools=tools, max_tokens=30, temperature=0, prompt_cache=False)
+        plain = worker.generate(**base, tool_choice="none").wait()
+        spec = worker.generate(**base, tool_choice="none", draft_model_id="m", num_draft_tokens=3).wait()
+        assert_same(plain, spec)
+        assert spec.usage.accepted_draft_tokens == spec.usage.draft_tokens  # the draft is the target
+        with pytest.raises(RpcError) as info:
+            worker.generate(**base, tool_choice="required", draft_model_id="m").wait()
+        assert info.value.code == INVALID_PARAMS and info.value.data["field"] == "params.draft_model_id"
