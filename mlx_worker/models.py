@@ -142,6 +142,7 @@ class ModelRegistry:
         del self._models[unloaded_id]
         if model.prompt_cache is not None:
             model.prompt_cache.clear()
+        speculative.forget(model, self._models.values())
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)

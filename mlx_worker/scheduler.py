@@ -289,7 +289,7 @@ class Scheduler:
     # ------------------------------------------------------------ unload
 
     def holds(self, lm) -> bool:
-        return any(g.lm is lm for g in self.running() + list(self.waiting))
+        return any(g.lm is lm or g.draft_lm is lm for g in self.running() + list(self.waiting))
 
 
 def _stores(gens: list[Generation]):

@@ -122,6 +122,18 @@ def _pair_store(lm: LoadedModel, draft: LoadedModel):
     return held["store"]
 
 
+def forget(gone: LoadedModel, others) -> None:
+    """An unloaded model's pair stores go with it, as a draft of the others
+    and as a target."""
+    for lm in [gone, *others]:
+        for name in ("draft_stores", "draft_vocab_checked"):
+            table = lm.extra.get(name, {})
+            for key in [k for k, (ref, _) in table.items() if lm is gone or ref() is gone]:
+                held = table.pop(key)[1]
+                if "store" in held:
+                    held["store"].clear()
+
+
 def new_cache(lm: LoadedModel, draft: LoadedModel) -> list:
     return prompt_cache.make_cache(lm) + prompt_cache.make_cache(draft)
 

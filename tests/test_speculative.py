@@ -256,3 +256,23 @@ def test_tools_with_a_draft():
         with pytest.raises(RpcError) as info:
             worker.generate(**base, tool_choice="required", draft_model_id="m").wait()
         assert info.value.code == INVALID_PARAMS and info.value.data["field"] == "params.draft_model_id"
+
+
+def test_unloading_the_draft_waits_for_its_requests(w):
+    import time
+
+    stream = w.generate(model_id="target", prompt=PROMPT, max_tokens=100000, temperature=0, ignore_eos=True,
+                        draft_model_id="draft", prompt_cache=False)
+    next(iter(stream))  # it is running
+    rid, inbox = w.start("unload", {"model_id": "draft"})
+    time.sleep(0.5)
+    assert inbox.empty(), "the draft was unloaded under a running request"
+    assert stream.cancel() is True
+    assert stream.wait().stop_reason == "cancelled"
+    assert w._take(inbox, 60)["result"]["unloaded"] is True
+    with pytest.raises(RpcError) as info:
+        run(w, max_tokens=5, draft_model_id="draft")
+    assert info.value.code == INVALID_PARAMS and info.value.data["field"] == "params.draft_model_id"
+    w.load(str(ensure_model("spec-draft")), model_id="draft")
+    again, _ = run(w, max_tokens=20, draft_model_id="draft")
+    assert again.usage.accepted_draft_tokens > 0
