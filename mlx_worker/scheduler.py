@@ -295,10 +295,10 @@ class Scheduler:
 def _stores(gens: list[Generation]):
     seen = set()
     for g in gens:
-        store = g.lm.prompt_cache
-        if store is not None and id(store) not in seen:
-            seen.add(id(store))
-            yield store
+        for store in (g.lm.prompt_cache, g.draft.store if g.draft is not None else None):
+            if store is not None and id(store) not in seen:
+                seen.add(id(store))
+                yield store
 
 
 def _memory_error(exc: BaseException) -> BaseException:
