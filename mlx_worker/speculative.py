@@ -77,7 +77,11 @@ def check_pair(lm: LoadedModel, draft: LoadedModel, field: str) -> None:
             raise errors.invalid_params(
                 field, f"speculative decoding needs trimmable caches; the {which} {m.model_id!r} was loaded with "
                 "max_kv_size (a rotating window can't take back rejected draft tokens)")
-        kinds = {type(c).__name__ for c in prompt_cache.make_cache(m) if type(c) is not KVCache}
+        cache = prompt_cache.make_cache(m)
+        if len(cache) != len(getattr(m.model, "layers", ())):  # mlx-lm splits the pair's cache by layer count
+            raise errors.invalid_params(field, f"speculative decoding does not support the {which} {m.model_id!r} "
+                                        "(its cache is not one entry per layer)")
+        kinds = {type(c).__name__ for c in cache if type(c) is not KVCache}
         if kinds:
             raise errors.invalid_params(
                 field, f"speculative decoding needs plain KV caches; the {which} {m.model_id!r} uses "
