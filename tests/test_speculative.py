@@ -55,6 +55,7 @@ def assert_same(plain: protocol.GenerateResult, spec: protocol.GenerateResult) -
     assert spec.text == plain.text
     assert spec.stop_reason == plain.stop_reason
     assert spec.stop_token == plain.stop_token
+    assert (spec.content, spec.reasoning) == (plain.content, plain.reasoning)
 
 
 def test_greedy_output_equals_draftless_and_usage_counts(w):
@@ -227,16 +228,18 @@ def test_mismatched_tokenizer_refused(w):
 def test_what_cant_be_exact_is_refused(w):
     w.load(str(ensure_model("tiny-gemma3")), model_id="sliding")
     w.load(str(ensure_model("spec-target")), model_id="windowed", max_kv_size=64)
+    w.load(str(ensure_model("tiny-qwen2-vl")), model_id="vision")
     try:
         for target, draft, words in (("sliding", "draft", "RotatingKVCache"), ("target", "sliding", "RotatingKVCache"),
-                                     ("windowed", "draft", "max_kv_size")):
+                                     ("windowed", "draft", "max_kv_size"), ("vision", "draft", "vision"),
+                                     ("target", "vision", "vision")):
             with pytest.raises(RpcError) as info:
                 run(w, model_id=target, max_tokens=5, draft_model_id=draft)
             assert info.value.code == INVALID_PARAMS and info.value.data["field"] == "params.draft_model_id"
             assert words in info.value.message
     finally:
-        w.unload("sliding")
-        w.unload("windowed")
+        for model_id in ("sliding", "windowed", "vision"):
+            w.unload(model_id)
 
 
 def test_tools_with_a_draft():
