@@ -159,8 +159,11 @@ class Generation:
         """Prompt tokens left before the last one (which the first decode step feeds)."""
         return self.n_prompt - 1 - self.processed
 
-    def prefill(self, n: int) -> None:
-        """Process the next ``n`` prompt tokens (never the last one)."""
+    def prefill(self, n: int, clear_cache: bool = True) -> None:
+        """Process the next ``n`` prompt tokens (never the last one).
+        ``clear_cache``: free MLX's buffer cache after the chunk, as mlx-lm
+        does; not while other streams decode (their next step would have to
+        allocate its buffers afresh)."""
         n = min(n, self.to_prefill)
         if n <= 0:
             return
@@ -176,7 +179,8 @@ class Generation:
         if self.lease is not None:
             self.lease.progress(self.cache, self.processed)
         self._progress(self.processed)
-        mx.clear_cache()
+        if clear_cache:
+            mx.clear_cache()
 
     def pending_tokens(self, n: int) -> list[int]:
         """The next ``n`` prompt tokens to prefill (never the last one)."""

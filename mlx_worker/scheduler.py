@@ -220,7 +220,7 @@ class Scheduler:
             if len(together) > 1:
                 prefill_together(gen.lm.model, together, n)
             else:
-                gen.prefill(n)
+                gen.prefill(n, clear_cache=not decoding)
         except BaseException as exc:
             for g in together:
                 g.abort()
