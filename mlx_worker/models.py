@@ -176,9 +176,10 @@ class ModelRegistry:
         except Exception as exc:  # any failure inside a library is a load failure
             failure = _load_failure(path, config, exc)
         if failure is not None:
-            # Out of the except block: its traceback (and the half-built model
-            # its frames hold) is gone, so the memory really comes back.
+            # Out of the except block, and without the traceback: its frames
+            # hold the half-built model, whose memory must really come back.
             loaded = None
+            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
             _release()
             raise failure
 
