@@ -165,3 +165,21 @@ def test_memory_estimate_bounds_the_measured_peak(tiny_model, bits):
         loaded = w.load(tiny_model, model_id="m", **quant)
         result = w.generate(model_id="m", **params).wait()
     assert result.peak_memory <= loaded.memory_bytes + needed, (result.peak_memory, loaded.memory_bytes, needed)
+
+
+def test_vision_model_with_an_image(tmp_path):
+    """A vision model's language model takes the quantized cache too: an
+    image prompt's second turn from the cache equals the uncached run."""
+    from vision_images import b64, noise, png, user
+
+    path = str(ensure_model("tiny-qwen2-vl"))
+    messages = user("Describe this picture.", ("image", b64(png(noise(21)))))
+    with spawn() as w:
+        w.load(path, model_id="v", kv_bits=8, kv_group_size=32)
+        cold, cold_ev = run(w, model_id="v", messages=messages, prompt_cache=False)
+        run(w, model_id="v", messages=messages, max_tokens=1)
+        warm, warm_ev = run(w, model_id="v", messages=messages)
+        assert warm.usage.cached_tokens == warm.usage.prompt_tokens - 1
+        assert_same_output("fp32", cold, warm, cold_ev, warm_ev)
+        status = w.call("status", {})["models"][0]
+        assert (status["kv_bits"], status["kv_group_size"]) == (8, 32)
