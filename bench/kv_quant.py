@@ -13,7 +13,7 @@ bits, group 64):
   positions with the same token and the first position where they part, and
   the largest |Δ logprob| of the chosen token while the runs agree.
 
-    python bench/kv_quant.py [--model small-llama] [--tokens 256] [--prompts 3]
+    python bench/kv_quant.py [--model small-llama] [--group 64] [--tokens 256] [--prompts 3] [--no-report]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--conversation", type=int, default=4096, help="tokens in one stored conversation")
+    p.add_argument("--no-report", action="store_true", help="don't write bench/results/kv_quant.json")
     args = p.parse_args()
     path = str(ensure_model(args.model))
     sides = {"plain": {}, "q8": {"kv_bits": 8, "kv_group_size": args.group}, "q4": {"kv_bits": 4, "kv_group_size": args.group}}
@@ -109,7 +110,8 @@ def main() -> None:
         print(f"| {label} | {per_token[mid]:.0f} | {ratio:.3f} | {held} | {share:.1%} | {s['first_diff']} "
               f"| {s['max_dlogprob']:.4f} |")
     print(f"\n(the store also keeps at most {max_entries} entries, whatever their size)")
-    report("kv_quant", figures)
+    if not args.no_report:
+        report("kv_quant", figures)
 
 
 if __name__ == "__main__":
