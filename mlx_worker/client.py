@@ -5,6 +5,14 @@
         for event in w.generate(prompt="Hello", max_tokens=20):
             ...  # ProgressEvent / TokenEvent, then the GenerateResult
 
+With tools (typed or as plain dicts), reading the stream by channel::
+
+        tool = protocol.Tool(function=protocol.ToolFunction(name="get_weather", parameters=schema))
+        stream = w.generate(messages=messages, tools=[tool], tool_choice="auto")
+        for event in stream:
+            ...  # event.channel: "content" | "reasoning" | "tool_call" | "marker"
+        stream.result.tool_calls  # [ToolCall(id, name, arguments)], valid against `schema`
+
 Results and events are decoded into the Structs of ``mlx_worker.protocol``.
 Errors come back as ``RpcError``. Safe to use from several threads.
 """
@@ -70,6 +78,19 @@ class GenerateStream:
                 return
             self.events.append(event)
             yield event
+
+    def channel_text(self, channel: protocol.Channel) -> str:
+        """The text streamed so far in one channel."""
+        return "".join(e.text for e in self.events if isinstance(e, protocol.TokenEvent) and e.channel == channel)
+
+    def tool_call_texts(self) -> list[str]:
+        """Each tool call's text streamed so far (the last may be partial):
+        what a host shows while a call is being written."""
+        calls: dict[int, str] = {}
+        for e in self.events:
+            if isinstance(e, protocol.TokenEvent) and e.channel == "tool_call":
+                calls[e.tool_call_index] = calls.get(e.tool_call_index, "") + e.text  # type: ignore[index]
+        return [calls[i] for i in sorted(calls)]
 
     def wait(self) -> protocol.GenerateResult:
         for _ in self:

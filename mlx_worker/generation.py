@@ -18,10 +18,11 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
-from . import errors, memory, prompt_cache, protocol, sampling
+from . import errors, memory, prompt_cache, protocol, sampling, tool_calls, tool_grammar
+from .channels import ChannelSplitter
 from .errors import WorkerError
 from .models import LoadedModel
-from .prompt import PreparedPrompt, prepare
+from .prompt import PreparedPrompt, prepare, tool_dicts
 from .textstream import TextStream
 
 log = logging.getLogger("mlx_worker.generation")
@@ -57,6 +58,10 @@ def run(
     constraint = _compile_constraint(lm, params)
     if constraint is not None:
         processors = processors + [constraint.processor()]
+    tool_processor = tool_grammar.processor_for(lm, params)
+    if tool_processor is not None:
+        processors = processors + [tool_processor]
+    observe = getattr(tool_processor, "observe", None)  # the lazy tool grammar follows the tokens
 
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
     mx.random.seed(seed)
@@ -77,10 +82,12 @@ def run(
 
     stops = sampling.stop_strings(params)
     stream = TextStream(lm.decode, prompt.tokens, stops)
+    channels = ChannelSplitter.for_model(lm.tokenizer, prompt.tokens)
     stop_ids = set(params.stop_token_ids)
-    # Under a constraint EOS is allowed only once the constraint is complete,
-    # and it ends the output: ignore_eos does not apply.
-    eos_ids = set() if params.ignore_eos and constraint is None else set(lm.eos_token_ids)
+    # Under a constraint (or a tool grammar) EOS is allowed only once it is
+    # complete, and it ends the output: ignore_eos does not apply.
+    constrained = constraint is not None or tool_processor is not None
+    eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
     want_logprobs = params.logprobs or params.top_logprobs > 0
 
     generated: list[int] = []  # returned tokens (no terminating EOS)
@@ -107,16 +114,16 @@ def run(
             if first_token_at is None:
                 first_token_at = prefill_done_at = time.perf_counter()
             fed_back.append(token)
+            if observe is not None:
+                observe(token)
             if token in eos_ids or token in stop_ids:
                 stop_reason, stop_token = "eos", token
                 break
             generated.append(token)
             text = stream.push(token)
             text_parts.append(text)
-            event = protocol.TokenEvent(id=request_id, text=text, tokens=[token])
-            if want_logprobs:
-                event.logprobs = [_logprob(token, logprobs, params.top_logprobs)]
-            events.token(event)
+            logprob = [_logprob(token, logprobs, params.top_logprobs)] if want_logprobs else protocol.UNSET
+            _send_pieces(events, request_id, channels, channels.push(text), [token], logprob)
             if stream.stopped:
                 stop_reason = "stop_string"
                 break
@@ -131,14 +138,16 @@ def run(
         steps.close()
 
     tail = stream.finish()
-    if tail:
-        text_parts.append(tail)
-        events.token(protocol.TokenEvent(id=request_id, text=tail, tokens=[]))
+    text_parts.append(tail)
+    pieces = channels.push(tail) + channels.finish()
+    if pieces:
+        _send_pieces(events, request_id, channels, pieces, [], protocol.UNSET)
     if stream.stopped and stop_reason != "cancelled":
         # Only a stop string ending in held-back bytes is found this late; it
         # was complete before whatever token ended the loop.
         stop_reason, stop_token = "stop_string", None
 
+    calls, invalid_calls = tool_calls.collect(lm.tokenizer, channels.calls, stop_reason == "eos", tool_dicts(params.tools))
     end = time.perf_counter()
     _store_cache(lm, params, prompt, cache, fed_back, stop_reason)
     complete = protocol.UNSET
@@ -163,10 +172,27 @@ def run(
         peak_memory=mx.get_peak_memory(),
         model_id=lm.model_id,
         seed=seed,
+        content=channels.texts["content"],
+        reasoning=channels.texts["reasoning"],
+        tool_calls=calls,
+        invalid_tool_calls=invalid_calls,
         stop_string=stream.stop_string,
         stop_token=stop_token,
         constraint_complete=complete,
     )
+
+
+def _send_pieces(events: Events, request_id, channels: ChannelSplitter, pieces, tokens: list[int], logprobs) -> None:
+    """One token event per channel piece; the first carries the token (and
+    its logprobs). A token whose text is held still gets its event."""
+    if not pieces:
+        pieces = [channels.empty_piece()]
+    for i, piece in enumerate(pieces):
+        event = protocol.TokenEvent(id=request_id, text=piece.text, tokens=tokens if i == 0 else [],
+                                    logprobs=logprobs if i == 0 else protocol.UNSET, channel=piece.channel)
+        if piece.call is not None:
+            event.tool_call_index = piece.call
+        events.token(event)
 
 
 def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:

@@ -83,7 +83,7 @@ class Handlers:
                 job.finished = True
                 if not job.cancel.is_set():
                     raise
-            result = protocol.cancelled_result(job.params, "".join(job.streamed_text), list(job.streamed_tokens))
+            result = job.cancelled_result()
         with job.lock:
             job.finished = True
             if job.cancel.is_set():

@@ -294,12 +294,27 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
         **_kv_fields(m),
+        **_channel_info(m.tokenizer),
     )
 
 
 def _kv_fields(m: LoadedModel) -> dict:
     q = m.kv_quant
     return {} if q is None else {"kv_bits": q.bits, "kv_group_size": q.group_size}
+
+
+def _channel_info(tokenizer) -> dict:
+    """The model family's tool-call format and reasoning markers, as mlx-lm's
+    TokenizerWrapper detected them."""
+    from .tool_grammar import family_of, syntax_for  # late: it imports MLX
+
+    out: dict = {}
+    if getattr(tokenizer, "has_tool_calling", False):
+        out["tool_call_format"] = family_of(tokenizer)
+        out["tool_grammar"] = syntax_for(tokenizer) is not None
+    if getattr(tokenizer, "has_thinking", False):
+        out["reasoning_markers"] = [tokenizer.think_start, tokenizer.think_end]
+    return out
 
 
 def _release() -> None:
@@ -335,6 +350,9 @@ def _load_text_model(
     evaluate_weights(model, progress)
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
+    from .markers import extend_thinking
+
+    extend_thinking(tokenizer)
     return new_loaded_model(path, "text", model, tokenizer, config)
 
 

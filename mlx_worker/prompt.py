@@ -50,6 +50,15 @@ def message_dict(message: protocol.ChatMessage) -> dict:
     return {k: v for k, v in msgspec.to_builtins(message).items() if v is not None}
 
 
+def tool_dicts(tools: Optional[list[protocol.Tool]]) -> Optional[list[dict]]:
+    """Tools as the chat template (and the family's tool parser) sees them:
+    ``{"type": "function", "function": {name, description, parameters}}``,
+    unset fields left out."""
+    if tools is None:
+        return None
+    return [{"type": t.type, "function": msgspec.to_builtins(t.function)} for t in tools]
+
+
 def apply_template(owner: Any, messages: list[dict], params: Any, model_id: str) -> str:
     """Render with ``owner``'s own Hugging Face chat template and its own
     defaults; options only through ``chat_template_kwargs``."""
@@ -59,11 +68,14 @@ def apply_template(owner: Any, messages: list[dict], params: Any, model_id: str)
             f"model {model_id!r} has no chat template; send `prompt` or `tokens`, "
             "or pass `chat_template` to load",
         )
+    tools = tool_dicts(getattr(params, "tools", None))
+    extra = {"tools": tools} if tools is not None else {}
     try:
         return owner.apply_chat_template(
             messages,
             tokenize=False,
             add_generation_prompt=params.add_generation_prompt,
+            **extra,
             **params.chat_template_kwargs,
         )
     except Exception as exc:  # jinja errors, template-raised exceptions

@@ -105,6 +105,61 @@ class ChatMessage(Params):
     reasoning_content: Union[str, None] = None
 
 
+# -------------------------------------------------------------------- tools
+
+
+class ToolFunction(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """An OpenAI-style function definition; `parameters` is a JSON Schema."""
+
+    name: Annotated[str, Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+    description: Union[str, None] = None
+    parameters: Union[dict[str, Any], None] = None
+    strict: Union[bool, None] = None
+
+
+class Tool(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    function: ToolFunction
+    type: Literal["function"] = "function"
+
+
+class ToolChoiceName(Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Force a call of one tool: `{"name": ...}`, or OpenAI's
+    `{"type": "function", "function": {"name": ...}}`."""
+
+    name: Union[str, None] = None
+    type: Union[Literal["function"], None] = None
+    function: Union[ToolChoiceName, None] = None
+
+
+ToolChoice = Union[Literal["auto", "required", "none"], NamedToolChoice]
+
+# Which part of the answer a token event's text belongs to.
+Channel = Literal["content", "reasoning", "tool_call", "marker"]
+
+
+class ToolCall(Out):
+    """A complete tool call, parsed with the model family's own parser."""
+
+    id: str
+    name: str
+    arguments: Any  # parsed JSON (an object for every schema-constrained call)
+
+
+class InvalidToolCall(Out):
+    """A tool call that must not be run: cut short (`incomplete`: max_tokens,
+    a stop string or cancel ended it) or not parseable (`unparsable`: only
+    possible for calls made without a tool grammar)."""
+
+    id: str
+    text: str
+    reason: Literal["incomplete", "unparsable"]
+    error: str = ""
+
+
 # -------------------------------------------------------------------- ready
 
 
@@ -164,6 +219,11 @@ class LoadResult(Out):
     already_loaded: bool = False
     kv_bits: Union[int, None] = None
     kv_group_size: Union[int, None] = None
+    # The family's tool-call format (mlx-lm's parser name, e.g. "json_tools",
+    # "mistral") and reasoning markers, as detected from the tokenizer.
+    tool_call_format: Union[str, None] = None
+    tool_grammar: bool = False  # calls can be constrained for this format
+    reasoning_markers: Union[list[str], None] = None
 
 
 LoadPhase = Literal["checks", "tokenizer", "weights", "vision_tower"]
@@ -198,6 +258,7 @@ class TokenizeParams(Params):
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     chat_template_kwargs: dict[str, Any] = {}
+    tools: Union[list[Tool], None] = None
 
 
 class TokenizeResult(Out):
@@ -252,6 +313,7 @@ class PromptParams(Params):
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
     chat_template_kwargs: dict[str, Any] = {}
+    tools: Union[list[Tool], None] = None  # passed to the chat template
 
 
 class GenerateParams(PromptParams):
@@ -276,6 +338,7 @@ class GenerateParams(PromptParams):
     prompt_cache: bool = True
     prefill_step_size: Union[StepSize, None] = None
     constraint: Union[Constraint, None] = None
+    tool_choice: ToolChoice = "auto"
 
 
 class TopLogprob(Out):
@@ -296,11 +359,16 @@ class ProgressEvent(Out):
     cached: int
 
 
-class TokenEvent(Out):
+class TokenEvent(Out, omit_defaults=False):
     id: RequestId
     text: str
     tokens: list[int]
     logprobs: Union[list[TokenLogprob], UnsetType] = UNSET
+    # Always sent. "marker": the text of a channel marker (`<think>`,
+    # `<tool_call>`, ...); concatenating every event's text gives `text`.
+    channel: Channel = "content"
+    # On tool_call events: which call of this generation (0, 1, ...).
+    tool_call_index: Union[int, UnsetType] = UNSET
 
 
 class Usage(Out):
@@ -329,11 +397,16 @@ class GenerateResult(Out):
     peak_memory: int
     model_id: str
     seed: int
+    # `text` split by channel, markers left out.
+    content: str
+    reasoning: str
+    tool_calls: list[ToolCall]
     stop_string: Union[str, None] = None
     stop_token: Union[int, None] = None
     # Only with a constraint: whether `tokens` form a complete match
     # (false when max_tokens, a stop string or cancel cut the output short).
     constraint_complete: Union[bool, UnsetType] = UNSET
+    invalid_tool_calls: list[InvalidToolCall] = []
 
 
 # ------------------------------------------------------ prompt cache files
@@ -432,9 +505,17 @@ class ShutdownResult(Out):
     shutting_down: bool
 
 
-def cancelled_result(params: GenerateParams, text: str = "", tokens: Union[list[int], None] = None) -> GenerateResult:
+def cancelled_result(
+    params: GenerateParams,
+    text: str = "",
+    tokens: Union[list[int], None] = None,
+    content: Union[str, None] = None,
+    reasoning: str = "",
+) -> GenerateResult:
     """The result of a generate cancelled before it finished normally: while
-    queued (nothing produced), or when its work failed after the cancel."""
+    queued (nothing produced), or when its work failed after the cancel
+    (then with what the token events delivered; a tool call cut short is
+    not reported as a call)."""
     tokens = tokens or []
     return GenerateResult(
         text=text,
@@ -445,6 +526,9 @@ def cancelled_result(params: GenerateParams, text: str = "", tokens: Union[list[
         peak_memory=0,
         model_id=params.model_id or "",
         seed=params.seed if params.seed is not None else 0,
+        content=text if content is None else content,
+        reasoning=reasoning,
+        tool_calls=[],
     )
 
 

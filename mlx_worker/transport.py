@@ -269,7 +269,7 @@ def _coalesce(batch: list) -> list:
 
     for message in batch:
         if isinstance(message, protocol.Notification) and message.method == "token":
-            if run and run[-1].params.id != message.params.id:
+            if run and not _same_stream(run[-1].params, message.params):
                 flush()
             run.append(message)
         else:
@@ -279,11 +279,18 @@ def _coalesce(batch: list) -> list:
     return out
 
 
+def _same_stream(a: protocol.TokenEvent, b: protocol.TokenEvent) -> bool:
+    # Events merge only within one request's channel (and tool call).
+    return a.id == b.id and a.channel == b.channel and a.tool_call_index == b.tool_call_index
+
+
 def _merge(events: list) -> protocol.TokenEvent:
     merged = protocol.TokenEvent(
         id=events[0].id,
         text="".join(e.text for e in events),
         tokens=[t for e in events for t in e.tokens],
+        channel=events[0].channel,
+        tool_call_index=events[0].tool_call_index,
     )
     if any(e.logprobs is not msgspec.UNSET for e in events):
         merged.logprobs = [lp for e in events if e.logprobs for lp in e.logprobs]

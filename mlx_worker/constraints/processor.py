@@ -38,6 +38,8 @@ class ConstraintProcessor:
         self.m = matcher
         self.words = np.zeros(info.mask_words, dtype=np.int32)
         self._ptr, self._nbytes = self.words.ctypes.data, self.words.nbytes
+        self._last_words = np.zeros_like(self.words)
+        self._last_allowed = None
         self.vocab = info.logits_vocab
         self.eos = info.eos_ids
         self.seen = -1  # len(tokens) at the last call; -1 before the first
@@ -72,10 +74,16 @@ class ConstraintProcessor:
         if not self.m.fill(self._ptr, self._nbytes):
             raise self._failure(self.m.error())
         mask.set_bits(self.words, self.eos, self.m.accepting())
+        if self._last_allowed is not None and np.array_equal(self.words, self._last_words):
+            # Same mask as the last step (free text under a lazy tool grammar,
+            # the inside of a long string): reuse the array already on the device.
+            return mx.where(self._last_allowed, logits, mask.NEG_INF)
         allowed = mask.unpack(self.words, self.vocab)
         if not allowed.any():
             raise self._failure("the constraint allows no token here")
-        return mask.apply(logits, allowed)
+        self._last_words[:] = self.words
+        self._last_allowed = mx.array(allowed)
+        return mx.where(self._last_allowed, logits, mask.NEG_INF)
 
     def _advance(self, tokens: np.ndarray, n: int) -> None:
         new = n - self.seen

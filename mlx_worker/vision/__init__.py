@@ -57,6 +57,8 @@ def load_vision_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
     from mlx_vlm import load as mlx_vlm_load
+
+    from ..markers import extend_thinking, tool_parser_options
     from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
     # Lazy: the model is built over unread weights, read below group by group.
@@ -75,7 +77,9 @@ def load_vision_model(
         hf_tokenizer,
         type(detokenizer) if detokenizer is not None else NaiveStreamingDetokenizer,
         eos_token_ids=eos,
+        **tool_parser_options(hf_tokenizer),
     )
+    extend_thinking(tokenizer)
 
     model_type = str(config.get("model_type", ""))
     model = wrap_language_model(vlm, mrope=hasattr(vlm.language_model, "get_rope_index"))

@@ -94,6 +94,34 @@ void from_json(const nlohmann::json& j, ChatMessage& v) {
   else v.tool_calls.reset();
 }
 
+void to_json(nlohmann::json& j, const ToolFunction& v) {
+  j = nlohmann::json::object();
+  if (v.description) j["description"] = *v.description;
+  j["name"] = v.name;
+  if (v.parameters) j["parameters"] = *v.parameters;
+  if (v.strict) j["strict"] = *v.strict;
+}
+void from_json(const nlohmann::json& j, ToolFunction& v) {
+  if (auto it = j.find("description"); it != j.end() && !it->is_null()) v.description = it->get<std::string>();
+  else v.description.reset();
+  j.at("name").get_to(v.name);
+  if (auto it = j.find("parameters"); it != j.end() && !it->is_null()) v.parameters = it->get<nlohmann::json>();
+  else v.parameters.reset();
+  if (auto it = j.find("strict"); it != j.end() && !it->is_null()) v.strict = it->get<bool>();
+  else v.strict.reset();
+}
+
+void to_json(nlohmann::json& j, const Tool& v) {
+  j = nlohmann::json::object();
+  j["function"] = v.function;
+  if (v.type) j["type"] = *v.type;
+}
+void from_json(const nlohmann::json& j, Tool& v) {
+  j.at("function").get_to(v.function);
+  if (auto it = j.find("type"); it != j.end() && !it->is_null()) v.type = it->get<std::string>();
+  else v.type.reset();
+}
+
 void to_json(nlohmann::json& j, const CacheSaveParams& v) {
   j = nlohmann::json::object();
   if (v.add_generation_prompt) j["add_generation_prompt"] = *v.add_generation_prompt;
@@ -105,6 +133,7 @@ void to_json(nlohmann::json& j, const CacheSaveParams& v) {
   if (v.prefill_step_size) j["prefill_step_size"] = *v.prefill_step_size;
   if (v.prompt) j["prompt"] = *v.prompt;
   if (v.tokens) j["tokens"] = *v.tokens;
+  if (v.tools) j["tools"] = *v.tools;
 }
 void from_json(const nlohmann::json& j, CacheSaveParams& v) {
   if (auto it = j.find("add_generation_prompt"); it != j.end() && !it->is_null()) v.add_generation_prompt = it->get<bool>();
@@ -124,6 +153,8 @@ void from_json(const nlohmann::json& j, CacheSaveParams& v) {
   else v.prompt.reset();
   if (auto it = j.find("tokens"); it != j.end() && !it->is_null()) v.tokens = it->get<std::vector<std::int64_t>>();
   else v.tokens.reset();
+  if (auto it = j.find("tools"); it != j.end() && !it->is_null()) v.tools = it->get<std::vector<Tool>>();
+  else v.tools.reset();
 }
 
 void to_json(nlohmann::json& j, const CacheSaveResult& v) {
@@ -265,6 +296,29 @@ void from_json(const nlohmann::json& j, RegexConstraint& v) {
   j.at("type").get_to(v.type);
 }
 
+void to_json(nlohmann::json& j, const ToolChoiceName& v) {
+  j = nlohmann::json::object();
+  j["name"] = v.name;
+}
+void from_json(const nlohmann::json& j, ToolChoiceName& v) {
+  j.at("name").get_to(v.name);
+}
+
+void to_json(nlohmann::json& j, const NamedToolChoice& v) {
+  j = nlohmann::json::object();
+  if (v.function) j["function"] = *v.function;
+  if (v.name) j["name"] = *v.name;
+  if (v.type) j["type"] = *v.type;
+}
+void from_json(const nlohmann::json& j, NamedToolChoice& v) {
+  if (auto it = j.find("function"); it != j.end() && !it->is_null()) v.function = it->get<ToolChoiceName>();
+  else v.function.reset();
+  if (auto it = j.find("name"); it != j.end() && !it->is_null()) v.name = it->get<std::string>();
+  else v.name.reset();
+  if (auto it = j.find("type"); it != j.end() && !it->is_null()) v.type = it->get<std::string>();
+  else v.type.reset();
+}
+
 void to_json(nlohmann::json& j, const GenerateParams& v) {
   j = nlohmann::json::object();
   if (v.add_generation_prompt) j["add_generation_prompt"] = *v.add_generation_prompt;
@@ -290,6 +344,8 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.stop_token_ids) j["stop_token_ids"] = *v.stop_token_ids;
   if (v.temperature) j["temperature"] = *v.temperature;
   if (v.tokens) j["tokens"] = *v.tokens;
+  if (v.tool_choice) j["tool_choice"] = *v.tool_choice;
+  if (v.tools) j["tools"] = *v.tools;
   if (v.top_k) j["top_k"] = *v.top_k;
   if (v.top_logprobs) j["top_logprobs"] = *v.top_logprobs;
   if (v.top_p) j["top_p"] = *v.top_p;
@@ -341,12 +397,31 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.temperature.reset();
   if (auto it = j.find("tokens"); it != j.end() && !it->is_null()) v.tokens = it->get<std::vector<std::int64_t>>();
   else v.tokens.reset();
+  if (auto it = j.find("tool_choice"); it != j.end() && !it->is_null()) v.tool_choice = it->get<GenerateParamsToolChoice>();
+  else v.tool_choice.reset();
+  if (auto it = j.find("tools"); it != j.end() && !it->is_null()) v.tools = it->get<std::vector<Tool>>();
+  else v.tools.reset();
   if (auto it = j.find("top_k"); it != j.end() && !it->is_null()) v.top_k = it->get<std::int64_t>();
   else v.top_k.reset();
   if (auto it = j.find("top_logprobs"); it != j.end() && !it->is_null()) v.top_logprobs = it->get<std::int64_t>();
   else v.top_logprobs.reset();
   if (auto it = j.find("top_p"); it != j.end() && !it->is_null()) v.top_p = it->get<double>();
   else v.top_p.reset();
+}
+
+void to_json(nlohmann::json& j, const InvalidToolCall& v) {
+  j = nlohmann::json::object();
+  if (v.error) j["error"] = *v.error;
+  j["id"] = v.id;
+  j["reason"] = v.reason;
+  j["text"] = v.text;
+}
+void from_json(const nlohmann::json& j, InvalidToolCall& v) {
+  if (auto it = j.find("error"); it != j.end() && !it->is_null()) v.error = it->get<std::string>();
+  else v.error.reset();
+  j.at("id").get_to(v.id);
+  j.at("reason").get_to(v.reason);
+  j.at("text").get_to(v.text);
 }
 
 void to_json(nlohmann::json& j, const Timings& v) {
@@ -366,6 +441,18 @@ void from_json(const nlohmann::json& j, Timings& v) {
   j.at("ttft_ms").get_to(v.ttft_ms);
 }
 
+void to_json(nlohmann::json& j, const ToolCall& v) {
+  j = nlohmann::json::object();
+  j["arguments"] = v.arguments;
+  j["id"] = v.id;
+  j["name"] = v.name;
+}
+void from_json(const nlohmann::json& j, ToolCall& v) {
+  j.at("arguments").get_to(v.arguments);
+  j.at("id").get_to(v.id);
+  j.at("name").get_to(v.name);
+}
+
 void to_json(nlohmann::json& j, const Usage& v) {
   j = nlohmann::json::object();
   j["cached_tokens"] = v.cached_tokens;
@@ -381,8 +468,11 @@ void from_json(const nlohmann::json& j, Usage& v) {
 void to_json(nlohmann::json& j, const GenerateResult& v) {
   j = nlohmann::json::object();
   if (v.constraint_complete) j["constraint_complete"] = *v.constraint_complete;
+  j["content"] = v.content;
+  if (v.invalid_tool_calls) j["invalid_tool_calls"] = *v.invalid_tool_calls;
   j["model_id"] = v.model_id;
   j["peak_memory"] = v.peak_memory;
+  j["reasoning"] = v.reasoning;
   j["seed"] = v.seed;
   j["stop_reason"] = v.stop_reason;
   if (v.stop_string) j["stop_string"] = *v.stop_string;
@@ -390,13 +480,18 @@ void to_json(nlohmann::json& j, const GenerateResult& v) {
   j["text"] = v.text;
   j["timings"] = v.timings;
   j["tokens"] = v.tokens;
+  j["tool_calls"] = v.tool_calls;
   j["usage"] = v.usage;
 }
 void from_json(const nlohmann::json& j, GenerateResult& v) {
   if (auto it = j.find("constraint_complete"); it != j.end() && !it->is_null()) v.constraint_complete = it->get<bool>();
   else v.constraint_complete.reset();
+  j.at("content").get_to(v.content);
+  if (auto it = j.find("invalid_tool_calls"); it != j.end() && !it->is_null()) v.invalid_tool_calls = it->get<std::vector<InvalidToolCall>>();
+  else v.invalid_tool_calls.reset();
   j.at("model_id").get_to(v.model_id);
   j.at("peak_memory").get_to(v.peak_memory);
+  j.at("reasoning").get_to(v.reasoning);
   j.at("seed").get_to(v.seed);
   j.at("stop_reason").get_to(v.stop_reason);
   if (auto it = j.find("stop_string"); it != j.end() && !it->is_null()) v.stop_string = it->get<std::string>();
@@ -406,6 +501,7 @@ void from_json(const nlohmann::json& j, GenerateResult& v) {
   j.at("text").get_to(v.text);
   j.at("timings").get_to(v.timings);
   j.at("tokens").get_to(v.tokens);
+  j.at("tool_calls").get_to(v.tool_calls);
   j.at("usage").get_to(v.usage);
 }
 
@@ -486,6 +582,9 @@ void to_json(nlohmann::json& j, const LoadResult& v) {
   j["memory_bytes"] = v.memory_bytes;
   j["model_id"] = v.model_id;
   j["path"] = v.path;
+  if (v.reasoning_markers) j["reasoning_markers"] = *v.reasoning_markers;
+  if (v.tool_call_format) j["tool_call_format"] = *v.tool_call_format;
+  if (v.tool_grammar) j["tool_grammar"] = *v.tool_grammar;
   j["vocab_size"] = v.vocab_size;
 }
 void from_json(const nlohmann::json& j, LoadResult& v) {
@@ -504,6 +603,12 @@ void from_json(const nlohmann::json& j, LoadResult& v) {
   j.at("memory_bytes").get_to(v.memory_bytes);
   j.at("model_id").get_to(v.model_id);
   j.at("path").get_to(v.path);
+  if (auto it = j.find("reasoning_markers"); it != j.end() && !it->is_null()) v.reasoning_markers = it->get<std::vector<std::string>>();
+  else v.reasoning_markers.reset();
+  if (auto it = j.find("tool_call_format"); it != j.end() && !it->is_null()) v.tool_call_format = it->get<std::string>();
+  else v.tool_call_format.reset();
+  if (auto it = j.find("tool_grammar"); it != j.end() && !it->is_null()) v.tool_grammar = it->get<bool>();
+  else v.tool_grammar.reset();
   j.at("vocab_size").get_to(v.vocab_size);
 }
 
@@ -679,17 +784,23 @@ void from_json(const nlohmann::json& j, TokenLogprob& v) {
 
 void to_json(nlohmann::json& j, const TokenEvent& v) {
   j = nlohmann::json::object();
+  if (v.channel) j["channel"] = *v.channel;
   j["id"] = v.id;
   if (v.logprobs) j["logprobs"] = *v.logprobs;
   j["text"] = v.text;
   j["tokens"] = v.tokens;
+  if (v.tool_call_index) j["tool_call_index"] = *v.tool_call_index;
 }
 void from_json(const nlohmann::json& j, TokenEvent& v) {
+  if (auto it = j.find("channel"); it != j.end() && !it->is_null()) v.channel = it->get<std::string>();
+  else v.channel.reset();
   j.at("id").get_to(v.id);
   if (auto it = j.find("logprobs"); it != j.end() && !it->is_null()) v.logprobs = it->get<std::vector<TokenLogprob>>();
   else v.logprobs.reset();
   j.at("text").get_to(v.text);
   j.at("tokens").get_to(v.tokens);
+  if (auto it = j.find("tool_call_index"); it != j.end() && !it->is_null()) v.tool_call_index = it->get<std::int64_t>();
+  else v.tool_call_index.reset();
 }
 
 void to_json(nlohmann::json& j, const TokenizeParams& v) {
@@ -700,6 +811,7 @@ void to_json(nlohmann::json& j, const TokenizeParams& v) {
   if (v.messages) j["messages"] = *v.messages;
   if (v.model_id) j["model_id"] = *v.model_id;
   if (v.text) j["text"] = *v.text;
+  if (v.tools) j["tools"] = *v.tools;
 }
 void from_json(const nlohmann::json& j, TokenizeParams& v) {
   if (auto it = j.find("add_generation_prompt"); it != j.end() && !it->is_null()) v.add_generation_prompt = it->get<bool>();
@@ -714,6 +826,8 @@ void from_json(const nlohmann::json& j, TokenizeParams& v) {
   else v.model_id.reset();
   if (auto it = j.find("text"); it != j.end() && !it->is_null()) v.text = it->get<std::string>();
   else v.text.reset();
+  if (auto it = j.find("tools"); it != j.end() && !it->is_null()) v.tools = it->get<std::vector<Tool>>();
+  else v.tools.reset();
 }
 
 void to_json(nlohmann::json& j, const TokenizeResult& v) {

@@ -46,6 +46,8 @@ struct CacheLoadResult;
 struct ImagePart;
 struct TextPart;
 struct ChatMessage;
+struct ToolFunction;
+struct Tool;
 struct CacheSaveParams;
 struct CacheSaveResult;
 struct CancelParams;
@@ -58,8 +60,12 @@ struct ErrorObject;
 struct GrammarConstraint;
 struct JsonSchemaConstraint;
 struct RegexConstraint;
+struct ToolChoiceName;
+struct NamedToolChoice;
 struct GenerateParams;
+struct InvalidToolCall;
 struct Timings;
+struct ToolCall;
 struct Usage;
 struct GenerateResult;
 struct LoadParams;
@@ -133,6 +139,23 @@ struct ChatMessage {
 void to_json(nlohmann::json& j, const ChatMessage& v);
 void from_json(const nlohmann::json& j, ChatMessage& v);
 
+// An OpenAI-style function definition; `parameters` is a JSON Schema.
+struct ToolFunction {
+  std::optional<std::string> description;
+  std::string name{};
+  std::optional<nlohmann::json> parameters;
+  std::optional<bool> strict;
+};
+void to_json(nlohmann::json& j, const ToolFunction& v);
+void from_json(const nlohmann::json& j, ToolFunction& v);
+
+struct Tool {
+  ToolFunction function{};
+  std::optional<std::string> type;  // default "function"
+};
+void to_json(nlohmann::json& j, const Tool& v);
+void from_json(const nlohmann::json& j, Tool& v);
+
 // Write the prompt cache of a prompt's tokens to a file (prefilling
 // whatever part of it isn't cached yet).
 struct CacheSaveParams {
@@ -145,6 +168,7 @@ struct CacheSaveParams {
   std::optional<std::int64_t> prefill_step_size;
   std::optional<std::string> prompt;
   std::optional<std::vector<std::int64_t>> tokens;
+  std::optional<std::vector<Tool>> tools;
 };
 void to_json(nlohmann::json& j, const CacheSaveParams& v);
 void from_json(const nlohmann::json& j, CacheSaveParams& v);
@@ -246,6 +270,23 @@ void to_json(nlohmann::json& j, const RegexConstraint& v);
 void from_json(const nlohmann::json& j, RegexConstraint& v);
 
 using GenerateParamsConstraint = std::variant<JsonSchemaConstraint, RegexConstraint, ChoiceConstraint, GrammarConstraint>;
+struct ToolChoiceName {
+  std::string name{};
+};
+void to_json(nlohmann::json& j, const ToolChoiceName& v);
+void from_json(const nlohmann::json& j, ToolChoiceName& v);
+
+// Force a call of one tool: `{"name": ...}`, or OpenAI's
+// `{"type": "function", "function": {"name": ...}}`.
+struct NamedToolChoice {
+  std::optional<ToolChoiceName> function;
+  std::optional<std::string> name;
+  std::optional<std::string> type;
+};
+void to_json(nlohmann::json& j, const NamedToolChoice& v);
+void from_json(const nlohmann::json& j, NamedToolChoice& v);
+
+using GenerateParamsToolChoice = std::variant<std::string, NamedToolChoice>;
 struct GenerateParams {
   std::optional<bool> add_generation_prompt;  // default true
   std::optional<bool> add_special_tokens;  // default true
@@ -270,12 +311,26 @@ struct GenerateParams {
   std::optional<std::vector<std::int64_t>> stop_token_ids;
   std::optional<double> temperature;  // default 1.0
   std::optional<std::vector<std::int64_t>> tokens;
+  std::optional<GenerateParamsToolChoice> tool_choice;  // default "auto"
+  std::optional<std::vector<Tool>> tools;
   std::optional<std::int64_t> top_k;  // default 0
   std::optional<std::int64_t> top_logprobs;  // default 0
   std::optional<double> top_p;  // default 1.0
 };
 void to_json(nlohmann::json& j, const GenerateParams& v);
 void from_json(const nlohmann::json& j, GenerateParams& v);
+
+// A tool call that must not be run: cut short (`incomplete`: max_tokens,
+// a stop string or cancel ended it) or not parseable (`unparsable`: only
+// possible for calls made without a tool grammar).
+struct InvalidToolCall {
+  std::optional<std::string> error;  // default ""
+  std::string id{};
+  std::string reason{};
+  std::string text{};
+};
+void to_json(nlohmann::json& j, const InvalidToolCall& v);
+void from_json(const nlohmann::json& j, InvalidToolCall& v);
 
 struct Timings {
   double generation_tps{};
@@ -287,6 +342,15 @@ struct Timings {
 void to_json(nlohmann::json& j, const Timings& v);
 void from_json(const nlohmann::json& j, Timings& v);
 
+// A complete tool call, parsed with the model family's own parser.
+struct ToolCall {
+  nlohmann::json arguments{};
+  std::string id{};
+  std::string name{};
+};
+void to_json(nlohmann::json& j, const ToolCall& v);
+void from_json(const nlohmann::json& j, ToolCall& v);
+
 struct Usage {
   std::int64_t cached_tokens{};
   std::int64_t completion_tokens{};
@@ -297,8 +361,11 @@ void from_json(const nlohmann::json& j, Usage& v);
 
 struct GenerateResult {
   std::optional<bool> constraint_complete;
+  std::string content{};
+  std::optional<std::vector<InvalidToolCall>> invalid_tool_calls;
   std::string model_id{};
   std::int64_t peak_memory{};
+  std::string reasoning{};
   std::uint64_t seed{};
   std::string stop_reason{};
   std::optional<std::string> stop_string;
@@ -306,6 +373,7 @@ struct GenerateResult {
   std::string text{};
   Timings timings{};
   std::vector<std::int64_t> tokens{};
+  std::vector<ToolCall> tool_calls{};
   Usage usage{};
 };
 void to_json(nlohmann::json& j, const GenerateResult& v);
@@ -354,6 +422,9 @@ struct LoadResult {
   std::int64_t memory_bytes{};
   std::string model_id{};
   std::string path{};
+  std::optional<std::vector<std::string>> reasoning_markers;
+  std::optional<std::string> tool_call_format;
+  std::optional<bool> tool_grammar;  // default false
   std::int64_t vocab_size{};
 };
 void to_json(nlohmann::json& j, const LoadResult& v);
@@ -462,10 +533,12 @@ void to_json(nlohmann::json& j, const TokenLogprob& v);
 void from_json(const nlohmann::json& j, TokenLogprob& v);
 
 struct TokenEvent {
+  std::optional<std::string> channel;  // default "content"
   RequestId id{};
   std::optional<std::vector<TokenLogprob>> logprobs;
   std::string text{};
   std::vector<std::int64_t> tokens{};
+  std::optional<std::int64_t> tool_call_index;
 };
 void to_json(nlohmann::json& j, const TokenEvent& v);
 void from_json(const nlohmann::json& j, TokenEvent& v);
@@ -477,6 +550,7 @@ struct TokenizeParams {
   std::optional<std::vector<ChatMessage>> messages;
   std::optional<std::string> model_id;
   std::optional<std::string> text;
+  std::optional<std::vector<Tool>> tools;
 };
 void to_json(nlohmann::json& j, const TokenizeParams& v);
 void from_json(const nlohmann::json& j, TokenizeParams& v);

@@ -27,6 +27,7 @@ export interface CacheSaveParams {
   prefill_step_size?: number | null;
   prompt?: string | null;
   tokens?: number[] | null;
+  tools?: Tool[] | null;
 }
 export interface ChatMessage {
   content?: string | (TextPart | ImagePart)[] | null;
@@ -50,6 +51,21 @@ export interface TextPart {
 export interface ImagePart {
   image: string;
   type: "image";
+}
+export interface Tool {
+  function: ToolFunction;
+  type?: "function";
+}
+/**
+ * An OpenAI-style function definition; `parameters` is a JSON Schema.
+ */
+export interface ToolFunction {
+  description?: string | null;
+  name: string;
+  parameters?: {
+    [k: string]: unknown;
+  } | null;
+  strict?: boolean | null;
 }
 export interface CacheSaveResult {
   cached_tokens: number;
@@ -119,6 +135,8 @@ export interface GenerateParams {
   stop_token_ids?: number[];
   temperature?: number;
   tokens?: number[] | null;
+  tool_choice?: ("auto" | "none" | "required") | NamedToolChoice;
+  tools?: Tool[] | null;
   top_k?: number;
   top_logprobs?: number;
   top_p?: number;
@@ -138,10 +156,25 @@ export interface GrammarConstraint {
   lark: string;
   type: "grammar";
 }
+/**
+ * Force a call of one tool: `{"name": ...}`, or OpenAI's
+ *     `{"type": "function", "function": {"name": ...}}`.
+ */
+export interface NamedToolChoice {
+  function?: ToolChoiceName | null;
+  name?: string | null;
+  type?: "function" | null;
+}
+export interface ToolChoiceName {
+  name: string;
+}
 export interface GenerateResult {
   constraint_complete?: boolean;
+  content: string;
+  invalid_tool_calls?: InvalidToolCall[];
   model_id: string;
   peak_memory: number;
+  reasoning: string;
   seed: number;
   stop_reason: "cancelled" | "eos" | "max_tokens" | "stop_string";
   stop_string?: string | null;
@@ -149,7 +182,19 @@ export interface GenerateResult {
   text: string;
   timings: Timings;
   tokens: number[];
+  tool_calls: ToolCall[];
   usage: Usage;
+}
+/**
+ * A tool call that must not be run: cut short (`incomplete`: max_tokens,
+ *     a stop string or cancel ended it) or not parseable (`unparsable`: only
+ *     possible for calls made without a tool grammar).
+ */
+export interface InvalidToolCall {
+  error?: string;
+  id: string;
+  reason: "incomplete" | "unparsable";
+  text: string;
 }
 export interface Timings {
   generation_tps: number;
@@ -157,6 +202,14 @@ export interface Timings {
   queue_ms?: number;
   total_ms: number;
   ttft_ms: number;
+}
+/**
+ * A complete tool call, parsed with the model family's own parser.
+ */
+export interface ToolCall {
+  arguments: unknown;
+  id: string;
+  name: string;
 }
 export interface Usage {
   cached_tokens: number;
@@ -202,6 +255,9 @@ export interface LoadResult {
   memory_bytes: number;
   model_id: string;
   path: string;
+  reasoning_markers?: string[] | null;
+  tool_call_format?: string | null;
+  tool_grammar?: boolean;
   vocab_size: number;
 }
 export interface MemoryStatus {
@@ -260,10 +316,12 @@ export interface StatusResult {
   uptime_s: number;
 }
 export interface TokenEvent {
+  channel?: "content" | "marker" | "reasoning" | "tool_call";
   id: number | string;
   logprobs?: TokenLogprob[];
   text: string;
   tokens: number[];
+  tool_call_index?: number;
 }
 export interface TokenLogprob {
   logprob: number;
@@ -283,6 +341,7 @@ export interface TokenizeParams {
   messages?: ChatMessage[] | null;
   model_id?: string | null;
   text?: string | null;
+  tools?: Tool[] | null;
 }
 export interface TokenizeResult {
   count: number;

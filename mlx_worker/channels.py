@@ -1,0 +1,168 @@
+"""Generated text -> channels: content, reasoning, tool calls, markers.
+
+Layered on the text stream (``textstream.TextStream`` decides the exact text
+and cuts stop strings; this module only labels it). The splitting is mlx-lm's
+own ``TextStateMachine`` with the transitions ``mlx_lm.server`` uses, built
+from the family's markers that mlx-lm's ``TokenizerWrapper`` detects
+(``think_start/end``, ``tool_call_start/end``). Two extensions: a family
+whose calls have no end marker (Mistral's ``[TOOL_CALLS]``) starts a new call
+at each start marker, so every call has its own text; and a stray marker (a
+``</think>`` with no block open) is a marker too, never channel text.
+
+The state machine strips markers; they are put back here as "marker" pieces
+so that every piece of text is accounted for: the concatenation of all
+pieces is the raw text, and the pieces of one channel concatenate to that
+channel's text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from mlx_lm.generate import TextStateMachine
+
+# mlx-lm's state names -> channel names on the wire.
+CHANNELS = {"normal": "content", "reasoning": "reasoning", "tool": "tool_call"}
+MARKER = "marker"
+
+
+def transitions_for(tokenizer) -> dict:
+    """The transitions of ``mlx_lm.generate.make_text_state_machine``
+    (without stop words: the text stream cuts those), plus a tool -> tool
+    edge on the start marker for families without an end marker."""
+    transitions: dict = {}
+    if getattr(tokenizer, "has_thinking", False):
+        transitions.setdefault("normal", []).append((tokenizer.think_start, "reasoning"))
+        transitions["reasoning"] = [(tokenizer.think_end, "normal")]
+    if getattr(tokenizer, "has_tool_calling", False):
+        targets = {dst for edges in tokenizer.response_transitions.values() for _, dst in edges}
+        if "tool" not in targets:
+            transitions.setdefault("normal", []).append((tokenizer.tool_call_start, "tool"))
+        if getattr(tokenizer, "has_thinking", False):
+            transitions["reasoning"].append((tokenizer.tool_call_start, "tool"))
+        end = tokenizer.tool_call_end
+        transitions["tool"] = [(end, "normal")] if end else [(tokenizer.tool_call_start, "tool")]
+    # A stray closing marker (or a second opening one) is still a marker:
+    # it must not leak into the text of a channel.
+    if getattr(tokenizer, "has_thinking", False):
+        transitions["normal"].append((tokenizer.think_end, "normal"))
+        transitions["reasoning"].append((tokenizer.think_start, "reasoning"))
+    if getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_call_end:
+        transitions["normal"].append((tokenizer.tool_call_end, "normal"))
+        if "reasoning" in transitions:
+            transitions["reasoning"].append((tokenizer.tool_call_end, "reasoning"))
+    for marker in getattr(tokenizer, "structural_markers", ()) or ():
+        transitions.setdefault("normal", []).append((marker, "normal"))
+    for state, edges in (getattr(tokenizer, "response_transitions", None) or {}).items():
+        transitions.setdefault(state, []).extend(edges)
+    return transitions
+
+
+def initial_state(tokenizer, prompt_tokens: Sequence[int]) -> str:
+    """"reasoning" when the prompt opened a reasoning block it didn't close
+    (a template that starts ``<think>`` in the generation prompt); "tool"
+    when the prompt ends with a call's start marker (a host that prefills it)."""
+    start = getattr(tokenizer, "tool_call_start_tokens", None) if getattr(tokenizer, "has_tool_calling", False) else None
+    if start and len(prompt_tokens) >= len(start) and tuple(prompt_tokens[-len(start):]) == tuple(start):
+        return "tool"
+    state = "normal"
+    if getattr(tokenizer, "has_thinking", False) and prompt_tokens:
+        start = tokenizer.rfind_think_start(prompt_tokens)
+        if start >= 0 and start > tokenizer.rfind_think_end(prompt_tokens):
+            state = "reasoning"
+    return getattr(tokenizer, "response_initial_state", None) or state
+
+
+@dataclass
+class Piece:
+    channel: str
+    text: str
+    call: Optional[int] = None  # tool_call pieces: index of the call
+
+
+@dataclass
+class CallText:
+    text: str = ""
+    closed: bool = False  # its end marker (or the next call's start) was seen
+
+
+@dataclass
+class ChannelSplitter:
+    machine: TextStateMachine
+    edges: dict
+    state: tuple
+    ends_without_marker: bool  # a call ends only where the output ends
+    calls: list = field(default_factory=list)
+    texts: dict = field(default_factory=lambda: {"content": "", "reasoning": ""})
+
+    @classmethod
+    def for_model(cls, tokenizer, prompt_tokens: Sequence[int]) -> "ChannelSplitter":
+        transitions = transitions_for(tokenizer)
+        machine = TextStateMachine(transitions or None)
+        ends_without = bool(getattr(tokenizer, "has_tool_calling", False) and not tokenizer.tool_call_end)
+        initial = initial_state(tokenizer, prompt_tokens)
+        splitter = cls(machine, transitions, machine.make_state(initial), ends_without)
+        if initial == "tool":
+            splitter.calls.append(CallText())
+        return splitter
+
+    @property
+    def channel(self) -> str:
+        return CHANNELS.get(self.state[0], "content")
+
+    @property
+    def in_call(self) -> bool:
+        return self.state[0] == "tool"
+
+    def empty_piece(self) -> Piece:
+        """No text, in the current channel (a token whose text is held)."""
+        call = len(self.calls) - 1 if self.in_call and self.calls else None
+        return Piece(self.channel, "", call)
+
+    def push(self, text: str) -> list[Piece]:
+        """Label a chunk of text; text that may be the start of a marker is
+        held until it is known."""
+        if not text:
+            return []
+        raw = self.state[3] + text
+        self.state, segments = TextStateMachine.split(self.state, text)
+        return self._pieces(raw, segments)
+
+    def finish(self) -> list[Piece]:
+        """Release held text (the output is over)."""
+        self.state, held, name = TextStateMachine.flush(self.state)
+        return self._pieces(held, [(name, held)]) if held else []
+
+    def _pieces(self, raw: str, segments: list) -> list[Piece]:
+        out: list[Piece] = []
+        pos = 0
+        for i, (name, text) in enumerate(segments):
+            if text:
+                out.append(self._piece(name, text))
+                pos += len(text)
+            if i + 1 < len(segments):  # a marker took us to the next segment's state
+                nxt = segments[i + 1][0]
+                marker = max(
+                    (m for m, dst in self.edges.get(name, ()) if dst == nxt and raw.startswith(m, pos)),
+                    key=len,
+                    default="",
+                )
+                pos += len(marker)
+                if name == "tool" and self.calls:
+                    self.calls[-1].closed = True
+                if nxt == "tool":
+                    self.calls.append(CallText())
+                if marker:
+                    out.append(Piece(MARKER, marker))
+        return out
+
+    def _piece(self, name: str, text: str) -> Piece:
+        channel = CHANNELS.get(name, "content")
+        if channel == "tool_call":
+            if not self.calls:  # a response format that starts inside a call
+                self.calls.append(CallText())
+            self.calls[-1].text += text
+            return Piece(channel, text, len(self.calls) - 1)
+        self.texts[channel] = self.texts.get(channel, "") + text
+        return Piece(channel, text)

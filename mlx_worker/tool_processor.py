@@ -1,0 +1,160 @@
+"""A lazy tool-call constraint as an mlx-lm logits processor.
+
+Outside a call the output is free, and checking free text costs nothing on
+the CPU: the mask is chosen on the device from the last sampled token (the
+call start marker selects "the first token of a call", anything else selects
+the free mask), so the step never waits for that token. Once the loop has
+seen the start marker, a matcher for one call (llguidance, compiled by the
+constraint machinery) takes over: every step then reads the last token and
+computes the mask, as any constraint does. When the call's grammar is
+complete (its end marker, or the end of the arguments for a family without
+one) the output is free again.
+
+Free text means: everything (``auto``); only the start marker (``required``
+before the first call); only the start marker or EOS (after a call, for a
+family whose calls have no end marker: nothing but calls may follow).
+
+mlx-lm calls the processor one step ahead of the tokens it yields; the
+generation loop tells it each token it receives (``observe``), which is how
+the processor learns of a start marker without waiting for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import mlx.core as mx
+
+from . import errors
+from .constraints import mask
+from .constraints.common import is_engine_panic
+from .errors import WorkerError
+
+
+class ToolCallProcessor:
+    def __init__(self, program, info, trigger: int, first: str, after_call: str):
+        """``first``/``after_call``: the free mode at the start and after a
+        call: "free" (anything), "call_only" (the start marker), "call_or_end"
+        (the start marker or EOS)."""
+        self.program = program
+        self.info = info
+        self.trigger = trigger
+        self.vocab = info.logits_vocab
+        self.eos = info.eos_ids
+        self.after_call = after_call
+        self.mode = first
+        self.m = None  # the matcher of the call being written
+        self.known: list[int] = []  # generated tokens known on the CPU
+        self.observed = 0
+        self.steps = 0  # processor calls so far
+        self.words = np.zeros(info.mask_words, dtype=np.int32)
+        self._ptr, self._nbytes = self.words.ctypes.data, self.words.nbytes
+        self._start_of_call = self._first_call_mask()
+        self._not_start_of_call = mx.logical_not(self._start_of_call)
+        self._bases: dict = {}
+
+    # ------------------------------------------------------------ protocol
+
+    def observe(self, token: int) -> None:
+        """The generation loop received ``token`` (in order, every token)."""
+        self.observed += 1
+        if self.observed > len(self.known):
+            self.known.append(token)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        try:
+            return self._step(tokens, logits)
+        except BaseException as exc:
+            if is_engine_panic(exc):
+                raise self._failure(f"the matcher failed: {exc}") from None
+            raise
+
+    # -------------------------------------------------------------- steps
+
+    def _step(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        step, self.steps = self.steps, self.steps + 1
+        if step == 0:
+            # Only the prompt: a prompt that ends with the start marker
+            # opens a call the output must complete.
+            if int(tokens[-1].item()) == self.trigger:
+                self._open_call()
+                return self._call_mask(logits)
+            return self._free_mask(tokens, logits, device_select=False)
+        if self.m is None:
+            if len(self.known) < step - 1:  # not observed (a caller without observe): read them
+                self.known = [int(t) for t in np.asarray(tokens[tokens.shape[-1] - (step - 1) - 1 : -1])]
+            if step >= 2 and self.known[step - 2] == self.trigger:
+                self._open_call()
+            else:
+                return self._free_mask(tokens, logits, device_select=True)
+        # A call needs the last token: queue its read right behind the step
+        # that samples it, then this step's forward pass, so the matcher
+        # works while the model runs (as the constraint processor does).
+        last_token = tokens[-1]
+        mx.async_eval(last_token)
+        mx.async_eval(logits)
+        last = int(last_token.item())
+        if len(self.known) < step:
+            self.known.append(last)
+        self._consume(last)
+        return self._call_mask(logits)
+
+    def _free_mask(self, tokens: mx.array, logits: mx.array, device_select: bool) -> mx.array:
+        base = self._base(self.mode)
+        if not device_select:
+            return logits if base is None else mx.where(base, logits, mask.NEG_INF)
+        started = tokens[-1] == self.trigger
+        if base is None:
+            return mx.where(mx.logical_and(started, self._not_start_of_call), mask.NEG_INF, logits)
+        return mx.where(mx.where(started, self._start_of_call, base), logits, mask.NEG_INF)
+
+    def _call_mask(self, logits: mx.array) -> mx.array:
+        if not self.m.fill(self._ptr, self._nbytes):
+            raise self._failure(self.m.error())
+        accepting = self.m.accepting()
+        mask.set_bits(self.words, self.eos, False)
+        allowed = mask.unpack(self.words, self.vocab)
+        if accepting and not allowed.any():  # the call is complete: free again
+            self.m, self.mode = None, self.after_call
+            base = self._base(self.mode)
+            return logits if base is None else mx.where(base, logits, mask.NEG_INF)
+        if not allowed.any():
+            raise self._failure("the tool call grammar allows no token here")
+        return mx.where(mx.array(allowed), logits, mask.NEG_INF)
+
+    def _open_call(self) -> None:
+        self.m = self.program.matcher()
+        self._consume(self.trigger)
+
+    def _consume(self, token: int) -> None:
+        if token in self.eos or not self.m.consume(token):
+            why = self.m.error() if token not in self.eos else "EOS inside a tool call"
+            raise self._failure(f"token {token} was refused inside a tool call: {why}")
+
+    # -------------------------------------------------------------- masks
+
+    def _first_call_mask(self) -> mx.array:
+        m = self.program.matcher()
+        if not m.consume(self.trigger) or not m.fill(self._ptr, self._nbytes):
+            raise self._failure("the tool call grammar refuses its own start marker")
+        mask.set_bits(self.words, self.eos, False)
+        return mx.array(mask.unpack(self.words, self.vocab))
+
+    def _base(self, mode: str):
+        """None for "free" (no mask), else the allowed tokens as an mx array."""
+        if mode == "free":
+            return None
+        if mode not in self._bases:
+            allowed = np.zeros(self.vocab, dtype=np.bool_)
+            allowed[self.trigger] = True
+            if mode == "call_or_end":
+                allowed[[e for e in self.eos if e < self.vocab]] = True
+            self._bases[mode] = mx.array(allowed)
+        return self._bases[mode]
+
+    def _failure(self, why: str) -> WorkerError:
+        return WorkerError(
+            errors.CONSTRAINT_INVALID,
+            f"tool-call generation stopped after {len(self.known)} tokens: {why}",
+            {"field": "params.tools", "phase": "generation", "completion_tokens": len(self.known)},
+        )
