@@ -18,7 +18,7 @@ import argparse
 import gc
 import time
 
-from common import ensure_model, median, report, spawn
+from common import bind_blas_like_the_worker, ensure_model, median, report, spawn
 
 
 LOAD_MS: list = []  # the worker's own load_ms (no pipes, no checks)
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--model", default="small-llama")
     args = p.parse_args()
     path = str(ensure_model(args.model))
+    bind_blas_like_the_worker()  # the same process set-up as the worker's (fair A/B)
     library_load(path)  # warm-up: imports, page cache
     w = spawn()
     # The first load after `ready` waits for the worker's own imports (mlx-lm, …),
