@@ -131,7 +131,6 @@ def test_cancel_of_a_queued_load(fresh_worker, small_model, tiny_model):
     while "method" in msg:
         msg = w._take(inbox, 30)
     assert msg["error"]["code"] == -32012
-    w.call("status", {})
     models = {m["model_id"] for m in w.call("status", {})["models"]}
     assert "t" not in models
 
