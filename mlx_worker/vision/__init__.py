@@ -54,9 +54,9 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
     from mlx_vlm import load as mlx_vlm_load
+    from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
     from ..markers import extend_thinking, tool_parser_options
-    from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
     vlm, processor = mlx_vlm_load(str(path), trust_remote_code=params.trust_remote_code)
     hf_tokenizer = getattr(processor, "tokenizer", processor)
