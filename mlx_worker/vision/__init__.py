@@ -57,9 +57,9 @@ def load_vision_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
     from mlx_vlm import load as mlx_vlm_load
+    from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
     from ..markers import extend_thinking, tool_parser_options
-    from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
     # Lazy: the model is built over unread weights, read below group by group.
     vlm, processor = progress.step(
