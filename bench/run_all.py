@@ -33,6 +33,8 @@ RUNS = [
     ("vision.py", [], ["--rounds", "5"]),
     ("tools.py", [], ["--rounds", "4"]),
     ("soak.py", [], ["--requests", "200", "--warmup", "50"]),
+    ("kv_quant.py", [], ["--prompts", "1"]),
+    ("load.py", [], ["--rounds", "9"]),
 ]
 
 # (result file, key, label, target, "higher"|"lower" is better, unit format)
@@ -53,6 +55,12 @@ METRICS = [
     ("tools", "auto_step_p50_ratio", "decode step p50: no tools ÷ tools + auto grammar", None, "higher", "{:.3f}"),
     ("vision", "prompt + image cache", "vision turn-2 TTFT ÷ turn 1 (both caches)", None, "lower", "{:.3f}"),
     ("soak", "rss_growth", "soak: RSS growth after warm-up", 0.05, "lower", "{:+.2%}"),
+    ("kv_quant", "q8_ratio", "KV bytes/token: kv_bits 8 ÷ none", None, "lower", "{:.3f}"),
+    ("kv_quant", "q4_ratio", "KV bytes/token: kv_bits 4 ÷ none", None, "lower", "{:.3f}"),
+    ("kv_quant", "q8_agreement", "greedy tokens equal: kv_bits 8 vs none", None, "higher", "{:.1%}"),
+    ("kv_quant", "q4_agreement", "greedy tokens equal: kv_bits 4 vs none", None, "higher", "{:.1%}"),
+    ("load", "first_progress_ms", "load: first load_progress (ms)", None, "lower", "{:.2f}"),
+    ("load", "load_vs_mlx_lm", "load wall time: worker ÷ mlx_lm.load", 1.05, "lower", "{:.3f}"),
 ]
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import generation, protocol
+from . import errors, generation, protocol
+from .errors import WorkerError
+from .loading import LoadCancelled, LoadProgress
 from .models import ModelRegistry
 from .prompt import check_token_ids, tokenize
 
@@ -24,7 +26,26 @@ class Handlers:
         return generation.Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
 
     def load(self, job) -> protocol.LoadResult:
-        return self.models.load(job.params)
+        progress = LoadProgress(
+            request_id=job.id,
+            on_progress=lambda e: self.worker.job_notify(job, "load_progress", e),
+            should_stop=job.cancel.is_set,
+        )
+        try:
+            result = self.models.load(job.params, progress)
+            # A cancel that answered true after the last group still wins:
+            # the model goes again, and the load answers as cancelled.
+            with job.lock:
+                job.finished = True
+                if job.cancel.is_set() and not result.already_loaded:
+                    self.models.unload(result.model_id)
+                if job.cancel.is_set():
+                    raise LoadCancelled()
+        except LoadCancelled:
+            if self.worker.stopping.is_set():
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the load was stopped") from None
+            raise
+        return result
 
     def unload(self, job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)

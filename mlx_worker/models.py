@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from . import errors, files, protocol
 from .errors import WorkerError
+from .kv_quant import check_layers, from_load as kv_quant_of_load
+from .loading import LoadProgress, evaluate_weights
 from .model_checks import check_folder, template_problem, text_config
 
 log = logging.getLogger("mlx_worker.models")
@@ -35,6 +37,7 @@ class LoadedModel:
     memory_bytes: int
     prefill_step_size: int = DEFAULT_PREFILL_STEP
     max_kv_size: Optional[int] = None
+    kv_quant: Any = None  # kv_quant.KVQuant with load's kv_bits, else None
     prompt_cache: Any = None  # a prompt cache store, when enabled
     vision: Any = None  # the vision adapter, for kind == "vision"
     memory_limit: Optional[int] = None  # load's memory_limit: weights + any one request
@@ -64,6 +67,7 @@ class LoadedModel:
             memory_bytes=self.memory_bytes,
             prompt_cache=cache,
             memory_limit=self.memory_limit,
+            **_kv_fields(self),
         )
 
 
@@ -121,13 +125,19 @@ class ModelRegistry:
                 {"field": "params.model_id", "loaded": list(self._models)},
             ) from None
 
-    def load(self, params: protocol.LoadParams) -> protocol.LoadResult:
+    def load(self, params: protocol.LoadParams, progress: Optional[LoadProgress] = None) -> protocol.LoadResult:
+        """Load a model folder. ``progress`` gets load_progress events and says
+        when to stop (between groups of weights); a stopped load raises
+        LoadCancelled and leaves nothing loaded."""
+        progress = progress or LoadProgress(request_id=0)
+        progress.report("checks", 0, 1)
         path = _model_folder(params.model).resolve()
         model_id = params.model_id or path.name
         existing = self._models.get(model_id)
         if existing is not None:
             if existing.path == str(path):
                 _check_same_options(existing, params)
+                progress.report("checks", 1, 1)
                 return _load_result(existing, 0.0, already_loaded=True)
             raise WorkerError(
                 errors.INVALID_PARAMS,
@@ -141,9 +151,11 @@ class ModelRegistry:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
+        kv_quant = kv_quant_of_load(params, config)
         from . import memory as memory_budget
 
         memory_budget.admit_load(path, params.memory_limit)
+        progress.report("checks", 1, 1)
         start = time.perf_counter()
         import mlx.core as mx
 
@@ -152,9 +164,9 @@ class ModelRegistry:
             if "vision_config" in config:
                 from .vision import load_vision_model
 
-                loaded = load_vision_model(path, config, params)
+                loaded = load_vision_model(path, config, params, progress, kv_quant is not None)
             else:
-                loaded = _load_text_model(path, config, params)
+                loaded = _load_text_model(path, config, params, progress, kv_quant is not None)
             _check_folder_template(loaded, path)
             _settle_random_state()
             memory = max(0, mx.get_active_memory() - before)
@@ -164,9 +176,10 @@ class ModelRegistry:
         except Exception as exc:  # any failure inside a library is a load failure
             failure = _load_failure(path, config, exc)
         if failure is not None:
-            # Out of the except block: its traceback (and the half-built model
-            # its frames hold) is gone, so the memory really comes back.
+            # Out of the except block, and without the traceback: its frames
+            # hold the half-built model, whose memory must really come back.
             loaded = None
+            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
             _release()
             raise failure
 
@@ -177,6 +190,7 @@ class ModelRegistry:
         if params.prefill_step_size:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
+        loaded.kv_quant = kv_quant
         from . import prompt_cache
 
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
@@ -279,8 +293,14 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         memory_bytes=m.memory_bytes,
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
+        **_kv_fields(m),
         **_channel_info(m.tokenizer),
     )
+
+
+def _kv_fields(m: LoadedModel) -> dict:
+    q = m.kv_quant
+    return {} if q is None else {"kv_bits": q.bits, "kv_group_size": q.group_size}
 
 
 def _channel_info(tokenizer) -> dict:
@@ -314,20 +334,33 @@ def _settle_random_state() -> None:
     mx.eval(mx.random.state)
 
 
-def _load_text_model(path: Path, config: dict, params: protocol.LoadParams) -> LoadedModel:
+def _load_text_model(
+    path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress, kv_quantized: bool
+) -> LoadedModel:
     from mlx_lm import load as mlx_lm_load
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer_config: dict = {"trust_remote_code": params.trust_remote_code}
-    model, tokenizer = mlx_lm_load(
-        str(path), tokenizer_config=tokenizer_config, trust_remote_code=params.trust_remote_code
-    )
+    # Lazy: the model is built over unread weights, read below group by group.
+    model, tokenizer = progress.step("tokenizer", lambda: mlx_lm_load(
+        str(path), tokenizer_config=tokenizer_config, trust_remote_code=params.trust_remote_code, lazy=True
+    ))
+    if kv_quantized:  # before any weight is read
+        check_kv_layers(model)
+    evaluate_weights(model, progress)
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
     from .markers import extend_thinking
 
     extend_thinking(tokenizer)
     return new_loaded_model(path, "text", model, tokenizer, config)
+
+
+def check_kv_layers(model) -> None:
+    """Refuse kv_bits for a model with windowed cache layers (kv_quant.py)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    check_layers(make_prompt_cache(model))
 
 
 def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **extra) -> LoadedModel:

@@ -200,6 +200,10 @@ class LoadParams(Params):
     max_image_pixels: Union[PositiveCount, None] = None
     max_image_bytes: Union[PositiveCount, None] = None
     image_cache_bytes: Union[Count, None] = None
+    # A quantized KV cache from the first token (protocol/README.md, "Quantized KV cache").
+    # mlx quantizes in groups of 32, 64 or 128; the group must divide the head dim (checked per model).
+    kv_bits: Union[Literal[4, 8], None] = None
+    kv_group_size: Union[Literal[32, 64, 128], None] = None  # default 64; needs kv_bits
 
 
 class LoadResult(Out):
@@ -213,11 +217,26 @@ class LoadResult(Out):
     memory_bytes: int
     load_ms: float
     already_loaded: bool = False
+    kv_bits: Union[int, None] = None
+    kv_group_size: Union[int, None] = None
     # The family's tool-call format (mlx-lm's parser name, e.g. "json_tools",
     # "mistral") and reasoning markers, as detected from the tokenizer.
     tool_call_format: Union[str, None] = None
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
+
+
+LoadPhase = Literal["checks", "tokenizer", "weights", "vision_tower"]
+
+
+class LoadProgressEvent(Out):
+    """A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
+    weights and vision_tower, steps otherwise), never decreasing."""
+
+    id: RequestId
+    phase: LoadPhase
+    done: Count
+    total: Count
 
 
 class UnloadParams(Params):
@@ -453,6 +472,8 @@ class ModelStatus(Out):
     memory_bytes: int
     prompt_cache: Union[PromptCacheStatus, None] = None
     memory_limit: Union[int, None] = None
+    kv_bits: Union[int, None] = None
+    kv_group_size: Union[int, None] = None
 
 
 class QueueStatus(Out):
@@ -530,5 +551,6 @@ EVENTS: dict[str, type] = {
     "ready": ReadyEvent,
     "progress": ProgressEvent,
     "token": TokenEvent,
+    "load_progress": LoadProgressEvent,
 }
 

@@ -26,6 +26,8 @@ log = logging.getLogger("mlx_worker.server")
 
 # Answered on the reader thread, never queued behind a generation.
 IMMEDIATE = {"cancel", "status", "shutdown"}
+# What `cancel` stops: a generate ends with stop_reason "cancelled", a load with -32012.
+CANCELLABLE = {"generate", "load"}
 
 # After a top-level "id" key: a whole integer or string, then `,` or `}`.
 _ID_VALUE = re.compile(rb'\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")\s*[,}]')
@@ -288,7 +290,7 @@ class Worker:
     def cancel(self, rid: Any) -> bool:
         with self.cond:
             job = self.jobs.get(rid)
-            if job is None or job.method != "generate":
+            if job is None or job.method not in CANCELLABLE:
                 return False
             queued = job in self.queue
             if queued:
@@ -308,6 +310,8 @@ class Worker:
         self._retire(job)
         if job.method == "generate":
             self.answer(job, protocol.cancelled_result(job.params))
+        elif job.method == "load" and not shutting_down:
+            self.answer_error(job, errors.CANCELLED, "the load was cancelled before it started")
         else:
             self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down")
 
