@@ -570,3 +570,68 @@ TEST(Lifecycle, WritingToAClosedStdinNeverRaisesSigpipe) {
   EXPECT_EQ(worker->close({200ms, 3000ms, 3000ms}).signal, SIGTERM);
   for (auto& call : calls) EXPECT_THROW(call.get(), WorkerExited);
 }
+
+// ---- the worker's exit is noticed even when a grandchild holds its stdout ------------
+
+TEST(Lifecycle, ExitIsNoticedWhileAGrandchildHoldsStdout) {
+  // A "worker" that announces itself, leaves a background process holding its stdout and
+  // stderr, and exits 7 without answering.
+  SpawnOptions o;
+  o.python = "/bin/sh";
+  o.args = {"-c",
+            R"(printf '%s\n' '{"jsonrpc":"2.0","method":"ready","params":{"protocol_version":"1.0","worker_version":"0","mlx_version":"0","device":"cpu","pid":1,"capabilities":{"methods":[],"max_line_bytes":1,"batch":false,"constraints":[],"constraint_engines":[],"vision":false}}}'; sleep 20 & read line; exit 7)"};
+  auto start = Clock::now();
+  {
+    auto worker = Client::spawn(o);
+    auto pending = worker->send("status");  // the line it reads before exiting
+    ASSERT_TRUE(pending.wait_for(5s)) << "a pending call hangs after the worker exited";
+    try {
+      pending.get();
+      ADD_FAILURE() << "the call succeeded";
+    } catch (const WorkerExited& e) {
+      EXPECT_EQ(e.exit_code(), 7);
+    }
+    EXPECT_THROW(worker->status(), WorkerExited);
+  }  // the destructor must not wait for the grandchild either
+  EXPECT_LT(Clock::now() - start, 5s);
+}
+
+TEST(Lifecycle, SignalDoesNotWaitForAnotherThreadsWait) {
+  // wait() blocks until the child exits; signal() from another thread meanwhile must go
+  // through at once (on macOS wait() once held the lock while blocked in waitpid).
+  Subprocess child("/bin/sh", {"-c", "exec sleep 30"}, build_environment({}, true), "");
+  std::atomic<bool> waited{false};
+  std::thread waiter([&] {
+    child.wait();
+    waited = true;
+  });
+  std::this_thread::sleep_for(100ms);  // let it block
+  auto start = Clock::now();
+  child.signal(SIGTERM);
+  EXPECT_LT(Clock::now() - start, 1s);
+  waiter.join();
+  EXPECT_TRUE(waited.load());
+}
+
+// ---- a throwing event handler ---------------------------------------------------------
+
+TEST_F(Worker, AThrowingHandlerCancelsTheGenerationAndSurfacesItsError) {
+  struct HostBug : std::runtime_error {
+    using std::runtime_error::runtime_error;
+  };
+  auto call = client_->generate_async(greedy("the handler throws", 3000), [](const GenerateEvent& e) {
+    if (std::holds_alternative<TokenEvent>(e)) throw HostBug("host bug");
+  });
+  ASSERT_TRUE(call.wait_for(20s)) << "the generation ran on after its handler threw";
+  EXPECT_THROW(call.get(), HostBug);
+  // The worker was told: its response for this id says cancelled.
+  std::string response;
+  for (const auto& line : lines()) {
+    auto m = nlohmann::json::parse(line);
+    if (m.contains("result") && m["id"] == call.id()) response = line;
+  }
+  ASSERT_FALSE(response.empty());
+  auto result = nlohmann::json::parse(response)["result"];
+  EXPECT_EQ(result["stop_reason"], "cancelled");
+  EXPECT_LT(result["tokens"].size(), 3000u);
+}
