@@ -1,5 +1,5 @@
 export { spawnWorker, Worker } from "./worker";
-export type { SpawnOptions, RequestOptions, GenerateOptions, CloseOptions, CloseResult, ExitInfo } from "./worker";
+export type { SpawnOptions, RequestOptions, GenerateOptions, CloseOptions, CloseResult, ExitInfo, CallbackSource } from "./worker";
 export { Generation, type GenerateEvent } from "./generation";
 export { RpcError, WorkerExitedError, ProtocolError } from "./errors";
 export { LineSplitter } from "./lines";

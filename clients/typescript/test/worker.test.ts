@@ -197,6 +197,97 @@ describe("cancel", () => {
   });
 });
 
+describe("host callbacks", () => {
+  const greedy = (prompt: string, max_tokens: number): GenerateParams => ({
+    model_id: "tiny",
+    prompt,
+    max_tokens,
+    temperature: 0,
+    ignore_eos: true,
+  });
+
+  test("a generate driven by onEvent alone keeps none of its events", async () => {
+    let seen = 0;
+    let most = 0;
+    const generation = worker.generate(greedy("only onEvent", 40), {
+      onEvent: () => {
+        seen++;
+        most = Math.max(most, generation.buffered);
+      },
+    });
+    const result = await generation.result;
+    assert.equal(result.tokens.length, 40);
+    assert.ok(seen > 1, `only ${seen} events`);
+    assert.equal(most, 0, "events were buffered for a loop that never ran");
+    assert.equal(generation.buffered, 0);
+  });
+
+  test("without onEvent, a loop started after an await still gets every event", async () => {
+    const generation = worker.generate(greedy("late loop", 12));
+    await generation.result;
+    const events: GenerateEvent[] = [];
+    for await (const event of generation) events.push(event);
+    assert.deepEqual(tokenIds(events), (await generation.result).tokens);
+  });
+
+  test("onEvent and a running loop both get every event", async () => {
+    const viaCallback: GenerateEvent[] = [];
+    const generation = worker.generate(greedy("both", 12), { onEvent: (e) => viaCallback.push(e) });
+    const viaLoop: GenerateEvent[] = [];
+    for await (const event of generation) viaLoop.push(event);
+    assert.deepEqual(viaLoop, viaCallback);
+    assert.deepEqual(tokenIds(viaLoop), (await generation.result).tokens);
+  });
+
+  test("a throwing onEvent goes to onError, cancels its generation and gets no more events", async () => {
+    const errors: { error: unknown; source: unknown }[] = [];
+    let threw = false;
+    let callsAfter = 0;
+    const generation = worker.generate(greedy("the host throws", 3000), {
+      onEvent: (e) => {
+        if (threw) callsAfter++;
+        if (e.type === "token") {
+          threw = true;
+          throw new Error("host bug");
+        }
+      },
+      onError: (error, source) => errors.push({ error, source }),
+    });
+    const result = await generation.result;
+    assert.equal(result.stop_reason, "cancelled");
+    assert.ok(result.tokens.length < 3000);
+    assert.equal(errors.length, 1);
+    assert.equal((errors[0].error as Error).message, "host bug");
+    assert.deepEqual(errors[0].source, { callback: "onEvent", id: generation.id });
+    assert.ok(threw);
+    assert.equal(callsAfter, 0, "events after the throw reached onEvent");
+  });
+
+  test("by default a throwing onEvent is logged with console.error, never uncaught", async () => {
+    const logged: unknown[][] = [];
+    const uncaught: unknown[] = [];
+    const onUncaught = (error: unknown) => uncaught.push(error);
+    const original = console.error;
+    console.error = (...args: unknown[]) => void logged.push(args);
+    process.on("uncaughtException", onUncaught);
+    try {
+      const generation = worker.generate(greedy("default onError", 3000), {
+        onEvent: () => {
+          throw new Error("unhandled host bug");
+        },
+      });
+      assert.equal((await generation.result).stop_reason, "cancelled");
+      await new Promise((resolve) => setImmediate(resolve));
+    } finally {
+      console.error = original;
+      process.off("uncaughtException", onUncaught);
+    }
+    assert.deepEqual(uncaught, []);
+    assert.equal(logged.length, 1);
+    assert.ok(logged[0].some((a) => a instanceof Error && a.message === "unhandled host bug"));
+  });
+});
+
 describe("errors", () => {
   const cases: Array<[string, Record<string, unknown>, string]> = [
     ["a wrong type", { prompt: "x", max_tokens: "ten" }, "params.max_tokens"],
