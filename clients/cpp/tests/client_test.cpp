@@ -635,3 +635,56 @@ TEST_F(Worker, AThrowingHandlerCancelsTheGenerationAndSurfacesItsError) {
   EXPECT_EQ(result["stop_reason"], "cancelled");
   EXPECT_LT(result["tokens"].size(), 3000u);
 }
+
+// ---- issue 15: channels and tool calls, typed ------------------------------------------
+
+TEST(Tools, ChannelsAndToolCallsAreTyped) {
+  auto worker = Client::spawn(worker_options());
+  LoadResult loaded = worker->load(test_support::tools_model_path(), std::string("qwen3"));
+  EXPECT_EQ(loaded.tool_call_format, "json_tools");
+  Tool weather;
+  weather.function.name = "get_weather";
+  weather.function.parameters = nlohmann::json{{"type", "object"},
+                                               {"properties", {{"city", {{"type", "string"}, {"maxLength", 8}}}}},
+                                               {"required", {"city"}},
+                                               {"additionalProperties", false}};
+  GenerateParams p;
+  ChatMessage ask;
+  ask.role = "user";
+  ask.content = ChatMessageContent(std::string("Weather in Paris?"));
+  p.messages = std::vector<ChatMessage>{ask};
+  p.tools = std::vector<Tool>{weather};
+  NamedToolChoice choice;
+  choice.name = "get_weather";
+  p.tool_choice = GenerateParamsToolChoice(choice);
+  p.max_tokens = 40;
+  p.temperature = 0.0;
+
+  ChannelText texts;
+  std::string all;
+  std::vector<std::string> channels;
+  GenerateResult r = worker->generate(p, [&](const GenerateEvent& e) {
+    if (auto* t = std::get_if<TokenEvent>(&e)) {
+      texts.add(*t);
+      all += t->text;
+      channels.push_back(channel_of(*t));
+      if (channel_of(*t) == channel::tool_call) EXPECT_EQ(t->tool_call_index, 0);
+    }
+  });
+  EXPECT_EQ(all, r.text);
+  EXPECT_EQ(texts.content, r.content);
+  EXPECT_EQ(texts.reasoning, r.reasoning);
+  ASSERT_EQ(r.tool_calls.size(), 1u);
+  EXPECT_EQ(r.tool_calls[0].name, "get_weather");
+  EXPECT_TRUE(r.tool_calls[0].arguments.is_object());
+  EXPECT_FALSE(r.tool_calls[0].id.empty());
+  EXPECT_FALSE(r.invalid_tool_calls.has_value());
+  // The call's streamed text is the call the result reports, parsed.
+  ASSERT_EQ(texts.tool_calls.size(), 1u);
+  auto streamed = nlohmann::json::parse(texts.tool_calls[0]);
+  EXPECT_EQ(streamed["name"], r.tool_calls[0].name);
+  EXPECT_EQ(streamed["arguments"], r.tool_calls[0].arguments);
+  ASSERT_FALSE(channels.empty());
+  EXPECT_EQ(channels.front(), channel::marker) << "the call starts at once: <tool_call>";
+  EXPECT_EQ(worker->close().exit_code, 0);
+}
