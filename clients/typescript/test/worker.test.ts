@@ -3,8 +3,16 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 
-import { RpcError, type GenerateEvent, type GenerateParams, type Worker } from "../src";
-import { startWorker, tinyModel, type TestWorker } from "./helpers";
+import {
+  ChannelText,
+  RpcError,
+  channelOf,
+  type GenerateEvent,
+  type GenerateParams,
+  type Tool,
+  type Worker,
+} from "../src";
+import { startWorker, tinyModel, toolsModel, type TestWorker } from "./helpers";
 
 let tw: TestWorker;
 let worker: Worker;
@@ -285,6 +293,57 @@ describe("host callbacks", () => {
     assert.deepEqual(uncaught, []);
     assert.equal(logged.length, 1);
     assert.ok(logged[0].some((a) => a instanceof Error && a.message === "unhandled host bug"));
+  });
+});
+
+describe("tools and reasoning", () => {
+  test("channels, tool_call_index and the result's tool calls are typed and add up", async () => {
+    const loaded = await worker.request("load", { model: toolsModel(), model_id: "qwen3" });
+    assert.equal(loaded.tool_call_format, "json_tools");
+    const weather: Tool = {
+      type: "function",
+      function: {
+        name: "get_weather",
+        parameters: {
+          type: "object",
+          properties: { city: { type: "string", maxLength: 8 } },
+          required: ["city"],
+          additionalProperties: false,
+        },
+      },
+    };
+    const texts = new ChannelText();
+    const tokens: Extract<GenerateEvent, { type: "token" }>[] = [];
+    const generation = worker.generate(
+      {
+        model_id: "qwen3",
+        messages: [{ role: "user", content: "Weather in Paris?" }],
+        tools: [weather],
+        tool_choice: { name: "get_weather" },
+        max_tokens: 40,
+        temperature: 0,
+      },
+      {
+        onEvent: (e) => {
+          texts.add(e);
+          if (e.type === "token") tokens.push(e);
+        },
+      },
+    );
+    const result = await generation.result;
+    assert.equal(tokens.map((t) => t.text).join(""), result.text);
+    assert.equal(texts.content, result.content);
+    assert.equal(texts.reasoning, result.reasoning);
+    assert.equal(channelOf(tokens[0]), "marker", "the call starts at once: <tool_call>");
+    for (const t of tokens) assert.equal(t.tool_call_index, channelOf(t) === "tool_call" ? 0 : undefined);
+    assert.equal(result.tool_calls.length, 1);
+    const [call] = result.tool_calls;
+    assert.equal(call.name, "get_weather");
+    assert.match(call.id, /\S/);
+    assert.equal(result.invalid_tool_calls, undefined);
+    // The call's streamed text is the call the result reports, parsed.
+    assert.equal(texts.toolCalls.length, 1);
+    assert.deepEqual(JSON.parse(texts.toolCalls[0]), { name: call.name, arguments: call.arguments });
   });
 });
 
