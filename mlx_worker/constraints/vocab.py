@@ -86,7 +86,6 @@ def build(lm, key: str) -> TokenizerInfo:
     n_vocab = max(int(lm.vocab_size), len(tok))
     try:
         lltok = llguidance.hf.from_tokenizer(tok, n_vocab=n_vocab, eos_token=list(eos))
-        lltok = _plain_added_tokens_as_text(lltok, tok, n_vocab, eos)
     except Exception as exc:
         raise WorkerError(
             errors.CONSTRAINT_INVALID,
@@ -94,35 +93,3 @@ def build(lm, key: str) -> TokenizerInfo:
             {"field": "params.constraint"},
         ) from None
     return TokenizerInfo(key=key, lltok=lltok, n_vocab=n_vocab, logits_vocab=int(lm.vocab_size), eos_ids=eos)
-
-
-def _plain_added_tokens_as_text(lltok, tok, n_vocab: int, eos: tuple):
-    """llguidance reads every added token as a special one (its bytes are
-    ``\\xff[id]``), but its tokenizer splits an added token out of text:
-    the mask for the text ``<tool_call>`` lets Qwen3's token through and
-    consume then refuses it. A non-special added token is text the model
-    writes (Qwen3's ``<think>``, ``<tool_call>``): rebuilt as ordinary bytes
-    here, so mask and consume agree. ``<[id]>`` in a grammar still names it."""
-    import llguidance
-
-    plain = {i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
-             if not t.special and i < n_vocab and lltok.is_special_token(i)}
-    if not plain:
-        return lltok
-
-    class Vocabulary:  # what llguidance.TokenizerWrapper reads
-        eos_token_id = eos[0]
-        bos_token_id = None
-        tokens = [
-            lltok.decode_bytes([i]) if i in plain or not lltok.is_special_token(i)
-            else b"\xff" + lltok.decode_bytes([i])  # llguidance's mark of a special token
-            for i in range(n_vocab)
-        ]
-        special_token_ids = [i for i in range(n_vocab) if lltok.is_special_token(i) and i not in plain]
-
-        def __call__(self, text):
-            if not isinstance(text, str):
-                raise TypeError("text only")  # llguidance then passes str
-            return tok.encode(text, add_special_tokens=False)
-
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary()), n_vocab=n_vocab, eos_token=list(eos))
