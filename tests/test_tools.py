@@ -522,6 +522,20 @@ def test_the_start_token_inside_content_text_still_opens_a_call(tw):
     assert [c.text for c in result.invalid_tool_calls] == ["\n"]
 
 
+def test_a_constraint_writes_marker_text_in_ordinary_tokens(tw):
+    """Qwen3's `<think>` / `<tool_call>` are non-special added tokens. The
+    mask let the added token through for the text, and the matcher refused it
+    (-32007 after one token). Constrained text is now written in ordinary
+    tokens (a grammar names a marker token with `<[id]>`), so it is text:
+    a spelled `<tool_call>` opens no call."""
+    lark = 'start: "<think>ok</think>" "<tool_call>"'
+    result, events = run(tw, "qwen3", constraint={"type": "grammar", "lark": lark}, temperature=0.0)
+    assert result.text == "<think>ok</think><tool_call>" and result.constraint_complete is True
+    markers = {token_id(tw, "qwen3", m) for m in ("<think>", "</think>", "<tool_call>")}
+    assert not markers & set(result.tokens)
+    assert result.tool_calls == [] and result.invalid_tool_calls == []
+
+
 # ------------------------------------------------- none, ignore_eos, cache
 
 
