@@ -172,6 +172,9 @@ def test_agent_conversation_renders_like_transformers(tw, paths, family, as_stri
 @pytest.mark.parametrize("choice", ["required", {"name": "search"},
                                     {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_calls_are_valid_across_seeds_and_temperatures(tw, family, choice):
+    """Every seed completes its first call: the schemas bound each call (strings
+    of at most 10 characters, bounded integers and arrays, an enum) to far
+    fewer than max_tokens (120) tokens, so none can be cut."""
     names = None if choice == "required" else [choice.get("name") or choice["function"]["name"]]
     for seed in range(3):
         for temperature in (0.0, 1.0, 3.0):
