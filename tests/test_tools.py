@@ -173,8 +173,8 @@ def test_agent_conversation_renders_like_transformers(tw, paths, family, as_stri
                                     {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_calls_are_valid_across_seeds_and_temperatures(tw, family, choice):
     """Every seed completes its first call: the schemas bound each call (strings
-    of at most 10 characters, bounded integers and arrays, an enum) to far
-    fewer than max_tokens (120) tokens, so none can be cut."""
+    of at most 10 characters, even escaped 6 tokens each; bounded integers and
+    arrays; an enum) to about 100 tokens at most, within max_tokens (120)."""
     names = None if choice == "required" else [choice.get("name") or choice["function"]["name"]]
     for seed in range(3):
         for temperature in (0.0, 1.0, 3.0):
@@ -523,6 +523,18 @@ def test_the_start_token_inside_content_text_still_opens_a_call(tw):
     assert result.content == "<tool_call>x"
     assert [e.text for e in events if e.channel == "marker"] == ["<tool_call>"]
     assert [c.text for c in result.invalid_tool_calls] == ["\n"]
+
+
+def test_an_end_marker_spelled_inside_the_arguments_is_text(tw):
+    """A string argument may hold the text `</tool_call>` (in ordinary
+    tokens): it is the call's text, the call ends at the end marker token."""
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string", "pattern": "^</tool_call>$"}},
+        "required": ["text"], "additionalProperties": False}}}]
+    result, events = run(tw, "qwen3", tools=tools, tool_choice="required", temperature=0.0, max_tokens=60)
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("note", {"text": "</tool_call>"})]
+    assert result.invalid_tool_calls == []
+    assert [e.text for e in events if e.channel == "marker"][:2] == ["<tool_call>", "</tool_call>"]
 
 
 def test_a_constraint_writes_marker_text_in_ordinary_tokens(tw):
