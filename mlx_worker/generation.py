@@ -59,7 +59,9 @@ def run(
     if constraint is not None:
         processors = processors + [constraint.processor()]
     # A run that samples nothing (max_tokens 0: cache_save, cache warming)
-    # needs no tool processor; the tools only shape the prompt.
+    # needs no tool processor: the tools only shape the prompt. Malformed
+    # tool params are still named.
+    tool_grammar.chosen_tools(params)
     tool_processor = tool_grammar.processor_for(lm, params) if max_tokens > 0 else None
     if tool_processor is not None:
         processors = processors + [tool_processor]
