@@ -58,7 +58,11 @@ def run(
     constraint = _compile_constraint(lm, params)
     if constraint is not None:
         processors = processors + [constraint.processor()]
-    tool_processor = tool_grammar.processor_for(lm, params)
+    # A run that samples nothing (max_tokens 0: cache_save, cache warming)
+    # needs no tool processor: the tools only shape the prompt. Malformed
+    # tool params are still named.
+    tool_grammar.chosen_tools(params)
+    tool_processor = tool_grammar.processor_for(lm, params) if max_tokens > 0 else None
     if tool_processor is not None:
         processors = processors + [tool_processor]
     observe = getattr(tool_processor, "observe", None)  # the lazy tool grammar follows the tokens
@@ -84,9 +88,10 @@ def run(
     stream = TextStream(lm.decode, prompt.tokens, stops)
     channels = ChannelSplitter.for_model(lm.tokenizer, prompt.tokens)
     stop_ids = set(params.stop_token_ids)
-    # Under a constraint (or a tool grammar) EOS is allowed only once it is
-    # complete, and it ends the output: ignore_eos does not apply.
-    constrained = constraint is not None or tool_processor is not None
+    # Under a constraint (or a call grammar) EOS is allowed only once it is
+    # complete, and it ends the output: ignore_eos does not apply. ("none"
+    # only bans the start marker: not a grammar.)
+    constrained = constraint is not None or tool_grammar.is_call_grammar(tool_processor)
     eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
     want_logprobs = params.logprobs or params.top_logprobs > 0
 
@@ -123,7 +128,7 @@ def run(
             text = stream.push(token)
             text_parts.append(text)
             logprob = [_logprob(token, logprobs, params.top_logprobs)] if want_logprobs else protocol.UNSET
-            _send_pieces(events, request_id, channels, channels.push(text), [token], logprob)
+            _send_pieces(events, request_id, channels, channels.push(text, token), [token], logprob)
             if stream.stopped:
                 stop_reason = "stop_string"
                 break

@@ -11,6 +11,7 @@ fixed; new optional fields may be added freely.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -363,10 +364,10 @@ class TokenEvent(Out, omit_defaults=False):
     id: RequestId
     text: str
     tokens: list[int]
+    # "marker": the text of a channel marker (`<think>`, `<tool_call>`,
+    # ...); concatenating every event's text gives `text`.
+    channel: Channel
     logprobs: Union[list[TokenLogprob], UnsetType] = UNSET
-    # Always sent. "marker": the text of a channel marker (`<think>`,
-    # `<tool_call>`, ...); concatenating every event's text gives `text`.
-    channel: Channel = "content"
     # On tool_call events: which call of this generation (0, 1, ...).
     tool_call_index: Union[int, UnsetType] = UNSET
 
@@ -511,12 +512,18 @@ def cancelled_result(
     tokens: Union[list[int], None] = None,
     content: Union[str, None] = None,
     reasoning: str = "",
+    call_texts: Union[list[str], None] = None,
 ) -> GenerateResult:
     """The result of a generate cancelled before it finished normally: while
     queued (nothing produced), or when its work failed after the cancel
-    (then with what the token events delivered; a tool call cut short is
-    not reported as a call)."""
+    (then with what the token events delivered). A tool call whose text was
+    streamed is never parsed here: it is reported as incomplete."""
     tokens = tokens or []
+    invalid = [
+        InvalidToolCall(id="call_" + os.urandom(12).hex(), text=text, reason="incomplete",
+                        error="the output ended inside this call (cancel)")
+        for text in call_texts or []
+    ]
     return GenerateResult(
         text=text,
         tokens=tokens,
@@ -529,6 +536,7 @@ def cancelled_result(
         content=text if content is None else content,
         reasoning=reasoning,
         tool_calls=[],
+        invalid_tool_calls=invalid,
     )
 
 

@@ -48,11 +48,15 @@ class Job:
     streamed_text: list = field(default_factory=list)
     streamed_tokens: list = field(default_factory=list)
     streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
+    streamed_calls: dict = field(default_factory=dict)  # tool_call_index -> its text so far
 
     def record(self, event: protocol.TokenEvent) -> None:
         self.streamed_text.append(event.text)
         self.streamed_tokens.extend(event.tokens)
-        self.streamed_channels.get(event.channel, []).append(event.text)
+        if event.channel == "tool_call" and isinstance(event.tool_call_index, int):
+            self.streamed_calls.setdefault(event.tool_call_index, []).append(event.text)
+        else:
+            self.streamed_channels.get(event.channel, []).append(event.text)
 
     def cancelled_result(self) -> protocol.GenerateResult:
         """A cancelled generate's result when its work could not finish it:
@@ -61,6 +65,7 @@ class Job:
             self.params, "".join(self.streamed_text), list(self.streamed_tokens),
             content="".join(self.streamed_channels["content"]),
             reasoning="".join(self.streamed_channels["reasoning"]),
+            call_texts=["".join(self.streamed_calls[i]) for i in sorted(self.streamed_calls)],
         )
 
 

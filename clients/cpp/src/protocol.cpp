@@ -784,7 +784,7 @@ void from_json(const nlohmann::json& j, TokenLogprob& v) {
 
 void to_json(nlohmann::json& j, const TokenEvent& v) {
   j = nlohmann::json::object();
-  if (v.channel) j["channel"] = *v.channel;
+  j["channel"] = v.channel;
   j["id"] = v.id;
   if (v.logprobs) j["logprobs"] = *v.logprobs;
   j["text"] = v.text;
@@ -792,8 +792,7 @@ void to_json(nlohmann::json& j, const TokenEvent& v) {
   if (v.tool_call_index) j["tool_call_index"] = *v.tool_call_index;
 }
 void from_json(const nlohmann::json& j, TokenEvent& v) {
-  if (auto it = j.find("channel"); it != j.end() && !it->is_null()) v.channel = it->get<std::string>();
-  else v.channel.reset();
+  j.at("channel").get_to(v.channel);
   j.at("id").get_to(v.id);
   if (auto it = j.find("logprobs"); it != j.end() && !it->is_null()) v.logprobs = it->get<std::vector<TokenLogprob>>();
   else v.logprobs.reset();

@@ -533,7 +533,7 @@ void to_json(nlohmann::json& j, const TokenLogprob& v);
 void from_json(const nlohmann::json& j, TokenLogprob& v);
 
 struct TokenEvent {
-  std::optional<std::string> channel;  // default "content"
+  std::string channel{};
   RequestId id{};
   std::optional<std::vector<TokenLogprob>> logprobs;
   std::string text{};

@@ -316,7 +316,7 @@ export interface StatusResult {
   uptime_s: number;
 }
 export interface TokenEvent {
-  channel?: "content" | "marker" | "reasoning" | "tool_call";
+  channel: "content" | "marker" | "reasoning" | "tool_call";
   id: number | string;
   logprobs?: TokenLogprob[];
   text: string;
