@@ -97,7 +97,11 @@ class Generation:
         self.constraint = _compile_constraint(lm, params)
         if self.constraint is not None:
             self.processors = self.processors + [self.constraint.processor()]
-        tool_processor = tool_grammar.processor_for(lm, params)
+        # A run that samples nothing (max_tokens 0: cache_save, cache warming)
+        # needs no tool processor: the tools only shape the prompt. Malformed
+        # tool params are still named.
+        tool_grammar.chosen_tools(params)
+        tool_processor = tool_grammar.processor_for(lm, params) if self.max_tokens > 0 else None
         if tool_processor is not None:
             self.processors = self.processors + [tool_processor]
         # The lazy tool grammar follows the tokens as they are read.
@@ -108,9 +112,10 @@ class Generation:
         self.stream = TextStream(lm.decode, self.prompt.tokens, sampling.stop_strings(params))
         self.channels = ChannelSplitter.for_model(lm.tokenizer, self.prompt.tokens)
         self.stop_ids = set(params.stop_token_ids)
-        # Under a constraint (or a tool grammar) EOS is allowed only once it is
-        # complete, and it ends the output: ignore_eos does not apply.
-        constrained = self.constraint is not None or tool_processor is not None
+        # Under a constraint (or a call grammar) EOS is allowed only once it is
+        # complete, and it ends the output: ignore_eos does not apply. ("none"
+        # only bans the start marker: not a grammar.)
+        constrained = self.constraint is not None or tool_grammar.is_call_grammar(tool_processor)
         self.eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
@@ -248,7 +253,7 @@ class Generation:
         text = self.stream.push(token)
         self.text_parts.append(text)
         logprob = [_logprob(token, logprobs, self.params.top_logprobs)] if self.want_logprobs else protocol.UNSET
-        self._send_pieces(self.channels.push(text), [token], logprob)
+        self._send_pieces(self.channels.push(text, token), [token], logprob)
         if self.stream.stopped:
             return "stop_string"
         if len(self.fed_back) >= self.max_tokens:

@@ -14,6 +14,7 @@ from typing import Any
 from . import errors, generation, protocol
 from .errors import WorkerError
 from .jobs import Job, JobTable
+from .loading import LoadCancelled, LoadProgress
 from .models import ModelRegistry
 from .prompt import check_token_ids, tokenize
 from .scheduler import Scheduler, run_alone
@@ -88,7 +89,24 @@ class Handlers:
         self.table.finish_generate(gen.job, outcome)
 
     def load(self, job: Job) -> protocol.LoadResult:
-        return self.models.load(job.params, should_stop=job.should_stop)
+        progress = LoadProgress(
+            request_id=job.id,
+            on_progress=lambda e: self.table.notify(job, "load_progress", e),
+            should_stop=job.should_stop,
+        )
+        try:
+            result = self.models.load(job.params, progress)
+            # A cancel that answered true after the last group still wins:
+            # the model goes again, and the load answers as cancelled.
+            if self.table.close_cancel(job):
+                if not result.already_loaded:
+                    self.models.unload(result.model_id)
+                raise LoadCancelled()
+        except LoadCancelled:
+            if self.table.stopping:
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the load was stopped") from None
+            raise
+        return result
 
     def unload(self, job: Job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)
