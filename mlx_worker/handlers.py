@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import errors, generation, protocol
+from . import cache_files, errors, generation, protocol
 from .errors import WorkerError
 from .jobs import Job, JobTable
 from .loading import LoadCancelled, LoadProgress
@@ -120,8 +120,6 @@ class Handlers:
         return protocol.DetokenizeResult(text=lm.decode(job.params.tokens))
 
     def cache_save(self, job: Job) -> protocol.CacheSaveResult:
-        from . import cache_files
-
         lm = self.models.get(job.params.model_id)
 
         def prefill(params):  # progress events while the uncached part is prefilled
@@ -134,6 +132,4 @@ class Handlers:
         return cache_files.save(lm, job.params, prefill)
 
     def cache_load(self, job: Job) -> protocol.CacheLoadResult:
-        from . import cache_files
-
         return cache_files.load(self.models.get(job.params.model_id), job.params)

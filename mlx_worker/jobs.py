@@ -14,12 +14,16 @@ what its token events delivered), even if the work failed meanwhile.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import errors, protocol
+from .errors import WorkerError
+
+log = logging.getLogger("mlx_worker.jobs")
 
 # Methods `cancel` applies to. A long phase of any job polls
 # ``job.should_stop`` (set by cancel and at shutdown); adding a method here
@@ -259,17 +263,13 @@ class _Unfinished(Exception):
 
 
 def _error_response(job: Job, exc: BaseException) -> protocol.ErrorResponse:
-    import logging
-
-    from .errors import WorkerError
-
     if isinstance(exc, WorkerError):
         code, message, data = exc.code, exc.message, exc.data
     else:  # a Rust panic from a library is a BaseException
         code, message = errors.classify_exception(exc)
         data = None
         if code == errors.INTERNAL_ERROR:
-            logging.getLogger("mlx_worker.jobs").error("%s failed", job.method, exc_info=exc)
+            log.error("%s failed", job.method, exc_info=exc)
     error = protocol.ErrorObject(code=code, message=message)
     if data is not None:
         error.data = data

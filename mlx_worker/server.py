@@ -197,7 +197,7 @@ class Worker:
     # ------------------------------------------------------------- status
 
     def status(self) -> protocol.StatusResult:
-        from .memory import memory_status
+        from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []
         running = self.table.running_ids()
