@@ -33,6 +33,8 @@ RUNS = [
     ("vision.py", [], ["--rounds", "5"]),
     ("tools.py", [], ["--rounds", "4"]),
     ("soak.py", [], ["--requests", "200", "--warmup", "50"]),
+    ("kv_quant.py", [], ["--prompts", "1"]),
+    ("load.py", [], ["--rounds", "9"]),
     ("concurrency.py", [], ["--rounds", "1", "--curve", "1,8,16"]),
     ("speculative.py", [], ["--rounds", "3", "--tokens", "96", "--sweep-rounds", "1"]),
 ]
@@ -63,6 +65,12 @@ METRICS = [
     ("speculative", "draft_over_plain", "greedy decode tok/s: draft ÷ no draft", 1.6, "higher", "{:.2f}"),
     ("speculative", "draft_over_server", "greedy decode tok/s, draft: worker ÷ mlx_lm.server", 1.1, "higher", "{:.2f}"),
     ("soak", "rss_growth", "soak: RSS growth after warm-up", 0.05, "lower", "{:+.2%}"),
+    ("kv_quant", "q8_ratio", "KV bytes/token: kv_bits 8 ÷ none", None, "lower", "{:.3f}"),
+    ("kv_quant", "q4_ratio", "KV bytes/token: kv_bits 4 ÷ none", None, "lower", "{:.3f}"),
+    ("kv_quant", "q8_agreement", "greedy tokens equal: kv_bits 8 vs none", None, "higher", "{:.1%}"),
+    ("kv_quant", "q4_agreement", "greedy tokens equal: kv_bits 4 vs none", None, "higher", "{:.1%}"),
+    ("load", "first_progress_ms", "load: first load_progress (ms)", None, "lower", "{:.2f}"),
+    ("load", "load_vs_mlx_lm", "load wall time: worker ÷ mlx_lm.load", 1.05, "lower", "{:.3f}"),
 ]
 
 

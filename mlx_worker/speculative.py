@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream, speculative_generate_step
-from mlx_lm.models.cache import KVCache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
 from . import errors, prompt_cache, sampling
 from .errors import WorkerError
@@ -81,7 +81,7 @@ def check_pair(lm: LoadedModel, draft: LoadedModel, field: str) -> None:
         if len(cache) != len(getattr(m.model, "layers", ())):  # mlx-lm splits the pair's cache by layer count
             raise errors.invalid_params(field, f"speculative decoding does not support the {which} {m.model_id!r} "
                                         "(its cache is not one entry per layer)")
-        kinds = {type(c).__name__ for c in cache if type(c) is not KVCache}
+        kinds = {type(c).__name__ for c in cache if type(c) not in (KVCache, QuantizedKVCache)}
         if kinds:
             raise errors.invalid_params(
                 field, f"speculative decoding needs plain KV caches; the {which} {m.model_id!r} uses "

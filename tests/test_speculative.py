@@ -279,3 +279,29 @@ def test_unloading_the_draft_waits_for_its_requests(w):
     w.load(str(ensure_model("spec-draft")), model_id="draft")
     again, _ = run(w, max_tokens=20, draft_model_id="draft")
     assert again.usage.accepted_draft_tokens > 0
+
+
+def test_quantized_kv_cache_with_a_draft(w):
+    """kv_bits caches (quantized from the first token, one token's K/V at a
+    time) verify exactly: output and logprobs as without a draft; a second
+    turn continues the pair from the prompt cache."""
+    w.load(str(ensure_model("spec-target")), model_id="target-q8", kv_bits=8)
+    w.load(str(ensure_model("spec-draft")), model_id="draft-q4", kv_bits=4, kv_group_size=32)
+    try:
+        for draft in ("draft", "draft-q4"):
+            base = dict(model_id="target-q8", max_tokens=40, ignore_eos=True, logprobs=True, prompt_cache=False)
+            plain, plain_events = run(w, **base)
+            spec, events = run(w, **base, draft_model_id=draft, num_draft_tokens=4)
+            assert_same(plain, spec)
+            assert max(abs(a - b) for a, b in zip(logprobs(plain_events), logprobs(events))) < 1e-4
+            assert spec.usage.accepted_draft_tokens > 0.8 * spec.usage.draft_tokens
+        messages = [{"role": "user", "content": "water sun tree"}]
+        first, _ = run(w, model_id="target-q8", messages=messages, max_tokens=12, draft_model_id="draft-q4")
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then"}]
+        second, _ = run(w, model_id="target-q8", messages=messages, max_tokens=12, draft_model_id="draft-q4")
+        assert second.usage.cached_tokens > 0
+        cold, _ = run(w, model_id="target-q8", messages=messages, max_tokens=12, prompt_cache=False)
+        assert_same(cold, second)
+    finally:
+        w.unload("target-q8")
+        w.unload("draft-q4")
