@@ -5,7 +5,7 @@
 Prints, for each engine:
 
 - decode tokens/s constrained / unconstrained: the same generation loop
-  (``mlx_worker.generation.run``, in-process, no pipes), same prompt, seed
+  (``mlx_worker.scheduler.run``, in-process, no pipes), same prompt, seed
   and length; runs alternate unconstrained / llguidance / outlines; the
   ratio of median tokens/s, and of the pooled per-token step time p25/p50
   (robust to other load on a shared machine);
@@ -60,14 +60,14 @@ def percentile(xs, q):
 def run_once(lm, n, engine=None, schema=DECODE_SCHEMA, seed=0, stamps=None):
     """One generation through the worker's generation loop; ``stamps`` gets
     the time of every token event."""
-    from mlx_worker import generation, protocol
+    from mlx_worker import generation, protocol, scheduler
 
     constraint = protocol.JsonSchemaConstraint(schema=schema, engine=engine) if engine else None
     params = protocol.GenerateParams(prompt=PROMPT, max_tokens=n, temperature=1.0, seed=seed,
                                      ignore_eos=True, prompt_cache=False, constraint=constraint)
     record = (lambda e: stamps.append(time.perf_counter())) if stamps is not None else (lambda e: None)
     events = generation.Events(progress=lambda e: None, token=record)
-    return generation.run(lm, params, "bench", events, lambda: False)
+    return scheduler.run(lm, params, "bench", events, lambda: False)
 
 
 def decode_ratio(lm, n, rounds):

@@ -35,6 +35,7 @@ RUNS = [
     ("soak.py", [], ["--requests", "200", "--warmup", "50"]),
     ("kv_quant.py", [], ["--prompts", "1"]),
     ("load.py", [], ["--rounds", "9"]),
+    ("concurrency.py", [], ["--rounds", "1", "--curve", "1,8,16"]),
 ]
 
 # (result file, key, label, target, "higher"|"lower" is better, unit format)
@@ -54,6 +55,12 @@ METRICS = [
     ("tools", "auto_over_no_tools", "decode: tools + auto grammar ÷ no tools (32k)", 0.95, "higher", "{:.3f}"),
     ("tools", "auto_step_p50_ratio", "decode step p50: no tools ÷ tools + auto grammar", None, "higher", "{:.3f}"),
     ("vision", "prompt + image cache", "vision turn-2 TTFT ÷ turn 1 (both caches)", None, "lower", "{:.3f}"),
+    ("concurrency", "tps_vs_server_8", "8 streams aggregate tok/s: worker ÷ mlx_lm.server", 1.2, "higher", "{:.2f}"),
+    ("concurrency", "ttft_p50_vs_server_8", "8 streams TTFT median: worker ÷ server", 1.0, "lower", "{:.2f}"),
+    ("concurrency", "ttft_p99_vs_server_8", "8 streams TTFT p99: worker ÷ server", 1.0, "lower", "{:.2f}"),
+    ("concurrency", "short_ttft_vs_server", "short behind 2k prompt, TTFT: worker ÷ server", 0.25, "lower", "{:.3f}"),
+    ("concurrency", "gap_during_prompt_over_idle", "4 streams' gap p99 during a 2k prompt ÷ idle", 3.0, "lower", "{:.2f}"),
+    ("concurrency", "single_vs_inprocess", "one stream: worker ÷ in-process mlx-lm", 0.98, "higher", "{:.3f}"),
     ("soak", "rss_growth", "soak: RSS growth after warm-up", 0.05, "lower", "{:+.2%}"),
     ("kv_quant", "q8_ratio", "KV bytes/token: kv_bits 8 ÷ none", None, "lower", "{:.3f}"),
     ("kv_quant", "q4_ratio", "KV bytes/token: kv_bits 4 ÷ none", None, "lower", "{:.3f}"),

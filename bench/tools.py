@@ -51,7 +51,7 @@ def percentile(xs, q):
 def run_once(lm, prompt, n, variant, seed, stamps):
     import msgspec
 
-    from mlx_worker import generation, protocol
+    from mlx_worker import generation, protocol, scheduler
 
     extra: dict = {}
     if variant == "auto":
@@ -65,7 +65,7 @@ def run_once(lm, prompt, n, variant, seed, stamps):
         protocol.GenerateParams,
     )
     events = generation.Events(progress=lambda e: None, token=lambda e: stamps.append(time.perf_counter()) if e.tokens else None)
-    return generation.run(lm, params, "bench", events, lambda: False)
+    return scheduler.run(lm, params, "bench", events, lambda: False)
 
 
 def grammar_cost_us(lm, prompt: str, outputs: list[list[int]]) -> list[float]:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import msgspec
 
-from . import errors, files, generation, protocol
+from . import errors, files, protocol
 from .errors import WorkerError, invalid_params
 from .prompt import prepare
 from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, compact, make_cache
@@ -73,7 +73,9 @@ def _weights_fingerprint(folder: Path) -> str:
 # --------------------------------------------------------------------- save
 
 
-def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) -> protocol.CacheSaveResult:
+def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveResult:
+    """``prefill(generate_params)`` runs the prompt (what the store lacks) and
+    returns (result, the prompt-cache entry it left)."""
     store = _store_of(lm)
     path = _target(params.path)
     gen = protocol.GenerateParams(
@@ -83,10 +85,9 @@ def save(lm, params: protocol.CacheSaveParams, request_id, events, should_stop) 
         temperature=0.0,
         seed=0,
     )
-    result = generation.run(lm, gen, request_id, events, should_stop)
+    result, entry = prefill(gen)
     if result.stop_reason == "cancelled":
         raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; cache not saved")
-    entry = store.last_stored
     key = prepare(lm, gen).cache_key
     if entry is None or entry.key != key[: len(entry.key)]:
         raise WorkerError(

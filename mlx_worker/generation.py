@@ -1,10 +1,24 @@
-"""The one generation loop: text and vision, cached, constrained, streamed.
+"""One generation request's state, from its params to its result.
 
-Built on mlx-lm's ``generate_step``: this module only decides what goes in
-(the uncached part of the prompt, vision embeddings, the sampler and logits
-processors) and what comes out (token events with exact text, stop handling,
-usage and timings). It knows nothing of pipes or JSON-RPC: the caller passes
-callbacks for events and a function that says when to stop.
+A ``Generation`` decides what goes in (the uncached part of the prompt,
+vision embeddings, its sampler, logits processors and PRNG key) and what
+comes out (token events with exact text, stop handling, usage, timings, the
+prompt-cache commit). It does not decide *when* it runs: the scheduler
+(scheduler.py) prefills it chunk by chunk and decodes it in a batch with the
+other requests of its model (batch.py). It knows nothing of pipes or
+JSON-RPC: the caller passes callbacks for events and a function that says
+when to stop.
+
+Phases: ``prepare`` (validate, tokenize, render templates, compile the
+constraint; bounded and checked for cancel between steps) -> ``open``
+(prompt-cache lease) -> ``prefill`` chunks -> decode steps (``sample`` and
+``accept``) -> ``finish`` (result; lease committed) or ``abort`` (lease
+given back).
+
+Samples depend only on the request: its own PRNG key is split once per
+sampled token, so with the same seed its tokens are the same whether it runs
+alone or in any batch (up to the rounding of batched matrix products; see
+the spec's "Batching").
 """
 
 from __future__ import annotations
@@ -16,20 +30,19 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 
 from . import errors, memory, prompt_cache, protocol, sampling, tool_calls, tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
-from .models import LoadedModel
-from .prompt import PreparedPrompt, prepare, tool_dicts
+from .loaded import LoadedModel
+from .prompt import prepare, tool_dicts
 from .textstream import TextStream
 
 log = logging.getLogger("mlx_worker.generation")
 
 
 class Cancelled(Exception):
-    """Raised from the prefill progress callback to stop at a chunk boundary."""
+    """The request was cancelled between two phases."""
 
 
 @dataclass
@@ -38,166 +51,291 @@ class Events:
     token: Callable[[protocol.TokenEvent], None]
 
 
-def run(
-    lm: LoadedModel,
-    params: protocol.GenerateParams,
-    request_id: protocol.RequestId,
-    events: Events,
-    should_stop: Callable[[], bool],
-) -> protocol.GenerateResult:
-    start = time.perf_counter()
-    sampling.validate(params, lm.vocab_size)
-    prompt = prepare(lm, params)
-    if not prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
-        raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
-    n_prompt = len(prompt.tokens)
-    max_tokens = _clamp_to_context(lm, n_prompt, params.max_tokens)
-    memory.admit_generate(lm, n_prompt, max_tokens, params.prefill_step_size or lm.prefill_step_size)
+class Generation:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        params: protocol.GenerateParams,
+        request_id: protocol.RequestId,
+        events: Events,
+        should_stop: Callable[[], bool],
+    ):
+        self.lm = lm
+        self.params = params
+        self.request_id = request_id
+        self.events = events
+        self.should_stop = should_stop
+        self.start = time.perf_counter()
+        self.lease: Optional[prompt_cache.Lease] = None
+        self.constraint = None
+        self.stored: Optional[prompt_cache.Entry] = None  # what finish left in the store
+        self.need = 0  # bytes admitted for this request (memory.py's estimate)
+        # Decoding state.
+        self.generated: list[int] = []  # returned tokens (no terminating EOS)
+        self.fed_back: list[int] = []  # every sampled token, EOS included: they are in the KV cache
+        self.text_parts: list[str] = []
+        self.stop_token: Optional[int] = None
+        self.first_token_at: Optional[float] = None
+        self.primed = False  # the first decode step (the prompt's last token) ran
+        self.positions = None  # vision: the prompt's position plan, re-set before each model call
 
-    sampler, processors = sampling.make(params)
-    constraint = _compile_constraint(lm, params)
-    if constraint is not None:
-        processors = processors + [constraint.processor()]
-    # A run that samples nothing (max_tokens 0: cache_save, cache warming)
-    # needs no tool processor: the tools only shape the prompt. Malformed
-    # tool params are still named.
-    tool_grammar.chosen_tools(params)
-    tool_processor = tool_grammar.processor_for(lm, params) if max_tokens > 0 else None
-    if tool_processor is not None:
-        processors = processors + [tool_processor]
-    observe = getattr(tool_processor, "observe", None)  # the lazy tool grammar follows the tokens
+    # ------------------------------------------------------------- prepare
 
-    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-    mx.random.seed(seed)
-    mx.reset_peak_memory()
+    def prepare(self) -> None:
+        """Everything before any MLX work on the model; may raise WorkerError."""
+        lm, params = self.lm, self.params
+        sampling.validate(params, lm.vocab_size)
+        self._check_cancel()
+        self.prompt = prepare(lm, params)
+        if not self.prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
+            raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
+        self.n_prompt = len(self.prompt.tokens)
+        self.max_tokens = _clamp_to_context(lm, self.n_prompt, params.max_tokens)
+        self.step_size = params.prefill_step_size or lm.prefill_step_size
+        self._check_cancel()
+        self.sample_fn, self.processors = sampling.make(params)
+        self.constraint = _compile_constraint(lm, params)
+        if self.constraint is not None:
+            self.processors = self.processors + [self.constraint.processor()]
+        # A run that samples nothing (max_tokens 0: cache_save, cache warming)
+        # needs no tool processor: the tools only shape the prompt. Malformed
+        # tool params are still named.
+        tool_grammar.chosen_tools(params)
+        tool_processor = tool_grammar.processor_for(lm, params) if self.max_tokens > 0 else None
+        if tool_processor is not None:
+            self.processors = self.processors + [tool_processor]
+        # The lazy tool grammar follows the tokens as they are read.
+        self.observe = getattr(tool_processor, "observe", None)
+        self._check_cancel()
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.key = sampling.request_key(self.seed) if params.temperature else None
+        self.stream = TextStream(lm.decode, self.prompt.tokens, sampling.stop_strings(params))
+        self.channels = ChannelSplitter.for_model(lm.tokenizer, self.prompt.tokens)
+        self.stop_ids = set(params.stop_token_ids)
+        # Under a constraint (or a call grammar) EOS is allowed only once it is
+        # complete, and it ends the output: ignore_eos does not apply. ("none"
+        # only bans the start marker: not a grammar.)
+        constrained = self.constraint is not None or tool_grammar.is_call_grammar(tool_processor)
+        self.eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
+        self.want_logprobs = params.logprobs or params.top_logprobs > 0
+        self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
 
-    cache, cached = _fetch_cache(lm, params, prompt)
-    fed = prompt.tokens[cached:]
-    embeddings = prompt.embeddings(cached) if prompt.embeddings is not None else None
-    processors = sampling.with_prefix(processors, prompt.tokens[:cached])
-
-    def on_prefill(done: int, total: int) -> None:
-        events.progress(
-            protocol.ProgressEvent(id=request_id, processed=cached + done, total=n_prompt, cached=cached)
-        )
-        _prefilled(lm, params, cache, cached + done)
-        if should_stop():
+    def _check_cancel(self) -> None:
+        if self.should_stop():
             raise Cancelled
 
-    stops = sampling.stop_strings(params)
-    stream = TextStream(lm.decode, prompt.tokens, stops)
-    channels = ChannelSplitter.for_model(lm.tokenizer, prompt.tokens)
-    stop_ids = set(params.stop_token_ids)
-    # Under a constraint (or a call grammar) EOS is allowed only once it is
-    # complete, and it ends the output: ignore_eos does not apply. ("none"
-    # only bans the start marker: not a grammar.)
-    constrained = constraint is not None or tool_grammar.is_call_grammar(tool_processor)
-    eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
-    want_logprobs = params.logprobs or params.top_logprobs > 0
+    # ---------------------------------------------------------------- open
 
-    generated: list[int] = []  # returned tokens (no terminating EOS)
-    fed_back: list[int] = []  # every sampled token, EOS included: they are in the KV cache
-    text_parts: list[str] = []
-    stop_reason: str = "max_tokens"
-    stop_token: Optional[int] = None
-    first_token_at: Optional[float] = None
-    prefill_done_at: Optional[float] = None
+    def open(self) -> None:
+        """Take the prompt-cache lease: the cache to continue from."""
+        lm, params = self.lm, self.params
+        keep = prompt_cache.keep_for(lm, params, self.prompt.tokens)
+        if params.prompt_cache and lm.prompt_cache is not None:
+            self.lease = lm.prompt_cache.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
+            self.cache, self.cached = self.lease.cache, self.lease.cached
+            self.lease.cache = None  # the request owns it now (it may move into a batch)
+        else:
+            self.cache, self.cached = prompt_cache.make_cache(lm, keep), 0
+        self.processed = self.cached
+        self.embeddings = self.prompt.embeddings(self.cached) if self.prompt.embeddings is not None else None
+        if lm.vision is not None:
+            self.positions = getattr(lm.model, "_positions", None)
+        self.history = mx.array(self.prompt.tokens[self.cached : -1], dtype=mx.uint32)
+        self.processors = sampling.with_prefix(self.processors, self.prompt.tokens[: self.cached])
+        self._progress(self.cached)
 
-    steps = generate_step(
-        mx.array(fed),
-        lm.model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=processors or None,
-        prompt_cache=cache,
-        prefill_step_size=params.prefill_step_size or lm.prefill_step_size,
-        prompt_progress_callback=on_prefill,
-        input_embeddings=embeddings,
-    )
-    try:
-        for token, logprobs in steps:
-            if first_token_at is None:
-                first_token_at = prefill_done_at = time.perf_counter()
-            fed_back.append(token)
-            if observe is not None:
-                observe(token)
-            if token in eos_ids or token in stop_ids:
-                stop_reason, stop_token = "eos", token
-                break
-            generated.append(token)
-            text = stream.push(token)
-            text_parts.append(text)
-            logprob = [_logprob(token, logprobs, params.top_logprobs)] if want_logprobs else protocol.UNSET
-            _send_pieces(events, request_id, channels, channels.push(text, token), [token], logprob)
-            if stream.stopped:
-                stop_reason = "stop_string"
-                break
-            if should_stop():
-                stop_reason = "cancelled"
-                break
-    except Cancelled:
-        stop_reason = "cancelled"
-    except MemoryError as exc:
-        raise WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}") from None
-    finally:
-        steps.close()
+    @property
+    def reused_bytes(self) -> int:
+        return self.lease.reused_bytes if self.lease is not None else 0
 
-    tail = stream.finish()
-    text_parts.append(tail)
-    pieces = channels.push(tail) + channels.finish()
-    if pieces:
-        _send_pieces(events, request_id, channels, pieces, [], protocol.UNSET)
-    if stream.stopped and stop_reason != "cancelled":
-        # Only a stop string ending in held-back bytes is found this late; it
-        # was complete before whatever token ended the loop.
-        stop_reason, stop_token = "stop_string", None
+    @property
+    def batchable(self) -> bool:
+        """Plain KV layers on a text model merge into a batch; anything else
+        (windows, recurrent state, quantized KV, vision positions) decodes on
+        its own, interleaved with the batch."""
+        from mlx_lm.models.cache import KVCache
 
-    calls, invalid_calls = tool_calls.collect(lm.tokenizer, channels.calls, stop_reason == "eos", tool_dicts(params.tools))
-    end = time.perf_counter()
-    _store_cache(lm, params, prompt, cache, fed_back, stop_reason)
-    complete = protocol.UNSET
-    if constraint is not None:
-        complete = constraint.complete(generated)
-        constraint.release()
+        return self.lm.vision is None and all(type(c) is KVCache for c in self.cache)
 
-    prefill_s = ((prefill_done_at or end) - start)
-    decode_s = end - (first_token_at or end)
-    uncached = n_prompt - cached
-    return protocol.GenerateResult(
-        text="".join(text_parts),
-        tokens=generated,
-        stop_reason=stop_reason,  # type: ignore[arg-type]
-        usage=protocol.Usage(prompt_tokens=n_prompt, cached_tokens=cached, completion_tokens=len(generated)),
-        timings=protocol.Timings(
-            ttft_ms=round(prefill_s * 1000, 3) if first_token_at else 0.0,
-            prompt_tps=round(uncached / prefill_s, 2) if first_token_at and prefill_s > 0 else 0.0,
-            generation_tps=round((len(fed_back) - 1) / decode_s, 2) if len(fed_back) > 1 and decode_s > 0 else 0.0,
-            total_ms=round((end - start) * 1000, 3),
-        ),
-        peak_memory=mx.get_peak_memory(),
-        model_id=lm.model_id,
-        seed=seed,
-        content=channels.texts["content"],
-        reasoning=channels.texts["reasoning"],
-        tool_calls=calls,
-        invalid_tool_calls=invalid_calls,
-        stop_string=stream.stop_string,
-        stop_token=stop_token,
-        constraint_complete=complete,
-    )
+    # ------------------------------------------------------------- prefill
 
+    @property
+    def to_prefill(self) -> int:
+        """Prompt tokens left before the last one (which the first decode step feeds)."""
+        return self.n_prompt - 1 - self.processed
 
-def _send_pieces(events: Events, request_id, channels: ChannelSplitter, pieces, tokens: list[int], logprobs) -> None:
-    """One token event per channel piece; the first carries the token (and
-    its logprobs). A token whose text is held still gets its event."""
-    if not pieces:
-        pieces = [channels.empty_piece()]
-    for i, piece in enumerate(pieces):
-        event = protocol.TokenEvent(id=request_id, text=piece.text, tokens=tokens if i == 0 else [],
-                                    logprobs=logprobs if i == 0 else protocol.UNSET, channel=piece.channel)
-        if piece.call is not None:
-            event.tool_call_index = piece.call
-        events.token(event)
+    def prefill(self, n: int, clear_cache: bool = True) -> None:
+        """Process the next ``n`` prompt tokens (never the last one).
+        ``clear_cache``: free MLX's buffer cache after the chunk, as mlx-lm
+        does; not while other streams decode (their next step would have to
+        allocate its buffers afresh)."""
+        n = min(n, self.to_prefill)
+        if n <= 0:
+            return
+        start = self.processed - self.cached  # into the uncached part
+        tokens = mx.array(self.prompt.tokens[self.processed : self.processed + n], dtype=mx.uint32)
+        self.begin()
+        kwargs = {}
+        if self.embeddings is not None:
+            kwargs["input_embeddings"] = self.embeddings[start : start + n][None]
+        self.lm.model(tokens[None], cache=self.cache, **kwargs)
+        mx.eval([c.state for c in self.cache])
+        self.processed += n
+        if self.lease is not None:
+            self.lease.progress(self.cache, self.processed)
+        self._progress(self.processed)
+        if clear_cache:
+            mx.clear_cache()
+
+    def pending_tokens(self, n: int) -> list[int]:
+        """The next ``n`` prompt tokens to prefill (never the last one)."""
+        return self.prompt.tokens[self.processed : self.processed + min(n, self.to_prefill)]
+
+    def prefilled(self, n: int, cache: list) -> None:
+        """``n`` more tokens went through ``cache`` (a batched prefill's share)."""
+        self.cache = cache
+        self.processed += n
+        if self.lease is not None:
+            self.lease.progress(self.cache, self.processed)
+        self._progress(self.processed)
+
+    def last_input(self) -> tuple[mx.array, Optional[mx.array]]:
+        """The prompt's last token (and its embedding): the first decode step's input."""
+        last = mx.array(self.prompt.tokens[-1:], dtype=mx.uint32)
+        emb = None
+        if self.embeddings is not None:
+            emb = self.embeddings[-1:]
+        return last, emb
+
+    def begin(self) -> None:
+        """Vision: tell the language model this request's positions."""
+        if self.lm.vision is not None:
+            self.lm.model.begin(self.positions)
+
+    def _progress(self, processed: int) -> None:
+        self.events.progress(
+            protocol.ProgressEvent(id=self.request_id, processed=processed, total=self.n_prompt, cached=self.cached)
+        )
+
+    # -------------------------------------------------------------- decode
+
+    def sample(self, logits: mx.array, fed: mx.array) -> tuple[mx.array, mx.array]:
+        """This request's next token from its row of logits (1, vocab); ``fed``
+        is the token the step fed (lazy). Returns (token (1,), logprobs (vocab,))."""
+        if self.processors:
+            self.history = mx.concatenate([self.history, fed.astype(self.history.dtype)])
+            for p in self.processors:
+                logits = p(self.history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.key is None:
+            token = self.sample_fn(logprobs, None)
+        else:
+            self.key, sub = sampling.split_key(self.key)
+            token = self.sample_fn(logprobs, sub)
+        return token, logprobs[0]
+
+    def accept(self, token: int, logprobs: Optional[mx.array]) -> Optional[str]:
+        """A token the last step produced, now read; the stop reason when the
+        request ends here, else None."""
+        if not self.primed:  # the fed token was the prompt's last: no output yet
+            self.primed = True
+            self._progress(self.n_prompt)
+            return "cancelled" if self.should_stop() else None
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.fed_back.append(token)
+        if self.observe is not None:
+            self.observe(token)
+        if token in self.eos_ids or token in self.stop_ids:
+            self.stop_token = token
+            return "eos"
+        self.generated.append(token)
+        text = self.stream.push(token)
+        self.text_parts.append(text)
+        logprob = [_logprob(token, logprobs, self.params.top_logprobs)] if self.want_logprobs else protocol.UNSET
+        self._send_pieces(self.channels.push(text, token), [token], logprob)
+        if self.stream.stopped:
+            return "stop_string"
+        if len(self.fed_back) >= self.max_tokens:
+            return "max_tokens"
+        if self.should_stop():
+            return "cancelled"
+        return None
+
+    # --------------------------------------------------------------- end
+
+    def finish(self, stop_reason: str, cache: Optional[list]) -> protocol.GenerateResult:
+        """The result; ``cache`` is this request's own KV (out of the batch),
+        committed to the prompt cache."""
+        stream = self.stream
+        tail = stream.finish()
+        self.text_parts.append(tail)
+        pieces = self.channels.push(tail) + self.channels.finish()
+        if pieces:
+            self._send_pieces(pieces, [], protocol.UNSET)
+        if stream.stopped and stop_reason != "cancelled":
+            # Only a stop string ending in held-back bytes is found this late; it
+            # was complete before whatever token ended the loop.
+            stop_reason, self.stop_token = "stop_string", None
+        calls, invalid_calls = tool_calls.collect(self.lm.tokenizer, self.channels.calls, stop_reason == "eos",
+                                                  tool_dicts(self.params.tools))
+        end = time.perf_counter()
+        if self.lease is not None:
+            self.stored = self.lease.commit(self.prompt, cache if cache is not None else self.cache,
+                                            self.fed_back, stop_reason)
+        complete = protocol.UNSET
+        if self.constraint is not None:
+            complete = self.constraint.complete(self.generated)
+            self.constraint.release()
+            self.constraint = None
+        first = self.first_token_at
+        prefill_s = (first or end) - self.start
+        decode_s = end - (first or end)
+        uncached = self.n_prompt - self.cached
+        return protocol.GenerateResult(
+            text="".join(self.text_parts),
+            tokens=self.generated,
+            stop_reason=stop_reason,  # type: ignore[arg-type]
+            usage=protocol.Usage(prompt_tokens=self.n_prompt, cached_tokens=self.cached,
+                                 completion_tokens=len(self.generated)),
+            timings=protocol.Timings(
+                ttft_ms=round(prefill_s * 1000, 3) if first else 0.0,
+                prompt_tps=round(uncached / prefill_s, 2) if first and prefill_s > 0 else 0.0,
+                generation_tps=round((len(self.fed_back) - 1) / decode_s, 2)
+                if len(self.fed_back) > 1 and decode_s > 0 else 0.0,
+                total_ms=round((end - self.start) * 1000, 3),
+            ),
+            peak_memory=mx.get_peak_memory(),
+            model_id=self.lm.model_id,
+            seed=self.seed,
+            content=self.channels.texts["content"],
+            reasoning=self.channels.texts["reasoning"],
+            tool_calls=calls,
+            invalid_tool_calls=invalid_calls,
+            stop_string=stream.stop_string,
+            stop_token=self.stop_token,
+            constraint_complete=complete,
+        )
+
+    def _send_pieces(self, pieces, tokens: list[int], logprobs) -> None:
+        """One token event per channel piece; the first carries the token (and
+        its logprobs). A token whose text is held still gets its event."""
+        if not pieces:
+            pieces = [self.channels.empty_piece()]
+        for i, piece in enumerate(pieces):
+            event = protocol.TokenEvent(id=self.request_id, text=piece.text, tokens=tokens if i == 0 else [],
+                                        logprobs=logprobs if i == 0 else protocol.UNSET, channel=piece.channel)
+            if piece.call is not None:
+                event.tool_call_index = piece.call
+            self.events.token(event)
+
+    def abort(self) -> None:
+        """The request failed: give back what it took."""
+        if self.lease is not None:
+            self.lease.abort()
+        if self.constraint is not None:
+            self.constraint.release()
+            self.constraint = None
 
 
 def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:
@@ -231,7 +369,7 @@ def _compile_constraint(lm: LoadedModel, params: protocol.GenerateParams):
     if params.constraint is None:
         return None
     try:
-        from . import constraints
+        from . import constraints  # late: llguidance/outlines only when a request has a constraint
     except ImportError:
         raise WorkerError(
             errors.CONSTRAINT_INVALID,
@@ -239,22 +377,3 @@ def _compile_constraint(lm: LoadedModel, params: protocol.GenerateParams):
             {"field": "params.constraint"},
         ) from None
     return constraints.compile_for(lm, params.constraint)
-
-
-def _fetch_cache(lm: LoadedModel, params: protocol.GenerateParams, prompt: PreparedPrompt):
-    keep = prompt_cache.keep_for(lm, params, prompt.tokens)
-    if params.prompt_cache and lm.prompt_cache is not None:
-        step = params.prefill_step_size or lm.prefill_step_size
-        return lm.prompt_cache.fetch(prompt.cache_key, step=step, keep=keep)
-    return prompt_cache.make_cache(lm, keep), 0
-
-
-def _prefilled(lm: LoadedModel, params: protocol.GenerateParams, cache, processed: int) -> None:
-    if params.prompt_cache and lm.prompt_cache is not None:
-        lm.prompt_cache.prefilled(cache, processed)
-
-
-def _store_cache(lm, params, prompt: PreparedPrompt, cache, fed_back: list[int], stop_reason: str):
-    if not params.prompt_cache or lm.prompt_cache is None:
-        return
-    lm.prompt_cache.insert(prompt, cache, fed_back, stop_reason)

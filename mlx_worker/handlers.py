@@ -1,92 +1,135 @@
-"""Methods that run on the compute thread (everything that touches MLX)."""
+"""Methods that run on the compute thread (everything that touches MLX).
+
+Each method returns its result or raises; the job table (jobs.py) turns
+that into the one final response. A generate is handed to the scheduler,
+which answers it when it ends. ``unload`` waits (between steps) until no
+running generation uses the model.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from . import errors, generation, protocol
+from . import cache_files, errors, generation, protocol
 from .errors import WorkerError
+from .jobs import Job, JobTable
 from .loading import LoadCancelled, LoadProgress
 from .models import ModelRegistry
 from .prompt import check_token_ids, tokenize
+from .scheduler import Scheduler, run_alone
+
+log = logging.getLogger("mlx_worker.handlers")
 
 
 class Handlers:
-    def __init__(self, worker) -> None:
-        self.worker = worker
+    def __init__(self, table: JobTable) -> None:
+        self.table = table
         self.models = ModelRegistry()
+        self.scheduler = Scheduler(self._generation_done)
+        self.deferred: list[Job] = []  # unloads waiting for their model's generations
 
-    def dispatch(self, job) -> Any:
-        return getattr(self, job.method)(job)
+    # ------------------------------------------------------- compute loop
 
-    def _events(self, job) -> generation.Events:
-        """Callbacks that send a request's progress and token notifications
-        (the job remembers what its token events carried)."""
-        notify = self.worker.job_notify
+    def busy(self) -> bool:
+        return self.scheduler.busy() or bool(self.deferred)
+
+    def step(self) -> None:
+        if self.deferred:
+            jobs, self.deferred = self.deferred, []
+            for job in jobs:
+                self.run(job)
+        if self.scheduler.busy():
+            try:
+                self.scheduler.step()
+            except BaseException as exc:  # must not end the compute thread
+                log.exception("the scheduler failed; ending the requests it held")
+                self.scheduler.fail_all(exc)
+
+    def run(self, job: Job) -> None:
+        try:
+            if job.method == "generate":
+                self._generate(job)
+                return
+            if self.table.stopping:
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
+            if job.method == "unload" and self._in_use(job.params.model_id):
+                self.deferred.append(job)
+                return
+            outcome: Any = getattr(self, job.method)(job)
+        except BaseException as exc:
+            outcome = exc
+        self.table.finish_with(job, outcome)
+
+    def _events(self, job: Job) -> generation.Events:
+        """Callbacks that send a request's progress and token notifications."""
+        notify = self.table.notify
         return generation.Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
 
-    def load(self, job) -> protocol.LoadResult:
+    def _in_use(self, model_id) -> bool:
+        try:
+            lm = self.models.get(model_id)
+        except WorkerError:
+            return False
+        return self.scheduler.holds(lm)
+
+    # ------------------------------------------------------------ methods
+
+    def _generate(self, job: Job) -> None:
+        try:
+            lm = self.models.get(job.params.model_id)
+        except WorkerError as exc:
+            self.table.finish_generate(job, exc)
+            return
+        gen = generation.Generation(lm, job.params, job.id, self._events(job), job.should_stop)
+        gen.job = job
+        self.scheduler.submit(gen)
+
+    def _generation_done(self, gen: generation.Generation, outcome: object) -> None:
+        self.table.finish_generate(gen.job, outcome)
+
+    def load(self, job: Job) -> protocol.LoadResult:
         progress = LoadProgress(
             request_id=job.id,
-            on_progress=lambda e: self.worker.job_notify(job, "load_progress", e),
-            should_stop=job.cancel.is_set,
+            on_progress=lambda e: self.table.notify(job, "load_progress", e),
+            should_stop=job.should_stop,
         )
         try:
             result = self.models.load(job.params, progress)
             # A cancel that answered true after the last group still wins:
             # the model goes again, and the load answers as cancelled.
-            with job.lock:
-                job.finished = True
-                if job.cancel.is_set() and not result.already_loaded:
+            if self.table.close_cancel(job):
+                if not result.already_loaded:
                     self.models.unload(result.model_id)
-                if job.cancel.is_set():
-                    raise LoadCancelled()
+                raise LoadCancelled()
         except LoadCancelled:
-            if self.worker.stopping.is_set():
+            if self.table.stopping:
                 raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the load was stopped") from None
             raise
         return result
 
-    def unload(self, job) -> protocol.UnloadResult:
+    def unload(self, job: Job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)
 
-    def tokenize(self, job) -> protocol.TokenizeResult:
+    def tokenize(self, job: Job) -> protocol.TokenizeResult:
         return tokenize(self.models.get(job.params.model_id), job.params)
 
-    def detokenize(self, job) -> protocol.DetokenizeResult:
+    def detokenize(self, job: Job) -> protocol.DetokenizeResult:
         lm = self.models.get(job.params.model_id)
         check_token_ids(lm, job.params.tokens, "params.tokens")
         return protocol.DetokenizeResult(text=lm.decode(job.params.tokens))
 
-    def cache_save(self, job) -> protocol.CacheSaveResult:
-        from . import cache_files
-
-        events = self._events(job)  # progress while the uncached part is prefilled
+    def cache_save(self, job: Job) -> protocol.CacheSaveResult:
         lm = self.models.get(job.params.model_id)
-        return cache_files.save(lm, job.params, job.id, events, job.cancel.is_set)
 
-    def cache_load(self, job) -> protocol.CacheLoadResult:
-        from . import cache_files
+        def prefill(params):  # progress events while the uncached part is prefilled
+            gen = generation.Generation(lm, params, job.id, self._events(job), job.should_stop)
+            outcome = run_alone(gen)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome, gen.stored
 
+        return cache_files.save(lm, job.params, prefill)
+
+    def cache_load(self, job: Job) -> protocol.CacheLoadResult:
         return cache_files.load(self.models.get(job.params.model_id), job.params)
-
-    def generate(self, job) -> protocol.GenerateResult:
-        events = self._events(job)
-        try:
-            lm = self.models.get(job.params.model_id)
-            result = generation.run(lm, job.params, job.id, events, job.cancel.is_set)
-        except Exception:
-            # Once `cancel` answered {cancelled: true}, the final response
-            # must be a result saying "cancelled", even if the work failed;
-            # it carries what the token events already delivered.
-            with job.lock:
-                job.finished = True
-                if not job.cancel.is_set():
-                    raise
-            result = job.cancelled_result()
-        with job.lock:
-            job.finished = True
-            if job.cancel.is_set():
-                result.stop_reason = "cancelled"
-        result.timings.queue_ms = round((job.started - job.received) * 1000, 3)
-        return result

@@ -125,6 +125,11 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     kv = int(2 * layers * kv_heads * head_dim * element * kv_tokens)
 
     growth = kv // layers if layers else 0  # a layer's cache is copied as it grows
+    # A windowed cache (max_kv_size, sliding-window layers) keeps a snapshot
+    # of its state during prompt processing for the prompt cache
+    # (prompt_cache.Lease.progress): a second copy of up to a window of KV.
+    window = lm.max_kv_size or _positive_int(cfg, "sliding_window")
+    snapshot = 2 * layers * kv_heads * head_dim * itemsize * min(kv_tokens, window) if window else 0
 
     chunk = max(1, min(prefill_step, n_prompt))
     # One layer's temporaries at a time (MLX frees buffers as soon as their
@@ -135,8 +140,11 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     if mx.default_device().type != mx.DeviceType.gpu:
         acts += (heads + 1) * chunk * min(total, kv_tokens) * 4
     logits = 4 * lm.vocab_size * 4  # fp32 logits, log-probs, sampling copies
-    need = int((kv + growth + acts + logits) * 1.1)
-    return need, {"kv_cache": kv, "activations": acts, "kv_tokens": kv_tokens}
+    need = int((kv + growth + snapshot + acts + logits) * 1.1)
+    parts = {"kv_cache": kv, "activations": acts, "kv_tokens": kv_tokens}
+    if snapshot:
+        parts["snapshot"] = snapshot
+    return need, parts
 
 
 def admit_generate(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> None:
@@ -146,11 +154,11 @@ def admit_generate(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> Non
     need, parts = generate_need(lm, n_prompt, max_tokens, prefill_step)
     model_limit = getattr(lm, "memory_limit", None)
     if model_limit and lm.memory_bytes + need > model_limit:
-        raise _oom("generate", need, model_limit - lm.memory_bytes, model_limit, "model", parts)
+        raise refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", parts)
     limit = worker_limit()
     available = limit - mx.get_active_memory()
     if need > available:
-        raise _oom("generate", need, available, limit, "worker", parts)
+        raise refusal("generate", need, available, limit, "worker", parts)
 
 
 def weights_bytes(path: Path) -> int:
@@ -163,14 +171,14 @@ def admit_load(path: Path, model_limit: Optional[int]) -> None:
 
     need = weights_bytes(path)
     if model_limit and need > model_limit:
-        raise _oom("load", need, model_limit, model_limit, "model", {"weights": need})
+        raise refusal("load", need, model_limit, model_limit, "model", {"weights": need})
     limit = worker_limit()
     available = limit - mx.get_active_memory()
     if need > available:
-        raise _oom("load", need, available, limit, "worker", {"weights": need})
+        raise refusal("load", need, available, limit, "worker", {"weights": need})
 
 
-def _oom(what: str, need: int, available: int, limit: int, which: str, parts: dict) -> WorkerError:
+def refusal(what: str, need: int, available: int, limit: int, which: str, parts: dict) -> WorkerError:
     name = "the model's memory_limit" if which == "model" else "the worker's memory limit"
     hint = (
         " (fewer max_tokens, a shorter prompt, a smaller prefill_step_size or max_kv_size would need less)"

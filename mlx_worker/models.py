@@ -8,77 +8,19 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from . import errors, files, protocol
+from . import errors, files, protocol, prompt_cache
+from . import memory as memory_budget
 from .errors import WorkerError
-from .kv_quant import check_layers, from_load as kv_quant_of_load
+from .kv_quant import from_load as kv_quant_of_load
+from .loaded import LoadedModel, check_kv_layers, kv_fields, new_loaded_model
 from .loading import LoadProgress, evaluate_weights
-from .model_checks import check_folder, template_problem, text_config
+from .model_checks import check_folder, template_problem
+from .vision import load_vision_model
 
 log = logging.getLogger("mlx_worker.models")
-
-DEFAULT_PREFILL_STEP = 512
-
-
-@dataclass
-class LoadedModel:
-    model_id: str
-    path: str
-    kind: str  # "text" | "vision"
-    model: Any  # the nn.Module that generate_step drives
-    tokenizer: Any  # mlx_lm TokenizerWrapper
-    config: dict
-    context_length: Optional[int]
-    vocab_size: int
-    eos_token_ids: list[int]
-    memory_bytes: int
-    prefill_step_size: int = DEFAULT_PREFILL_STEP
-    max_kv_size: Optional[int] = None
-    kv_quant: Any = None  # kv_quant.KVQuant with load's kv_bits, else None
-    prompt_cache: Any = None  # a prompt cache store, when enabled
-    vision: Any = None  # the vision adapter, for kind == "vision"
-    memory_limit: Optional[int] = None  # load's memory_limit: weights + any one request
-    load_options: dict = field(default_factory=dict)  # load's options as sent
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def hf_tokenizer(self):
-        # The Hugging Face tokenizer itself: its apply_chat_template keeps the
-        # template's own defaults (mlx-lm's wrapper injects options).
-        return getattr(self.tokenizer, "_tokenizer", self.tokenizer)
-
-    def decode(self, tokens: list[int]) -> str:
-        """Token ids -> text, the one way both generated text and detokenize
-        use: special tokens kept, no clean-up of spaces (it would change the
-        text, e.g. " ," -> ",", so the continuation would no longer be exact)."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def describe(self) -> protocol.ModelStatus:
-        cache = self.prompt_cache.status() if self.prompt_cache is not None else None
-        return protocol.ModelStatus(
-            model_id=self.model_id,
-            kind=self.kind,
-            path=self.path,
-            context_length=self.context_length,
-            vocab_size=self.vocab_size,
-            memory_bytes=self.memory_bytes,
-            prompt_cache=cache,
-            memory_limit=self.memory_limit,
-            **_kv_fields(self),
-        )
-
-
-def context_length_of(config: dict) -> Optional[int]:
-    for cfg in (text_config(config), config):
-        for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx"):
-            value = cfg.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
 
 def read_config(path: Path) -> dict:
     config_path = path / "config.json"
@@ -152,8 +94,6 @@ class ModelRegistry:
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         kv_quant = kv_quant_of_load(params, config)
-        from . import memory as memory_budget
-
         memory_budget.admit_load(path, params.memory_limit)
         progress.report("checks", 1, 1)
         start = time.perf_counter()
@@ -162,8 +102,6 @@ class ModelRegistry:
         before = mx.get_active_memory()
         try:
             if "vision_config" in config:
-                from .vision import load_vision_model
-
                 loaded = load_vision_model(path, config, params, progress, kv_quant is not None)
             else:
                 loaded = _load_text_model(path, config, params, progress, kv_quant is not None)
@@ -191,8 +129,6 @@ class ModelRegistry:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
         loaded.kv_quant = kv_quant
-        from . import prompt_cache
-
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
@@ -293,14 +229,9 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         memory_bytes=m.memory_bytes,
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
-        **_kv_fields(m),
+        **kv_fields(m),
         **_channel_info(m.tokenizer),
     )
-
-
-def _kv_fields(m: LoadedModel) -> dict:
-    q = m.kv_quant
-    return {} if q is None else {"kv_bits": q.bits, "kv_group_size": q.group_size}
 
 
 def _channel_info(tokenizer) -> dict:
@@ -356,28 +287,3 @@ def _load_text_model(
     return new_loaded_model(path, "text", model, tokenizer, config)
 
 
-def check_kv_layers(model) -> None:
-    """Refuse kv_bits for a model with windowed cache layers (kv_quant.py)."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    check_layers(make_prompt_cache(model))
-
-
-def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **extra) -> LoadedModel:
-    """A LoadedModel before registration (the registry sets id and memory)."""
-    vocab = text_config(config).get("vocab_size", config.get("vocab_size"))
-    if not isinstance(vocab, int):
-        vocab = len(tokenizer._tokenizer)
-    return LoadedModel(
-        model_id="",
-        path=str(path),
-        kind=kind,
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        context_length=context_length_of(config),
-        vocab_size=vocab,
-        eos_token_ids=sorted(tokenizer.eos_token_ids),
-        memory_bytes=0,
-        **extra,
-    )

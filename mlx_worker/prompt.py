@@ -14,7 +14,7 @@ import msgspec
 
 from . import errors, protocol
 from .errors import WorkerError, invalid_params
-from .models import LoadedModel
+from .loaded import LoadedModel
 
 
 @dataclass

@@ -28,14 +28,15 @@ above (an entry valid only at its exact length and chunking), leaves nothing
 to process on an exact hit, and doesn't refresh an entry's LRU position when
 it is read.
 
-Ownership: a request that reuses all of an entry's prompt (the next turn of
-a chat: the earlier prompt, maybe some of the answer) takes the entry out of
-the store, trims off what it doesn't share and writes into it: no copy. Its
-own cache goes back in when it finishes. A request that branches off inside
-the entry's prompt (an edited message, a regenerated answer, another
-conversation with the same system prompt) gets a copy instead, so the
-stored conversation survives: new cache objects whose arrays share the
-stored buffers, cut to the shared prefix (MLX never writes into a buffer
+Ownership: a request that continues into an entry's answer (the next turn
+of that chat: the earlier prompt and some of the answer) takes the entry out
+of the store under its lease, trims off what it doesn't share and writes
+into it: no copy. Its own cache goes back in when it finishes (commit); if
+it fails, the lease puts back what it took (abort). Any other reuse (an
+edited message, a regenerated answer, a shared system prompt or a loaded
+cache file that many concurrent requests start from) gets a copy, so the
+entry stays available to the others: new cache objects whose arrays share
+the stored buffers, cut to the shared prefix (MLX never writes into a buffer
 another array still uses; the first write copies the prefix).
 """
 
@@ -58,8 +59,12 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
+import msgspec
+
 from . import protocol
+from .errors import WorkerError
 from .kv_quant import quantize_layers
+from .prompt import encode_text, render_chat
 
 log = logging.getLogger("mlx_worker.prompt_cache")
 
@@ -106,11 +111,6 @@ def keep_for(lm, params, tokens: list[int]) -> int:
 
 
 def _system_tokens(lm, params, n_system: int, tokens: list[int]) -> int:
-    import msgspec
-
-    from .errors import WorkerError
-    from .prompt import encode_text, render_chat
-
     head = msgspec.structs.replace(params, messages=params.messages[:n_system], add_generation_prompt=False)
     try:
         system = encode_text(lm, render_chat(lm, head), add_special_tokens=False)
@@ -209,14 +209,73 @@ class Entry:
     keep: int  # the rotating caches' keep
 
 
-@dataclass
-class _Pending:
-    """The request now running on this model (one at a time)."""
+class Lease:
+    """One request's hold on the store: fetch -> progress per prefill chunk
+    -> commit (its cache goes in) or abort (what it took goes back). The
+    request's own state lives here, not on the shared store, so any number
+    of requests can hold leases at once."""
 
-    step: int
-    keep: int
-    window: Optional[int] = None
-    snapshot: Optional[tuple[int, list]] = None
+    def __init__(self, store: "PromptCacheStore", cache: list, cached: int, step: int, keep: int,
+                 window: Optional[int], taken: Optional[Entry]):
+        self.store = store
+        self.cache = cache
+        self.cached = cached
+        self.step = step
+        self.keep = keep
+        self.window = window
+        self._taken = taken  # the entry this request continues in place (no copy)
+        self._snapshot: Optional[tuple[int, list]] = None
+        self._open = True
+
+    @property
+    def reused_bytes(self) -> int:
+        """Bytes of KV this request continues in place: already allocated."""
+        return self._taken.nbytes if self._taken is not None else 0
+
+    def progress(self, cache: list, processed: int) -> None:
+        """Called after each prefill chunk. A windowed cache keeps a snapshot
+        of the last state an uncached run would share (see module doc); its
+        bytes are part of the request's admission (memory.generate_need)."""
+        if self.window is None or processed <= 0:
+            return
+        if cache_offset(cache) != processed:  # past the prompt (first token fed)
+            return
+        if processed < self.window or processed % self.step == 0:
+            self._snapshot = (processed, copy.deepcopy(cache))
+
+    def commit(self, prompt, cache: list, fed_back: list[int], stop_reason: str) -> Optional[Entry]:
+        """Store the cache a request leaves: its prompt plus every sampled
+        token fed back (a terminating EOS included: the next chat turn
+        usually starts with it). Tokens past a cancel or a stop string stay in
+        the key; a later prompt that doesn't share them trims them off.
+        Returns the entry kept, if any."""
+        if not self._open:
+            return None
+        self._open = False
+        self._taken = None
+        snapshot, self._snapshot = self._snapshot, None
+        return self.store._insert(self, prompt, cache, fed_back, stop_reason, snapshot)
+
+    def abort(self) -> None:
+        """The request failed: put back the entry it took, cut to what it
+        held when taken (a state that can't be cut back is dropped)."""
+        if not self._open:
+            return
+        self._open = False
+        taken, self._taken, self._snapshot = self._taken, None, None
+        if taken is None:
+            return
+        offset = cache_offset(taken.cache)
+        if offset is not None and offset > self.cached:
+            if not can_trim_prompt_cache(taken.cache):
+                log.info("prompt cache: a failed request's untrimmable state is dropped")
+                return
+            trim_prompt_cache(taken.cache, offset - self.cached)
+        taken.key = taken.key[: self.cached]
+        taken.n_prompt = min(taken.n_prompt, self.cached)
+        taken.nbytes = cache_nbytes(taken.cache)
+        if taken.key:
+            self.store.add(taken)
 
 
 class PromptCacheStore:
@@ -230,13 +289,12 @@ class PromptCacheStore:
         self._entries: list[Entry] = []
         self._bytes = 0
         self._lock = threading.Lock()
-        self._pending: Optional[_Pending] = None
-        self.last_stored: Optional[Entry] = None  # what the last insert kept (cache_save)
 
     # -------------------------------------------------------------- hooks
 
-    def fetch(self, key: list, step: int, keep: int = DEFAULT_KEEP) -> tuple[list, int]:
-        """The cache to continue from and how many of ``key``'s tokens it holds."""
+    def fetch(self, key: list, step: int, keep: int = DEFAULT_KEEP) -> Lease:
+        """A lease on the cache to continue from (``lease.cache``) and how
+        many of ``key``'s tokens it holds (``lease.cached``)."""
         n = len(key)
         best, best_m, reason = None, 0, "no stored prompt shares a prefix"
         for entry in reversed(self._entries):  # most recent first: wins ties
@@ -247,49 +305,31 @@ class PromptCacheStore:
                 reason = why
         if best is None:
             cache = self._new_cache(keep)
-            self._pending = _Pending(step, keep, cache_window(cache))
             if self._entries:
                 log.info("prompt cache miss (%d tokens): %s", n, reason)
-            return cache, 0
-        if best_m >= best.n_prompt:
-            self._remove(best)  # the request continues it: take it, no copy
+            return Lease(self, cache, 0, step, keep, cache_window(cache), None)
+        taken = None
+        if best_m > best.n_prompt:
+            self._remove(best)  # the request continues that conversation: take it, no copy
             cache = best.cache
             trim_prompt_cache(cache, len(best.key) - best_m)
+            taken = best
         else:
             self._touch(best)
             cache = copy.deepcopy(best.cache)
             trim_prompt_cache(cache, len(best.key) - best_m)
             cache = compact(cache)  # the first write then copies only the shared prefix
-        self._pending = _Pending(step, keep, best.window)
         log.debug("prompt cache hit: %d of %d tokens", best_m, n)
-        return cache, best_m
+        return Lease(self, cache, best_m, step, keep, best.window, taken)
 
-    def prefilled(self, cache: list, processed: int) -> None:
-        """Called after each prefill chunk. A windowed cache keeps a snapshot
-        of the last state an uncached run would share (see module doc)."""
-        p = self._pending
-        if p is None or p.window is None or processed <= 0:
-            return
-        if cache_offset(cache) != processed:  # past the prompt (first token fed)
-            return
-        if processed < p.window or processed % p.step == 0:
-            p.snapshot = (processed, copy.deepcopy(cache))
-
-    def insert(self, prompt, cache: list, fed_back: list[int], stop_reason: str) -> None:
-        """Store the cache a request leaves: its prompt plus every sampled
-        token fed back (a terminating EOS included: the next chat turn
-        usually starts with it). Tokens past a cancel or a stop string stay in
-        the key; a later prompt that doesn't share them trims them off."""
-        pending, self._pending = self._pending, None
-        self.last_stored = None
-        if pending is None:
-            pending = _Pending(0, DEFAULT_KEEP, cache_window(cache))
+    def _insert(self, lease: Lease, prompt, cache: list, fed_back: list[int], stop_reason: str,
+                snapshot: Optional[tuple[int, list]]) -> Optional[Entry]:
         key = list(prompt.cache_key) + list(fed_back)
         offset = cache_offset(cache)
         if offset is None:
             if stop_reason == "cancelled":  # can't tell what the state holds
                 log.info("prompt cache: not storing a cancelled recurrent state")
-                return
+                return None
             offset = len(key)
         trimmable = can_trim_prompt_cache(cache)
         if offset > len(key) and trimmable:
@@ -298,18 +338,18 @@ class PromptCacheStore:
             trim_prompt_cache(cache, offset - len(key))
             offset = len(key)
         window = cache_window(cache)
-        step = pending.step if window is not None else None
+        step = lease.step if window is not None else None
         if window is not None and not trimmable:
-            if pending.snapshot is None:
+            if snapshot is None:
                 log.info("prompt cache: window of %d wrapped and no reusable snapshot; not stored", window)
-                return
-            offset, cache = pending.snapshot
+                return None
+            offset, cache = snapshot
             trimmable = can_trim_prompt_cache(cache)
         elif offset > len(key):
             log.info("prompt cache: untrimmable state past the known tokens; not stored")
-            return
+            return None
         if offset <= 0:
-            return
+            return None
         entry = Entry(
             key=key[:offset],
             n_prompt=min(offset, len(prompt.cache_key)),
@@ -318,10 +358,20 @@ class PromptCacheStore:
             exact_only=not trimmable,
             window=window,
             step=step,
-            keep=pending.keep,
+            keep=lease.keep,
         )
-        if self.add(entry):
-            self.last_stored = entry
+        return entry if self.add(entry) else None
+
+    def evict_lru(self, nbytes: int) -> int:
+        """Drop least recently used entries until ``nbytes`` are freed (or
+        none is left); the bytes freed. Admission calls this before refusing."""
+        freed = 0
+        with self._lock:
+            while self._entries and freed < nbytes:
+                old = self._entries.pop(0)
+                self._bytes -= old.nbytes
+                freed += old.nbytes
+        return freed
 
     # ----------------------------------------------------------- the rest
 
@@ -352,8 +402,6 @@ class PromptCacheStore:
         with self._lock:
             self._entries.clear()
             self._bytes = 0
-        self._pending = None
-        self.last_stored = None
 
     def status(self) -> protocol.PromptCacheStatus:
         with self._lock:

@@ -478,9 +478,12 @@ class ModelStatus(Out):
 
 
 class QueueStatus(Out):
-    active: Union[RequestId, None]
+    active: Union[RequestId, None]  # the oldest running request
     pending: int
     max_pending: int
+    # Every request the compute thread is working on (generations stepping
+    # together in a batch), oldest first.
+    running: list[RequestId]
 
 
 class MemoryStatus(Out):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from . import protocol
 from .errors import invalid_params
@@ -52,12 +52,7 @@ def make(params: protocol.GenerateParams):
     if temperature and 1.0 / temperature > _F16_MAX:
         # logprobs / temperature overflows (in float16 first): the limit is greedy.
         temperature = 0.0
-    sampler = make_sampler(
-        temp=temperature,
-        top_p=top_p if top_p < 1.0 else 0.0,
-        min_p=params.min_p,
-        top_k=params.top_k,
-    )
+    sampler = _sampler(temperature, top_p if top_p < 1.0 else 0.0, params.min_p, params.top_k)
     processors: List[LogitsProcessor] = make_logits_processors(
         logit_bias={int(k): v for k, v in params.logit_bias.items()} or None,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
@@ -70,6 +65,43 @@ def make(params: protocol.GenerateParams):
     if processors:
         processors.append(keep_finite)
     return sampler, processors
+
+
+Sampler = Callable[[mx.array, Optional[mx.array]], mx.array]
+
+
+def _sampler(temp: float, top_p: float, min_p: float, top_k: int) -> Sampler:
+    """mlx-lm's sampler chain (its own filters, same order as make_sampler),
+    drawing from the request's own PRNG key instead of MLX's global one."""
+    if temp == 0:
+        return lambda logprobs, key: mx.argmax(logprobs, axis=-1)
+    methods = []
+    if 0 < top_p < 1.0:
+        methods.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        methods.append(lambda x: apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        methods.append(lambda x: apply_top_k(x, top_k))
+    inv_temp = 1 / temp
+
+    def sample(logprobs: mx.array, key: Optional[mx.array]) -> mx.array:
+        for method in methods:
+            logprobs = method(logprobs)
+        return mx.random.categorical(logprobs * inv_temp, key=key)
+
+    return sample
+
+
+def request_key(seed: int) -> mx.array:
+    """A request's own PRNG key: its samples depend on its seed and on how
+    many tokens it sampled before, never on other requests."""
+    return mx.random.key(seed)
+
+
+def split_key(key: mx.array) -> tuple[mx.array, mx.array]:
+    """(the key for the next token, the key for this one)."""
+    pair = mx.random.split(key)
+    return pair[0], pair[1]
 
 
 def keep_finite(tokens: mx.array, logits: mx.array) -> mx.array:

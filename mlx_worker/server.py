@@ -2,71 +2,36 @@
 
 Three threads: the reader decodes stdin lines and answers what must not wait
 (``cancel``, ``status``, ``shutdown``, every validation error); the compute
-thread runs everything that touches MLX, one job at a time, in arrival order;
-the writer (transport.LineWriter) serializes output.
+thread runs everything that touches MLX: jobs in arrival order, and the
+scheduler that steps every running generation together (scheduler.py); the
+job table (jobs.py) owns each request's lifecycle; the writer (transport.LineWriter) serializes output.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import msgspec
 
 from . import errors, protocol
-from .errors import WorkerError
+from .jobs import Job, JobTable
 from .transport import LineWriter, Oversized, read_lines
 
 log = logging.getLogger("mlx_worker.server")
 
+# Jobs taken one after another before the running generations step again.
+BURST = 16
+
 # Answered on the reader thread, never queued behind a generation.
 IMMEDIATE = {"cancel", "status", "shutdown"}
-# What `cancel` stops: a generate ends with stop_reason "cancelled", a load with -32012.
-CANCELLABLE = {"generate", "load"}
 
 # After a top-level "id" key: a whole integer or string, then `,` or `}`.
 _ID_VALUE = re.compile(rb'\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")\s*[,}]')
-
-
-@dataclass(eq=False)  # a job is itself: `in queue` compares identity
-class Job:
-    id: Any
-    method: str
-    params: Any
-    received: float = field(default_factory=time.perf_counter)
-    started: float = 0.0
-    cancel: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    finished: bool = False
-    answered: bool = False  # its one final response is out (or being sent)
-    # A generate's token events sent so far: what a cancelled result carries.
-    streamed_text: list = field(default_factory=list)
-    streamed_tokens: list = field(default_factory=list)
-    streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
-    streamed_calls: dict = field(default_factory=dict)  # tool_call_index -> its text so far
-
-    def record(self, event: protocol.TokenEvent) -> None:
-        self.streamed_text.append(event.text)
-        self.streamed_tokens.extend(event.tokens)
-        if event.channel == "tool_call" and isinstance(event.tool_call_index, int):
-            self.streamed_calls.setdefault(event.tool_call_index, []).append(event.text)
-        else:
-            self.streamed_channels.get(event.channel, []).append(event.text)
-
-    def cancelled_result(self) -> protocol.GenerateResult:
-        """A cancelled generate's result when its work could not finish it:
-        it carries exactly what its token events delivered."""
-        return protocol.cancelled_result(
-            self.params, "".join(self.streamed_text), list(self.streamed_tokens),
-            content="".join(self.streamed_channels["content"]),
-            reasoning="".join(self.streamed_channels["reasoning"]),
-            call_texts=["".join(self.streamed_calls[i]) for i in sorted(self.streamed_calls)],
-        )
 
 
 @dataclass
@@ -86,10 +51,7 @@ class Worker:
         self.reader_idle = threading.Event()  # every line read so far is handled
         self.exit_code = 0
         self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
-        self.jobs: dict[Any, Job] = {}  # every request in flight, queued or running
-        self.queue: collections.deque[Job] = collections.deque()
-        self.cond = threading.Condition()
-        self.active: Optional[Job] = None
+        self.table = JobTable(self.writer.send, config.max_pending)
         self.models = None  # created on the compute thread (imports MLX libraries)
 
     # ------------------------------------------------------------ lifecycle
@@ -102,15 +64,8 @@ class Worker:
         if self.stopping.is_set():
             return
         log.info("stopping: %s", why)
-        with self.cond:
-            self.stopping.set()
-            queued = list(self.queue)
-            self.queue.clear()
-            for job in self.jobs.values():
-                job.cancel.set()
-            self.cond.notify_all()
-        for job in queued:  # answered now, not after the active job ends
-            self._answer_unstarted(job, shutting_down=True)
+        self.stopping.set()
+        self.table.stop()  # queued work is answered now, running work is cancelled
 
     def wait(self) -> int:
         """Block the main thread (so it can take signals) until stopped,
@@ -121,16 +76,10 @@ class Worker:
         # Requests already read (say, pipelined after `shutdown`) are answered
         # too: -32010 for queued work, a cancelled result for a generate.
         self.reader_idle.wait(max(0.0, deadline - time.monotonic()))
-        with self.cond:
-            self.cond.wait_for(lambda: self.active is None and not self.queue, max(0.0, deadline - time.monotonic()))
-            unfinished = list(self.jobs.values())
+        self.table.wait_idle(deadline - time.monotonic())
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
-        for job in unfinished:
-            if job.method == "generate":  # cancelled: its result carries what was streamed
-                self._answer_with(job, lambda j=job: protocol.Response(id=j.id, result=j.cancelled_result()))
-            else:
-                self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
+        self.table.answer_leftovers()
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
 
@@ -139,41 +88,6 @@ class Worker:
 
     def reply(self, id: Any, result: object) -> None:
         self.writer.send(protocol.Response(id=id, result=result))
-
-    def answer(self, job: "Job", result: object) -> None:
-        """A job's final response: sent once, whoever gets there first."""
-        if self._claim(job):
-            self.reply(job.id, result)
-
-    def answer_error(self, job: "Job", code: int, message: str, data: Any = None) -> None:
-        if self._claim(job):
-            self.reply_error(job.id, code, message, data)
-
-    def job_notify(self, job: "Job", method: str, params: object) -> None:
-        """A job's event, unless its final response already went out."""
-        with job.lock:
-            if job.answered:
-                return
-            if isinstance(params, protocol.TokenEvent):
-                job.record(params)
-            self.notify(method, params)
-
-    def _answer_with(self, job: "Job", make) -> None:
-        # Claim and build the response under the job's lock: no event can
-        # slip in between what the response says was streamed and the response.
-        with job.lock:
-            if job.answered:
-                return
-            job.answered = True
-            self.writer.send(make())
-
-    @staticmethod
-    def _claim(job: "Job") -> bool:
-        with job.lock:
-            if job.answered:
-                return False
-            job.answered = True
-            return True
 
     def reply_error(self, id: Any, code: int, message: str, data: Any = None) -> None:
         error = protocol.ErrorObject(code=code, message=message)
@@ -246,7 +160,7 @@ class Worker:
             return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", {"field": "params"})
 
         job = Job(rid, env.method, params)
-        if not is_notification and rid in self.jobs:  # racy read is fine: ids only leave
+        if not is_notification and self.table.in_flight(rid):
             self.reply_error(rid, errors.INVALID_REQUEST, f"id {rid!r} is already in flight", {"field": "id"})
             return
         if env.method in IMMEDIATE:
@@ -264,23 +178,13 @@ class Worker:
             self.reply_error(rid, code, message, data)
 
     def _enqueue(self, job: Job) -> None:
-        with self.cond:
-            if self.stopping.is_set():
-                error = (errors.SHUTTING_DOWN, "the worker is shutting down", None)
-            elif job.id in self.jobs:
-                error = (errors.INVALID_REQUEST, f"id {job.id!r} is already in flight", {"field": "id"})
-            elif len(self.queue) >= self.config.max_pending:
-                error = (errors.BUSY, f"queue is full ({self.config.max_pending} pending requests)", None)
-            else:
-                self.jobs[job.id] = job
-                self.queue.append(job)
-                self.cond.notify_all()
-                return
-        self.reply_error(job.id, *error)
+        refused = self.table.add(job)
+        if refused is not None:
+            self.reply_error(job.id, *refused)
 
     def _run_immediate(self, job: Job, is_notification: bool) -> None:
         if job.method == "cancel":
-            result: Any = protocol.CancelResult(cancelled=self.cancel(job.params.id))
+            result: Any = protocol.CancelResult(cancelled=self.table.cancel(job.params.id))
         elif job.method == "status":
             result = self.status()
         else:  # shutdown
@@ -290,46 +194,21 @@ class Worker:
         if job.method == "shutdown":
             self.stop("shutdown requested")
 
-    # ------------------------------------------------------- cancel, status
-
-    def cancel(self, rid: Any) -> bool:
-        with self.cond:
-            job = self.jobs.get(rid)
-            if job is None or job.method not in CANCELLABLE:
-                return False
-            queued = job in self.queue
-            if queued:
-                self.queue.remove(job)
-        with job.lock:
-            if job.finished:
-                return False
-            job.cancel.set()
-        if queued:  # never started: its final response goes out at once
-            self._answer_unstarted(job, shutting_down=False)
-        return True
-
-    def _answer_unstarted(self, job: Job, shutting_down: bool) -> None:
-        """Answer a job taken off the queue before it ran: a generate gets a
-        cancelled result, anything else -32010."""
-        job.cancel.set()
-        self._retire(job)
-        if job.method == "generate":
-            self.answer(job, protocol.cancelled_result(job.params))
-        elif job.method == "load" and not shutting_down:
-            self.answer_error(job, errors.CANCELLED, "the load was cancelled before it started")
-        else:
-            self.answer_error(job, errors.SHUTTING_DOWN, "the worker is shutting down")
+    # ------------------------------------------------------------- status
 
     def status(self) -> protocol.StatusResult:
-        from .memory import memory_status
+        from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []
-        with self.cond:
-            active = self.active.id if self.active is not None else None
-            pending = len(self.queue)
+        running = self.table.running_ids()
         return protocol.StatusResult(
             models=[m.describe() for m in models],
-            queue=protocol.QueueStatus(active=active, pending=pending, max_pending=self.config.max_pending),
+            queue=protocol.QueueStatus(
+                active=running[0] if running else None,
+                pending=self.table.pending(),
+                max_pending=self.config.max_pending,
+                running=running,
+            ),
             memory=memory_status(),
             uptime_s=round(time.monotonic() - self.started, 3),
         )
@@ -337,68 +216,50 @@ class Worker:
     # -------------------------------------------------------------- compute
 
     def _compute_loop(self) -> None:
+        """Everything that touches MLX, on this one thread: queued jobs are
+        taken in arrival order; a generate joins the scheduler, which steps
+        every running generation between jobs."""
         try:
-            from .handlers import Handlers
+            from .handlers import Handlers  # late: imports MLX (after `ready`)
 
-            handlers = Handlers(self)
+            handlers = Handlers(self.table)
             self.models = handlers.models
         except BaseException as exc:  # e.g. a broken install: answer, don't hang
             log.exception("the compute thread could not start")
-            handlers = _Broken(f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
+            handlers = _Broken(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
+        taken = 0
         while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.queue or self.stopping.is_set())
-                if not self.queue:
-                    self.active = None
-                    self.cond.notify_all()
+            busy = handlers.busy()
+            job = self.table.take(wait=not busy)
+            if job is None and not busy:
+                if self.stopping.is_set():
                     return
-                job = self.active = self.queue.popleft()
-            job.started = time.perf_counter()
-            try:
-                self._run_job(handlers, job)
-            finally:
-                self._retire(job)
-                with self.cond:
-                    self.active = None
-                    self.cond.notify_all()
-
-    def _run_job(self, handlers, job: Job) -> None:
-        try:
-            if self.stopping.is_set() and job.method != "generate":
-                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
-            result = handlers.dispatch(job)
-        except WorkerError as exc:
-            self._retire(job)
-            self.answer_error(job, exc.code, exc.message, exc.data)
-            return
-        except BaseException as exc:  # a Rust panic from a library is a BaseException
-            self._retire(job)
-            code, message = errors.classify_exception(exc)
-            if code == errors.INTERNAL_ERROR:
-                log.exception("%s failed", job.method)
-            self.answer_error(job, code, message)
-            return
-        self._retire(job)
-        self.answer(job, result)
-
-    def _retire(self, job: Job) -> None:
-        # Before the reply is queued: a host may reuse the id the moment the
-        # reply reaches it, and must not be told the id is still in flight.
-        with job.lock:
-            job.finished = True
-        with self.cond:
-            if self.jobs.get(job.id) is job:
-                del self.jobs[job.id]
+                continue
+            if job is not None:
+                handlers.run(job)
+                taken += 1
+                if taken < BURST and self.table.pending():
+                    continue  # requests that arrived together start together
+            taken = 0
+            if handlers.busy():
+                handlers.step()
 
 
 class _Broken:
     """Stands in for the handlers when they could not be created."""
 
-    def __init__(self, why: str):
+    def __init__(self, table: JobTable, why: str):
+        self.table = table
         self.why = why
 
-    def dispatch(self, job: Job) -> Any:
-        raise WorkerError(errors.INTERNAL_ERROR, self.why)
+    def busy(self) -> bool:
+        return False
+
+    def step(self) -> None:
+        pass
+
+    def run(self, job: Job) -> None:
+        self.table.fail(job, errors.INTERNAL_ERROR, self.why)
 
 
 def _id_at_head(head: bytes) -> Any:

@@ -48,7 +48,8 @@ def test_stop_during_generation_answers_then_exits(tiny_model, how):
     w = loaded(tiny_model=tiny_model)
     try:
         w.request("generate", ENDLESS, id="g")
-        w.request("tokenize", {"model_id": "tiny", "text": "queued"}, id="q")  # waits behind g
+        # Runs between g's decode steps (scheduler), or is still queued at the stop.
+        w.request("tokenize", {"model_id": "tiny", "text": "queued"}, id="q")
         first_token(w, "g")
         t0 = time.monotonic()
         if how == "eof":
@@ -62,7 +63,7 @@ def test_stop_during_generation_answers_then_exits(tiny_model, how):
         final = w.response("g", timeout=QUICK)
         assert final["result"]["stop_reason"] == "cancelled"
         queued = w.response("q", timeout=QUICK)
-        assert queued["error"]["code"] == -32010
+        assert "result" in queued or queued["error"]["code"] == -32010
         assert time.monotonic() - t0 < QUICK
         assert not w.bad_lines
         no_traceback(w)

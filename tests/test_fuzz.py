@@ -149,12 +149,19 @@ def exchange(w: RawWorker, chunks: list[bytes]) -> list[dict]:
                 owed[_id_key(expected)] += 1
         w.send(chunk + b"\n", newline=False)
     sentinel = f"sentinel-{next(_sentinels)}"
-    # tokenize runs on the compute thread, behind every job queued before it.
+    # tokenize is taken by the compute thread after every job queued before
+    # it; generates may still be running (batched): wait until none is.
     w.request("tokenize", {"model_id": "tiny", "text": "ok"}, id=sentinel)
     reply = w.response(sentinel, timeout=60)
     assert "result" in reply, reply
+    deadline = time.monotonic() + 60
+    for i in itertools.count():
+        status = w.call("status", {}, id=f"{sentinel}-status-{i}")["result"]["queue"]
+        if not status["running"] and not status["pending"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     with w.cond:
-        got = [m for m in w.messages[start:] if "method" not in m and m.get("id") != sentinel]
+        got = [m for m in w.messages[start:] if "method" not in m and not str(m.get("id")).startswith(sentinel)]
         events = [m for m in w.messages[start:] if "method" in m]
     for m in got:
         check_response_shape(m)

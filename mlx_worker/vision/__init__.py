@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import protocol
 from ..model_checks import text_config
 from ..loading import LoadProgress, evaluate_weights
-from ..models import LoadedModel, check_kv_layers, new_loaded_model
+from ..loaded import LoadedModel, check_kv_layers, new_loaded_model
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache

@@ -693,12 +693,14 @@ void to_json(nlohmann::json& j, const QueueStatus& v) {
   if (v.active) j["active"] = *v.active;
   j["max_pending"] = v.max_pending;
   j["pending"] = v.pending;
+  j["running"] = v.running;
 }
 void from_json(const nlohmann::json& j, QueueStatus& v) {
   if (auto it = j.find("active"); it != j.end() && !it->is_null()) v.active = it->get<RequestId>();
   else v.active.reset();
   j.at("max_pending").get_to(v.max_pending);
   j.at("pending").get_to(v.pending);
+  j.at("running").get_to(v.running);
 }
 
 void to_json(nlohmann::json& j, const ReadyEvent& v) {

@@ -477,6 +477,7 @@ struct QueueStatus {
   std::optional<RequestId> active;
   std::int64_t max_pending{};
   std::int64_t pending{};
+  std::vector<RequestId> running{};
 };
 void to_json(nlohmann::json& j, const QueueStatus& v);
 void from_json(const nlohmann::json& j, QueueStatus& v);

@@ -295,6 +295,7 @@ export interface QueueStatus {
   active: number | string | null;
   max_pending: number;
   pending: number;
+  running: (number | string)[];
 }
 export interface ReadyEvent {
   capabilities: Capabilities;

@@ -1,0 +1,166 @@
+"""A decode batch: the requests of one model that step together.
+
+One forward pass per step for every row, then each row's own logits
+processors, constraint mask and sampler (its own PRNG key) on its row of
+logits. A row joins between steps (its prompt prefilled, the last prompt
+token not yet fed) and leaves between steps (finished, cancelled or failed)
+without disturbing the others.
+
+KV layout: a single row decodes in its own plain cache, exactly the
+computation mlx-lm's ``generate_step`` does (the batch path costs a lone
+stream nothing). From the second row on, the rows' caches are merged into
+mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
+extracted back. A row that can't be merged (rotating window, recurrent
+state, quantized KV, a vision model's positions) is a group of its own.
+
+Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
+before the tokens of step k are read, so the host-side work (text, events,
+constraint masks) overlaps the forward pass. A row that stops has had one
+more token fed than it returns, which is what the prompt cache expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from .generation import Generation
+
+log = logging.getLogger("mlx_worker.batch")
+
+
+class DecodeGroup:
+    def __init__(self, model, batchable: bool):
+        self.model = model
+        self.batchable = batchable
+        self.rows: list[Generation] = []
+        self.cache: Optional[list] = None  # plain (one row) or BatchKVCache layers
+        self.y: Optional[mx.array] = None  # (B,) tokens the next step feeds, maybe lazy
+        self.logprobs: list[Optional[mx.array]] = []  # per row: the logprobs behind y
+        self.embedding: Optional[mx.array] = None  # a lone vision row's first input embedding
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -------------------------------------------------------- join, leave
+
+    def join(self, gen: Generation) -> None:
+        last, emb = gen.last_input()
+        if not self.rows:
+            self.cache, self.y, self.embedding = gen.cache, last, emb
+        else:
+            if len(self.rows) == 1:
+                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
+            for layer, c in zip(self.cache, gen.cache):
+                layer.extend(BatchKVCache.merge([c]))
+            self.y = mx.concatenate([self.y, last.astype(self.y.dtype)])
+        gen.cache = None  # the batch owns its KV now
+        self.rows.append(gen)
+        self.logprobs.append(None)
+
+    def own_cache(self, i: int) -> list:
+        """Row i's KV as plain per-request caches (for the prompt cache)."""
+        if len(self.rows) == 1:
+            return self.cache
+        return [layer.extract(i) for layer in self.cache]
+
+    def leave(self, gone: list[int]) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        self.logprobs = [self.logprobs[i] for i in keep]
+        if not keep:
+            self.cache = self.y = self.embedding = None
+            return
+        self.y = self.y[mx.array(keep)] if len(keep) != self.y.shape[0] else self.y
+        if isinstance(self.cache[0], BatchKVCache):
+            if len(keep) == 1:  # back to the lone-stream path
+                self.cache = [_plain(layer, keep[0]) for layer in self.cache]
+            else:
+                index = mx.array(keep)
+                for layer in self.cache:
+                    layer.filter(index)
+
+    # ---------------------------------------------------------------- step
+
+    def step(self) -> list[tuple[Generation, object, Optional[list]]]:
+        """Queue the next step, then read this one's tokens. Returns the rows
+        that ended: (generation, stop reason or the exception it failed with,
+        its own cache)."""
+        rows = self.rows
+        failures: dict[int, BaseException] = {}
+        with mx.stream(generation_stream):
+            if len(rows) == 1:
+                rows[0].begin()
+            kwargs = {}
+            if self.embedding is not None:
+                kwargs["input_embeddings"] = self.embedding[None]
+                self.embedding = None
+            try:
+                logits = self.model(self.y[:, None], cache=self.cache, **kwargs)[:, -1, :]
+            except BaseException as exc:  # the whole batch fails: every row gets it
+                self.leave(list(range(len(rows))))
+                return [(gen, exc, None) for gen in rows]
+            tokens, logprobs = [], []
+            for i, gen in enumerate(rows):
+                try:
+                    token, lp = gen.sample(logits[i : i + 1], self.y[i : i + 1])
+                except BaseException as exc:  # e.g. a constraint that fails: this row only
+                    failures[i] = exc
+                    token, lp = mx.zeros((1,), dtype=mx.uint32), None
+                tokens.append(token.astype(mx.uint32))
+                logprobs.append(lp)
+            next_y = tokens[0] if len(tokens) == 1 else mx.concatenate(tokens)
+            mx.async_eval(next_y, *[lp for lp in logprobs if lp is not None])
+        ended: list = []
+        read = self.y.tolist()
+        for i, gen in enumerate(rows):
+            if i in failures:
+                ended.append((i, failures[i]))
+                continue
+            try:
+                reason = gen.accept(read[i], self.logprobs[i])
+            except BaseException as exc:
+                ended.append((i, exc))
+                continue
+            if reason is not None:
+                ended.append((i, reason))
+        self.y, self.logprobs = next_y, logprobs
+        out = []
+        if ended:
+            for i, outcome in ended:
+                cache = self.own_cache(i) if isinstance(outcome, str) else None
+                out.append((rows[i], outcome, cache))
+            self.leave([i for i, _ in ended])
+        return out
+
+
+def prefill_together(model, gens: list[Generation], n: int) -> None:
+    """One forward pass for the next (up to) ``n`` prompt tokens of several
+    requests of one model, as mlx-lm's BatchGenerator prefills: their caches
+    merged (left-padded), shorter inputs right-padded, the padding rolled to
+    the left afterwards; then each request's own cache is extracted again."""
+    tokens = [g.pending_tokens(n) for g in gens]
+    lengths = [len(t) for t in tokens]
+    width = max(lengths)
+    padding = [width - k for k in lengths]
+    cache = [BatchKVCache.merge([g.cache[i] for g in gens]) for i in range(len(gens[0].cache))]
+    inputs = mx.array([t + [0] * p for t, p in zip(tokens, padding)], dtype=mx.uint32)
+    if max(padding):
+        for c in cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    with mx.stream(generation_stream):
+        model(inputs, cache=cache)
+        if max(padding):
+            for c in cache:
+                c.finalize()
+        mx.eval([c.state for c in cache])
+    for i, (g, k) in enumerate(zip(gens, lengths)):
+        g.prefilled(k, [c.extract(i) for c in cache])
+
+
+def _plain(layer: BatchKVCache, i: int) -> KVCache:
+    return layer.extract(i)

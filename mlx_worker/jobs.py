@@ -1,0 +1,276 @@
+"""The job table: every request read, from queueing to its one final response.
+
+One place owns a request's lifecycle: its id while in flight, the queue, the
+cancel flag and the promise that it gets exactly one final response (and no
+event after it). The reader thread adds and cancels jobs; the compute thread
+takes them and hands back results or errors; neither touches a job's lock
+outside this module.
+
+A cancelled generate's promise: once ``cancel`` answered ``{cancelled: true}``
+its final response is a result with ``stop_reason: "cancelled"`` (carrying
+what its token events delivered), even if the work failed meanwhile.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import errors, protocol
+from .errors import WorkerError
+
+log = logging.getLogger("mlx_worker.jobs")
+
+# Methods `cancel` applies to. A long phase of any job polls
+# ``job.should_stop`` (set by cancel and at shutdown); adding a method here
+# (a cancellable `load`, say) is all the table needs.
+CANCELLABLE = {"generate", "load"}  # a generate ends "cancelled", a load with -32012
+
+
+@dataclass(eq=False)  # a job is itself: `in queue` compares identity
+class Job:
+    id: Any
+    method: str
+    params: Any
+    received: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    # Set by cancel and at shutdown; long phases poll ``should_stop``.
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _finished: bool = False  # no longer cancellable
+    _answered: bool = False  # its one final response is out (or being sent)
+    # A generate's token events sent so far: what a cancelled result carries.
+    streamed_text: list = field(default_factory=list)
+    streamed_tokens: list = field(default_factory=list)
+    streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
+    streamed_calls: dict = field(default_factory=dict)  # tool_call_index -> its text so far
+
+    def record(self, event: protocol.TokenEvent) -> None:
+        self.streamed_text.append(event.text)
+        self.streamed_tokens.extend(event.tokens)
+        if event.channel == "tool_call" and isinstance(event.tool_call_index, int):
+            self.streamed_calls.setdefault(event.tool_call_index, []).append(event.text)
+        else:
+            self.streamed_channels.get(event.channel, []).append(event.text)
+
+    def cancelled_result(self) -> protocol.GenerateResult:
+        """A cancelled generate's result when its work could not finish it:
+        it carries exactly what its token events delivered."""
+        return protocol.cancelled_result(
+            self.params, "".join(self.streamed_text), list(self.streamed_tokens),
+            content="".join(self.streamed_channels["content"]),
+            reasoning="".join(self.streamed_channels["reasoning"]),
+            call_texts=["".join(self.streamed_calls[i]) for i in sorted(self.streamed_calls)],
+        )
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set()
+
+
+class JobTable:
+    def __init__(self, send: Callable[[object], None], max_pending: int):
+        self._send = send
+        self.max_pending = max_pending
+        self.cond = threading.Condition()
+        self.jobs: dict[Any, Job] = {}  # every request in flight: queued or running
+        self.queue: collections.deque[Job] = collections.deque()
+        self.running: dict[Any, Job] = {}  # taken by the compute thread, not yet answered
+        self.stopping = False
+
+    # ------------------------------------------------------------ queueing
+
+    def in_flight(self, rid: Any) -> bool:
+        with self.cond:
+            return rid in self.jobs
+
+    def add(self, job: Job) -> Optional[tuple]:
+        """Queue a job; or the (code, message, data) it is refused with."""
+        with self.cond:
+            if self.stopping:
+                return (errors.SHUTTING_DOWN, "the worker is shutting down", None)
+            if job.id in self.jobs:
+                return (errors.INVALID_REQUEST, f"id {job.id!r} is already in flight", {"field": "id"})
+            if len(self.queue) >= self.max_pending:
+                return (errors.BUSY, f"queue is full ({self.max_pending} pending requests)", None)
+            self.jobs[job.id] = job
+            self.queue.append(job)
+            self.cond.notify_all()
+            return None
+
+    def take(self, wait: bool) -> Optional[Job]:
+        """The next queued job (None when there is none, or when stopping and
+        ``wait`` found nothing). Marks it running."""
+        with self.cond:
+            if wait:
+                self.cond.wait_for(lambda: self.queue or self.stopping)
+            if not self.queue:
+                return None
+            job = self.queue.popleft()
+            self.running[job.id] = job
+            job.started = time.perf_counter()
+            return job
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.queue or self.stopping, timeout)
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.queue and not self.running
+
+    def wait_idle(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: not self.queue and not self.running, max(0.0, timeout))
+
+    def running_ids(self) -> list:
+        with self.cond:
+            return list(self.running)
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.queue)
+
+    # -------------------------------------------------------------- cancel
+
+    def cancel(self, rid: Any) -> bool:
+        """``cancel {id}``: True promises a cancelled final response."""
+        with self.cond:
+            job = self.jobs.get(rid)
+            if job is None or job.method not in CANCELLABLE:
+                return False
+            queued = job in self.queue
+            if queued:
+                self.queue.remove(job)
+        with job._lock:
+            if job._finished:
+                return False
+            job.cancel.set()
+        if queued:  # never started: its final response goes out at once
+            self._answer_unstarted(job, shutting_down=False)
+        return True
+
+    def close_cancel(self, job: Job) -> bool:
+        """The job's work is done and can no longer be cancelled; whether a
+        cancel came first (its answer must then say so)."""
+        with job._lock:
+            job._finished = True
+            return job.cancel.is_set()
+
+    def stop(self) -> None:
+        """Shutdown: every job is cancelled; queued ones are answered now."""
+        with self.cond:
+            if self.stopping:
+                return
+            self.stopping = True
+            queued = list(self.queue)
+            self.queue.clear()
+            for job in self.jobs.values():
+                job.cancel.set()
+            self.cond.notify_all()
+        for job in queued:
+            self._answer_unstarted(job, shutting_down=True)
+
+    def answer_leftovers(self) -> None:
+        """At exit: whatever could not stop in time still gets its response."""
+        with self.cond:
+            unfinished = list(self.jobs.values())
+        for job in unfinished:
+            if job.method == "generate":  # cancelled (stop set the flag): what was streamed
+                job.cancel.set()
+                self.finish_generate(job, _Unfinished())
+            else:
+                self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
+
+    def _answer_unstarted(self, job: Job, shutting_down: bool) -> None:
+        job.cancel.set()
+        if job.method == "generate":
+            self.finish(job, protocol.cancelled_result(job.params))
+        elif job.method == "load" and not shutting_down:
+            self.fail(job, errors.CANCELLED, "the load was cancelled before it started")
+        else:
+            self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down")
+
+    # ------------------------------------------------------------- answers
+
+    def notify(self, job: Job, method: str, params: object) -> None:
+        """A job's event, unless its final response already went out."""
+        with job._lock:
+            if job._answered:
+                return
+            if isinstance(params, protocol.TokenEvent):
+                job.record(params)
+            self._send(protocol.Notification(method, params))
+
+    def finish(self, job: Job, result: object) -> None:
+        self._answer(job, lambda: protocol.Response(id=job.id, result=result))
+
+    def fail(self, job: Job, code: int, message: str, data: Any = None) -> None:
+        def make():
+            error = protocol.ErrorObject(code=code, message=message)
+            if data is not None:
+                error.data = data
+            return protocol.ErrorResponse(id=job.id, error=error)
+
+        self._answer(job, make)
+
+    def finish_generate(self, job: Job, outcome: object) -> None:
+        """A generate's end: a GenerateResult, or the exception it failed
+        with. A cancel that was promised wins over both."""
+        def make():
+            if job.cancel.is_set() and isinstance(outcome, BaseException):
+                result = job.cancelled_result()
+            elif isinstance(outcome, BaseException):
+                return _error_response(job, outcome)
+            else:
+                result = outcome
+                if job.cancel.is_set():
+                    result.stop_reason = "cancelled"
+            result.timings.queue_ms = round(max(0.0, job.started - job.received) * 1000, 3)
+            return protocol.Response(id=job.id, result=result)
+
+        self._answer(job, make)
+
+    def finish_with(self, job: Job, outcome: object) -> None:
+        """Any other method's end: its result or the exception it raised."""
+        if isinstance(outcome, BaseException):
+            self._answer(job, lambda: _error_response(job, outcome))
+        else:
+            self.finish(job, outcome)
+
+    def _answer(self, job: Job, make: Callable[[], object]) -> None:
+        # Retire the id before the reply is queued: a host may reuse it the
+        # moment the reply reaches it. Claim and build the response under the
+        # job's lock: no event slips in between what it says was streamed and it.
+        with job._lock:
+            if job._answered:
+                return
+            job._finished = job._answered = True
+            with self.cond:
+                if self.jobs.get(job.id) is job:
+                    del self.jobs[job.id]
+                if self.running.get(job.id) is job:
+                    del self.running[job.id]
+                self.cond.notify_all()
+            self._send(make())
+
+
+class _Unfinished(Exception):
+    pass
+
+
+def _error_response(job: Job, exc: BaseException) -> protocol.ErrorResponse:
+    if isinstance(exc, WorkerError):
+        code, message, data = exc.code, exc.message, exc.data
+    else:  # a Rust panic from a library is a BaseException
+        code, message = errors.classify_exception(exc)
+        data = None
+        if code == errors.INTERNAL_ERROR:
+            log.error("%s failed", job.method, exc_info=exc)
+    error = protocol.ErrorObject(code=code, message=message)
+    if data is not None:
+        error.data = data
+    return protocol.ErrorResponse(id=job.id, error=error)

@@ -1,0 +1,326 @@
+"""The scheduler: every running generation, stepped together.
+
+Each call to ``step`` does at most one prefill chunk (of the request whose
+turn it is: prompts take turns chunk by chunk) and then one decode step of
+every decode group (one batch per model, plus a group per request that can't
+be merged). So a new prompt stalls the running streams for at most one
+chunk, and a short request behind a long prompt starts after a chunk or two.
+While streams are decoding, chunks are sized (from measured times) to take
+about two decode steps, so a stream's gap between tokens stays within about
+three idle gaps; alone, a prompt is processed in its own
+``prefill_step_size`` chunks, exactly as mlx-lm would.
+
+Admission: a request is admitted when the KV it may need (memory.py's
+estimate, less what its prompt-cache lease reuses) fits beside what the
+admitted requests may still need. If it doesn't: least recently used prompt
+cache entries are evicted; then it waits while other requests run (they
+will free memory); with nothing running it is refused with -32005.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Callable
+
+import mlx.core as mx
+
+from . import errors, memory
+from .batch import DecodeGroup, prefill_together
+from .errors import WorkerError
+from .generation import Generation
+
+log = logging.getLogger("mlx_worker.scheduler")
+
+MIN_CHUNK = 16
+MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
+CHUNK_TIME_IN_STEPS = 2.0  # a chunk during decoding takes about this many decode steps
+
+# (generation, outcome) -> None: a GenerateResult or the exception it ended with.
+Done = Callable[[Generation, object], None]
+
+
+class Scheduler:
+    def __init__(self, done: Done):
+        self.done = done
+        self.waiting: collections.deque[Generation] = collections.deque()  # not admitted yet
+        self.prefilling: collections.deque[Generation] = collections.deque()
+        self.groups: dict[int, DecodeGroup] = {}  # id(model) -> its batch
+        self.solo: list[DecodeGroup] = []
+        self._step_s = 0.0  # decode step time (moving average)
+        self._chunk = 64
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.solo or any(self.groups.values()))
+
+    def decoding(self) -> int:
+        return sum(len(g) for g in self.groups.values()) + len(self.solo)
+
+    def running(self) -> list[Generation]:
+        out = list(self.prefilling)
+        for g in list(self.groups.values()) + self.solo:
+            out.extend(g.rows)
+        return out
+
+    # ------------------------------------------------------------- submit
+
+    def submit(self, gen: Generation) -> None:
+        """Prepare and admit a new request (or answer it: error, cancelled)."""
+        if not self.busy():
+            mx.reset_peak_memory()
+        try:
+            gen.prepare()
+            gen.open()
+        except BaseException as exc:
+            gen.abort()
+            self.done(gen, exc)
+            return
+        self._admit_or_wait(gen, first=True)
+
+    def _admit_or_wait(self, gen: Generation, first: bool) -> bool:
+        try:
+            fits = self._fits(gen)
+        except WorkerError as exc:
+            gen.abort()
+            self.done(gen, exc)
+            return True
+        if fits:
+            self._start(gen)
+            return True
+        if first:
+            log.info("request waits for memory: %d bytes", gen.need)
+            self.waiting.append(gen)
+        return False
+
+    def _fits(self, gen: Generation) -> bool:
+        need = max(0, gen.need - gen.reused_bytes)
+        lm = gen.lm
+        others = [g for g in self.running() if g is not gen]
+        outstanding = sum(g.need for g in others)
+        model_out = sum(g.need for g in others if g.lm is lm)
+        limit = memory.worker_limit()
+        model_limit = getattr(lm, "memory_limit", None)
+        if model_limit and lm.memory_bytes + need > model_limit:  # never fits, even alone
+            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
+        for attempt in range(2):
+            available = limit - mx.get_active_memory() - outstanding
+            model_ok = not model_limit or lm.memory_bytes + model_out + need <= model_limit
+            if need <= available and model_ok:
+                return True
+            if attempt == 0 and self._evict(gen, need - available):
+                continue
+            break
+        if others:
+            return False  # wait: running requests will free memory
+        raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
+
+    def _evict(self, gen: Generation, nbytes: int) -> bool:
+        freed = 0
+        for store in _stores([gen] + self.running()):
+            if freed >= nbytes:
+                break
+            freed += store.evict_lru(nbytes - freed)
+        if freed:
+            mx.clear_cache()
+            log.info("prompt cache: evicted %d bytes to admit a request", freed)
+        return freed > 0
+
+    def _start(self, gen: Generation) -> None:
+        if gen.to_prefill > 0:
+            self.prefilling.append(gen)
+        else:
+            self._to_decode(gen)
+
+    def _to_decode(self, gen: Generation) -> None:
+        if gen.max_tokens == 0:
+            self._prime_only(gen)
+            return
+        if gen.batchable:
+            group = self.groups.setdefault(id(gen.lm.model), DecodeGroup(gen.lm.model, True))
+        else:
+            group = DecodeGroup(gen.lm.model, False)
+            self.solo.append(group)
+        group.join(gen)
+
+    def _prime_only(self, gen: Generation) -> None:
+        """max_tokens 0: feed the prompt's last token (the cache then holds
+        the whole prompt, as mlx-lm leaves it) and end."""
+        try:
+            last, emb = gen.last_input()
+            gen.begin()
+            kwargs = {"input_embeddings": emb[None]} if emb is not None else {}
+            gen.lm.model(last[None], cache=gen.cache, **kwargs)
+            mx.eval([c.state for c in gen.cache])
+            gen.accept(0, None)
+            outcome: object = gen.finish("cancelled" if gen.should_stop() else "max_tokens", gen.cache)
+        except BaseException as exc:
+            gen.abort()
+            outcome = exc
+        self.done(gen, outcome)
+
+    # --------------------------------------------------------------- step
+
+    def step(self) -> None:
+        if self.waiting:
+            self._retry_waiting()
+        if self.prefilling:
+            self._prefill_one()
+        t0 = time.perf_counter()
+        stepped = False
+        for key, group in list(self.groups.items()):
+            if group.rows:
+                self._step_group(group)
+                stepped = True
+            if not group.rows:
+                del self.groups[key]
+        for group in list(self.solo):
+            self._step_group(group)
+            stepped = True
+            if not group.rows:
+                self.solo.remove(group)
+        if stepped:
+            dt = time.perf_counter() - t0
+            self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
+
+    def _retry_waiting(self) -> None:
+        for _ in range(len(self.waiting)):
+            gen = self.waiting.popleft()
+            if gen.should_stop():
+                self._finish(gen, "cancelled", gen.cache)
+                continue
+            if not self._admit_or_wait(gen, first=False):
+                self.waiting.appendleft(gen)
+                return  # in arrival order
+
+    def _prefill_one(self) -> None:
+        gen = self.prefilling.popleft()
+        if gen.should_stop():
+            self._finish(gen, "cancelled", gen.cache)
+            return
+        n = gen.step_size
+        decoding = self.decoding() > 0
+        if decoding and gen.batchable:
+            n = min(n, self._chunk)
+        # Prompts of the same model waiting together advance together: one
+        # forward pass for a chunk of each (a pass costs far less than one
+        # per prompt), as long as the KV merged for it stays small (a
+        # prompt already deep in its cache goes on alone: merging would copy
+        # all of it every chunk).
+        together = [gen]
+        shallow = lambda g: g.processed <= max(4 * n, 256)  # noqa: E731
+        if gen.batchable and shallow(gen):
+            for other in list(self.prefilling):
+                if len(together) >= MAX_PREFILL_ROWS:
+                    break
+                if (other.lm is gen.lm and other.batchable and shallow(other)
+                        and other.step_size == gen.step_size and not other.should_stop()):
+                    self.prefilling.remove(other)
+                    together.append(other)
+        before = [g.processed for g in together]
+        t0 = time.perf_counter()
+        try:
+            if len(together) > 1:
+                prefill_together(gen.lm.model, together, n)
+            else:
+                gen.prefill(n, clear_cache=not decoding)
+        except BaseException as exc:
+            for g in together:
+                g.abort()
+                self.done(g, _memory_error(exc))
+            return
+        dt = time.perf_counter() - t0
+        done = sum(g.processed - b for g, b in zip(together, before))
+        log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
+                  done, len(together), dt * 1000, self.decoding(), self._step_s * 1000)
+        if decoding and gen.batchable:
+            self._tune_chunk(done, dt, gen.step_size)
+        for g in together:
+            self._after_chunk(g)
+
+    def _after_chunk(self, gen: Generation) -> None:
+        if gen.to_prefill > 0:
+            self.prefilling.append(gen)  # the next prompt's turn
+        elif gen.should_stop():
+            self._finish(gen, "cancelled", gen.cache)
+        else:
+            self._to_decode(gen)
+
+    def _tune_chunk(self, n: int, dt: float, limit: int) -> None:
+        """Size the next chunk so that it takes about CHUNK_TIME_IN_STEPS
+        decode steps: grown while chunks run shorter, shrunk while longer
+        (a measured controller: a chunk's cost is not proportional to its
+        tokens, small chunks carry fixed costs)."""
+        if dt <= 0 or not self._step_s:
+            return
+        target = self._step_s * CHUNK_TIME_IN_STEPS
+        chunk = self._chunk * (1.25 if dt < target else 0.8)
+        self._chunk = int(max(MIN_CHUNK, min(limit, chunk)))
+
+    def _step_group(self, group: DecodeGroup) -> None:
+        for gen, outcome, cache in group.step():
+            if isinstance(outcome, str):
+                self._finish(gen, outcome, cache)
+            else:
+                gen.abort()
+                self.done(gen, _memory_error(outcome))
+
+    def _finish(self, gen: Generation, reason: str, cache) -> None:
+        try:
+            outcome: object = gen.finish(reason, cache)
+        except BaseException as exc:
+            gen.abort()
+            outcome = exc
+        self.done(gen, outcome)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """A bug in the scheduler itself: every request it holds ends with
+        the error (a cancelled one with its cancelled result); it starts over."""
+        gens = self.running() + list(self.waiting)
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.groups.clear()
+        self.solo.clear()
+        for gen in gens:
+            gen.abort()
+            self.done(gen, exc)
+
+    # ------------------------------------------------------------ unload
+
+    def holds(self, lm) -> bool:
+        return any(g.lm is lm for g in self.running() + list(self.waiting))
+
+
+def _stores(gens: list[Generation]):
+    seen = set()
+    for g in gens:
+        store = g.lm.prompt_cache
+        if store is not None and id(store) not in seen:
+            seen.add(id(store))
+            yield store
+
+
+def _memory_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, MemoryError):
+        return WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}")
+    return exc
+
+
+def run_alone(gen: Generation) -> object:
+    """Drive one request to its end outside the shared batch (cache_save's
+    prefill): the same phases, chunks and cancel checks. Returns its result
+    or the exception it ended with."""
+    outcome: list = []
+    alone = Scheduler(lambda g, o: outcome.append(o))
+    alone.submit(gen)
+    while alone.busy() and not outcome:
+        alone.step()
+    return outcome[0]
+
+
+def run(lm, params, request_id, events, should_stop) -> object:
+    """One generate, alone, in-process (benchmarks): its result, or raises."""
+    outcome = run_alone(Generation(lm, params, request_id, events, should_stop))
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
