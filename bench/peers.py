@@ -22,14 +22,14 @@ def free_port() -> int:
 class MlxLmServer:
     """``python -m mlx_lm.server`` on 127.0.0.1 with the same model and BLAS."""
 
-    def __init__(self, path: str, blas: str | None, prefill_step: int = 512):
+    def __init__(self, path: str, blas: str | None, prefill_step: int = 512, extra: tuple[str, ...] = ()):
         self.port = free_port()
         env = worker_env()
         if blas:
             env["LD_PRELOAD"] = blas  # the same BLAS the worker binds
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_lm.server", "--model", path, "--host", "127.0.0.1",
-             "--port", str(self.port), "--prefill-step-size", str(prefill_step), "--log-level", "WARNING"],
+             "--port", str(self.port), "--prefill-step-size", str(prefill_step), "--log-level", "WARNING", *extra],
             env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 120

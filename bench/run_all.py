@@ -36,6 +36,7 @@ RUNS = [
     ("kv_quant.py", [], ["--prompts", "1"]),
     ("load.py", [], ["--rounds", "9"]),
     ("concurrency.py", [], ["--rounds", "1", "--curve", "1,8,16"]),
+    ("speculative.py", [], ["--rounds", "3", "--tokens", "96", "--sweep-rounds", "1"]),
 ]
 
 # (result file, key, label, target, "higher"|"lower" is better, unit format)
@@ -61,6 +62,8 @@ METRICS = [
     ("concurrency", "short_ttft_vs_server", "short behind 2k prompt, TTFT: worker ÷ server", 0.25, "lower", "{:.3f}"),
     ("concurrency", "gap_during_prompt_over_idle", "4 streams' gap p99 during a 2k prompt ÷ idle", 3.0, "lower", "{:.2f}"),
     ("concurrency", "single_vs_inprocess", "one stream: worker ÷ in-process mlx-lm", 0.98, "higher", "{:.3f}"),
+    ("speculative", "draft_over_plain", "greedy decode tok/s: draft ÷ no draft", 1.6, "higher", "{:.2f}"),
+    ("speculative", "draft_over_server", "greedy decode tok/s, draft: worker ÷ mlx_lm.server", 1.1, "higher", "{:.2f}"),
     ("soak", "rss_growth", "soak: RSS growth after warm-up", 0.05, "lower", "{:+.2%}"),
     ("kv_quant", "q8_ratio", "KV bytes/token: kv_bits 8 ÷ none", None, "lower", "{:.3f}"),
     ("kv_quant", "q4_ratio", "KV bytes/token: kv_bits 4 ÷ none", None, "lower", "{:.3f}"),

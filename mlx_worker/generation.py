@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import errors, memory, prompt_cache, protocol, sampling, tool_calls, tool_grammar
+from . import errors, memory, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
 from .loaded import LoadedModel
@@ -78,6 +78,9 @@ class Generation:
         self.first_token_at: Optional[float] = None
         self.primed = False  # the first decode step (the prompt's last token) ran
         self.positions = None  # vision: the prompt's position plan, re-set before each model call
+        self.draft_lm: Optional[LoadedModel] = None  # speculative decoding: set by the caller
+        self.num_draft_tokens = 0
+        self.draft: Optional[speculative.Draft] = None
 
     # ------------------------------------------------------------- prepare
 
@@ -106,6 +109,8 @@ class Generation:
             self.processors = self.processors + [tool_processor]
         # The lazy tool grammar follows the tokens as they are read.
         self.observe = getattr(tool_processor, "observe", None)
+        if self.draft_lm is not None and self.max_tokens > 0:
+            self.draft = speculative.Draft.for_request(lm, self.draft_lm, self.num_draft_tokens, params, tool_processor)
         self._check_cancel()
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.key = sampling.request_key(self.seed) if params.temperature else None
@@ -119,6 +124,10 @@ class Generation:
         self.eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
+        if self.draft is not None:
+            draft_need, _ = memory.generate_need(self.draft.lm, self.n_prompt, self.max_tokens, self.step_size)
+            self.need += draft_need
+            self.need_parts = {**self.need_parts, "draft": draft_need}
 
     def _check_cancel(self) -> None:
         if self.should_stop():
@@ -130,10 +139,13 @@ class Generation:
         """Take the prompt-cache lease: the cache to continue from."""
         lm, params = self.lm, self.params
         keep = prompt_cache.keep_for(lm, params, self.prompt.tokens)
-        if params.prompt_cache and lm.prompt_cache is not None:
-            self.lease = lm.prompt_cache.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
+        store = lm.prompt_cache if self.draft is None else self.draft.store
+        if params.prompt_cache and store is not None:
+            self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
             self.cache, self.cached = self.lease.cache, self.lease.cached
             self.lease.cache = None  # the request owns it now (it may move into a batch)
+        elif self.draft is not None:
+            self.cache, self.cached = self.draft.new_cache(), 0
         else:
             self.cache, self.cached = prompt_cache.make_cache(lm, keep), 0
         self.processed = self.cached
@@ -155,6 +167,8 @@ class Generation:
         its own, interleaved with the batch."""
         from mlx_lm.models.cache import KVCache
 
+        if self.draft is not None:  # a decode group of its own (speculative.py)
+            return False
         return self.lm.vision is None and all(type(c) is KVCache for c in self.cache)
 
     # ------------------------------------------------------------- prefill
@@ -178,7 +192,10 @@ class Generation:
         kwargs = {}
         if self.embeddings is not None:
             kwargs["input_embeddings"] = self.embeddings[start : start + n][None]
-        self.lm.model(tokens[None], cache=self.cache, **kwargs)
+        if self.draft is not None:
+            self.draft.prefill(tokens, self.cache)
+        else:
+            self.lm.model(tokens[None], cache=self.cache, **kwargs)
         mx.eval([c.state for c in self.cache])
         self.processed += n
         if self.lease is not None:
@@ -292,12 +309,15 @@ class Generation:
         prefill_s = (first or end) - self.start
         decode_s = end - (first or end)
         uncached = self.n_prompt - self.cached
+        usage = protocol.Usage(prompt_tokens=self.n_prompt, cached_tokens=self.cached,
+                               completion_tokens=len(self.generated))
+        if self.draft is not None:
+            usage.draft_tokens, usage.accepted_draft_tokens = self.draft.proposed, self.draft.accepted
         return protocol.GenerateResult(
             text="".join(self.text_parts),
             tokens=self.generated,
             stop_reason=stop_reason,  # type: ignore[arg-type]
-            usage=protocol.Usage(prompt_tokens=self.n_prompt, cached_tokens=self.cached,
-                                 completion_tokens=len(self.generated)),
+            usage=usage,
             timings=protocol.Timings(
                 ttft_ms=round(prefill_s * 1000, 3) if first else 0.0,
                 prompt_tps=round(uncached / prefill_s, 2) if first and prefill_s > 0 else 0.0,

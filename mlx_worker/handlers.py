@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import cache_files, errors, generation, protocol
+from . import cache_files, errors, generation, protocol, speculative
 from .errors import WorkerError
 from .jobs import Job, JobTable
 from .loading import LoadCancelled, LoadProgress
@@ -83,6 +83,11 @@ class Handlers:
             return
         gen = generation.Generation(lm, job.params, job.id, self._events(job), job.should_stop)
         gen.job = job
+        try:
+            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self.models.get, lm, job.params)
+        except WorkerError as exc:
+            self.table.finish_generate(job, exc)
+            return
         self.scheduler.submit(gen)
 
     def _generation_done(self, gen: generation.Generation, outcome: object) -> None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import errors, files, protocol, prompt_cache
+from . import errors, files, protocol, prompt_cache, speculative
 from . import memory as memory_budget
 from .errors import WorkerError
 from .kv_quant import from_load as kv_quant_of_load
@@ -91,6 +91,9 @@ class ModelRegistry:
             problem = template_problem(params.chat_template)
             if problem:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
+        draft = None
+        if params.draft_model_id is not None:  # loaded first, like any model
+            draft = speculative.find(self.get, params.draft_model_id, "params.draft_model_id")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         kv_quant = kv_quant_of_load(params, config)
@@ -129,6 +132,18 @@ class ModelRegistry:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
         loaded.kv_quant = kv_quant
+        if draft is not None:
+            try:
+                speculative.check_pair(loaded, draft, "params.draft_model_id")
+            except WorkerError as exc:
+                failure = exc
+            else:
+                failure = None
+            if failure is not None:  # as above: nothing of the model stays
+                loaded = draft = None
+                failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+                _release()
+                raise failure
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
@@ -141,6 +156,7 @@ class ModelRegistry:
         del self._models[unloaded_id]
         if model.prompt_cache is not None:
             model.prompt_cache.clear()
+        speculative.forget(model, self._models.values())
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)

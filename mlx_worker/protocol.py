@@ -30,6 +30,7 @@ INT64_MAX = 2**63 - 1
 Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
 PositiveCount = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 StepSize = Annotated[int, Meta(ge=1, le=INT32_MAX)]  # tokens per prefill chunk
+NumDraftTokens = Annotated[int, Meta(ge=0, le=32)]  # draft tokens per speculative step; 0: no draft
 TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]  # < vocab_size is checked per model
 # logit_bias keys: a token id written in ASCII decimal digits, nothing else.
 TokenIdKey = Annotated[str, Meta(pattern="^[0-9]{1,10}$")]
@@ -205,6 +206,9 @@ class LoadParams(Params):
     # mlx quantizes in groups of 32, 64 or 128; the group must divide the head dim (checked per model).
     kv_bits: Union[Literal[4, 8], None] = None
     kv_group_size: Union[Literal[32, 64, 128], None] = None  # default 64; needs kv_bits
+    # Speculative decoding defaults for this model's generates (see GenerateParams).
+    draft_model_id: Union[str, None] = None
+    num_draft_tokens: Union[NumDraftTokens, None] = None
 
 
 class LoadResult(Out):
@@ -340,6 +344,11 @@ class GenerateParams(PromptParams):
     prefill_step_size: Union[StepSize, None] = None
     constraint: Union[Constraint, None] = None
     tool_choice: ToolChoice = "auto"
+    # Speculative decoding: a loaded model over the same tokenizer proposes
+    # num_draft_tokens tokens per step and this model verifies them. None: the
+    # load's defaults; num_draft_tokens 0 turns a load's default draft off.
+    draft_model_id: Union[str, None] = None
+    num_draft_tokens: Union[NumDraftTokens, None] = None
 
 
 class TopLogprob(Out):
@@ -376,6 +385,9 @@ class Usage(Out):
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    # With a draft model: tokens it proposed, and how many of them the target accepted.
+    draft_tokens: Union[int, UnsetType] = UNSET
+    accepted_draft_tokens: Union[int, UnsetType] = UNSET
 
 
 class Timings(Out):

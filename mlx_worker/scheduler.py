@@ -136,6 +136,10 @@ class Scheduler:
         if gen.max_tokens == 0:
             self._prime_only(gen)
             return
+        if gen.draft is not None:  # speculative: its own sequential group
+            group = gen.draft.group(gen)
+            self.solo.append(group)
+            return
         if gen.batchable:
             group = self.groups.setdefault(id(gen.lm.model), DecodeGroup(gen.lm.model, True))
         else:
@@ -288,16 +292,16 @@ class Scheduler:
     # ------------------------------------------------------------ unload
 
     def holds(self, lm) -> bool:
-        return any(g.lm is lm for g in self.running() + list(self.waiting))
+        return any(g.lm is lm or g.draft_lm is lm for g in self.running() + list(self.waiting))
 
 
 def _stores(gens: list[Generation]):
     seen = set()
     for g in gens:
-        store = g.lm.prompt_cache
-        if store is not None and id(store) not in seen:
-            seen.add(id(store))
-            yield store
+        for store in (g.lm.prompt_cache, g.draft.store if g.draft is not None else None):
+            if store is not None and id(store) not in seen:
+                seen.add(id(store))
+                yield store
 
 
 def _memory_error(exc: BaseException) -> BaseException:

@@ -6,6 +6,9 @@ How mlx-lm calls it, and what that means here:
   cached prefix); nothing of it is fed to the matcher. Every later call sees
   the tokens so far, ending with the one sampled last: it is consumed first,
   then the mask for the next token is computed.
+- Speculative decoding (a draft model) shows draft tokens, then the
+  verified context again: the matcher is rolled back to what each call
+  shows (``_advance``), never left holding a rejected draft token.
 - Calls run one step ahead: the step after EOS (or after the last token
   before a stop) is still computed and thrown away. A consumed EOS marks the
   constraint finished; the thrown-away step gets an EOS-only mask.
@@ -91,6 +94,9 @@ class ConstraintProcessor(MatcherProcessor):
         self._last_allowed = None
         self.seen = -1  # len(tokens) at the last call; -1 before the first
         self.prompt_len = 0
+        self._fed = np.zeros(64, dtype=np.int64)  # the generated tokens given to the matcher (EOS too)
+        self._nfed = 0
+        self._matched = 0  # of them, given to the matcher (the rest: EOS once complete)
         self.finished = False  # an EOS was consumed in an accepting state
         eos_only = np.zeros(self.vocab, dtype=np.bool_)
         eos_only[[e for e in self.eos if e < self.vocab]] = True
@@ -121,18 +127,31 @@ class ConstraintProcessor(MatcherProcessor):
         return mx.where(self._last_allowed, logits, mask.NEG_INF)
 
     def _advance(self, tokens: np.ndarray, n: int) -> None:
-        new = n - self.seen
-        if new <= 0:  # rewound (speculative decoding): roll back, re-feed the last
-            back = 1 - new
-            if self.finished:
-                self.finished, back = False, back - 1
-            if back:
-                self.m.rollback(back)
-            new = 1
-        ids = tokens[n - new :].tolist()
+        """Bring the matcher to exactly ``tokens[prompt_len:n]``: roll back
+        what it consumed past their common prefix, consume the rest.
+        Speculative decoding calls with draft tokens, then shows the verified
+        context again (shorter, or the same length with other tokens): a
+        token the call no longer shows never stays in the matcher."""
+        now = tokens[self.prompt_len : n]
+        fed = self._fed[: self._nfed]
+        keep = min(len(fed), len(now))
+        differ = np.flatnonzero(fed[:keep] != now[:keep])
+        if differ.size:
+            keep = int(differ[0])
+        if keep < self._nfed:
+            if keep < self._matched:
+                self.m.rollback(self._matched - keep)
+                self._matched = keep
+            self._nfed = keep
+            self.finished = keep > self._matched  # an EOS is still shown
         self.seen = n
-        for token in ids:
+        for token in now[keep:].tolist():
+            self._remember(token)
             if self.finished:
+                # Drafting runs on past an EOS under the EOS-only mask; in the
+                # output nothing follows it.
+                if token in self.eos:
+                    continue
                 raise self._failure(f"token {token} after the constraint was complete")
             if token in self.eos:
                 if not self.m.accepting():
@@ -140,3 +159,11 @@ class ConstraintProcessor(MatcherProcessor):
                 self.finished = True
             elif not self.m.consume(token):
                 raise self._failure(f"token {token} was refused: {self.m.error()}")
+            else:
+                self._matched += 1
+
+    def _remember(self, token: int) -> None:
+        if self._nfed == len(self._fed):
+            self._fed = np.concatenate([self._fed, np.zeros(max(64, len(self._fed)), dtype=self._fed.dtype)])
+        self._fed[self._nfed] = token
+        self._nfed += 1

@@ -325,6 +325,7 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.add_special_tokens) j["add_special_tokens"] = *v.add_special_tokens;
   if (v.chat_template_kwargs) j["chat_template_kwargs"] = *v.chat_template_kwargs;
   if (v.constraint) j["constraint"] = *v.constraint;
+  if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
   if (v.frequency_penalty) j["frequency_penalty"] = *v.frequency_penalty;
   if (v.ignore_eos) j["ignore_eos"] = *v.ignore_eos;
   if (v.logit_bias) j["logit_bias"] = *v.logit_bias;
@@ -333,6 +334,7 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.messages) j["messages"] = *v.messages;
   if (v.min_p) j["min_p"] = *v.min_p;
   if (v.model_id) j["model_id"] = *v.model_id;
+  if (v.num_draft_tokens) j["num_draft_tokens"] = *v.num_draft_tokens;
   if (v.prefill_step_size) j["prefill_step_size"] = *v.prefill_step_size;
   if (v.presence_penalty) j["presence_penalty"] = *v.presence_penalty;
   if (v.prompt) j["prompt"] = *v.prompt;
@@ -359,6 +361,8 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.chat_template_kwargs.reset();
   if (auto it = j.find("constraint"); it != j.end() && !it->is_null()) v.constraint = it->get<GenerateParamsConstraint>();
   else v.constraint.reset();
+  if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
+  else v.draft_model_id.reset();
   if (auto it = j.find("frequency_penalty"); it != j.end() && !it->is_null()) v.frequency_penalty = it->get<double>();
   else v.frequency_penalty.reset();
   if (auto it = j.find("ignore_eos"); it != j.end() && !it->is_null()) v.ignore_eos = it->get<bool>();
@@ -375,6 +379,8 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.min_p.reset();
   if (auto it = j.find("model_id"); it != j.end() && !it->is_null()) v.model_id = it->get<std::string>();
   else v.model_id.reset();
+  if (auto it = j.find("num_draft_tokens"); it != j.end() && !it->is_null()) v.num_draft_tokens = it->get<std::int64_t>();
+  else v.num_draft_tokens.reset();
   if (auto it = j.find("prefill_step_size"); it != j.end() && !it->is_null()) v.prefill_step_size = it->get<std::int64_t>();
   else v.prefill_step_size.reset();
   if (auto it = j.find("presence_penalty"); it != j.end() && !it->is_null()) v.presence_penalty = it->get<double>();
@@ -455,13 +461,19 @@ void from_json(const nlohmann::json& j, ToolCall& v) {
 
 void to_json(nlohmann::json& j, const Usage& v) {
   j = nlohmann::json::object();
+  if (v.accepted_draft_tokens) j["accepted_draft_tokens"] = *v.accepted_draft_tokens;
   j["cached_tokens"] = v.cached_tokens;
   j["completion_tokens"] = v.completion_tokens;
+  if (v.draft_tokens) j["draft_tokens"] = *v.draft_tokens;
   j["prompt_tokens"] = v.prompt_tokens;
 }
 void from_json(const nlohmann::json& j, Usage& v) {
+  if (auto it = j.find("accepted_draft_tokens"); it != j.end() && !it->is_null()) v.accepted_draft_tokens = it->get<std::int64_t>();
+  else v.accepted_draft_tokens.reset();
   j.at("cached_tokens").get_to(v.cached_tokens);
   j.at("completion_tokens").get_to(v.completion_tokens);
+  if (auto it = j.find("draft_tokens"); it != j.end() && !it->is_null()) v.draft_tokens = it->get<std::int64_t>();
+  else v.draft_tokens.reset();
   j.at("prompt_tokens").get_to(v.prompt_tokens);
 }
 
@@ -508,6 +520,7 @@ void from_json(const nlohmann::json& j, GenerateResult& v) {
 void to_json(nlohmann::json& j, const LoadParams& v) {
   j = nlohmann::json::object();
   if (v.chat_template) j["chat_template"] = *v.chat_template;
+  if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
   if (v.image_cache_bytes) j["image_cache_bytes"] = *v.image_cache_bytes;
   if (v.kv_bits) j["kv_bits"] = *v.kv_bits;
   if (v.kv_group_size) j["kv_group_size"] = *v.kv_group_size;
@@ -518,6 +531,7 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
   if (v.memory_limit) j["memory_limit"] = *v.memory_limit;
   j["model"] = v.model;
   if (v.model_id) j["model_id"] = *v.model_id;
+  if (v.num_draft_tokens) j["num_draft_tokens"] = *v.num_draft_tokens;
   if (v.prefill_step_size) j["prefill_step_size"] = *v.prefill_step_size;
   if (v.prompt_cache_bytes) j["prompt_cache_bytes"] = *v.prompt_cache_bytes;
   if (v.prompt_cache_entries) j["prompt_cache_entries"] = *v.prompt_cache_entries;
@@ -526,6 +540,8 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
 void from_json(const nlohmann::json& j, LoadParams& v) {
   if (auto it = j.find("chat_template"); it != j.end() && !it->is_null()) v.chat_template = it->get<std::string>();
   else v.chat_template.reset();
+  if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
+  else v.draft_model_id.reset();
   if (auto it = j.find("image_cache_bytes"); it != j.end() && !it->is_null()) v.image_cache_bytes = it->get<std::int64_t>();
   else v.image_cache_bytes.reset();
   if (auto it = j.find("kv_bits"); it != j.end() && !it->is_null()) v.kv_bits = it->get<std::int64_t>();
@@ -545,6 +561,8 @@ void from_json(const nlohmann::json& j, LoadParams& v) {
   j.at("model").get_to(v.model);
   if (auto it = j.find("model_id"); it != j.end() && !it->is_null()) v.model_id = it->get<std::string>();
   else v.model_id.reset();
+  if (auto it = j.find("num_draft_tokens"); it != j.end() && !it->is_null()) v.num_draft_tokens = it->get<std::int64_t>();
+  else v.num_draft_tokens.reset();
   if (auto it = j.find("prefill_step_size"); it != j.end() && !it->is_null()) v.prefill_step_size = it->get<std::int64_t>();
   else v.prefill_step_size.reset();
   if (auto it = j.find("prompt_cache_bytes"); it != j.end() && !it->is_null()) v.prompt_cache_bytes = it->get<std::int64_t>();

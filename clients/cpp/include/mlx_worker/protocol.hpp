@@ -292,6 +292,7 @@ struct GenerateParams {
   std::optional<bool> add_special_tokens;  // default true
   std::optional<nlohmann::json> chat_template_kwargs;
   std::optional<GenerateParamsConstraint> constraint;
+  std::optional<std::string> draft_model_id;
   std::optional<double> frequency_penalty;  // default 0.0
   std::optional<bool> ignore_eos;  // default false
   std::optional<std::map<std::string, double>> logit_bias;
@@ -300,6 +301,7 @@ struct GenerateParams {
   std::optional<std::vector<ChatMessage>> messages;
   std::optional<double> min_p;  // default 0.0
   std::optional<std::string> model_id;
+  std::optional<std::int64_t> num_draft_tokens;
   std::optional<std::int64_t> prefill_step_size;
   std::optional<double> presence_penalty;  // default 0.0
   std::optional<std::string> prompt;
@@ -352,8 +354,10 @@ void to_json(nlohmann::json& j, const ToolCall& v);
 void from_json(const nlohmann::json& j, ToolCall& v);
 
 struct Usage {
+  std::optional<std::int64_t> accepted_draft_tokens;
   std::int64_t cached_tokens{};
   std::int64_t completion_tokens{};
+  std::optional<std::int64_t> draft_tokens;
   std::int64_t prompt_tokens{};
 };
 void to_json(nlohmann::json& j, const Usage& v);
@@ -381,6 +385,7 @@ void from_json(const nlohmann::json& j, GenerateResult& v);
 
 struct LoadParams {
   std::optional<std::string> chat_template;
+  std::optional<std::string> draft_model_id;
   std::optional<std::int64_t> image_cache_bytes;
   std::optional<std::int64_t> kv_bits;
   std::optional<std::int64_t> kv_group_size;
@@ -391,6 +396,7 @@ struct LoadParams {
   std::optional<std::int64_t> memory_limit;
   std::string model{};
   std::optional<std::string> model_id;
+  std::optional<std::int64_t> num_draft_tokens;
   std::optional<std::int64_t> prefill_step_size;
   std::optional<std::int64_t> prompt_cache_bytes;
   std::optional<std::int64_t> prompt_cache_entries;

@@ -114,6 +114,7 @@ export interface GenerateParams {
     [k: string]: unknown;
   };
   constraint?: (JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint) | null;
+  draft_model_id?: string | null;
   frequency_penalty?: number;
   ignore_eos?: boolean;
   logit_bias?: {
@@ -124,6 +125,7 @@ export interface GenerateParams {
   messages?: ChatMessage[] | null;
   min_p?: number;
   model_id?: string | null;
+  num_draft_tokens?: number | null;
   prefill_step_size?: number | null;
   presence_penalty?: number;
   prompt?: string | null;
@@ -212,12 +214,15 @@ export interface ToolCall {
   name: string;
 }
 export interface Usage {
+  accepted_draft_tokens?: number;
   cached_tokens: number;
   completion_tokens: number;
+  draft_tokens?: number;
   prompt_tokens: number;
 }
 export interface LoadParams {
   chat_template?: string | null;
+  draft_model_id?: string | null;
   image_cache_bytes?: number | null;
   kv_bits?: (4 | 8) | null;
   kv_group_size?: (32 | 64 | 128) | null;
@@ -228,6 +233,7 @@ export interface LoadParams {
   memory_limit?: number | null;
   model: string;
   model_id?: string | null;
+  num_draft_tokens?: number | null;
   prefill_step_size?: number | null;
   prompt_cache_bytes?: number | null;
   prompt_cache_entries?: number | null;
@@ -414,8 +420,8 @@ export const INTEGER_PARAMS: { readonly [M in MethodName]: readonly string[] } =
   cache_save: ["prefill_step_size","tokens[]"],
   cancel: ["id"],
   detokenize: ["tokens[]"],
-  generate: ["max_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
-  load: ["image_cache_bytes","max_image_bytes","max_image_pixels","max_images","max_kv_size","memory_limit","prefill_step_size","prompt_cache_bytes","prompt_cache_entries"],
+  generate: ["max_tokens","num_draft_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
+  load: ["image_cache_bytes","max_image_bytes","max_image_pixels","max_images","max_kv_size","memory_limit","num_draft_tokens","prefill_step_size","prompt_cache_bytes","prompt_cache_entries"],
   shutdown: [],
   status: [],
   tokenize: [],

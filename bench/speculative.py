@@ -1,0 +1,207 @@
+"""Speculative decoding: greedy decode tok/s with a draft model ÷ without, and
+÷ ``mlx_lm.server --draft-model`` on the same pair; tok/s vs
+num_draft_tokens (1…8) and vs acceptance rate (plot).
+
+    python bench/speculative.py [--tokens 128] [--rounds 5] [--draft-tokens 4] [--sweep-rounds 3]
+
+The pair (fixtures/build.py): ``spec-target`` is ``spec-draft`` plus 14
+layers whose output projections are scaled by 1e-3 (high acceptance);
+``spec-target-mid`` / ``-far`` scale them by 0.5 / 2.0 (lower acceptance).
+EOS is banned with logit_bias on every side so each run decodes the same
+count. Decode tok/s is measured by the client, first token to last, on every
+side. Runs alternate plain / draft / server; medians are compared.
+Targets: draft ÷ plain ≥ 1.6, draft ÷ mlx_lm.server with the draft ≥ 1.1,
+output identical to plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import time
+
+from common import RESULTS, bind_blas_like_the_worker, ensure_model, median, report, spawn
+from mlx_worker.protocol import GenerateResult, TokenEvent
+
+PROMPT = "the model token server request response error value result stream cache"
+TARGETS = {"spec-target": "high", "spec-target-mid": "mid", "spec-target-far": "low"}
+
+
+class Worker:
+    def __init__(self, bias: dict):
+        self.client = spawn()
+        self.client.load(str(ensure_model("spec-draft")), model_id="draft")
+        for name in TARGETS:
+            self.client.load(str(ensure_model(name)), model_id=name)
+        self.bias = bias
+
+    def decode(self, target: str, n: int, k: int | None) -> tuple[float, GenerateResult]:
+        params = dict(model_id=target, prompt=PROMPT, max_tokens=n, temperature=0, logit_bias=self.bias,
+                      prompt_cache=False)
+        if k:
+            params.update(draft_model_id="draft", num_draft_tokens=k)
+        first = last = None
+        after_first = 0
+        stream = self.client.generate(**params)
+        for event in stream:
+            if isinstance(event, TokenEvent) and event.tokens:
+                last = time.perf_counter()
+                if first is None:
+                    first = last
+                else:
+                    after_first += len(event.tokens)
+        return after_first / (last - first), stream.result
+
+
+def server_decode(server, n: int, k: int, bias: dict) -> float:
+    start, first, last, chunks = server.stream(
+        "/v1/completions", {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "logit_bias": bias,
+                            "num_draft_tokens": k})
+    return (chunks - 1) / (last - first)
+
+
+def server_text(server, n: int, k: int, bias: dict) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "logit_bias": bias, "num_draft_tokens": k}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    text = json.loads(conn.getresponse().read())["choices"][0]["text"]
+    conn.close()
+    return text
+
+
+def reference(n: int, bias: dict) -> tuple[list[int], str]:
+    import mlx.core as mx
+    from mlx_lm import generate, load
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok = load(str(ensure_model("spec-target")))
+    processors = make_logits_processors(logit_bias={int(t): v for t, v in bias.items()})
+    prompt = mx.array(tok.encode(PROMPT))
+    tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=n, logits_processors=processors)]
+    return tokens, generate(model, tok, PROMPT, max_tokens=n, logits_processors=processors)
+
+
+def plot(sweep: dict, accept: list, path) -> None:
+    """Speedup over no draft vs num_draft_tokens, and vs acceptance (PIL: bench/ draws with it)."""
+    from PIL import Image, ImageDraw
+
+    W, H, pad = 420, 300, 50
+    img = Image.new("RGB", (W * 2 + pad, H + 40), "white")
+    d = ImageDraw.Draw(img)
+    panels = [
+        ("speedup over no draft vs num_draft_tokens (spec-target)", [(k, v) for k, v in sorted(sweep.items())], "k"),
+        ("speedup over no draft vs acceptance rate (k=4)", [(a, s) for a, s, _ in sorted(accept)], "acceptance"),
+    ]
+    for p, (title, pts, xlabel) in enumerate(panels):
+        x0, y0 = p * (W + pad // 2) + pad, 30
+        d.text((x0 - 30, 8), title, fill="black")
+        d.rectangle([x0, y0, x0 + W - pad, y0 + H - 40], outline="black")
+        xs = [x for x, _ in pts]
+        ys = [y for _, y in pts]
+        xmin, xmax = (0.0, 1.0) if p else (min(xs) - 0.5, max(xs) + 0.5)
+        top = max(ys + [1.0]) * 1.15
+        xy = []
+        for x, y in pts:
+            px = x0 + (W - pad) * (x - xmin) / (xmax - xmin)
+            py = y0 + (H - 40) * (1 - y / top)
+            xy.append((px, py))
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill="#3a7d44")
+            d.text((px + 4, py - 14), f"{y:.2f}x", fill="black")
+            d.text((px - 6, y0 + H - 36), f"{x:g}" if not p else f"{x:.2f}", fill="black")
+        if len(xy) > 1:
+            d.line(xy, fill="#3a7d44", width=2)
+        py = y0 + (H - 40) * (1 - 1.0 / top)  # the no-draft level
+        d.line([x0, py, x0 + W - pad, py], fill="#c0392b", width=1)
+        d.text((x0, y0 + H - 20), xlabel, fill="black")
+    img.save(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--draft-tokens", type=int, default=4)
+    p.add_argument("--sweep-rounds", type=int, default=3)
+    args = p.parse_args()
+    n, k = args.tokens, args.draft_tokens
+    blas = bind_blas_like_the_worker()
+    from mlx_lm import load
+
+    from peers import MlxLmServer
+
+    _, tok = load(str(ensure_model("spec-target")))
+    bias = {str(t): -1e9 for t in tok.eos_token_ids}
+    worker = Worker(bias)
+    server = MlxLmServer(str(ensure_model("spec-target")), blas,
+                         extra=("--draft-model", str(ensure_model("spec-draft")), "--num-draft-tokens", str(k)))
+    try:
+        server_first = server_text(server, n, k, bias)  # before its prompt cache holds anything
+        plain, spec, peer = [], [], []
+        identical = True
+        for _ in range(args.rounds):
+            tps, a = worker.decode("spec-target", n, None)
+            plain.append(tps)
+            tps, b = worker.decode("spec-target", n, k)
+            spec.append(tps)
+            identical &= a.tokens == b.tokens
+            peer.append(server_decode(server, n, k, bias))
+        # The reference: mlx-lm in-process, no draft (tokens for the worker;
+        # text, through mlx-lm's own detokenizer, for the server).
+        ref_tokens, ref_text = reference(n, bias)
+        identical &= b.tokens == ref_tokens
+        server_same = (server_first == ref_text, server_text(server, n, k, bias) == ref_text)
+        usage = b.usage
+        sweep_runs = {kk: [] for kk in range(1, 9)}
+        for _ in range(args.sweep_rounds):
+            for kk in sweep_runs:
+                base = worker.decode("spec-target", n, None)[0]
+                sweep_runs[kk].append((worker.decode("spec-target", n, kk)[0], base))
+        sweep = {kk: median([t for t, _ in v]) for kk, v in sweep_runs.items()}
+        sweep_ratio = {kk: median([t / b for t, b in v]) for kk, v in sweep_runs.items()}
+        accept = []
+        for name in TARGETS:
+            ratios = []
+            for _ in range(args.sweep_rounds):
+                base, a = worker.decode(name, n, None)
+                tps, b = worker.decode(name, n, k)
+                identical &= a.tokens == b.tokens
+                ratios.append(tps / base)
+            rate = b.usage.accepted_draft_tokens / b.usage.draft_tokens
+            accept.append((rate, median(ratios), name))
+    finally:
+        server.close()
+        worker.client.close()
+    p_med, s_med, v_med = median(plain), median(spec), median(peer)
+    # The machine is shared: ratios are taken within a round (its runs are
+    # seconds apart), then their median.
+    over_plain = median([b / a for a, b in zip(plain, spec)])
+    over_server = median([b / c for b, c in zip(spec, peer)])
+    print(f"pair spec-draft → spec-target, greedy, {n} tokens, num_draft_tokens {k}, BLAS {blas or 'built-in'}, "
+          f"median of {args.rounds} alternating rounds\n")
+    print("| side | decode tok/s |\n|---|---:|")
+    print(f"| worker, no draft | {p_med:.1f} |\n| worker, draft | {s_med:.1f} |\n| mlx_lm.server --draft-model | {v_med:.1f} |")
+    print(f"\ndraft ÷ no draft: {over_plain:.2f} (target ≥ 1.6); draft ÷ mlx_lm.server: {over_server:.2f} "
+          f"(target ≥ 1.1) (medians of the rounds' ratios)")
+    print(f"worker output with a draft identical to without and to mlx-lm's generate_step: {identical}; "
+          f"mlx_lm.server's text with its draft equal to mlx-lm's generate: on its first request {server_same[0]}, "
+          f"after {args.rounds} more with the same prompt (its prompt cache reused) {server_same[1]}")
+    print(f"acceptance: {usage.accepted_draft_tokens} of {usage.draft_tokens} proposed\n")
+    print("| num_draft_tokens | tok/s | ÷ no draft (run just before) |\n|---:|---:|---:|")
+    for kk, tps in sweep.items():
+        print(f"| {kk} | {tps:.1f} | {sweep_ratio[kk]:.2f} |")
+    print("\n| target | acceptance | tok/s with draft ÷ without |\n|---|---:|---:|")
+    for rate, speedup, name in accept:
+        print(f"| {name} | {rate:.2f} | {speedup:.2f} |")
+    report("speculative", {
+        "draft_over_plain": over_plain, "draft_over_server": over_server, "identical": identical,
+        "server_text_equal_first": server_same[0], "server_text_equal_repeated": server_same[1], "plain_tps": p_med, "draft_tps": s_med, "server_tps": v_med,
+        "sweep": sweep, "sweep_ratio": sweep_ratio, "acceptance": [{"target": nm, "rate": r, "speedup": sp} for r, sp, nm in accept],
+        "tokens": n, "num_draft_tokens": k, "blas": blas,
+    })
+    plot(sweep_ratio, accept, RESULTS / "speculative.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Speculative decoding: a draft model proposes tokens, the target verifies them.
+
+mlx-lm's ``speculative_generate_step`` is the engine; this module fits it
+into the worker's request lifecycle:
+
+- Prefill: the worker's own chunk loop runs both models (``Draft.prefill``)
+  so progress events and cancel between chunks work as without a draft;
+  the engine starts from the prompt's last token.
+- Cache: one list, target layers then draft layers (mlx-lm's layout), leased
+  from a prompt-cache store of the (target, draft) pair. At the end both
+  halves are cut to the same length: the tokens actually emitted (a stop on
+  the bonus token of a fully accepted round leaves the draft one short).
+- Sampling: the target's token at output position p is drawn with the key a
+  draftless run uses at p (the request's key chain), its processors see the
+  same context; mlx-lm emits the target's token at every position, so the
+  output equals the draftless run's (up to the rounding of verifying several
+  positions in one forward pass). The draft samples position p with the same
+  key, which keeps acceptance high under sampling too.
+- Constraints: the processor is applied to draft and verify logits; the
+  matcher follows the ``tokens`` each call shows (rolled back to them), so a
+  rejected draft token never stays in it.
+
+What can't be exact is refused: windowed (rotating) or untrimmable caches
+(mlx-lm's trim silently does nothing once a window wraps), vision input, a
+lazy tool-call grammar (it follows the tokens it is told of, not a rewind),
+and a draft whose vocabulary differs from the target's.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream, speculative_generate_step
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
+
+from . import errors, prompt_cache, sampling
+from .errors import WorkerError
+from .loaded import LoadedModel
+
+DEFAULT_NUM_DRAFT_TOKENS = 3  # mlx_lm.server's default
+
+
+def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> tuple[Optional[LoadedModel], int]:
+    """The draft a generate asks for (or its model's load default) and how
+    many tokens it drafts per step; (None, 0) without one."""
+    draft_id = params.draft_model_id
+    num = params.num_draft_tokens
+    field = "params.draft_model_id"
+    if draft_id is None:
+        draft_id = lm.load_options.get("draft_model_id")
+        if num is None:
+            num = lm.load_options.get("num_draft_tokens")
+    if draft_id is None:
+        if params.num_draft_tokens:
+            raise errors.invalid_params("params.num_draft_tokens", "num_draft_tokens needs a draft_model_id")
+        return None, 0
+    if num == 0:
+        return None, 0
+    return find(get, draft_id, field), num or DEFAULT_NUM_DRAFT_TOKENS
+
+
+def find(get: Callable[[str], LoadedModel], draft_id: str, field: str) -> LoadedModel:
+    try:
+        return get(draft_id)
+    except WorkerError as exc:
+        raise errors.invalid_params(field, f"draft model {draft_id!r} is not loaded") from exc
+
+
+def check_pair(lm: LoadedModel, draft: LoadedModel, field: str) -> None:
+    """Refuse a draft that can't give exactly the target's output."""
+    for which, m in (("model", lm), ("draft model", draft)):
+        if m.vision is not None:
+            raise errors.invalid_params(field, f"speculative decoding does not support vision models ({which} {m.model_id!r})")
+        if m.max_kv_size:
+            raise errors.invalid_params(
+                field, f"speculative decoding needs trimmable caches; the {which} {m.model_id!r} was loaded with "
+                "max_kv_size (a rotating window can't take back rejected draft tokens)")
+        cache = prompt_cache.make_cache(m)
+        if len(cache) != len(getattr(m.model, "layers", ())):  # mlx-lm splits the pair's cache by layer count
+            raise errors.invalid_params(field, f"speculative decoding does not support the {which} {m.model_id!r} "
+                                        "(its cache is not one entry per layer)")
+        kinds = {type(c).__name__ for c in cache if type(c) not in (KVCache, QuantizedKVCache)}
+        if kinds:
+            raise errors.invalid_params(
+                field, f"speculative decoding needs plain KV caches; the {which} {m.model_id!r} uses "
+                f"{', '.join(sorted(kinds))} (sliding windows and recurrent state can't take back rejected drafts)")
+    if not _same_vocabulary(lm, draft):
+        raise errors.invalid_params(
+            field, f"the draft model {draft.model_id!r} has a different tokenizer vocabulary than {lm.model_id!r}")
+
+
+def _same_vocabulary(lm: LoadedModel, draft: LoadedModel) -> bool:
+    """Token strings and ids compared one by one (sizes can match by chance);
+    remembered per pair of loaded models."""
+    if lm is draft:
+        return True
+    checked = _per_draft(lm, "draft_vocab_checked", draft)
+    if checked.get("same") is None:
+        checked["same"] = lm.hf_tokenizer.get_vocab() == draft.hf_tokenizer.get_vocab()
+    return checked["same"]
+
+
+def _per_draft(lm: LoadedModel, name: str, draft: LoadedModel) -> dict:
+    """What ``lm`` remembers about one loaded draft (forgotten when that
+    draft is unloaded and another loaded under its id)."""
+    table = lm.extra.setdefault(name, {})
+    held = table.get(draft.model_id)
+    if held is None or held[0]() is not draft:
+        held = table[draft.model_id] = (weakref.ref(draft), {})
+    return held[1]
+
+
+def _pair_store(lm: LoadedModel, draft: LoadedModel):
+    """The prompt-cache store of a (target, draft) pair: entries hold both
+    models' caches, so a hit continues both. Same limits as the target's own
+    store; none when the target's prompt cache is off."""
+    base = lm.prompt_cache
+    if base is None:
+        return None
+    held = _per_draft(lm, "draft_stores", draft)
+    if "store" not in held:
+        held["store"] = prompt_cache.PromptCacheStore(base.max_bytes, base.max_entries,
+                                                      lambda keep: new_cache(lm, draft))
+    return held["store"]
+
+
+def forget(gone: LoadedModel, others) -> None:
+    """An unloaded model's pair stores go with it, as a draft of the others
+    and as a target."""
+    for lm in [gone, *others]:
+        for name in ("draft_stores", "draft_vocab_checked"):
+            table = lm.extra.get(name, {})
+            for key in [k for k, (ref, _) in table.items() if lm is gone or ref() is gone]:
+                held = table.pop(key)[1]
+                if "store" in held:
+                    held["store"].clear()
+
+
+def new_cache(lm: LoadedModel, draft: LoadedModel) -> list:
+    return prompt_cache.make_cache(lm) + prompt_cache.make_cache(draft)
+
+
+class Draft:
+    """A request's draft: the model, its share of the cache, the counts."""
+
+    def __init__(self, lm: LoadedModel, draft: LoadedModel, num: int):
+        self.target = lm
+        self.lm = draft
+        self.num = num
+        self.n_target = len(lm.model.layers)
+        self.proposed = 0
+        self.accepted = 0
+
+    @classmethod
+    def for_request(cls, lm: LoadedModel, draft: LoadedModel, num: int, params, tool_processor) -> "Draft":
+        field = "params.draft_model_id"
+        check_pair(lm, draft, field)
+        if getattr(tool_processor, "observe", None) is not None:  # a lazy grammar, told of tokens as read
+            raise errors.invalid_params(
+                field, "speculative decoding with tools under a tool-call grammar is not supported; "
+                "send tool_choice \"none\" or no draft_model_id")
+        return cls(lm, draft, num)
+
+    @property
+    def store(self):
+        return _pair_store(self.target, self.lm)
+
+    def new_cache(self) -> list:
+        return new_cache(self.target, self.lm)
+
+    def prefill(self, tokens: mx.array, cache: list) -> None:
+        """The same prompt tokens through both models."""
+        self.target.model(tokens[None], cache=cache[: self.n_target])
+        self.lm.model(tokens[None], cache=cache[self.n_target :])
+
+    def group(self, gen) -> "SpeculativeGroup":
+        return SpeculativeGroup(gen, self)
+
+
+class _Phase:
+    """A model as mlx-lm's engine calls it, telling the sampler whose turn it is."""
+
+    def __init__(self, model, on_call: Callable[[], None]):
+        self.model = model
+        self.layers = model.layers
+        self.on_call = on_call
+
+    def __call__(self, *args, **kwargs):
+        self.on_call()
+        return self.model(*args, **kwargs)
+
+
+class _KeyedSampler:
+    """mlx-lm's sampler(logprobs) with the request's own keys: output
+    position p gets the key a draftless run uses at p."""
+
+    def __init__(self, gen):
+        self.gen = gen
+        self.keys: list[mx.array] = []
+        self.rows = 0  # positions sampled since the round's start or its verify call
+
+    def model_called(self) -> None:
+        self.rows = 0
+
+    def _key(self, p: int) -> mx.array:
+        gen = self.gen
+        while len(self.keys) <= p:
+            gen.key, sub = sampling.split_key(gen.key)
+            self.keys.append(sub)
+        return self.keys[p]
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        gen = self.gen
+        base = len(gen.fed_back) + self.rows
+        n = logprobs.shape[0]
+        self.rows += n
+        if gen.key is None and not self.keys:
+            return gen.sample_fn(logprobs, None)
+        return mx.concatenate([gen.sample_fn(logprobs[i : i + 1], self._key(base + i)) for i in range(n)])
+
+
+class SpeculativeGroup:
+    """One request decoding with a draft: a decode group of its own. Each
+    step is one speculative round (draft, verify, the accepted tokens)."""
+
+    batchable = False
+
+    def __init__(self, gen, draft: Draft):
+        self.gen = gen
+        self.draft = draft
+        self.rows = [gen]
+        self._it = None
+        self._round_start = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _engine(self):
+        gen, draft = self.gen, self.draft
+        sampler = _KeyedSampler(gen)
+        # Draft positions run on across a round's draft steps; the verify
+        # call starts again at the round's first position.
+        target = _Phase(gen.lm.model, sampler.model_called)
+        drafter = draft.lm.model
+        self._sampler = sampler
+        processors = sampling.with_prefix(gen.processors, gen.prompt.tokens[gen.cached : -1])
+        last, _ = gen.last_input()
+        return speculative_generate_step(
+            last, target, drafter, generation_stream,
+            num_draft_tokens=draft.num, max_tokens=gen.max_tokens, sampler=sampler,
+            logits_processors=processors or None, prompt_cache=gen.cache,
+        )
+
+    def step(self) -> list:
+        gen, draft = self.gen, self.draft
+        try:
+            if self._it is None:
+                reason = gen.accept(0, None)  # the prompt's last token: fed by the first round
+                if reason is not None:
+                    return self._end(reason)
+                self._it = self._engine()
+            while True:
+                if self._round_start:
+                    draft.proposed += min(gen.max_tokens - len(gen.fed_back), draft.num)
+                    self._sampler.rows = 0
+                    self._round_start = False
+                try:
+                    token, logprobs, from_draft = next(self._it)
+                except StopIteration:
+                    return self._end("max_tokens")
+                if from_draft:
+                    draft.accepted += 1
+                else:
+                    self._round_start = True
+                reason = gen.accept(int(token), logprobs if gen.want_logprobs else None)
+                if reason is not None:
+                    return self._end(reason)
+                if not from_draft:
+                    return []
+        except BaseException as exc:
+            self._close()
+            self.rows = []
+            return [(gen, exc, None)]
+
+    def _close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # the engine's own rewind runs
+            self._it = None
+
+    def _end(self, reason: str) -> list:
+        """Both halves of the cache cut to the tokens emitted (all but the
+        last sampled one, as a draftless run leaves it), never past what
+        either holds correctly."""
+        gen, n = self.gen, self.draft.n_target
+        cache = gen.cache
+        halves = (cache[:n], cache[n:])
+        before = [prompt_cache.cache_offset(h) for h in halves]
+        self._close()
+        after = [prompt_cache.cache_offset(h) for h in halves]
+        keep = min([gen.n_prompt - 1 + len(gen.fed_back)] + before + after)
+        for half, off in zip(halves, after):
+            if off > keep:
+                trim_prompt_cache(half, off - keep)
+        mx.eval([c.state for c in cache])
+        self.rows = []
+        return [(gen, reason, cache)]
