@@ -59,6 +59,7 @@ class LoadedModel:
             memory_bytes=self.memory_bytes,
             prompt_cache=cache,
             memory_limit=self.memory_limit,
+            parallel=self.extra.get("parallel"),
         )
 
 

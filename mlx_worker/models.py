@@ -86,6 +86,8 @@ class ModelRegistry:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
+        if params.parallel is not None:
+            _check_parallel(params, config)
         memory_budget.admit_load(path, params.memory_limit)
         if should_stop():
             raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the model was not loaded")
@@ -94,7 +96,11 @@ class ModelRegistry:
 
         before = mx.get_active_memory()
         try:
-            if "vision_config" in config:
+            if params.parallel is not None:
+                from .distributed import load as distributed  # late: only distributed loads start ranks
+
+                loaded = distributed.load(path, config, params, model_id)
+            elif "vision_config" in config:
                 loaded = load_vision_model(path, config, params)
             else:
                 loaded = _load_text_model(path, config, params)
@@ -126,15 +132,33 @@ class ModelRegistry:
         log.info("loaded %s (%s) in %.0f ms", model_id, loaded.kind, elapsed)
         return _load_result(loaded, elapsed)
 
+    def failed_distributed(self) -> list[str]:
+        """Distributed models whose group failed: to be unloaded."""
+        return [mid for mid, m in self._models.items()
+                if "parallel" in m.extra and m.model._ring.failure is not None]
+
     def unload(self, model_id: Optional[str]) -> protocol.UnloadResult:
         model = self.get(model_id)
         unloaded_id = model.model_id
         del self._models[unloaded_id]
         if model.prompt_cache is not None:
             model.prompt_cache.clear()
+        if "parallel" in model.extra:
+            from .distributed.load import release
+
+            release(model)
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
+
+
+def _check_parallel(params: protocol.LoadParams, config: dict) -> None:
+    parallel = params.parallel
+    if (parallel.ranks is None) == (parallel.hosts is None):
+        raise errors.invalid_params("params.parallel", "give either ranks (processes on this machine) or hosts")
+    from .distributed.load import check
+
+    check(params, config)
 
 
 def _load_options(params: protocol.LoadParams) -> dict:
@@ -210,6 +234,7 @@ def _load_failure(path: Path, config: dict, exc: BaseException) -> WorkerError:
 
 def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False) -> protocol.LoadResult:
     return protocol.LoadResult(
+        parallel=m.extra.get("parallel"),
         model_id=m.model_id,
         kind=m.kind,
         context_length=m.context_length,

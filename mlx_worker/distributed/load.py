@@ -1,0 +1,87 @@
+"""``load {parallel}``: a text model sharded over this worker's ranks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .. import errors, protocol
+from ..errors import WorkerError
+from ..loaded import LoadedModel, new_loaded_model
+from . import ring as rings
+from .mirror import DistributedModel
+
+log = logging.getLogger("mlx_worker.distributed")
+
+LOAD_TIMEOUT_S = 600.0
+
+
+def check(params: protocol.LoadParams, config: dict) -> None:
+    """What a distributed load can't do, refused before any process starts."""
+    if "vision_config" in config:
+        raise errors.invalid_params("params.parallel", "distributed loads are for text models only")
+    if params.max_kv_size is not None:
+        raise errors.invalid_params("params.max_kv_size", "a rotating KV cache is not supported on a distributed model")
+
+
+def load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> LoadedModel:
+    from mlx_lm.utils import sharded_load
+
+    parallel = params.parallel
+    size = len(parallel.hosts) if parallel.hosts else parallel.ranks
+    ring = rings.ensure(size, list(parallel.hosts or []), parallel.backend, parallel.timeout_s)
+    group = ring.group
+    op = {"op": "load", "model": model_id, "path": str(path), "mode": parallel.mode,
+          "trust_remote_code": params.trust_remote_code}
+    ring.send(op)
+    pipeline = parallel.mode == "pipeline"
+    try:
+        model, tokenizer = sharded_load(str(path), pipeline_group=group if pipeline else None,
+                                        tensor_group=None if pipeline else group,
+                                        tokenizer_config={"trust_remote_code": params.trust_remote_code},
+                                        trust_remote_code=params.trust_remote_code)
+    except RuntimeError as exc:
+        ring.check()
+        raise ring.fail(f"rank 0 load: {exc}") from None
+    except Exception as exc:  # the followers fail the same way and exit: the group is gone
+        ring.fail(f"rank 0 could not load the model: {type(exc).__name__}: {exc}")
+        raise WorkerError(errors.LOAD_FAILED, f"could not load {path} {parallel.mode}-parallel: "
+                          f"{type(exc).__name__}: {exc}", {"path": str(path), "field": "params.parallel"}) from None
+    replies = _replies(ring)
+    if params.chat_template is not None:
+        tokenizer._tokenizer.chat_template = params.chat_template
+    from ..markers import extend_thinking
+
+    extend_thinking(tokenizer)
+    wrapped = DistributedModel(ring, model_id, model, len(model.layers))
+    loaded = new_loaded_model(path, "text", wrapped, tokenizer, config)
+    loaded.extra["parallel"] = protocol.ParallelStatus(
+        mode=parallel.mode, backend=ring.backend, ranks=ring.size, pids=ring.describe()["pids"],
+        layers=[len(model.layers)] + [r.get("layers", 0) for r in replies])
+    return loaded
+
+
+def _replies(ring) -> list[dict]:
+    """Each follower's load reply (sent after its sharded_load returned)."""
+    replies = []
+    for f in ring.followers:
+        reply = f.replies.get(timeout=LOAD_TIMEOUT_S)
+        if reply is None or not reply.get("ok"):
+            raise ring.fail(f"rank {f.rank} could not load the model: {reply and reply.get('error')}")
+        replies.append(reply)
+    return replies
+
+
+def release(loaded: LoadedModel) -> None:
+    model = loaded.model
+    if isinstance(model, DistributedModel):
+        model.release()
+
+
+def capabilities() -> protocol.DistributedCapabilities:
+    ring = rings.current()
+    return protocol.DistributedCapabilities(
+        backends=list(rings.BACKENDS),
+        ranks=ring.size if ring is not None else None,
+        failure=ring.failure if ring is not None else None,
+    )
