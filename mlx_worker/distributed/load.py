@@ -41,8 +41,7 @@ def load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -
                                         tokenizer_config={"trust_remote_code": params.trust_remote_code},
                                         trust_remote_code=params.trust_remote_code)
     except RuntimeError as exc:
-        ring.check()
-        raise ring.fail(f"rank 0 load: {exc}") from None
+        raise ring.lost(exc) from None
     except Exception as exc:  # the followers fail the same way and exit: the group is gone
         ring.fail(f"rank 0 could not load the model: {type(exc).__name__}: {exc}")
         raise WorkerError(errors.LOAD_FAILED, f"could not load {path} {parallel.mode}-parallel: "

@@ -78,8 +78,7 @@ class DistributedModel:
             out = self._inner(inputs, cache=cache)
             mx.eval(out)
         except RuntimeError as exc:  # a collective whose peer is gone
-            self._ring.check()
-            raise self._ring.fail(f"rank 0: {exc}") from None
+            raise self._ring.lost(exc) from None
         self._ring.check()
         return out
 

@@ -178,6 +178,17 @@ class Ring:
         return RingFailed(errors.GENERATION_FAILED, f"the distributed group failed: {self.failure}",
                           {"ranks": self.size})
 
+    def lost(self, exc: BaseException, wait_s: float = 1.0) -> RingFailed:
+        """Rank 0's collective failed: name the rank behind it (one that
+        exited or closed its pipe, when it shows within ``wait_s``)."""
+        deadline = time.monotonic() + wait_s
+        while self.failure is None and time.monotonic() < deadline:
+            for f in self.followers:
+                if f.proc.poll() is not None:
+                    return self.fail(self._exit_reason(f))
+            time.sleep(0.02)
+        return self.fail(f"rank 0: {exc}")
+
     def _exit_reason(self, f: Follower) -> str:
         code = f.proc.poll()
         if code is None:
