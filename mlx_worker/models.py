@@ -87,7 +87,7 @@ class ModelRegistry:
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         if params.parallel is not None:
-            _check_parallel(params, config)
+            _check_parallel(path, params, config)
         memory_budget.admit_load(path, params.memory_limit)
         if should_stop():
             raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the model was not loaded")
@@ -152,13 +152,13 @@ class ModelRegistry:
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
 
 
-def _check_parallel(params: protocol.LoadParams, config: dict) -> None:
+def _check_parallel(path: Path, params: protocol.LoadParams, config: dict) -> None:
     parallel = params.parallel
     if (parallel.ranks is None) == (parallel.hosts is None):
         raise errors.invalid_params("params.parallel", "give either ranks (processes on this machine) or hosts")
     from .distributed.load import check
 
-    check(params, config)
+    check(path, params, config)
 
 
 def _load_options(params: protocol.LoadParams) -> dict:

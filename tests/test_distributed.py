@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -142,7 +143,11 @@ def test_bad_parallel_params_are_refused_by_field(tp, tiny_model):
                             ({"mode": "tensor", "ranks": 2, "hosts": ["127.0.0.1:1", "127.0.0.1:2"]}, "params.parallel"),
                             ({"mode": "diagonal", "ranks": 2}, "params.parallel.mode"),
                             ({"mode": "tensor", "ranks": 1}, "params.parallel.ranks"),
-                            ({"mode": "tensor", "ranks": 3}, "params.parallel")):  # this worker's group has 2
+                            ({"mode": "tensor", "ranks": 3}, "params.parallel.ranks"),  # 4 heads
+                            ({"mode": "tensor", "ranks": 4}, "params.parallel.ranks"),  # 2 KV heads
+                            # This worker's group is 2 local ranks: another group can't be set up.
+                            ({"mode": "tensor", "hosts": ["127.0.0.1:1", "127.0.0.1:2"]}, "params.parallel"),
+                            ({"mode": "pipeline", "ranks": 2}, "params.parallel.mode")):  # llama: no pipeline
         with pytest.raises(RpcError) as exc:
             tp.load(tiny_model, model_id="bad", parallel=parallel)
         assert exc.value.code == -32602 and exc.value.data["field"] == field, parallel
@@ -225,8 +230,16 @@ def test_followers_exit_when_rank_0_is_killed(tiny_model):
 
 @pytest.mark.heavy
 def test_shutdown_stops_every_rank(tiny_model):
+    """With a host list (the multi-machine form; loopback here: rank 1 is started locally)."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
     w = spawn()
-    pids = w.load(tiny_model, model_id="tp", parallel=TP).parallel.pids
+    hosts = [f"127.0.0.1:{p}" for p in ports]
+    pids = w.load(tiny_model, model_id="tp", parallel={"mode": "tensor", "hosts": hosts}).parallel.pids
+    assert w.status().models[0].parallel.ranks == 2
     stream, _ = _generate_until_tokens(w, "tp", 2)
     w.call("shutdown", {})
     assert exited_within(w.proc, 5) is not None

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import errors, protocol
 from ..errors import WorkerError
 from ..loaded import LoadedModel, new_loaded_model
+from ..model_checks import text_config
 from . import ring as rings
 from .mirror import DistributedModel
 
@@ -16,12 +17,41 @@ log = logging.getLogger("mlx_worker.distributed")
 LOAD_TIMEOUT_S = 600.0
 
 
-def check(params: protocol.LoadParams, config: dict) -> None:
-    """What a distributed load can't do, refused before any process starts."""
+def check(path: Path, params: protocol.LoadParams, config: dict) -> None:
+    """What a distributed load can't do, refused before any process starts
+    (a failed sharded load would end the worker's one group)."""
+    parallel = params.parallel
     if "vision_config" in config:
         raise errors.invalid_params("params.parallel", "distributed loads are for text models only")
     if params.max_kv_size is not None:
         raise errors.invalid_params("params.max_kv_size", "a rotating KV cache is not supported on a distributed model")
+    size = len(parallel.hosts) if parallel.hosts else parallel.ranks
+    where = "params.parallel.hosts" if parallel.hosts else "params.parallel.ranks"
+    cfg = text_config(config)
+    if parallel.mode == "tensor":
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            value = cfg.get(key)
+            if isinstance(value, int) and value % size:
+                raise errors.invalid_params(where, f"tensor parallel splits attention heads: {key} ({value}) "
+                                                   f"does not divide by {size} ranks")
+    else:
+        if not (path / "model.safetensors.index.json").is_file():
+            raise errors.invalid_params("params.parallel.mode", "pipeline parallel reads model.safetensors.index.json "
+                                                                "to give each rank its layers; the folder has none")
+        layers = cfg.get("num_hidden_layers")
+        if isinstance(layers, int) and layers < size:
+            raise errors.invalid_params(where, f"the model has {layers} layers, fewer than {size} ranks")
+    from mlx_lm.utils import load_model
+
+    try:
+        model, _ = load_model(path, lazy=True, strict=False, trust_remote_code=params.trust_remote_code)
+    except Exception as exc:
+        raise WorkerError(errors.LOAD_FAILED, f"could not load {path}: {type(exc).__name__}: {exc}",
+                          {"path": str(path)}) from None
+    supported = hasattr(model, "shard") if parallel.mode == "tensor" else hasattr(getattr(model, "model", None), "pipeline")
+    if not supported:
+        raise errors.invalid_params("params.parallel.mode", f"mlx-lm's {config.get('model_type')!r} model has no "
+                                                            f"{parallel.mode} parallel sharding")
 
 
 def load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> LoadedModel:

@@ -37,6 +37,7 @@ log = logging.getLogger("mlx_worker.distributed")
 
 BACKENDS = ["ring"]  # what this build can start (JACCL and MPI need hosts set up by the user)
 HEARTBEAT_S = 0.2
+INIT_TIMEOUT_S = 120.0  # followers start (import MLX, ssh) and connect
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
@@ -108,10 +109,27 @@ class Ring:
         threading.Thread(target=self._watch, name="ring-watchdog", daemon=True).start()
         os.environ["MLX_RANK"] = "0"
         os.environ["MLX_HOSTFILE"] = hostfile
-        try:
-            self.group = mx.distributed.init(strict=True, backend=self.backend)
-        except RuntimeError as exc:
-            raise self.fail(f"the group could not be set up: {exc}") from None
+        # init blocks until every rank has connected, forever if one never
+        # does: it runs on a thread of its own, so the compute thread can
+        # give up (a follower that exited, or the deadline).
+        outcome: list = []
+
+        def init() -> None:
+            try:
+                outcome.append(mx.distributed.init(strict=True, backend=self.backend))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        threading.Thread(target=init, name="ring-init", daemon=True).start()
+        deadline = time.monotonic() + INIT_TIMEOUT_S
+        while not outcome:
+            self.check()
+            if time.monotonic() > deadline:
+                raise self.fail(f"the ranks did not connect within {INIT_TIMEOUT_S:.0f} s")
+            time.sleep(0.02)
+        if isinstance(outcome[0], BaseException):
+            raise self.fail(f"the group could not be set up: {outcome[0]}")
+        self.group = outcome[0]
         self.check()
         if self.group.size() != self.size:
             raise self.fail(f"the group has {self.group.size()} ranks, not {self.size}")
