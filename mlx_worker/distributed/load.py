@@ -25,6 +25,8 @@ def check(path: Path, params: protocol.LoadParams, config: dict) -> None:
         raise errors.invalid_params("params.parallel", "distributed loads are for text models only")
     if params.max_kv_size is not None:
         raise errors.invalid_params("params.max_kv_size", "a rotating KV cache is not supported on a distributed model")
+    if getattr(params, "kv_bits", None) is not None:
+        raise errors.invalid_params("params.kv_bits", "a quantized KV cache is not supported on a distributed model")
     size = len(parallel.hosts) if parallel.hosts else parallel.ranks
     where = "params.parallel.hosts" if parallel.hosts else "params.parallel.ranks"
     cfg = text_config(config)
