@@ -63,6 +63,14 @@ def test_load_reports_ranks_in_load_status_and_capabilities(tp):
     assert "ring" in tp.ready.capabilities.distributed.backends
 
 
+def test_followers_never_hold_the_hosts_stdout(tp):
+    host_stdout = f"pipe:[{os.fstat(tp.proc.stdout.fileno()).st_ino}]"
+    follower = tp.tp_pids[1]
+    fds = [os.readlink(f"/proc/{follower}/fd/{fd}") for fd in os.listdir(f"/proc/{follower}/fd")
+           if os.path.exists(f"/proc/{follower}/fd/{fd}")]
+    assert fds and host_stdout not in fds
+
+
 def test_greedy_seeded_text_and_logprobs_equal_one_process(tp):
     stream, one = _both(tp, prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True, top_logprobs=3)
     two = stream.result
