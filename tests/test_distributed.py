@@ -168,6 +168,19 @@ def test_bad_parallel_params_are_refused_by_field(tp, tiny_model):
     assert tp.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
 
 
+def test_unload_then_load_again_on_the_same_group(tp, tiny_model):
+    """Runs last on this worker: the followers outlive an unload (MLX's group
+    is set up once per process) and load the next distributed model."""
+    tp.call("unload", {"model_id": "tp"})
+    assert [m.model_id for m in tp.status().models] == ["one"]
+    assert not pid_gone(tp.tp_pids[1])
+    again = tp.load(tiny_model, model_id="tp2", parallel=TP)
+    assert again.parallel.pids == tp.tp_pids
+    a = tp.generate(model_id="tp2", prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True).wait()
+    b = tp.generate(model_id="one", prompt=PROMPT, max_tokens=12, temperature=0, ignore_eos=True).wait()
+    assert a.tokens == b.tokens
+
+
 @pytest.mark.heavy
 def test_pipeline_parallel_equals_one_process():
     from fixtures.build import ensure_model
