@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 from pathlib import Path
 
 from .. import errors, protocol
@@ -57,6 +58,14 @@ def check(path: Path, params: protocol.LoadParams, config: dict) -> None:
 
 
 def load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> LoadedModel:
+    try:
+        return _load(path, config, params, model_id)
+    except rings.RingFailed as exc:  # a load error, with the group's reason
+        raise WorkerError(errors.LOAD_FAILED, f"could not load {path}: {exc.message}",
+                          {"path": str(path), "field": "params.parallel", **(exc.data or {})}) from None
+
+
+def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> LoadedModel:
     from mlx_lm.utils import sharded_load
 
     parallel = params.parallel
@@ -93,10 +102,14 @@ def load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -
 
 
 def _replies(ring) -> list[dict]:
-    """Each follower's load reply (sent after its sharded_load returned)."""
+    """Each follower's load reply (sent after its sharded_load returned: by
+    then rank 0's own load, which ends in a collective with them, is done)."""
     replies = []
     for f in ring.followers:
-        reply = f.replies.get(timeout=LOAD_TIMEOUT_S)
+        try:
+            reply = f.replies.get(timeout=LOAD_TIMEOUT_S)
+        except queue.Empty:
+            reply = {"error": f"no reply within {LOAD_TIMEOUT_S:.0f} s"}
         if reply is None or not reply.get("ok"):
             raise ring.fail(f"rank {f.rank} could not load the model: {reply and reply.get('error')}")
         replies.append(reply)

@@ -101,8 +101,7 @@ class Ring:
                 hosts_json = json.dumps([[a] for a in addresses])
                 cmd = ["ssh", host, f"f=$(mktemp) && echo '{hosts_json}' > $f && MLX_RANK={rank} "
                                     f"MLX_HOSTFILE=$f exec {' '.join(cmd)}"]
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                    start_new_session=False)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             follower = Follower(rank, proc)
             self.followers.append(follower)
             threading.Thread(target=follower.read, name=f"rank{rank}-reader", daemon=True).start()
@@ -159,25 +158,6 @@ class Ring:
                     f.proc.stdin.flush()
                 except (BrokenPipeError, OSError, ValueError):
                     raise self.fail(f"rank {f.rank} stopped reading its operations") from None
-
-    def ask(self, op: dict, timeout_s: float) -> list[dict]:
-        """An operation every follower answers (a load): their replies."""
-        self.send(op)
-        replies = []
-        for f in self.followers:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                self.check()
-                try:
-                    reply = f.replies.get(timeout=0.1)
-                    break
-                except queue.Empty:
-                    if time.monotonic() > deadline:
-                        raise self.fail(f"rank {f.rank} did not answer {op['op']} within {timeout_s:.0f} s")
-            if reply is None:
-                raise self.fail(self._exit_reason(f))
-            replies.append(reply)
-        return replies
 
     # ------------------------------------------------------------ faults
 
