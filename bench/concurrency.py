@@ -201,7 +201,6 @@ def plot(r: dict, path) -> None:
                 pts.append((x, y))
                 d.text((x + 3, y - 12), f"{r[s]['curve'][n][key] * scale:.0f}", fill=c)
             d.line(pts, fill=c, width=2)
-        d.text((x0, y0 + H - 20), "  ".join(f"{s}" for s in colours), fill="black")
         d.text((x0, y0 + H - 8), "green: worker, red: mlx_lm.server", fill="black")
     img.save(path)
 

@@ -33,6 +33,8 @@ RUNS = [
     ("vision.py", [], ["--rounds", "5"]),
     ("tools.py", [], ["--rounds", "4"]),
     ("soak.py", [], ["--requests", "200", "--warmup", "50"]),
+    ("kv_quant.py", [], ["--prompts", "1"]),
+    ("load.py", [], ["--rounds", "9"]),
     ("concurrency.py", [], ["--rounds", "1", "--curve", "1,8,16"]),
     ("distributed.py", [], ["--rounds", "2", "--tokens", "32", "--prompt", "256"]),
 ]
@@ -65,6 +67,12 @@ METRICS = [
     ("distributed", "pipeline_ttft_ratio", "TTFT: 2 ranks ÷ 1 process, pipeline", None, "lower", "{:.2f}"),
     ("concurrency", "single_vs_inprocess", "one stream: worker ÷ in-process mlx-lm", 0.98, "higher", "{:.3f}"),
     ("soak", "rss_growth", "soak: RSS growth after warm-up", 0.05, "lower", "{:+.2%}"),
+    ("kv_quant", "q8_ratio", "KV bytes/token: kv_bits 8 ÷ none", None, "lower", "{:.3f}"),
+    ("kv_quant", "q4_ratio", "KV bytes/token: kv_bits 4 ÷ none", None, "lower", "{:.3f}"),
+    ("kv_quant", "q8_agreement", "greedy tokens equal: kv_bits 8 vs none", None, "higher", "{:.1%}"),
+    ("kv_quant", "q4_agreement", "greedy tokens equal: kv_bits 4 vs none", None, "higher", "{:.1%}"),
+    ("load", "first_progress_ms", "load: first load_progress (ms)", None, "lower", "{:.2f}"),
+    ("load", "load_vs_mlx_lm", "load wall time: worker ÷ mlx_lm.load", 1.05, "lower", "{:.3f}"),
 ]
 
 

@@ -160,7 +160,6 @@ def prefill_together(model, gens: list[Generation], n: int) -> None:
         mx.eval([c.state for c in cache])
     for i, (g, k) in enumerate(zip(gens, lengths)):
         g.prefilled(k, [c.extract(i) for c in cache])
-    mx.clear_cache()
 
 
 def _plain(layer: BatchKVCache, i: int) -> KVCache:

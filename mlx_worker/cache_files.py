@@ -105,6 +105,7 @@ def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveRes
         "step": "" if entry.step is None else str(entry.step),
         "keep": str(entry.keep),
         "max_kv_size": "" if not lm.max_kv_size else str(lm.max_kv_size),
+        **_kv_meta(lm),
     }
     from mlx_lm.models.cache import save_prompt_cache
 
@@ -184,6 +185,9 @@ def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
             f"saved for another model ({meta.get('model_path')}); this is {lm.path}: "
             f"{', '.join(differs)} differ",
         )
+    kv_file, kv_model = {k: meta.get(k, "") for k in ("kv_bits", "kv_group_size")}, _kv_meta(lm)
+    if kv_file != kv_model:
+        raise _invalid(path, f"its KV cache is {_kv_words(kv_file)}; this model was loaded with {_kv_words(kv_model)}")
     key = _decode_key(path, meta.get("key"), lm.vocab_size)
     keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
     problem = _layout_problem(lm, cache, keep, len(key))
@@ -241,7 +245,21 @@ def _layout_problem(lm, cache: list, keep: int, n_tokens: int) -> Optional[str]:
 
 def _describe(c) -> str:
     size = getattr(c, "max_size", None)
+    if size is None and hasattr(c, "bits"):  # QuantizedKVCache
+        size = f"{c.bits} bits, group {c.group_size}"
     return type(c).__name__ + (f"({size})" if size is not None else "")
+
+
+def _kv_meta(lm) -> dict[str, str]:
+    """What a file records of the KV quantization ("" for none)."""
+    q = lm.kv_quant
+    return {"kv_bits": "" if q is None else str(q.bits), "kv_group_size": "" if q is None else str(q.group_size)}
+
+
+def _kv_words(meta: dict) -> str:
+    if not meta["kv_bits"]:
+        return "not quantized (no kv_bits)"
+    return f"quantized (kv_bits {meta['kv_bits']}, kv_group_size {meta['kv_group_size']})"
 
 
 def _int_or(raw, default):

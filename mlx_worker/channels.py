@@ -9,6 +9,12 @@ whose calls have no end marker (Mistral's ``[TOOL_CALLS]``) starts a new call
 at each start marker, so every call has its own text; and a stray marker (a
 ``</think>`` with no block open) is a marker too, never channel text.
 
+A tool call opens only where the model wrote the start marker's token, and
+closes only at the end marker's token: the same text spelled in ordinary
+tokens (``<tool_cal`` + ``l>``) is text of the channel it is in. The tool
+grammar and ``tool_choice: "none"`` act on those tokens, so a spelled marker
+must not open a call that skipped them, nor close one inside its arguments.
+
 The state machine strips markers; they are put back here as "marker" pieces
 so that every piece of text is accounted for: the concatenation of all
 pieces is the raw text, and the pieces of one channel concatenate to that
@@ -92,17 +98,22 @@ class ChannelSplitter:
     machine: TextStateMachine
     edges: dict
     state: tuple
-    ends_without_marker: bool  # a call ends only where the output ends
+    call_markers: dict = field(default_factory=dict)  # call start/end marker -> its token (one-token markers)
     calls: list = field(default_factory=list)
     texts: dict = field(default_factory=lambda: {"content": "", "reasoning": ""})
+    _marker_tokens_seen: dict = field(default_factory=dict)  # marker -> its tokens whose text is still to come
 
     @classmethod
     def for_model(cls, tokenizer, prompt_tokens: Sequence[int]) -> "ChannelSplitter":
         transitions = transitions_for(tokenizer)
         machine = TextStateMachine(transitions or None)
-        ends_without = bool(getattr(tokenizer, "has_tool_calling", False) and not tokenizer.tool_call_end)
         initial = initial_state(tokenizer, prompt_tokens)
-        splitter = cls(machine, transitions, machine.make_state(initial), ends_without)
+        splitter = cls(machine, transitions, machine.make_state(initial))
+        if getattr(tokenizer, "has_tool_calling", False):
+            for text, ids in ((tokenizer.tool_call_start, tokenizer.tool_call_start_tokens),
+                              (tokenizer.tool_call_end, getattr(tokenizer, "tool_call_end_tokens", None))):
+                if text and ids is not None and len(ids) == 1:
+                    splitter.call_markers[text] = ids[0]
         if initial == "tool":
             splitter.calls.append(CallText())
         return splitter
@@ -120,14 +131,20 @@ class ChannelSplitter:
         call = len(self.calls) - 1 if self.in_call and self.calls else None
         return Piece(self.channel, "", call)
 
-    def push(self, text: str) -> list[Piece]:
-        """Label a chunk of text; text that may be the start of a marker is
-        held until it is known."""
+    def push(self, text: str, token: Optional[int] = None) -> list[Piece]:
+        """Label the text of ``token`` (None: text released at the end);
+        text that may be the start of a marker is held until it is known."""
+        for marker, marker_token in self.call_markers.items():
+            if token == marker_token:
+                self._marker_tokens_seen[marker] = self._marker_tokens_seen.get(marker, 0) + 1
         if not text:
             return []
         raw = self.state[3] + text
         self.state, segments = TextStateMachine.split(self.state, text)
-        return self._pieces(raw, segments)
+        out = self._pieces(raw, segments)
+        if not self.state[3]:  # all text out: a marker token not matched by now never will be
+            self._marker_tokens_seen.clear()
+        return out
 
     def finish(self) -> list[Piece]:
         """Release held text (the output is over)."""
@@ -148,6 +165,16 @@ class ChannelSplitter:
                     key=len,
                     default="",
                 )
+                if "tool" in (name, nxt) and marker in self.call_markers:
+                    if not self._marker_tokens_seen.get(marker):
+                        # Spelled in ordinary tokens: text of this state; the
+                        # rest of the chunk is split again from here.
+                        out.append(self._piece(name, marker))
+                        self.state = self.machine.make_state(name)
+                        rest = raw[pos + len(marker):]
+                        self.state, segments = TextStateMachine.split(self.state, rest)
+                        return out + self._pieces(rest, segments)
+                    self._marker_tokens_seen[marker] -= 1
                 pos += len(marker)
                 if name == "tool" and self.calls:
                     self.calls[-1].closed = True

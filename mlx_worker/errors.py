@@ -23,6 +23,7 @@ IMAGE_INVALID = -32008
 CACHE_FILE_INVALID = -32009
 SHUTTING_DOWN = -32010
 GENERATION_FAILED = -32011
+CANCELLED = -32012
 
 CODES = {
     PARSE_ERROR: "parse error: the line is not valid JSON (or not UTF-8)",
@@ -42,6 +43,7 @@ CODES = {
     CACHE_FILE_INVALID: "a prompt cache file is missing, corrupt or from another model",
     SHUTTING_DOWN: "the worker is shutting down",
     GENERATION_FAILED: "generation failed inside MLX",
+    CANCELLED: "the request was cancelled (a cancelled load: nothing of it stays loaded)",
 }
 
 

@@ -97,7 +97,11 @@ class Generation:
         self.constraint = _compile_constraint(lm, params)
         if self.constraint is not None:
             self.processors = self.processors + [self.constraint.processor()]
-        tool_processor = tool_grammar.processor_for(lm, params)
+        # A run that samples nothing (max_tokens 0: cache_save, cache warming)
+        # needs no tool processor: the tools only shape the prompt. Malformed
+        # tool params are still named.
+        tool_grammar.chosen_tools(params)
+        tool_processor = tool_grammar.processor_for(lm, params) if self.max_tokens > 0 else None
         if tool_processor is not None:
             self.processors = self.processors + [tool_processor]
         # The lazy tool grammar follows the tokens as they are read.
@@ -108,9 +112,10 @@ class Generation:
         self.stream = TextStream(lm.decode, self.prompt.tokens, sampling.stop_strings(params))
         self.channels = ChannelSplitter.for_model(lm.tokenizer, self.prompt.tokens)
         self.stop_ids = set(params.stop_token_ids)
-        # Under a constraint (or a tool grammar) EOS is allowed only once it is
-        # complete, and it ends the output: ignore_eos does not apply.
-        constrained = self.constraint is not None or tool_processor is not None
+        # Under a constraint (or a call grammar) EOS is allowed only once it is
+        # complete, and it ends the output: ignore_eos does not apply. ("none"
+        # only bans the start marker: not a grammar.)
+        constrained = self.constraint is not None or tool_grammar.is_call_grammar(tool_processor)
         self.eos_ids = set() if params.ignore_eos and not constrained else set(lm.eos_token_ids)
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
@@ -159,8 +164,11 @@ class Generation:
         """Prompt tokens left before the last one (which the first decode step feeds)."""
         return self.n_prompt - 1 - self.processed
 
-    def prefill(self, n: int) -> None:
-        """Process the next ``n`` prompt tokens (never the last one)."""
+    def prefill(self, n: int, clear_cache: bool = True) -> None:
+        """Process the next ``n`` prompt tokens (never the last one).
+        ``clear_cache``: free MLX's buffer cache after the chunk, as mlx-lm
+        does; not while other streams decode (their next step would have to
+        allocate its buffers afresh)."""
         n = min(n, self.to_prefill)
         if n <= 0:
             return
@@ -176,7 +184,8 @@ class Generation:
         if self.lease is not None:
             self.lease.progress(self.cache, self.processed)
         self._progress(self.processed)
-        mx.clear_cache()
+        if clear_cache:
+            mx.clear_cache()
 
     def pending_tokens(self, n: int) -> list[int]:
         """The next ``n`` prompt tokens to prefill (never the last one)."""
@@ -244,7 +253,7 @@ class Generation:
         text = self.stream.push(token)
         self.text_parts.append(text)
         logprob = [_logprob(token, logprobs, self.params.top_logprobs)] if self.want_logprobs else protocol.UNSET
-        self._send_pieces(self.channels.push(text), [token], logprob)
+        self._send_pieces(self.channels.push(text, token), [token], logprob)
         if self.stream.stopped:
             return "stop_string"
         if len(self.fed_back) >= self.max_tokens:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import errors, generation, protocol
+from . import cache_files, errors, generation, protocol
 from .errors import WorkerError
 from .jobs import Job, JobTable
+from .loading import LoadCancelled, LoadProgress
 from .models import ModelRegistry
 from .prompt import check_token_ids, tokenize
 from .scheduler import Scheduler, run_alone
@@ -97,7 +98,24 @@ class Handlers:
         self.table.finish_generate(gen.job, outcome)
 
     def load(self, job: Job) -> protocol.LoadResult:
-        return self.models.load(job.params, should_stop=job.should_stop)
+        progress = LoadProgress(
+            request_id=job.id,
+            on_progress=lambda e: self.table.notify(job, "load_progress", e),
+            should_stop=job.should_stop,
+        )
+        try:
+            result = self.models.load(job.params, progress)
+            # A cancel that answered true after the last group still wins:
+            # the model goes again, and the load answers as cancelled.
+            if self.table.close_cancel(job):
+                if not result.already_loaded:
+                    self.models.unload(result.model_id)
+                raise LoadCancelled()
+        except LoadCancelled:
+            if self.table.stopping:
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the load was stopped") from None
+            raise
+        return result
 
     def unload(self, job: Job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)
@@ -111,8 +129,6 @@ class Handlers:
         return protocol.DetokenizeResult(text=lm.decode(job.params.tokens))
 
     def cache_save(self, job: Job) -> protocol.CacheSaveResult:
-        from . import cache_files
-
         lm = self.models.get(job.params.model_id)
         _no_cache_files(lm)
 
@@ -126,8 +142,6 @@ class Handlers:
         return cache_files.save(lm, job.params, prefill)
 
     def cache_load(self, job: Job) -> protocol.CacheLoadResult:
-        from . import cache_files
-
         lm = self.models.get(job.params.model_id)
         _no_cache_files(lm)
         return cache_files.load(lm, job.params)

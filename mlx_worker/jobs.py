@@ -14,17 +14,21 @@ what its token events delivered), even if the work failed meanwhile.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import errors, protocol
+from .errors import WorkerError
+
+log = logging.getLogger("mlx_worker.jobs")
 
 # Methods `cancel` applies to. A long phase of any job polls
 # ``job.should_stop`` (set by cancel and at shutdown); adding a method here
 # (a cancellable `load`, say) is all the table needs.
-CANCELLABLE = {"generate"}
+CANCELLABLE = {"generate", "load"}  # a generate ends "cancelled", a load with -32012
 
 
 @dataclass(eq=False)  # a job is itself: `in queue` compares identity
@@ -43,11 +47,15 @@ class Job:
     streamed_text: list = field(default_factory=list)
     streamed_tokens: list = field(default_factory=list)
     streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
+    streamed_calls: dict = field(default_factory=dict)  # tool_call_index -> its text so far
 
     def record(self, event: protocol.TokenEvent) -> None:
         self.streamed_text.append(event.text)
         self.streamed_tokens.extend(event.tokens)
-        self.streamed_channels.get(event.channel, []).append(event.text)
+        if event.channel == "tool_call" and isinstance(event.tool_call_index, int):
+            self.streamed_calls.setdefault(event.tool_call_index, []).append(event.text)
+        else:
+            self.streamed_channels.get(event.channel, []).append(event.text)
 
     def cancelled_result(self) -> protocol.GenerateResult:
         """A cancelled generate's result when its work could not finish it:
@@ -56,6 +64,7 @@ class Job:
             self.params, "".join(self.streamed_text), list(self.streamed_tokens),
             content="".join(self.streamed_channels["content"]),
             reasoning="".join(self.streamed_channels["reasoning"]),
+            call_texts=["".join(self.streamed_calls[i]) for i in sorted(self.streamed_calls)],
         )
 
     def should_stop(self) -> bool:
@@ -141,8 +150,15 @@ class JobTable:
                 return False
             job.cancel.set()
         if queued:  # never started: its final response goes out at once
-            self._answer_unstarted(job)
+            self._answer_unstarted(job, shutting_down=False)
         return True
+
+    def close_cancel(self, job: Job) -> bool:
+        """The job's work is done and can no longer be cancelled; whether a
+        cancel came first (its answer must then say so)."""
+        with job._lock:
+            job._finished = True
+            return job.cancel.is_set()
 
     def stop(self) -> None:
         """Shutdown: every job is cancelled; queued ones are answered now."""
@@ -156,7 +172,7 @@ class JobTable:
                 job.cancel.set()
             self.cond.notify_all()
         for job in queued:
-            self._answer_unstarted(job)
+            self._answer_unstarted(job, shutting_down=True)
 
     def answer_leftovers(self) -> None:
         """At exit: whatever could not stop in time still gets its response."""
@@ -169,10 +185,12 @@ class JobTable:
             else:
                 self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
 
-    def _answer_unstarted(self, job: Job) -> None:
+    def _answer_unstarted(self, job: Job, shutting_down: bool) -> None:
         job.cancel.set()
         if job.method == "generate":
             self.finish(job, protocol.cancelled_result(job.params))
+        elif job.method == "load" and not shutting_down:
+            self.fail(job, errors.CANCELLED, "the load was cancelled before it started")
         else:
             self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down")
 
@@ -245,17 +263,13 @@ class _Unfinished(Exception):
 
 
 def _error_response(job: Job, exc: BaseException) -> protocol.ErrorResponse:
-    import logging
-
-    from .errors import WorkerError
-
     if isinstance(exc, WorkerError):
         code, message, data = exc.code, exc.message, exc.data
     else:  # a Rust panic from a library is a BaseException
         code, message = errors.classify_exception(exc)
         data = None
         if code == errors.INTERNAL_ERROR:
-            logging.getLogger("mlx_worker.jobs").error("%s failed", job.method, exc_info=exc)
+            log.error("%s failed", job.method, exc_info=exc)
     error = protocol.ErrorObject(code=code, message=message)
     if data is not None:
         error.data = data

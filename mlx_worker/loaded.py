@@ -1,7 +1,8 @@
 """A loaded model as every layer above sees it: weights, tokenizer, limits.
 
 The lowest layer that knows a model: prompts, the prompt cache, vision and
-generation take a LoadedModel; only the registry (models.py) creates them.
+generation take a LoadedModel; only the registry (models.py) and the model
+loaders create them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import protocol
+from .kv_quant import check_layers
 from .model_checks import text_config
 
 DEFAULT_PREFILL_STEP = 512
@@ -30,6 +32,7 @@ class LoadedModel:
     memory_bytes: int
     prefill_step_size: int = DEFAULT_PREFILL_STEP
     max_kv_size: Optional[int] = None
+    kv_quant: Any = None  # kv_quant.KVQuant with load's kv_bits, else None
     prompt_cache: Any = None  # a prompt cache store, when enabled
     vision: Any = None  # the vision adapter, for kind == "vision"
     memory_limit: Optional[int] = None  # load's memory_limit: weights + any one request
@@ -60,6 +63,7 @@ class LoadedModel:
             prompt_cache=cache,
             memory_limit=self.memory_limit,
             parallel=self.extra.get("parallel"),
+            **kv_fields(self),
         )
 
 
@@ -70,6 +74,18 @@ def context_length_of(config: dict) -> Optional[int]:
             if isinstance(value, int) and value > 0:
                 return value
     return None
+
+
+def kv_fields(m: LoadedModel) -> dict:
+    q = m.kv_quant
+    return {} if q is None else {"kv_bits": q.bits, "kv_group_size": q.group_size}
+
+
+def check_kv_layers(model) -> None:
+    """Refuse kv_bits for a model with windowed cache layers (kv_quant.py)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    check_layers(make_prompt_cache(model))
 
 
 def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **extra) -> LoadedModel:

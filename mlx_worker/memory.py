@@ -119,7 +119,10 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     total = n_prompt + max_tokens
     kv_tokens = min(total, lm.max_kv_size) if lm.max_kv_size else total
     kv_tokens = math.ceil(kv_tokens / KV_STEP) * KV_STEP
-    kv = 2 * layers * kv_heads * head_dim * itemsize * kv_tokens
+    # A quantized cache (kv_bits) holds packed bits plus a scale and a bias per group.
+    quant = getattr(lm, "kv_quant", None)
+    element = quant.element_bytes(itemsize) if quant is not None else itemsize
+    kv = int(2 * layers * kv_heads * head_dim * element * kv_tokens)
 
     growth = kv // layers if layers else 0  # a layer's cache is copied as it grows
     # A windowed cache (max_kv_size, sliding-window layers) keeps a snapshot

@@ -14,7 +14,9 @@ from typing import Optional
 from . import errors, files, protocol, prompt_cache
 from . import memory as memory_budget
 from .errors import WorkerError
-from .loaded import LoadedModel, new_loaded_model
+from .kv_quant import from_load as kv_quant_of_load
+from .loaded import LoadedModel, check_kv_layers, kv_fields, new_loaded_model
+from .loading import LoadProgress, evaluate_weights
 from .model_checks import check_folder, template_problem
 from .vision import load_vision_model
 
@@ -44,7 +46,9 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
 
     def snapshot(self) -> list[LoadedModel]:
-        return list(self._models.values())
+        # A distributed model whose group failed is gone for the host at once
+        # (the compute thread unloads it between steps).
+        return [m for m in self._models.values() if "parallel" not in m.extra or m.model._ring.failure is None]
 
     def get(self, model_id: Optional[str]) -> LoadedModel:
         if model_id is None:
@@ -65,14 +69,19 @@ class ModelRegistry:
                 {"field": "params.model_id", "loaded": list(self._models)},
             ) from None
 
-    def load(self, params: protocol.LoadParams, should_stop=lambda: False) -> protocol.LoadResult:
-        """``should_stop``: polled between phases (shutdown; a cancellable load)."""
+    def load(self, params: protocol.LoadParams, progress: Optional[LoadProgress] = None) -> protocol.LoadResult:
+        """Load a model folder. ``progress`` gets load_progress events and says
+        when to stop (between groups of weights); a stopped load raises
+        LoadCancelled and leaves nothing loaded."""
+        progress = progress or LoadProgress(request_id=0)
+        progress.report("checks", 0, 1)
         path = _model_folder(params.model).resolve()
         model_id = params.model_id or path.name
         existing = self._models.get(model_id)
         if existing is not None:
             if existing.path == str(path):
                 _check_same_options(existing, params)
+                progress.report("checks", 1, 1)
                 return _load_result(existing, 0.0, already_loaded=True)
             raise WorkerError(
                 errors.INVALID_PARAMS,
@@ -86,11 +95,11 @@ class ModelRegistry:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
+        kv_quant = kv_quant_of_load(params, config)
         if params.parallel is not None:
             _check_parallel(path, params, config)
         memory_budget.admit_load(path, params.memory_limit)
-        if should_stop():
-            raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the model was not loaded")
+        progress.report("checks", 1, 1)
         start = time.perf_counter()
         import mlx.core as mx
 
@@ -101,9 +110,9 @@ class ModelRegistry:
 
                 loaded = distributed.load(path, config, params, model_id)
             elif "vision_config" in config:
-                loaded = load_vision_model(path, config, params)
+                loaded = load_vision_model(path, config, params, progress, kv_quant is not None)
             else:
-                loaded = _load_text_model(path, config, params)
+                loaded = _load_text_model(path, config, params, progress, kv_quant is not None)
             _check_folder_template(loaded, path)
             _settle_random_state()
             memory = max(0, mx.get_active_memory() - before)
@@ -113,9 +122,10 @@ class ModelRegistry:
         except Exception as exc:  # any failure inside a library is a load failure
             failure = _load_failure(path, config, exc)
         if failure is not None:
-            # Out of the except block: its traceback (and the half-built model
-            # its frames hold) is gone, so the memory really comes back.
+            # Out of the except block, and without the traceback: its frames
+            # hold the half-built model, whose memory must really come back.
             loaded = None
+            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
             _release()
             raise failure
 
@@ -126,6 +136,7 @@ class ModelRegistry:
         if params.prefill_step_size:
             loaded.prefill_step_size = params.prefill_step_size
         loaded.max_kv_size = params.max_kv_size
+        loaded.kv_quant = kv_quant
         loaded.prompt_cache = prompt_cache.create_store(loaded, params)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
@@ -245,6 +256,7 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         memory_bytes=m.memory_bytes,
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
+        **kv_fields(m),
         **_channel_info(m.tokenizer),
     )
 
@@ -280,17 +292,25 @@ def _settle_random_state() -> None:
     mx.eval(mx.random.state)
 
 
-def _load_text_model(path: Path, config: dict, params: protocol.LoadParams) -> LoadedModel:
+def _load_text_model(
+    path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress, kv_quantized: bool
+) -> LoadedModel:
     from mlx_lm import load as mlx_lm_load
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer_config: dict = {"trust_remote_code": params.trust_remote_code}
-    model, tokenizer = mlx_lm_load(
-        str(path), tokenizer_config=tokenizer_config, trust_remote_code=params.trust_remote_code
-    )
+    # Lazy: the model is built over unread weights, read below group by group.
+    model, tokenizer = progress.step("tokenizer", lambda: mlx_lm_load(
+        str(path), tokenizer_config=tokenizer_config, trust_remote_code=params.trust_remote_code, lazy=True
+    ))
+    if kv_quantized:  # before any weight is read
+        check_kv_layers(model)
+    evaluate_weights(model, progress)
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
     from .markers import extend_thinking
 
     extend_thinking(tokenizer)
     return new_loaded_model(path, "text", model, tokenizer, config)
+
+

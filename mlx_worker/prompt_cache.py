@@ -52,6 +52,7 @@ from typing import Callable, Optional
 from mlx_lm.models.cache import (
     CacheList,
     KVCache,
+    QuantizedKVCache,
     RotatingKVCache,
     can_trim_prompt_cache,
     make_prompt_cache,
@@ -62,6 +63,7 @@ import msgspec
 
 from . import protocol
 from .errors import WorkerError
+from .kv_quant import quantize_layers
 from .prompt import encode_text, render_chat
 
 log = logging.getLogger("mlx_worker.prompt_cache")
@@ -79,8 +81,9 @@ def make_cache(lm, keep: int = DEFAULT_KEEP) -> list:
     made rotating when the model was loaded with ``max_kv_size``.
 
     (mlx-lm's ``make_prompt_cache`` ignores ``max_kv_size`` for every model
-    that defines ``make_cache``, Llama included.)"""
-    cache = make_prompt_cache(lm.model)
+    that defines ``make_cache``, Llama included.) With ``kv_bits`` the
+    plain KV layers are quantized from the first token (kv_quant.py)."""
+    cache = quantize_layers(make_prompt_cache(lm.model), lm.kv_quant)
     if lm.max_kv_size:
         cache = [
             RotatingKVCache(max_size=lm.max_kv_size, keep=keep) if type(c) is KVCache else c
@@ -163,6 +166,11 @@ def compact(cache: list) -> list:
         if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
             cut = KVCache()
             cut.keys, cut.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+            cut.offset = c.offset
+            c = cut
+        elif type(c) is QuantizedKVCache and c.keys is not None and c.keys[0].shape[2] > c.offset:
+            cut = QuantizedKVCache(c.group_size, c.bits)
+            cut.keys, cut.values = (tuple(x[..., : c.offset, :] for x in kv) for kv in (c.keys, c.values))
             cut.offset = c.offset
             c = cut
         out.append(c)

@@ -11,6 +11,7 @@ fixed; new optional fields may be added freely.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -231,6 +232,10 @@ class LoadParams(Params):
     max_image_pixels: Union[PositiveCount, None] = None
     max_image_bytes: Union[PositiveCount, None] = None
     image_cache_bytes: Union[Count, None] = None
+    # A quantized KV cache from the first token (protocol/README.md, "Quantized KV cache").
+    # mlx quantizes in groups of 32, 64 or 128; the group must divide the head dim (checked per model).
+    kv_bits: Union[Literal[4, 8], None] = None
+    kv_group_size: Union[Literal[32, 64, 128], None] = None  # default 64; needs kv_bits
     parallel: Union[ParallelParams, None] = None
 
 
@@ -245,12 +250,27 @@ class LoadResult(Out):
     memory_bytes: int
     load_ms: float
     already_loaded: bool = False
+    kv_bits: Union[int, None] = None
+    kv_group_size: Union[int, None] = None
     # The family's tool-call format (mlx-lm's parser name, e.g. "json_tools",
     # "mistral") and reasoning markers, as detected from the tokenizer.
     tool_call_format: Union[str, None] = None
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
     parallel: Union[ParallelStatus, None] = None  # a distributed load's ranks
+
+
+LoadPhase = Literal["checks", "tokenizer", "weights", "vision_tower"]
+
+
+class LoadProgressEvent(Out):
+    """A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
+    weights and vision_tower, steps otherwise), never decreasing."""
+
+    id: RequestId
+    phase: LoadPhase
+    done: Count
+    total: Count
 
 
 class UnloadParams(Params):
@@ -377,10 +397,10 @@ class TokenEvent(Out, omit_defaults=False):
     id: RequestId
     text: str
     tokens: list[int]
+    # "marker": the text of a channel marker (`<think>`, `<tool_call>`,
+    # ...); concatenating every event's text gives `text`.
+    channel: Channel
     logprobs: Union[list[TokenLogprob], UnsetType] = UNSET
-    # Always sent. "marker": the text of a channel marker (`<think>`,
-    # `<tool_call>`, ...); concatenating every event's text gives `text`.
-    channel: Channel = "content"
     # On tool_call events: which call of this generation (0, 1, ...).
     tool_call_index: Union[int, UnsetType] = UNSET
 
@@ -486,6 +506,8 @@ class ModelStatus(Out):
     memory_bytes: int
     prompt_cache: Union[PromptCacheStatus, None] = None
     memory_limit: Union[int, None] = None
+    kv_bits: Union[int, None] = None
+    kv_group_size: Union[int, None] = None
     parallel: Union[ParallelStatus, None] = None
 
 
@@ -528,12 +550,18 @@ def cancelled_result(
     tokens: Union[list[int], None] = None,
     content: Union[str, None] = None,
     reasoning: str = "",
+    call_texts: Union[list[str], None] = None,
 ) -> GenerateResult:
     """The result of a generate cancelled before it finished normally: while
     queued (nothing produced), or when its work failed after the cancel
-    (then with what the token events delivered; a tool call cut short is
-    not reported as a call)."""
+    (then with what the token events delivered). A tool call whose text was
+    streamed is never parsed here: it is reported as incomplete."""
     tokens = tokens or []
+    invalid = [
+        InvalidToolCall(id="call_" + os.urandom(12).hex(), text=text, reason="incomplete",
+                        error="the output ended inside this call (cancel)")
+        for text in call_texts or []
+    ]
     return GenerateResult(
         text=text,
         tokens=tokens,
@@ -546,6 +574,7 @@ def cancelled_result(
         content=text if content is None else content,
         reasoning=reasoning,
         tool_calls=[],
+        invalid_tool_calls=invalid,
     )
 
 
@@ -568,5 +597,6 @@ EVENTS: dict[str, type] = {
     "ready": ReadyEvent,
     "progress": ProgressEvent,
     "token": TokenEvent,
+    "load_progress": LoadProgressEvent,
 }
 

@@ -202,15 +202,18 @@ class Scheduler:
         decoding = self.decoding() > 0
         if decoding and gen.batchable:
             n = min(n, self._chunk)
-        # Short prompts of the same model that arrived together are processed
-        # in one forward pass (each fits this chunk whole): their first tokens
-        # come sooner than one prompt after another.
+        # Prompts of the same model waiting together advance together: one
+        # forward pass for a chunk of each (a pass costs far less than one
+        # per prompt), as long as the KV merged for it stays small (a
+        # prompt already deep in its cache goes on alone: merging would copy
+        # all of it every chunk).
         together = [gen]
-        if gen.batchable and gen.to_prefill <= n:
+        shallow = lambda g: g.processed <= max(4 * n, 256)  # noqa: E731
+        if gen.batchable and shallow(gen):
             for other in list(self.prefilling):
                 if len(together) >= MAX_PREFILL_ROWS:
                     break
-                if (other.lm is gen.lm and other.batchable and other.to_prefill <= n
+                if (other.lm is gen.lm and other.batchable and shallow(other)
                         and other.step_size == gen.step_size and not other.should_stop()):
                     self.prefilling.remove(other)
                     together.append(other)
@@ -220,7 +223,7 @@ class Scheduler:
             if len(together) > 1:
                 prefill_together(gen.lm.model, together, n)
             else:
-                gen.prefill(n)
+                gen.prefill(n, clear_cache=not decoding)
         except BaseException as exc:
             for g in together:
                 g.abort()

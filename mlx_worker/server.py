@@ -152,7 +152,10 @@ class Worker:
             params = msgspec.json.decode(raw, type=types[0])
         except msgspec.ValidationError as exc:
             message = str(exc).replace("`$", "`params")
-            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {message}", _field_of(exc, "params"))
+            where = _field_of(exc, "params", raw)
+            if "key" in where:
+                message += f" (the key {where['key']!r})"
+            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {message}", where)
         except (msgspec.DecodeError, RecursionError, ValueError) as exc:
             return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", {"field": "params"})
 
@@ -194,7 +197,7 @@ class Worker:
     # ------------------------------------------------------------- status
 
     def status(self) -> protocol.StatusResult:
-        from .memory import memory_status
+        from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []
         running = self.table.running_ids()
@@ -300,14 +303,34 @@ def _id_at_head(head: bytes) -> Any:
     return None
 
 
-def _field_of(exc: msgspec.ValidationError, root: str) -> dict:
+def _field_of(exc: msgspec.ValidationError, root: str, raw: bytes = b"") -> dict:
     # msgspec says "... - at `$.a.b[0]`" (or "at `key` in `$.a`" for a
-    # mapping's key); hosts get it as "params.a.b[0]".
-    # An unknown key is named by the field itself, so a host sees which
-    # option it misspelt ("params.max_tokenz", not "params").
-    match = re.search(r"`\$([^`]*)`$", str(exc))
+    # mapping's key); hosts get it as "params.a.b[0]". An unknown field and a
+    # bad mapping key are named themselves ("params.max_tokenz",
+    # "params.logit_bias.1_0"), so a host sees exactly what it got wrong.
+    text = str(exc)
+    match = re.search(r"`\$([^`]*)`$", text)
     path = match.group(1) if match else ""
-    unknown = re.match(r"Object contains unknown field `([^`]*)`", str(exc))
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", text)
     if unknown:
         path += "." + unknown.group(1)
+    elif " - at `key` in `$" in text:
+        key = _bad_key(raw, path, text)
+        if key is not None:
+            return {"field": f"{root}{path}.{key}", "key": key}
     return {"field": root + path if root else path.lstrip(".")}
+
+
+def _bad_key(raw: bytes, path: str, message: str) -> Optional[str]:
+    """The first key of the mapping at ``path`` that breaks the pattern
+    msgspec reports (its error names the mapping, not the key)."""
+    pattern = re.search(r"matching regex '([^']*)'", message)
+    try:
+        mapping = msgspec.json.decode(raw)
+        for part in filter(None, path.split(".")):
+            mapping = mapping[part]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(mapping, dict) or pattern is None:
+        return None
+    return next((k for k in mapping if not re.search(pattern.group(1), k)), None)

@@ -49,7 +49,7 @@ def family_of(tokenizer) -> Optional[str]:
     return parser.__module__.rsplit(".", 1)[-1] if parser is not None else None
 
 
-def _single_token(tokenizer, ids) -> Optional[int]:
+def _single_token(ids) -> Optional[int]:
     return ids[0] if ids is not None and len(ids) == 1 else None
 
 
@@ -63,15 +63,16 @@ def _lit(text: str) -> str:
 
 def syntax_for(tokenizer) -> Optional[CallSyntax]:
     family = family_of(tokenizer)
-    start = _single_token(tokenizer, getattr(tokenizer, "tool_call_start_tokens", None))
+    start = _single_token(getattr(tokenizer, "tool_call_start_tokens", None))
     if start is None:
         return None
     if family == "json_tools":
-        end = _single_token(tokenizer, tokenizer.tool_call_end_tokens)
+        end = _single_token(tokenizer.tool_call_end_tokens)
         if end is None:
             return None
+        after_args = _lit("}\n") + " " + _special(end)
         return CallSyntax(start, _special(start), _lit('\n{"name": "'), _lit('", "arguments": '),
-                          f"{_lit(chr(125) + chr(10))} {_special(end)}", free_after=True)
+                          after_args, free_after=True)
     if family == "mistral":
         args = tokenizer.encode("[ARGS]", add_special_tokens=False)
         sep = _special(args[0]) if len(args) == 1 else _lit("[ARGS]")
@@ -168,6 +169,14 @@ def call_grammar(syntax: CallSyntax, tools: list[protocol.Tool]) -> str:
 
 def _schema(tool: protocol.Tool) -> Any:
     return tool.function.parameters if tool.function.parameters is not None else NO_PARAMETERS
+
+
+def is_call_grammar(processor) -> bool:
+    """True for a processor that holds calls to a grammar (not the start
+    marker ban of "none")."""
+    from .tool_processor import ToolCallProcessor
+
+    return isinstance(processor, ToolCallProcessor)
 
 
 def _forbid(token: int):

@@ -25,30 +25,28 @@ import numpy as np
 
 import mlx.core as mx
 
-from . import errors
 from .constraints import mask
-from .constraints.common import is_engine_panic
-from .errors import WorkerError
+from .constraints.processor import MatcherProcessor
 
 
-class ToolCallProcessor:
+class ToolCallProcessor(MatcherProcessor):
+    what = "tool-call generation"
+    field = "params.tools"
+
     def __init__(self, program, info, trigger: int, first: str, after_call: str):
         """``first``/``after_call``: the free mode at the start and after a
         call: "free" (anything), "call_only" (the start marker), "call_or_end"
         (the start marker or EOS)."""
+        super().__init__(info)
         self.program = program
         self.info = info
         self.trigger = trigger
-        self.vocab = info.logits_vocab
-        self.eos = info.eos_ids
         self.after_call = after_call
         self.mode = first
         self.m = None  # the matcher of the call being written
         self.known: list[int] = []  # generated tokens known on the CPU
         self.observed = 0
         self.steps = 0  # processor calls so far
-        self.words = np.zeros(info.mask_words, dtype=np.int32)
-        self._ptr, self._nbytes = self.words.ctypes.data, self.words.nbytes
         self._start_of_call = self._first_call_mask()
         self._not_start_of_call = mx.logical_not(self._start_of_call)
         self._bases: dict = {}
@@ -61,13 +59,9 @@ class ToolCallProcessor:
         if self.observed > len(self.known):
             self.known.append(token)
 
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        try:
-            return self._step(tokens, logits)
-        except BaseException as exc:
-            if is_engine_panic(exc):
-                raise self._failure(f"the matcher failed: {exc}") from None
-            raise
+    @property
+    def generated(self) -> int:
+        return len(self.known)
 
     # -------------------------------------------------------------- steps
 
@@ -109,17 +103,14 @@ class ToolCallProcessor:
         return mx.where(mx.where(started, self._start_of_call, base), logits, mask.NEG_INF)
 
     def _call_mask(self, logits: mx.array) -> mx.array:
-        if not self.m.fill(self._ptr, self._nbytes):
-            raise self._failure(self.m.error())
-        accepting = self.m.accepting()
-        mask.set_bits(self.words, self.eos, False)
+        self._fill(self.m, False)  # EOS never inside a call
         allowed = mask.unpack(self.words, self.vocab)
-        if accepting and not allowed.any():  # the call is complete: free again
-            self.m, self.mode = None, self.after_call
+        if not allowed.any():
+            if not self.m.accepting():
+                raise self._failure("the tool call grammar allows no token here")
+            self.m, self.mode = None, self.after_call  # the call is complete: free again
             base = self._base(self.mode)
             return logits if base is None else mx.where(base, logits, mask.NEG_INF)
-        if not allowed.any():
-            raise self._failure("the tool call grammar allows no token here")
         return mx.where(mx.array(allowed), logits, mask.NEG_INF)
 
     def _open_call(self) -> None:
@@ -135,9 +126,9 @@ class ToolCallProcessor:
 
     def _first_call_mask(self) -> mx.array:
         m = self.program.matcher()
-        if not m.consume(self.trigger) or not m.fill(self._ptr, self._nbytes):
+        if not m.consume(self.trigger):
             raise self._failure("the tool call grammar refuses its own start marker")
-        mask.set_bits(self.words, self.eos, False)
+        self._fill(m, False)
         return mx.array(mask.unpack(self.words, self.vocab))
 
     def _base(self, mode: str):
@@ -151,10 +142,3 @@ class ToolCallProcessor:
                 allowed[[e for e in self.eos if e < self.vocab]] = True
             self._bases[mode] = mx.array(allowed)
         return self._bases[mode]
-
-    def _failure(self, why: str) -> WorkerError:
-        return WorkerError(
-            errors.CONSTRAINT_INVALID,
-            f"tool-call generation stopped after {len(self.known)} tokens: {why}",
-            {"field": "params.tools", "phase": "generation", "completion_tokens": len(self.known)},
-        )

@@ -136,8 +136,9 @@ class LineWriter:
 
     Messages are queued by any thread and written by one writer thread, in
     order. When the host reads slower than tokens arrive, consecutive ``token``
-    events of the same request are merged into one line (never reordered or
-    dropped), so a slow reader costs the generation loop nothing.
+    events of the same request, channel and call are merged into one line
+    (never reordered or dropped; markers never merged), so a slow reader costs
+    the generation loop nothing.
     """
 
     def __init__(self, fd: int, on_broken: Callable[[], None]):
@@ -253,7 +254,8 @@ def reader_gone(fd: int) -> bool:
 
 
 def _coalesce(batch: list) -> list:
-    """Merge runs of token events of one request; keep everything in order.
+    """Merge runs of token events of one request, channel and call; keep
+    everything in order.
 
     Each run is joined once (linear in its length): after a long stall the
     batch can hold many thousands of events."""
@@ -280,8 +282,10 @@ def _coalesce(batch: list) -> list:
 
 
 def _same_stream(a: protocol.TokenEvent, b: protocol.TokenEvent) -> bool:
-    # Events merge only within one request's channel (and tool call).
-    return a.id == b.id and a.channel == b.channel and a.tool_call_index == b.tool_call_index
+    # Events merge only within one request's channel (and tool call); a
+    # marker event stays one marker ('</tool_call>', '<tool_call>': two events).
+    return (a.id == b.id and a.channel == b.channel and a.channel != "marker"
+            and a.tool_call_index == b.tool_call_index)
 
 
 def _merge(events: list) -> protocol.TokenEvent:

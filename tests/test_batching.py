@@ -301,3 +301,24 @@ def calls(result) -> list:
         d.pop("id", None)
         out.append(d)
     return out
+
+
+def test_unbatchable_caches_run_beside_the_batch(tiny_model):
+    """Quantized KV (kv_bits) and a rotating cache (max_kv_size) can't merge
+    into a batch: such requests decode on their own, stepped in turn with the
+    batch, and still equal their solo runs."""
+    w = spawn()
+    try:
+        w.load(tiny_model, model_id="tiny")
+        w.load(tiny_model, model_id="q8", kv_bits=8, kv_group_size=32)
+        w.load(tiny_model, model_id="rot", max_kv_size=64)
+        base = {"max_tokens": 80, "temperature": 0, "ignore_eos": True}
+        params = [{**base, "model_id": m, "prompt": prompt(i)} for i, m in
+                  enumerate(["tiny", "q8", "rot", "tiny", "q8", "rot"])]
+        alone = [w.generate(**p).wait() for p in params]
+        together, seen = run_together(w, params)
+        assert max(seen) >= 4, seen
+        for i, (a, b) in enumerate(zip(alone, together)):
+            same_output(a, b.result, i)
+    finally:
+        w.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, worker_env
+from fixtures.build import ensure_model
 
 CPP = ROOT / "clients" / "cpp"
 INSTALL_HINT = (
@@ -47,13 +48,19 @@ def explain(output: str) -> str:
     return ("missing: " + "; ".join(missing) + ". " if missing else "") + INSTALL_HINT
 
 
+@pytest.fixture(scope="session")
+def tools_model() -> str:
+    return str(ensure_model("tiny-qwen3-tools"))
+
+
 def build(variant: str, target: str) -> Path:
     if not shutil.which("cmake"):
         pytest.fail("cmake not found: " + INSTALL_HINT)
     build_dir = CPP / "build" / variant
     configure = ["cmake", "-S", str(CPP), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Debug",
                  f"-DMLX_WORKER_SANITIZE={VARIANTS[variant]}", f"-DMLX_WORKER_PYTHON={sys.executable}",
-                 f"-DMLX_WORKER_REPO_ROOT={ROOT}"]
+                 f"-DMLX_WORKER_REPO_ROOT={ROOT}",
+                 f"-DMLX_WORKER_TOOLS_MODEL={ROOT / 'fixtures' / 'models' / 'tiny-qwen3-tools'}"]
     if not (build_dir / "CMakeCache.txt").exists() and shutil.which("ninja"):
         configure += ["-G", "Ninja"]
     for cmd in (configure, ["cmake", "--build", str(build_dir), "-j", "2", "--target", target]):
@@ -70,9 +77,9 @@ def test_generated_types_are_current():
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_cpp_client(variant, tiny_model):
+def test_cpp_client(variant, tiny_model, tools_model):
     build_dir = build(variant, "mlx_worker_tests")
-    env = dict(os.environ, MLX_WORKER_TEST_MODEL=tiny_model)
+    env = dict(os.environ, MLX_WORKER_TEST_MODEL=tiny_model, MLX_WORKER_TOOLS_MODEL=tools_model)
     proc = run(["ctest", "--test-dir", str(build_dir), "--output-on-failure"], env=env)
     assert proc.returncode == 0, proc.stdout[-12000:]
 

@@ -214,7 +214,7 @@ def _generate_until_tokens(w, model_id, n):
 def test_a_follower_that_dies_or_hangs_ends_the_request_and_unloads_the_model(tiny_model, fault):
     w = spawn()
     try:
-        pids = w.load(tiny_model, model_id="tp", parallel={**TP, "timeout_s": 1.0}).parallel.pids
+        pids = w.load(tiny_model, model_id="tp", parallel={**TP, "timeout_s": 2.0}).parallel.pids
         w.load(tiny_model, model_id="one")
         stream, it = _generate_until_tokens(w, "tp", 3)
         t0 = time.monotonic()
@@ -225,7 +225,7 @@ def test_a_follower_that_dies_or_hangs_ends_the_request_and_unloads_the_model(ti
         elapsed = time.monotonic() - t0
         assert exc.value.code == -32011 and "rank 1" in exc.value.message
         assert ("signal 9" if fault == "kill" else "hung") in exc.value.message
-        assert elapsed < (2.0 if fault == "kill" else 4.0)
+        assert elapsed < (2.0 if fault == "kill" else 6.0)
         assert _gone_within(pids[1:], 5)
         st = w.status()
         assert [m.model_id for m in st.models] == ["one"]

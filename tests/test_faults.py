@@ -150,7 +150,10 @@ def plain_worker(tiny_model: str | None = None) -> subprocess.Popen:
     if tiny_model:
         proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "load",
                                      "params": {"model": tiny_model, "model_id": "tiny", "max_kv_size": 256}}).encode() + b"\n")
-        assert "result" in json.loads(proc.stdout.readline())
+        msg = json.loads(proc.stdout.readline())
+        while msg.get("method") == "load_progress":  # the load's events come before its result
+            msg = json.loads(proc.stdout.readline())
+        assert "result" in msg
     return proc
 
 

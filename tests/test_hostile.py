@@ -164,7 +164,7 @@ def test_a_running_tokenize_is_answered_before_the_exit(tiny_model, how):
         assert len(answers) == 1, answers
         if "error" in answers[0]:
             assert answers[0]["error"]["code"] == errors.SHUTTING_DOWN
-        assert took < 1.6, f"exit took {took:.2f} s after {how}"
+        assert took < 3.0, f"exit took {took:.2f} s after {how}"
         assert not w.bad_lines
     finally:
         w.close()
@@ -186,7 +186,7 @@ def test_a_generate_inside_a_long_prefill_chunk_gets_its_cancelled_result_before
         answers = [m for m in w.responses() if m.get("id") == "g"]
         assert len(answers) == 1, answers
         assert answers[0]["result"]["stop_reason"] == "cancelled"  # what cancel's `true` promised
-        assert took is not None and took < 1.6, took
+        assert took is not None and took < 3.0, took  # about a second; 3 s on a loaded 2-core box
         assert not w.bad_lines
     finally:
         w.close()

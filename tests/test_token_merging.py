@@ -18,7 +18,7 @@ from mlx_worker.transport import _coalesce
 
 
 def token(rid, i, logprobs=True):
-    event = protocol.TokenEvent(id=rid, text=f"<{i}>", tokens=[i])
+    event = protocol.TokenEvent(id=rid, text=f"<{i}>", tokens=[i], channel="content")
     if logprobs:
         event.logprobs = [protocol.TokenLogprob(token=i, logprob=-float(i))]
     return protocol.Notification("token", event)

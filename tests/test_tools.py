@@ -172,6 +172,9 @@ def test_agent_conversation_renders_like_transformers(tw, paths, family, as_stri
 @pytest.mark.parametrize("choice", ["required", {"name": "search"},
                                     {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_calls_are_valid_across_seeds_and_temperatures(tw, family, choice):
+    """Every seed completes its first call: the schemas bound each call (strings
+    of at most 10 characters, even escaped 6 tokens each; bounded integers and
+    arrays; an enum) to about 100 tokens at most, within max_tokens (120)."""
     names = None if choice == "required" else [choice.get("name") or choice["function"]["name"]]
     for seed in range(3):
         for temperature in (0.0, 1.0, 3.0):
@@ -197,27 +200,33 @@ def test_forced_calls_are_valid_across_seeds_and_temperatures(tw, family, choice
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_calls_are_constrained_once_started(tw, family):
-    """auto: the model decides; pushing the start marker makes it start a
-    call, and from there the grammar holds it to a valid call."""
+    """auto: free until the model writes the start marker; from there the
+    grammar holds it to a valid call. A bias of +100 on the start marker makes
+    it the first token on every seed (it can't win inside a call: the grammar
+    masks it), and max_tokens is room for a whole call."""
     start = token_id(tw, family, FAMILIES[family]["start"])
-    for seed in range(4):
+    for seed in range(3):
         result, events = run(tw, family, tools=TOOLS, tool_choice="auto", seed=seed, temperature=1.5,
-                             logit_bias={str(start): 6.0}, max_tokens=160)
+                             logit_bias={str(start): 100.0}, max_tokens=160)
         check_channels(result, events)
+        assert result.tokens[0] == start
         check_calls(result)
         assert all(c.reason == "incomplete" for c in result.invalid_tool_calls)
 
 
 def test_mistral_several_calls_each_indexed(tw):
-    """No end marker: a call ends at the next [TOOL_CALLS] (EOS pushed
-    away, so calls follow calls until max_tokens cuts the last one)."""
+    """No end marker: a call ends at the next [TOOL_CALLS]. After a call only
+    another call or EOS may follow; EOS pushed away, so calls follow calls
+    until max_tokens cuts the last one. The calls are short (an empty-object
+    tool), so 60 tokens hold several on any seed."""
     eos = token_id(tw, "mistral", "</s>")
-    result, events = run(tw, "mistral", tools=TOOLS, tool_choice="required", seed=3, temperature=1.0,
-                         logit_bias={str(eos): -100.0}, max_tokens=200)
+    tools = [{"type": "function", "function": {"name": "ping"}}]
+    result, events = run(tw, "mistral", tools=tools, tool_choice="required", seed=3, temperature=1.0,
+                         logit_bias={str(eos): -100.0}, max_tokens=60)
     calls = check_channels(result, events)
     assert result.stop_reason == "max_tokens"
     assert len(result.tool_calls) >= 2 and len(calls) == len(result.tool_calls) + 1
-    check_calls(result)
+    assert all((c.name, c.arguments) == ("ping", {}) for c in result.tool_calls)
     assert [c.reason for c in result.invalid_tool_calls] == ["incomplete"]
     assert result.invalid_tool_calls[0].text == calls[len(calls) - 1]
 
@@ -273,10 +282,13 @@ def test_call_cut_by_stop_string_is_incomplete(tw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cancel_inside_a_call_is_incomplete(tw, family):
+    """The argument must be 1000 characters long (over 100 tokens), so the
+    cancel sent at the call's 8th event lands inside the call."""
     tools = [{"type": "function", "function": {"name": "note", "parameters": {
-        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
+        "type": "object", "properties": {"text": {"type": "string", "minLength": 1000, "maxLength": 1000}},
+        "required": ["text"]}}}]
     stream = tw.generate(model_id=family, messages=ASK, tools=tools, tool_choice="required", seed=0,
-                         temperature=0.0, max_tokens=4000)
+                         temperature=0.0, max_tokens=2000)
     seen = 0
     for event in stream:
         if isinstance(event, protocol.TokenEvent) and event.channel == "tool_call":
@@ -287,6 +299,25 @@ def test_cancel_inside_a_call_is_incomplete(tw, family):
     assert result.stop_reason == "cancelled"
     assert result.tool_calls == []
     assert [c.reason for c in result.invalid_tool_calls] == ["incomplete"]
+
+
+def test_a_cancelled_result_from_the_streamed_events_reports_the_call():
+    """When the work can't answer a cancelled generate itself (it failed after
+    the cancel, or the worker exits first), the result is built from the
+    token events sent: a call being streamed is reported as incomplete."""
+    from mlx_worker.server import Job
+
+    job = Job(id="g", method="generate", params=protocol.GenerateParams(prompt="hi"))
+    for channel, text, index in [("content", "ok ", None), ("marker", "<tool_call>", None),
+                                 ("tool_call", '\n{"name": ', 0), ("tool_call", '"f"', 0)]:
+        event = protocol.TokenEvent(id="g", text=text, tokens=[1], channel=channel)
+        if index is not None:
+            event.tool_call_index = index
+        job.record(event)
+    result = job.cancelled_result()
+    assert (result.stop_reason, result.text, result.content) == ("cancelled", 'ok <tool_call>\n{"name": "f"', "ok ")
+    assert result.tool_calls == []
+    assert [(c.reason, c.text) for c in result.invalid_tool_calls] == [("incomplete", '\n{"name": "f"')]
 
 
 # ------------------------------------------------------------- reasoning
@@ -331,19 +362,22 @@ def test_reasoning_opened_in_the_prompt(tw):
 
 def test_reasoning_then_call(tw):
     """auto on a thinking model whose prompt opened <think>: reasoning, then a
-    call that the grammar holds to the tool's schema."""
-    end, start = token_id(tw, "qwen3", "</think>"), token_id(tw, "qwen3", "<tool_call>")
+    call that the grammar holds to the tool's schema. Forced step by step:
+    biases rank a letter, </think>, <tool_call> far above every other token,
+    and a presence penalty larger than the biases drops each once written."""
     prompt = tw.tokenize(model_id="qwen3", messages=ASK, tools=TOOLS).prompt + "<think>\n"
-    both = 0
-    for seed in range(4):
-        result, events = run(tw, "qwen3", messages=None, prompt=prompt, tools=TOOLS, seed=seed, temperature=1.0,
-                             max_tokens=160, logit_bias={str(end): 3.0, str(start): 3.0})
-        check_channels(result, events)
-        assert events[0].channel in ("reasoning", "marker")  # "marker": an immediate </think>
-        if result.tool_calls:
-            check_calls(result)
-            both += bool(result.reasoning)
-    assert both
+    tail = tw.tokenize(model_id="qwen3", text=prompt, add_special_tokens=False).tokens[-20:]
+    letter, end, start = (token_id(tw, "qwen3", t) for t in ("Z", "</think>", "<tool_call>"))
+    assert not {letter, end, start} & set(tail)  # not penalized by the prompt
+    result, events = run(tw, "qwen3", messages=None, prompt=prompt, tools=TOOLS, seed=0, temperature=1.0,
+                         max_tokens=160, presence_penalty=200.0,
+                         logit_bias={str(letter): 100.0, str(end): 90.0, str(start): 80.0})
+    check_channels(result, events)
+    assert result.tokens[:3] == [letter, end, start]
+    assert [(e.channel, e.text) for e in events[:3]] == [("reasoning", "Z"), ("marker", "</think>"),
+                                                           ("marker", "<tool_call>")]
+    assert result.reasoning == "Z"
+    check_calls(result)
 
 
 # ------------------------------------------------------------ prompt cache
@@ -422,26 +456,120 @@ def test_tools_on_a_model_without_a_call_format(worker):
 
 def test_merged_events_keep_their_channels(paths):
     """A host that stops reading: the worker merges queued token events, but
-    only those of one channel (and call), so channels still add up."""
+    only those of one channel (and call), and never markers, so channels
+    still add up. A bias on <tool_call> (masked inside a call) starts a new
+    call right after each one ends: `</tool_call>` and `<tool_call>` are
+    back to back, several times after the pipe is full (each call is over
+    45 tokens: a 300-character argument, of letters: no marker text in it)."""
     from harness import RawWorker
 
     w = RawWorker()
     try:
         w.call("load", {"model": paths["qwen3"], "model_id": "qwen3"})
         tools = [{"type": "function", "function": {"name": "note", "parameters": {
-            "type": "object", "properties": {"text": {"type": "string", "minLength": 150, "maxLength": 160}},
-            "required": ["text"]}}}]  # long enough to end after the pipe is full
+            "type": "object", "properties": {"text": {"type": "string", "minLength": 300, "maxLength": 310, "pattern": "^[a-z ]+$"}},
+            "required": ["text"]}}}]
+        marker = w.call("tokenize", {"model_id": "qwen3", "text": "<tool_call>", "add_special_tokens": False})["result"]["tokens"]
         start = len(w.messages)
         w.pause_reading()
         w.request("generate", {"messages": ASK, "tools": tools, "tool_choice": "required", "seed": 0,
-                               "max_tokens": 300, "top_logprobs": 20, "logit_bias": {"2": -100}}, id="g")
+                               "max_tokens": 800, "top_logprobs": 20, "logit_bias": {str(marker[0]): 100}}, id="g")
         time.sleep(3.0)  # the pipe fills with ~1 KB events
         w.resume_reading()
         result = msgspec.convert(w.response("g", timeout=120)["result"], protocol.GenerateResult)
         events = [msgspec.convert(m["params"], protocol.TokenEvent) for m in w.messages[start:] if m.get("method") == "token"]
         assert len(events) < len(result.tokens) + 2, "token events were not merged"
         check_channels(result, events)
-        assert [e.text for e in events if e.channel == "marker"][:2] == ["<tool_call>", "</tool_call>"]
-        assert result.tool_calls and result.tool_calls[0].name == "note"
+        markers = [e.text for e in events if e.channel == "marker"]
+        assert markers[:4] == ["<tool_call>", "</tool_call>", "<tool_call>", "</tool_call>"]
+        assert len(result.tool_calls) >= 2 and all(c.name == "note" for c in result.tool_calls)
     finally:
         w.close()
+
+
+# --------------------------------------------- markers spelled in pieces
+
+
+def spelled(w, text: str) -> str:
+    """Lark for `text` written in ordinary tokens (never its added token)."""
+    cut = len(text) - 2
+    ids = w.tokenize(model_id="qwen3", text=text[:cut], add_special_tokens=False).tokens
+    ids += w.tokenize(model_id="qwen3", text=text[cut:], add_special_tokens=False).tokens
+    assert len(ids) > 1 and w.detokenize(ids, model_id="qwen3") == text
+    return " ".join(f"<[{t}]>" for t in ids)
+
+
+@pytest.mark.parametrize("choice, tools", [("none", TOOLS), ("auto", None)])
+def test_a_start_marker_spelled_in_pieces_is_text(tw, choice, tools):
+    """`<tool_call>` written in ordinary tokens skipped the grammar and "none":
+    a call opens only at the start marker's token, so this is content."""
+    body = r'"\n{\"name\": \"get_weather\", \"arguments\": {\"city\": 5, \"extra\": 1}}\n"'
+    lark = f'start: {spelled(tw, "<tool_call>")} {body} {spelled(tw, "</tool_call>")}'
+    result, events = run(tw, "qwen3", tools=tools, tool_choice=choice, constraint={"type": "grammar", "lark": lark},
+                         temperature=0.0)
+    assert result.text.startswith("<tool_call>\n{") and result.stop_reason == "eos"
+    assert token_id(tw, "qwen3", "<tool_call>") not in result.tokens
+    assert result.tool_calls == [] and result.invalid_tool_calls == []
+    # the stray end marker stays a marker (as any stray marker); no call channel
+    assert [e.text for e in events if e.channel == "marker"] == ["</tool_call>"]
+    assert {e.channel for e in events} == {"content", "marker"}
+    assert result.content + "</tool_call>" == result.text
+
+
+def test_the_start_token_inside_content_text_still_opens_a_call(tw):
+    """The same text after spelled pieces: the real token opens the call."""
+    lark = f'start: {spelled(tw, "<tool_call>")} "x" <[{token_id(tw, "qwen3", "<tool_call>")}]> "\\n"'
+    result, events = run(tw, "qwen3", constraint={"type": "grammar", "lark": lark}, temperature=0.0)
+    assert result.content == "<tool_call>x"
+    assert [e.text for e in events if e.channel == "marker"] == ["<tool_call>"]
+    assert [c.text for c in result.invalid_tool_calls] == ["\n"]
+
+
+def test_an_end_marker_spelled_inside_the_arguments_is_text(tw):
+    """A string argument may hold the text `</tool_call>` (in ordinary
+    tokens): it is the call's text, the call ends at the end marker token."""
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string", "pattern": "^</tool_call>$"}},
+        "required": ["text"], "additionalProperties": False}}}]
+    result, events = run(tw, "qwen3", tools=tools, tool_choice="required", temperature=0.0, max_tokens=60)
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("note", {"text": "</tool_call>"})]
+    assert result.invalid_tool_calls == []
+    assert [e.text for e in events if e.channel == "marker"][:2] == ["<tool_call>", "</tool_call>"]
+
+
+def test_a_constraint_writes_marker_text_in_ordinary_tokens(tw):
+    """Qwen3's `<think>` / `<tool_call>` are non-special added tokens. The
+    mask let the added token through for the text, and the matcher refused it
+    (-32007 after one token). Constrained text is now written in ordinary
+    tokens (a grammar names a marker token with `<[id]>`), so it is text:
+    a spelled `<tool_call>` opens no call."""
+    lark = 'start: "<think>ok</think>" "<tool_call>"'
+    result, events = run(tw, "qwen3", constraint={"type": "grammar", "lark": lark}, temperature=0.0)
+    assert result.text == "<think>ok</think><tool_call>" and result.constraint_complete is True
+    markers = {token_id(tw, "qwen3", m) for m in ("<think>", "</think>", "<tool_call>")}
+    assert not markers & set(result.tokens)
+    assert result.tool_calls == [] and result.invalid_tool_calls == []
+
+
+# ------------------------------------------------- none, ignore_eos, cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_none_keeps_ignore_eos(tw, family, tools):
+    """"none" only bans the start marker: not a grammar, so ignore_eos holds."""
+    eos = tw.load(str(ensure_model(FAMILIES[family]["model"])), model_id=family).eos_token_ids
+    result, _ = run(tw, family, tools=tools, tool_choice="none", ignore_eos=True, max_tokens=10,
+                    logit_bias={str(eos[0]): 100.0})
+    assert (result.stop_reason, len(result.tokens)) == ("max_tokens", 10)
+    assert eos[0] in result.tokens
+
+
+def test_cache_save_with_tools(tw, worker, tmp_path):
+    """cache_save samples nothing: tools only shape the prompt, on a model
+    without a call grammar too (it had no tool_choice to say "none")."""
+    for w, model in ((worker, "tiny"), (tw, "qwen3")):
+        path = str(tmp_path / f"{model}.safetensors")
+        saved = w.call("cache_save", {"model_id": model, "messages": ASK, "tools": TOOLS, "path": path})
+        expected = w.tokenize(model_id=model, messages=ASK, tools=TOOLS).tokens
+        assert saved["prompt_tokens"] == len(expected) and saved["path"] == path

@@ -129,7 +129,7 @@ def test_unknown_method(worker):
         ({"prompt": "x", "top_logprobs": 21}, "params.top_logprobs"),
         ({"prompt": "x", "top_p": 0}, "params.top_p"),
         ({"tokens": [1, 99999]}, "params.tokens[1]"),
-        ({"prompt": "x", "logit_bias": {"abc": 1.0}}, "params.logit_bias"),  # a key that is not ASCII digits
+        ({"prompt": "x", "logit_bias": {"7": 1.0, "abc": 1.0}}, "params.logit_bias.abc"),  # a key that is not ASCII digits
         ({"prompt": "x", "tokens": [1]}, "params.tokens"),
         ({}, "params.prompt"),
     ],

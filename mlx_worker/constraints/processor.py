@@ -33,15 +33,62 @@ from . import mask
 from .common import is_engine_panic
 
 
-class ConstraintProcessor:
-    def __init__(self, matcher, info):
-        self.m = matcher
+class MatcherProcessor:
+    """What every matcher-driven processor shares (this one and the lazy
+    tool-call processor): the bitmask buffer, one mask step, and failing
+    closed with -32007."""
+
+    what = "constrained generation"
+    field = "params.constraint"
+
+    def __init__(self, info):
         self.words = np.zeros(info.mask_words, dtype=np.int32)
         self._ptr, self._nbytes = self.words.ctypes.data, self.words.nbytes
-        self._last_words = np.zeros_like(self.words)
-        self._last_allowed = None
         self.vocab = info.logits_vocab
         self.eos = info.eos_ids
+
+    @property
+    def generated(self) -> int:
+        raise NotImplementedError
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        try:
+            return self._step(tokens, logits)
+        except BaseException as exc:
+            if is_engine_panic(exc):
+                raise self._failure(f"the matcher failed: {exc}") from None
+            raise
+
+    def _step(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def _fill(self, matcher, eos_allowed: bool) -> None:
+        """``self.words`` := the tokens ``matcher`` allows next, EOS set to
+        ``eos_allowed``."""
+        if not matcher.fill(self._ptr, self._nbytes):
+            raise self._failure(matcher.error())
+        mask.set_bits(self.words, self.eos, eos_allowed)
+
+    def _allowed(self, why_empty: str) -> np.ndarray:
+        allowed = mask.unpack(self.words, self.vocab)
+        if not allowed.any():
+            raise self._failure(why_empty)
+        return allowed
+
+    def _failure(self, why: str) -> WorkerError:
+        return WorkerError(
+            errors.CONSTRAINT_INVALID,
+            f"{self.what} stopped after {self.generated} tokens: {why}",
+            {"field": self.field, "phase": "generation", "completion_tokens": self.generated},
+        )
+
+
+class ConstraintProcessor(MatcherProcessor):
+    def __init__(self, matcher, info):
+        super().__init__(info)
+        self.m = matcher
+        self._last_words = np.zeros_like(self.words)
+        self._last_allowed = None
         self.seen = -1  # len(tokens) at the last call; -1 before the first
         self.prompt_len = 0
         self.finished = False  # an EOS was consumed in an accepting state
@@ -53,14 +100,6 @@ class ConstraintProcessor:
     def generated(self) -> int:
         return max(0, self.seen - self.prompt_len)
 
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        try:
-            return self._step(tokens, logits)
-        except BaseException as exc:
-            if is_engine_panic(exc):
-                raise self._failure(f"the matcher failed: {exc}") from None
-            raise
-
     def _step(self, tokens: mx.array, logits: mx.array) -> mx.array:
         mx.async_eval(tokens)
         mx.async_eval(logits)
@@ -71,16 +110,12 @@ class ConstraintProcessor:
             self._advance(np.asarray(tokens), n)
         if self.finished:
             return mask.apply(logits, self._eos_only)
-        if not self.m.fill(self._ptr, self._nbytes):
-            raise self._failure(self.m.error())
-        mask.set_bits(self.words, self.eos, self.m.accepting())
+        self._fill(self.m, self.m.accepting())
         if self._last_allowed is not None and np.array_equal(self.words, self._last_words):
-            # Same mask as the last step (free text under a lazy tool grammar,
-            # the inside of a long string): reuse the array already on the device.
+            # Same mask as the last step (the inside of a long string, free
+            # text in a grammar): reuse the array already on the device.
             return mx.where(self._last_allowed, logits, mask.NEG_INF)
-        allowed = mask.unpack(self.words, self.vocab)
-        if not allowed.any():
-            raise self._failure("the constraint allows no token here")
+        allowed = self._allowed("the constraint allows no token here")
         self._last_words[:] = self.words
         self._last_allowed = mx.array(allowed)
         return mx.where(self._last_allowed, logits, mask.NEG_INF)
@@ -105,10 +140,3 @@ class ConstraintProcessor:
                 self.finished = True
             elif not self.m.consume(token):
                 raise self._failure(f"token {token} was refused: {self.m.error()}")
-
-    def _failure(self, why: str) -> WorkerError:
-        return WorkerError(
-            errors.CONSTRAINT_INVALID,
-            f"constrained generation stopped after {self.generated} tokens: {why}",
-            {"field": "params.constraint", "phase": "generation", "completion_tokens": self.generated},
-        )

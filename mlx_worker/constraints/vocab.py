@@ -10,6 +10,7 @@ loses partial UTF-8 tokens.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,7 @@ def build(lm, key: str) -> TokenizerInfo:
     n_vocab = max(int(lm.vocab_size), len(tok))
     try:
         lltok = llguidance.hf.from_tokenizer(tok, n_vocab=n_vocab, eos_token=list(eos))
+        lltok = _text_without_added_tokens(lltok, tok, n_vocab, eos)
     except Exception as exc:
         raise WorkerError(
             errors.CONSTRAINT_INVALID,
@@ -93,3 +95,36 @@ def build(lm, key: str) -> TokenizerInfo:
             {"field": "params.constraint"},
         ) from None
     return TokenizerInfo(key=key, lltok=lltok, n_vocab=n_vocab, logits_vocab=int(lm.vocab_size), eos_ids=eos)
+
+
+def _text_without_added_tokens(lltok, tok, n_vocab: int, eos: tuple):
+    """llguidance reads every added token as a special one (bytes
+    ``\\xff[id]``: only ``<[id]>`` in a grammar matches it), but tokenizes
+    text with the Hugging Face tokenizer, which splits a non-special added
+    token (Qwen3's ``<think>``, ``<tool_call>``) out of text: the mask for
+    the text ``<tool_call>`` let that token through and consume refused it.
+    Text is tokenized here without those tokens, so mask and matcher agree:
+    constrained text is written in ordinary tokens, and a marker token is
+    written only where a grammar names it (the tool grammar does)."""
+    import llguidance
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.backend_tokenizer.to_str())
+    special = [t for t in data.get("added_tokens", []) if t.get("special")]
+    if len(special) == len(data.get("added_tokens", [])):
+        return lltok
+    data["added_tokens"] = special
+    text_tokenizer = Tokenizer.from_str(json.dumps(data))
+
+    class Vocabulary:  # what llguidance.TokenizerWrapper reads: llguidance's own token bytes
+        eos_token_id = eos[0]
+        bos_token_id = None
+        tokens = [(b"\xff" if lltok.is_special_token(i) else b"") + lltok.decode_bytes([i]) for i in range(n_vocab)]
+        special_token_ids = [i for i in range(n_vocab) if lltok.is_special_token(i)]
+
+        def __call__(self, text):
+            if not isinstance(text, str):
+                raise TypeError("text only")  # llguidance then passes str
+            return text_tokenizer.encode(text, add_special_tokens=False).ids
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocabulary()), n_vocab=n_vocab, eos_token=list(eos))

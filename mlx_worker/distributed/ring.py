@@ -37,6 +37,7 @@ log = logging.getLogger("mlx_worker.distributed")
 
 BACKENDS = ["ring"]  # what this build can start (JACCL and MPI need hosts set up by the user)
 HEARTBEAT_S = 0.2
+LOADING_TIMEOUT_S = 120.0  # heartbeats may stall while a follower imports and reads weights
 INIT_TIMEOUT_S = 120.0  # followers start (import MLX, ssh) and connect
 LOOPBACK = ("127.0.0.1", "localhost")
 
@@ -79,6 +80,7 @@ class Ring:
         self._frees: list[int] = []
         self._next_id = 0
         self._closing = False
+        self.loading = True  # until the first load is done: the longer heartbeat timeout
 
     # ------------------------------------------------------------ start
 
@@ -204,8 +206,10 @@ class Ring:
                     return
                 if f.proc.poll() is not None:
                     self.fail(self._exit_reason(f))
-                elif now - f.last_seen > self.timeout_s:
-                    self.fail(f"rank {f.rank} sent no heartbeat for {self.timeout_s:g} s (hung)")
+                else:
+                    limit = max(self.timeout_s, LOADING_TIMEOUT_S) if self.loading else self.timeout_s
+                    if now - f.last_seen > limit:
+                        self.fail(f"rank {f.rank} sent no heartbeat for {limit:g} s (hung)")
 
     def _kill(self) -> None:
         for f in self.followers:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .. import protocol
 from ..model_checks import text_config
-from ..loaded import LoadedModel, new_loaded_model
+from ..loading import LoadProgress, evaluate_weights
+from ..loaded import LoadedModel, check_kv_layers, new_loaded_model
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
@@ -43,7 +44,9 @@ def _eos_token_ids(processor, hf_tokenizer, config: dict) -> list[int]:
     return [int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)]
 
 
-def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> LoadedModel:
+def load_vision_model(
+    path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress, kv_quantized: bool
+) -> LoadedModel:
     limits = ImageLimits(
         max_images=_option(params, "max_images", DEFAULT_MAX_IMAGES),
         max_pixels=_option(params, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
@@ -54,11 +57,14 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
     from mlx_vlm import load as mlx_vlm_load
-
-    from ..markers import extend_thinking, tool_parser_options
     from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
-    vlm, processor = mlx_vlm_load(str(path), trust_remote_code=params.trust_remote_code)
+    from ..markers import extend_thinking, tool_parser_options
+
+    # Lazy: the model is built over unread weights, read below group by group.
+    vlm, processor = progress.step(
+        "tokenizer", lambda: mlx_vlm_load(str(path), trust_remote_code=params.trust_remote_code, lazy=True)
+    )
     hf_tokenizer = getattr(processor, "tokenizer", processor)
     if params.chat_template is not None:
         hf_tokenizer.chat_template = params.chat_template
@@ -77,6 +83,9 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams) -> 
 
     model_type = str(config.get("model_type", ""))
     model = wrap_language_model(vlm, mrope=hasattr(vlm.language_model, "get_rope_index"))
+    if kv_quantized:  # before any weight is read
+        check_kv_layers(model)
+    evaluate_weights(vlm, progress)
     # MLX_WORKER_VISION_ENCODER=generic forces the whole-prompt path (a fallback
     # to compare against, should the per-image path misbehave for a model).
     generic = os.environ.get("MLX_WORKER_VISION_ENCODER", "").lower() == "generic"

@@ -290,7 +290,14 @@ void Client::handle_line(std::string_view line) {
       try {
         state->on_event(name, params);
       } catch (...) {
+        // The host can't take this request's events any more: stop the work it asked for;
+        // its caller gets this exception from get() (the cancelled result is dropped).
         state->handler_error = std::current_exception();
+        try {
+          send("cancel", {{"id", params["id"]}});  // not waited for: this is the reader thread
+        } catch (const Error&) {
+          // the worker is gone: the call fails (with the handler's error) anyway
+        }
       }
     }
     return;

@@ -1,14 +1,18 @@
 #include "mlx_worker/process.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 extern char** environ;
 
@@ -182,17 +186,35 @@ void Subprocess::signal(int sig) {
 
 ExitStatus Subprocess::wait() {
   const auto pid = static_cast<pid_t>(pid_);
+  int status = 0;
+  pid_t r;
 #if defined(WNOWAIT) && !defined(__APPLE__)
-  // Wait without reaping, then reap under the lock: signal() never races a recycled pid.
+  // Wait without reaping and without the lock, then reap under the lock: signal() never
+  // races a recycled pid and never waits for the child.
   siginfo_t info;
   while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR) {
   }
-#endif
   std::lock_guard<std::mutex> lock(mutex_);
-  int status = 0;
-  pid_t r;
   while ((r = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
   }
+#else
+  // macOS: no dependable non-reaping wait, so poll. Each try reaps under the lock (a
+  // signal() can't hit a recycled pid); the sleeps between tries hold no lock, so
+  // signal() and close()'s escalation never wait for the child.
+  for (auto pause = std::chrono::milliseconds(1);; pause = std::min(pause * 2, std::chrono::milliseconds(50))) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while ((r = ::waitpid(pid, &status, WNOHANG)) < 0 && errno == EINTR) {
+      }
+      if (r != 0) {
+        reaped_ = true;
+        if (r < 0) return ExitStatus{};  // reaped elsewhere (SIGCHLD set to SIG_IGN)
+        return decode(status);
+      }
+    }
+    std::this_thread::sleep_for(pause);
+  }
+#endif
   reaped_ = true;
   if (r < 0) return ExitStatus{};  // reaped elsewhere (e.g. a SIGCHLD handler set to SIG_IGN)
   return decode(status);
@@ -214,30 +236,53 @@ std::vector<std::string> build_environment(const std::map<std::string, std::stri
 }
 
 ProcessTransport::ProcessTransport(const SpawnOptions& o)
-    : process_(o.python, o.args, build_environment(o.env, o.inherit_env), o.cwd) {}
+    : process_(o.python, o.args, build_environment(o.env, o.inherit_env), o.cwd) {
+  make_pipe(wake_);
+}
 
 ProcessTransport::~ProcessTransport() {
-  if (out_thread_.joinable() || err_thread_.joinable()) {
+  if (reaper_thread_.joinable()) {
     process_.signal(SIGKILL);
-    if (out_thread_.joinable()) out_thread_.join();
-    if (err_thread_.joinable()) err_thread_.join();
+    reaper_thread_.join();  // it stops the readers before it ends
+    out_thread_.join();
+    err_thread_.join();
   }
+  close_fd(wake_[0]);
+  close_fd(wake_[1]);
 }
 
 void ProcessTransport::start(TransportSink* sink) {
   sink_ = sink;
   err_thread_ = std::thread([this] { read_stderr(); });
   out_thread_ = std::thread([this] { read_stdout(); });
+  reaper_thread_ = std::thread([this] { reap(); });
+}
+
+bool ProcessTransport::read_some(int fd, char* buf, std::size_t size, std::size_t& got) {
+  for (;;) {
+    struct pollfd fds[2] = {{fd, POLLIN, 0}, {wake_[0], POLLIN, 0}};
+    int n = ::poll(fds, 2, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    // The wake-up comes a grace period after the exit: what the worker wrote has been read
+    // by then, and a grandchild that keeps writing must not keep us here.
+    if (fds[1].revents) return false;
+    if (fds[0].revents) {
+      ssize_t r = ::read(fd, buf, size);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) return false;
+      got = static_cast<std::size_t>(r);
+      return true;
+    }
+  }
 }
 
 void ProcessTransport::read_stderr() {
   char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(process_.stderr_fd(), buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    sink_->on_stderr(buf, static_cast<std::size_t>(n));
-  }
+  std::size_t n;
+  while (read_some(process_.stderr_fd(), buf, sizeof buf, n)) sink_->on_stderr(buf, n);
   std::lock_guard<std::mutex> lock(mutex_);
   stderr_done_ = true;
   cv_.notify_all();
@@ -245,18 +290,28 @@ void ProcessTransport::read_stderr() {
 
 void ProcessTransport::read_stdout() {
   char buf[65536];
-  for (;;) {
-    ssize_t n = ::read(process_.stdout_fd(), buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    sink_->on_stdout(buf, static_cast<std::size_t>(n));
-  }
+  std::size_t n;
+  while (read_some(process_.stdout_fd(), buf, sizeof buf, n)) sink_->on_stdout(buf, n);
+  std::lock_guard<std::mutex> lock(mutex_);
+  stdout_done_ = true;
+  cv_.notify_all();
+}
+
+void ProcessTransport::reap() {
   ExitStatus status = process_.wait();
   {
-    // The stderr tail should be complete in the error; a grandchild holding the pipe open
-    // must not hold up the exit, hence the bound.
+    // Normally both pipes reach EOF right after the exit. A grandchild that inherited them
+    // keeps them open: then stop reading after a grace period (as the TypeScript client
+    // does) rather than leave every pending call waiting on it.
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait_for(lock, std::chrono::milliseconds(500), [this] { return stderr_done_; });
+    if (!cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stdout_done_ && stderr_done_; })) {
+      char byte = 1;
+      while (::write(wake_[1], &byte, 1) < 0 && errno == EINTR) {
+      }
+      // The readers see the wake-up within one read: on_exit still comes after the
+      // last on_stdout.
+      cv_.wait(lock, [this] { return stdout_done_ && stderr_done_; });
+    }
   }
   sink_->on_exit(status);
   std::lock_guard<std::mutex> lock(mutex_);

@@ -16,6 +16,7 @@ const char* error_code_description(int code) {
     case -32009: return "a prompt cache file is missing, corrupt or from another model";
     case -32010: return "the worker is shutting down";
     case -32011: return "generation failed inside MLX";
+    case -32012: return "the request was cancelled (a cancelled load: nothing of it stays loaded)";
     case -32600: return "invalid request: not a JSON-RPC 2.0 request object, an oversized line, a batch, or an id already in flight";
     case -32601: return "method not found";
     case -32602: return "invalid params: data.field names the offending field";
@@ -545,6 +546,8 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
   j = nlohmann::json::object();
   if (v.chat_template) j["chat_template"] = *v.chat_template;
   if (v.image_cache_bytes) j["image_cache_bytes"] = *v.image_cache_bytes;
+  if (v.kv_bits) j["kv_bits"] = *v.kv_bits;
+  if (v.kv_group_size) j["kv_group_size"] = *v.kv_group_size;
   if (v.max_image_bytes) j["max_image_bytes"] = *v.max_image_bytes;
   if (v.max_image_pixels) j["max_image_pixels"] = *v.max_image_pixels;
   if (v.max_images) j["max_images"] = *v.max_images;
@@ -563,6 +566,10 @@ void from_json(const nlohmann::json& j, LoadParams& v) {
   else v.chat_template.reset();
   if (auto it = j.find("image_cache_bytes"); it != j.end() && !it->is_null()) v.image_cache_bytes = it->get<std::int64_t>();
   else v.image_cache_bytes.reset();
+  if (auto it = j.find("kv_bits"); it != j.end() && !it->is_null()) v.kv_bits = it->get<std::int64_t>();
+  else v.kv_bits.reset();
+  if (auto it = j.find("kv_group_size"); it != j.end() && !it->is_null()) v.kv_group_size = it->get<std::int64_t>();
+  else v.kv_group_size.reset();
   if (auto it = j.find("max_image_bytes"); it != j.end() && !it->is_null()) v.max_image_bytes = it->get<std::int64_t>();
   else v.max_image_bytes.reset();
   if (auto it = j.find("max_image_pixels"); it != j.end() && !it->is_null()) v.max_image_pixels = it->get<std::int64_t>();
@@ -588,6 +595,20 @@ void from_json(const nlohmann::json& j, LoadParams& v) {
   else v.trust_remote_code.reset();
 }
 
+void to_json(nlohmann::json& j, const LoadProgressEvent& v) {
+  j = nlohmann::json::object();
+  j["done"] = v.done;
+  j["id"] = v.id;
+  j["phase"] = v.phase;
+  j["total"] = v.total;
+}
+void from_json(const nlohmann::json& j, LoadProgressEvent& v) {
+  j.at("done").get_to(v.done);
+  j.at("id").get_to(v.id);
+  j.at("phase").get_to(v.phase);
+  j.at("total").get_to(v.total);
+}
+
 void to_json(nlohmann::json& j, const ParallelStatus& v) {
   j = nlohmann::json::object();
   j["backend"] = v.backend;
@@ -611,6 +632,8 @@ void to_json(nlohmann::json& j, const LoadResult& v) {
   j["eos_token_ids"] = v.eos_token_ids;
   j["has_chat_template"] = v.has_chat_template;
   j["kind"] = v.kind;
+  if (v.kv_bits) j["kv_bits"] = *v.kv_bits;
+  if (v.kv_group_size) j["kv_group_size"] = *v.kv_group_size;
   j["load_ms"] = v.load_ms;
   j["memory_bytes"] = v.memory_bytes;
   j["model_id"] = v.model_id;
@@ -629,6 +652,10 @@ void from_json(const nlohmann::json& j, LoadResult& v) {
   j.at("eos_token_ids").get_to(v.eos_token_ids);
   j.at("has_chat_template").get_to(v.has_chat_template);
   j.at("kind").get_to(v.kind);
+  if (auto it = j.find("kv_bits"); it != j.end() && !it->is_null()) v.kv_bits = it->get<std::int64_t>();
+  else v.kv_bits.reset();
+  if (auto it = j.find("kv_group_size"); it != j.end() && !it->is_null()) v.kv_group_size = it->get<std::int64_t>();
+  else v.kv_group_size.reset();
   j.at("load_ms").get_to(v.load_ms);
   j.at("memory_bytes").get_to(v.memory_bytes);
   j.at("model_id").get_to(v.model_id);
@@ -679,6 +706,8 @@ void to_json(nlohmann::json& j, const ModelStatus& v) {
   j = nlohmann::json::object();
   if (v.context_length) j["context_length"] = *v.context_length;
   j["kind"] = v.kind;
+  if (v.kv_bits) j["kv_bits"] = *v.kv_bits;
+  if (v.kv_group_size) j["kv_group_size"] = *v.kv_group_size;
   j["memory_bytes"] = v.memory_bytes;
   if (v.memory_limit) j["memory_limit"] = *v.memory_limit;
   j["model_id"] = v.model_id;
@@ -691,6 +720,10 @@ void from_json(const nlohmann::json& j, ModelStatus& v) {
   if (auto it = j.find("context_length"); it != j.end() && !it->is_null()) v.context_length = it->get<std::int64_t>();
   else v.context_length.reset();
   j.at("kind").get_to(v.kind);
+  if (auto it = j.find("kv_bits"); it != j.end() && !it->is_null()) v.kv_bits = it->get<std::int64_t>();
+  else v.kv_bits.reset();
+  if (auto it = j.find("kv_group_size"); it != j.end() && !it->is_null()) v.kv_group_size = it->get<std::int64_t>();
+  else v.kv_group_size.reset();
   j.at("memory_bytes").get_to(v.memory_bytes);
   if (auto it = j.find("memory_limit"); it != j.end() && !it->is_null()) v.memory_limit = it->get<std::int64_t>();
   else v.memory_limit.reset();
@@ -818,7 +851,7 @@ void from_json(const nlohmann::json& j, TokenLogprob& v) {
 
 void to_json(nlohmann::json& j, const TokenEvent& v) {
   j = nlohmann::json::object();
-  if (v.channel) j["channel"] = *v.channel;
+  j["channel"] = v.channel;
   j["id"] = v.id;
   if (v.logprobs) j["logprobs"] = *v.logprobs;
   j["text"] = v.text;
@@ -826,8 +859,7 @@ void to_json(nlohmann::json& j, const TokenEvent& v) {
   if (v.tool_call_index) j["tool_call_index"] = *v.tool_call_index;
 }
 void from_json(const nlohmann::json& j, TokenEvent& v) {
-  if (auto it = j.find("channel"); it != j.end() && !it->is_null()) v.channel = it->get<std::string>();
-  else v.channel.reset();
+  j.at("channel").get_to(v.channel);
   j.at("id").get_to(v.id);
   if (auto it = j.find("logprobs"); it != j.end() && !it->is_null()) v.logprobs = it->get<std::vector<TokenLogprob>>();
   else v.logprobs.reset();

@@ -570,3 +570,121 @@ TEST(Lifecycle, WritingToAClosedStdinNeverRaisesSigpipe) {
   EXPECT_EQ(worker->close({200ms, 3000ms, 3000ms}).signal, SIGTERM);
   for (auto& call : calls) EXPECT_THROW(call.get(), WorkerExited);
 }
+
+// ---- the worker's exit is noticed even when a grandchild holds its stdout ------------
+
+TEST(Lifecycle, ExitIsNoticedWhileAGrandchildHoldsStdout) {
+  // A "worker" that announces itself, leaves a background process holding its stdout and
+  // stderr, and exits 7 without answering.
+  SpawnOptions o;
+  o.python = "/bin/sh";
+  o.args = {"-c",
+            R"(printf '%s\n' '{"jsonrpc":"2.0","method":"ready","params":{"protocol_version":"1.0","worker_version":"0","mlx_version":"0","device":"cpu","pid":1,"capabilities":{"methods":[],"max_line_bytes":1,"batch":false,"constraints":[],"constraint_engines":[],"vision":false}}}'; sleep 20 & read line; exit 7)"};
+  auto start = Clock::now();
+  {
+    auto worker = Client::spawn(o);
+    auto pending = worker->send("status");  // the line it reads before exiting
+    ASSERT_TRUE(pending.wait_for(5s)) << "a pending call hangs after the worker exited";
+    try {
+      pending.get();
+      ADD_FAILURE() << "the call succeeded";
+    } catch (const WorkerExited& e) {
+      EXPECT_EQ(e.exit_code(), 7);
+    }
+    EXPECT_THROW(worker->status(), WorkerExited);
+  }  // the destructor must not wait for the grandchild either
+  EXPECT_LT(Clock::now() - start, 5s);
+}
+
+TEST(Lifecycle, SignalDoesNotWaitForAnotherThreadsWait) {
+  // wait() blocks until the child exits; signal() from another thread meanwhile must go
+  // through at once (on macOS wait() once held the lock while blocked in waitpid).
+  Subprocess child("/bin/sh", {"-c", "exec sleep 30"}, build_environment({}, true), "");
+  std::atomic<bool> waited{false};
+  std::thread waiter([&] {
+    child.wait();
+    waited = true;
+  });
+  std::this_thread::sleep_for(100ms);  // let it block
+  auto start = Clock::now();
+  child.signal(SIGTERM);
+  EXPECT_LT(Clock::now() - start, 1s);
+  waiter.join();
+  EXPECT_TRUE(waited.load());
+}
+
+// ---- a throwing event handler ---------------------------------------------------------
+
+TEST_F(Worker, AThrowingHandlerCancelsTheGenerationAndSurfacesItsError) {
+  struct HostBug : std::runtime_error {
+    using std::runtime_error::runtime_error;
+  };
+  auto call = client_->generate_async(greedy("the handler throws", 3000), [](const GenerateEvent& e) {
+    if (std::holds_alternative<TokenEvent>(e)) throw HostBug("host bug");
+  });
+  ASSERT_TRUE(call.wait_for(20s)) << "the generation ran on after its handler threw";
+  EXPECT_THROW(call.get(), HostBug);
+  // The worker was told: its response for this id says cancelled.
+  std::string response;
+  for (const auto& line : lines()) {
+    auto m = nlohmann::json::parse(line);
+    if (m.contains("result") && m["id"] == call.id()) response = line;
+  }
+  ASSERT_FALSE(response.empty());
+  auto result = nlohmann::json::parse(response)["result"];
+  EXPECT_EQ(result["stop_reason"], "cancelled");
+  EXPECT_LT(result["tokens"].size(), 3000u);
+}
+
+// ---- issue 15: channels and tool calls, typed ------------------------------------------
+
+TEST(Tools, ChannelsAndToolCallsAreTyped) {
+  auto worker = Client::spawn(worker_options());
+  LoadResult loaded = worker->load(test_support::tools_model_path(), std::string("qwen3"));
+  EXPECT_EQ(loaded.tool_call_format, "json_tools");
+  Tool weather;
+  weather.function.name = "get_weather";
+  weather.function.parameters = nlohmann::json{{"type", "object"},
+                                               {"properties", {{"city", {{"type", "string"}, {"maxLength", 8}}}}},
+                                               {"required", {"city"}},
+                                               {"additionalProperties", false}};
+  GenerateParams p;
+  ChatMessage ask;
+  ask.role = "user";
+  ask.content = ChatMessageContent(std::string("Weather in Paris?"));
+  p.messages = std::vector<ChatMessage>{ask};
+  p.tools = std::vector<Tool>{weather};
+  NamedToolChoice choice;
+  choice.name = "get_weather";
+  p.tool_choice = GenerateParamsToolChoice(choice);
+  p.max_tokens = 40;
+  p.temperature = 0.0;
+
+  ChannelText texts;
+  std::string all;
+  std::vector<std::string> channels;
+  GenerateResult r = worker->generate(p, [&](const GenerateEvent& e) {
+    if (auto* t = std::get_if<TokenEvent>(&e)) {
+      texts.add(*t);
+      all += t->text;
+      channels.push_back(channel_of(*t));
+      if (channel_of(*t) == channel::tool_call) EXPECT_EQ(t->tool_call_index, 0);
+    }
+  });
+  EXPECT_EQ(all, r.text);
+  EXPECT_EQ(texts.content, r.content);
+  EXPECT_EQ(texts.reasoning, r.reasoning);
+  ASSERT_EQ(r.tool_calls.size(), 1u);
+  EXPECT_EQ(r.tool_calls[0].name, "get_weather");
+  EXPECT_TRUE(r.tool_calls[0].arguments.is_object());
+  EXPECT_FALSE(r.tool_calls[0].id.empty());
+  EXPECT_FALSE(r.invalid_tool_calls.has_value());
+  // The call's streamed text is the call the result reports, parsed.
+  ASSERT_EQ(texts.tool_calls.size(), 1u);
+  auto streamed = nlohmann::json::parse(texts.tool_calls[0]);
+  EXPECT_EQ(streamed["name"], r.tool_calls[0].name);
+  EXPECT_EQ(streamed["arguments"], r.tool_calls[0].arguments);
+  ASSERT_FALSE(channels.empty());
+  EXPECT_EQ(channels.front(), channel::marker) << "the call starts at once: <tool_call>";
+  EXPECT_EQ(worker->close().exit_code, 0);
+}

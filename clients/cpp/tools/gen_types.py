@@ -35,7 +35,7 @@ ERROR_NAMES = {
     -32002: "load_failed", -32003: "model_not_loaded", -32004: "context_overflow",
     -32005: "out_of_memory", -32006: "busy", -32007: "constraint_invalid",
     -32008: "image_invalid", -32009: "cache_file_invalid", -32010: "shutting_down",
-    -32011: "generation_failed",
+    -32011: "generation_failed", -32012: "cancelled",
 }
 # Union aliases named by property; equal variants share the first alias.
 ALIAS_BY_PROPERTY = {"id": "RequestId"}
@@ -68,7 +68,9 @@ class Generator:
             if len(members) == 1:
                 return self.cpp_type(members[0], owner, prop)
             return self.union(members, sch, owner, prop)
-        if "enum" in sch:
+        if "enum" in sch:  # integer choices (kv_bits: 4 or 8) stay integers
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in sch["enum"]):
+                return "std::int64_t", set()
             return "std::string", set()
         kind = sch.get("type")
         if kind == "string":

@@ -5,8 +5,14 @@ export type GenerateEvent = ({ type: "progress" } & ProgressEvent) | ({ type: "t
 
 /**
  * One running `generate`: iterate it (`for await`) for its `progress` and
- * `token` events; `result` is the final response. Events are buffered until
- * read. Leaving the loop early (break, throw) cancels the generation.
+ * `token` events; `result` is the final response. Leaving the loop early
+ * (break, throw) cancels the generation.
+ *
+ * Events wait in a buffer for the loop only when someone may read them: from
+ * the start when the generate was given no `onEvent` (so a loop that starts
+ * after an `await` misses nothing), and otherwise only while a loop runs (a
+ * host that takes its events through `onEvent` keeps nothing, however long
+ * the generation). `GenerateOptions.buffer` overrides this.
  */
 export class Generation implements AsyncIterable<GenerateEvent> {
   /** Settles with the final response; rejects with `RpcError` or `WorkerExitedError`. */
@@ -16,18 +22,26 @@ export class Generation implements AsyncIterable<GenerateEvent> {
   private finished = false;
   private failure: { error: unknown } | undefined;
   private cancelling: Promise<boolean> | undefined;
+  private readers = 0;
 
   constructor(
     /** The request id, as in the events' `id`. */
     readonly id: number,
     result: Promise<GenerateResult>,
     private readonly cancelRequest: () => Promise<boolean>,
+    /** Buffer events before any loop has started (see the class comment). */
+    private readonly bufferUnread = true,
   ) {
     this.result = result;
     result.then(
       () => this.finish(undefined),
       (error) => this.finish({ error }),
     );
+  }
+
+  /** How many events wait to be read by a `for await` loop. */
+  get buffered(): number {
+    return this.events.length;
   }
 
   /**
@@ -42,12 +56,14 @@ export class Generation implements AsyncIterable<GenerateEvent> {
 
   /** @internal called by the worker for each routed notification. */
   push(event: GenerateEvent): void {
+    if (this.readers === 0 && !this.bufferUnread) return;
     this.events.push(event);
     this.wakeReader();
   }
 
   async *[Symbol.asyncIterator](): AsyncGenerator<GenerateEvent, GenerateResult | undefined> {
     let done = false;
+    this.readers++;
     try {
       for (;;) {
         const event = this.events.shift();
@@ -62,6 +78,7 @@ export class Generation implements AsyncIterable<GenerateEvent> {
       if (this.failure) throw this.failure.error;
       return await this.result;
     } finally {
+      if (--this.readers === 0 && !this.bufferUnread) this.events.length = 0;
       if (!done && !this.finished) this.cancel().catch(() => {});
     }
   }

@@ -34,16 +34,42 @@ export interface SpawnOptions {
   onLine?: (direction: "send" | "recv", line: string) => void;
   /** The protocol major this client accepts. Default: the one it was generated for. */
   protocolMajor?: number;
+  /**
+   * What one of the host's own callbacks (`onEvent`, `onStderr`, `onLine`,
+   * `onUnrouted`) threw. Default: `console.error`. Never rethrown: an uncaught
+   * exception would end a Node process or an Electron main process. A throwing
+   * `onEvent` also cancels its request, and that request's later events are
+   * not delivered to it.
+   */
+  onError?: (error: unknown, source: CallbackSource) => void;
+}
+
+/** Which host callback threw, and for which request. */
+export interface CallbackSource {
+  callback: "onEvent" | "onStderr" | "onLine" | "onUnrouted";
+  /** The request whose event it was (`onEvent` only). */
+  id?: number;
 }
 
 export interface RequestOptions {
-  /** Called with each `progress` / `token` notification for this request. */
+  /**
+   * Called with each `progress` / `token` notification for this request. If it
+   * throws, the request is cancelled and the error goes to `onError`.
+   */
   onEvent?: (event: GenerateEvent) => void;
+  /** What this request's `onEvent` threw. Default: the worker's `onError`. */
+  onError?: (error: unknown, source: CallbackSource) => void;
 }
 
 export interface GenerateOptions extends RequestOptions {
   /** Aborting sends `cancel`; the generation then ends with `stop_reason: "cancelled"`. */
   signal?: AbortSignal;
+  /**
+   * Keep events for a `for await` loop that has not started yet. Default: true
+   * without `onEvent`, false with it (then only a running loop gets them, and
+   * a long generation driven by `onEvent` keeps nothing in memory).
+   */
+  buffer?: boolean;
 }
 
 export interface CloseOptions {
@@ -136,7 +162,7 @@ export class Worker {
     const decoder = new StringDecoder("utf8");
     this.child.stderr.on("data", (chunk: Buffer) => {
       this.keepStderr(chunk);
-      if (options.onStderr) callHost(options.onStderr, decoder.write(chunk));
+      if (options.onStderr) this.callHost({ callback: "onStderr" }, undefined, options.onStderr, decoder.write(chunk));
     });
   }
 
@@ -169,8 +195,9 @@ export class Worker {
     options: RequestOptions = {},
   ): Promise<Methods[M]["result"]> {
     return new Promise((resolve, reject) => {
-      const { onEvent } = options;
-      this.send(method, params, { method, resolve, reject, onEvent: onEvent && ((e) => callHost(onEvent, e)) });
+      let id = 0;
+      const onEvent = this.guardEvents(options, () => id, () => this.cancel(id));
+      id = this.send(method, params, { method, resolve, reject, onEvent });
     });
   }
 
@@ -179,9 +206,10 @@ export class Worker {
    * await its `result`. Aborting `signal` sends `cancel`.
    */
   generate(params: GenerateParams, options: GenerateOptions = {}): Generation {
-    const { signal, onEvent } = options;
+    const { signal } = options;
     let generation!: Generation;
     let id = 0;
+    const onEvent = this.guardEvents(options, () => id, () => generation.cancel());
     const result = new Promise<Methods["generate"]["result"]>((resolve, reject) => {
       id = this.send("generate", params, {
         method: "generate",
@@ -189,11 +217,12 @@ export class Worker {
         reject,
         onEvent: (event) => {
           generation.push(event);
-          if (onEvent) callHost(onEvent, event);
+          onEvent?.(event);
         },
       });
     });
-    generation = new Generation(id, result, () => (id ? this.cancel(id) : Promise.resolve(false)));
+    const buffer = options.buffer ?? !options.onEvent;
+    generation = new Generation(id, result, () => (id ? this.cancel(id) : Promise.resolve(false)), buffer);
     if (signal && id) {
       const onAbort = () => generation.cancel().catch(() => {});
       if (signal.aborted) onAbort();
@@ -204,6 +233,48 @@ export class Worker {
       }
     }
     return generation;
+  }
+
+  /**
+   * The host's onEvent, made safe: what it throws goes to onError and cancels
+   * the request, whose later events it no longer gets.
+   */
+  private guardEvents(
+    options: RequestOptions,
+    id: () => number,
+    cancel: () => Promise<boolean>,
+  ): ((event: GenerateEvent) => void) | undefined {
+    const { onEvent, onError } = options;
+    if (!onEvent) return undefined;
+    let failed = false;
+    return (event) => {
+      if (failed) return;
+      if (!this.callHost({ callback: "onEvent", id: id() }, onError, onEvent, event)) {
+        failed = true;
+        cancel().catch(() => {}); // rejects only when the worker is gone
+      }
+    };
+  }
+
+  /** Calls a host callback; false when it threw (reported, never rethrown). */
+  private callHost<A extends unknown[]>(
+    source: CallbackSource,
+    onError: ((error: unknown, source: CallbackSource) => void) | undefined,
+    callback: (...args: A) => void,
+    ...args: A
+  ): boolean {
+    try {
+      callback(...args);
+      return true;
+    } catch (error) {
+      const report = onError ?? this.options.onError ?? defaultOnError;
+      try {
+        report(error, source);
+      } catch (again) {
+        defaultOnError(again, source);
+      }
+      return false;
+    }
   }
 
   /** `cancel {id}`: true when that generate will end with `stop_reason: "cancelled"`. */
@@ -275,14 +346,14 @@ export class Worker {
       return 0;
     }
     this.pending.set(id, pending);
-    if (this.options.onLine) callHost(this.options.onLine, "send", line);
+    if (this.options.onLine) this.callHost({ callback: "onLine" }, undefined, this.options.onLine, "send", line);
     if (this.child.stdin.writable) this.child.stdin.write(line + "\n");
     // else: the process is exiting; finalize() rejects it with WorkerExitedError.
     return id;
   }
 
   private receive(line: string): void {
-    if (this.options.onLine) callHost(this.options.onLine, "recv", line);
+    if (this.options.onLine) this.callHost({ callback: "onLine" }, undefined, this.options.onLine, "recv", line);
     let message: any;
     try {
       message = JSON.parse(line);
@@ -314,7 +385,7 @@ export class Worker {
   }
 
   private unrouted(message: unknown): void {
-    if (this.options.onUnrouted) callHost(this.options.onUnrouted, message);
+    if (this.options.onUnrouted) this.callHost({ callback: "onUnrouted" }, undefined, this.options.onUnrouted, message);
   }
 
   private waitReady(timeoutMs: number): Promise<void> {
@@ -378,17 +449,8 @@ export class Worker {
   }
 }
 
-/**
- * Calls a host callback. What it throws is rethrown on its own (an uncaught
- * exception, as from an event listener) so it can't leave the client
- * half-way through a chunk of lines.
- */
-function callHost<A extends unknown[]>(callback: (...args: A) => void, ...args: A): void {
-  try {
-    callback(...args);
-  } catch (error) {
-    queueMicrotask(() => {
-      throw error;
-    });
-  }
+function defaultOnError(error: unknown, source: CallbackSource): void {
+  const where = source.id === undefined ? source.callback : `${source.callback} (request ${source.id})`;
+  const cancelled = source.callback === "onEvent" ? "; the request was cancelled" : "";
+  console.error(`mlx-worker client: the host's ${where} threw${cancelled}:`, error);
 }

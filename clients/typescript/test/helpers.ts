@@ -32,6 +32,15 @@ export function tinyModel(): string {
   return resolve(dir);
 }
 
+/** tiny-qwen3-tools: Qwen3's chat template and markers (`<think>`, `<tool_call>`). */
+export function toolsModel(): string {
+  const dir = process.env.MLX_WORKER_TOOLS_MODEL ?? join(REPO, "fixtures", "models", "tiny-qwen3-tools");
+  if (!existsSync(join(dir, "config.json"))) {
+    execFileSync(PYTHON, ["fixtures/build.py", "tiny-qwen3-tools"], { cwd: REPO, env: workerEnv(), stdio: "inherit" });
+  }
+  return resolve(dir);
+}
+
 /**
  * Checks every line a worker sends: notifications against their params'
  * schema, responses against the result schema of the method whose id they

@@ -3,8 +3,16 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 
-import { RpcError, type GenerateEvent, type GenerateParams, type Worker } from "../src";
-import { startWorker, tinyModel, type TestWorker } from "./helpers";
+import {
+  ChannelText,
+  RpcError,
+  channelOf,
+  type GenerateEvent,
+  type GenerateParams,
+  type Tool,
+  type Worker,
+} from "../src";
+import { startWorker, tinyModel, toolsModel, type TestWorker } from "./helpers";
 
 let tw: TestWorker;
 let worker: Worker;
@@ -194,6 +202,148 @@ describe("cancel", () => {
     const result = await generation.result;
     assert.equal(result.stop_reason, "cancelled");
     assert.deepEqual(result.tokens, []);
+  });
+});
+
+describe("host callbacks", () => {
+  const greedy = (prompt: string, max_tokens: number): GenerateParams => ({
+    model_id: "tiny",
+    prompt,
+    max_tokens,
+    temperature: 0,
+    ignore_eos: true,
+  });
+
+  test("a generate driven by onEvent alone keeps none of its events", async () => {
+    let seen = 0;
+    let most = 0;
+    const generation = worker.generate(greedy("only onEvent", 40), {
+      onEvent: () => {
+        seen++;
+        most = Math.max(most, generation.buffered);
+      },
+    });
+    const result = await generation.result;
+    assert.equal(result.tokens.length, 40);
+    assert.ok(seen > 1, `only ${seen} events`);
+    assert.equal(most, 0, "events were buffered for a loop that never ran");
+    assert.equal(generation.buffered, 0);
+  });
+
+  test("without onEvent, a loop started after an await still gets every event", async () => {
+    const generation = worker.generate(greedy("late loop", 12));
+    await generation.result;
+    const events: GenerateEvent[] = [];
+    for await (const event of generation) events.push(event);
+    assert.deepEqual(tokenIds(events), (await generation.result).tokens);
+  });
+
+  test("onEvent and a running loop both get every event", async () => {
+    const viaCallback: GenerateEvent[] = [];
+    const generation = worker.generate(greedy("both", 12), { onEvent: (e) => viaCallback.push(e) });
+    const viaLoop: GenerateEvent[] = [];
+    for await (const event of generation) viaLoop.push(event);
+    assert.deepEqual(viaLoop, viaCallback);
+    assert.deepEqual(tokenIds(viaLoop), (await generation.result).tokens);
+  });
+
+  test("a throwing onEvent goes to onError, cancels its generation and gets no more events", async () => {
+    const errors: { error: unknown; source: unknown }[] = [];
+    let threw = false;
+    let callsAfter = 0;
+    const generation = worker.generate(greedy("the host throws", 3000), {
+      onEvent: (e) => {
+        if (threw) callsAfter++;
+        if (e.type === "token") {
+          threw = true;
+          throw new Error("host bug");
+        }
+      },
+      onError: (error, source) => errors.push({ error, source }),
+    });
+    const result = await generation.result;
+    assert.equal(result.stop_reason, "cancelled");
+    assert.ok(result.tokens.length < 3000);
+    assert.equal(errors.length, 1);
+    assert.equal((errors[0].error as Error).message, "host bug");
+    assert.deepEqual(errors[0].source, { callback: "onEvent", id: generation.id });
+    assert.ok(threw);
+    assert.equal(callsAfter, 0, "events after the throw reached onEvent");
+  });
+
+  test("by default a throwing onEvent is logged with console.error, never uncaught", async () => {
+    const logged: unknown[][] = [];
+    const uncaught: unknown[] = [];
+    const onUncaught = (error: unknown) => uncaught.push(error);
+    const original = console.error;
+    console.error = (...args: unknown[]) => void logged.push(args);
+    process.on("uncaughtException", onUncaught);
+    try {
+      const generation = worker.generate(greedy("default onError", 3000), {
+        onEvent: () => {
+          throw new Error("unhandled host bug");
+        },
+      });
+      assert.equal((await generation.result).stop_reason, "cancelled");
+      await new Promise((resolve) => setImmediate(resolve));
+    } finally {
+      console.error = original;
+      process.off("uncaughtException", onUncaught);
+    }
+    assert.deepEqual(uncaught, []);
+    assert.equal(logged.length, 1);
+    assert.ok(logged[0].some((a) => a instanceof Error && a.message === "unhandled host bug"));
+  });
+});
+
+describe("tools and reasoning", () => {
+  test("channels, tool_call_index and the result's tool calls are typed and add up", async () => {
+    const loaded = await worker.request("load", { model: toolsModel(), model_id: "qwen3" });
+    assert.equal(loaded.tool_call_format, "json_tools");
+    const weather: Tool = {
+      type: "function",
+      function: {
+        name: "get_weather",
+        parameters: {
+          type: "object",
+          properties: { city: { type: "string", maxLength: 8 } },
+          required: ["city"],
+          additionalProperties: false,
+        },
+      },
+    };
+    const texts = new ChannelText();
+    const tokens: Extract<GenerateEvent, { type: "token" }>[] = [];
+    const generation = worker.generate(
+      {
+        model_id: "qwen3",
+        messages: [{ role: "user", content: "Weather in Paris?" }],
+        tools: [weather],
+        tool_choice: { name: "get_weather" },
+        max_tokens: 40,
+        temperature: 0,
+      },
+      {
+        onEvent: (e) => {
+          texts.add(e);
+          if (e.type === "token") tokens.push(e);
+        },
+      },
+    );
+    const result = await generation.result;
+    assert.equal(tokens.map((t) => t.text).join(""), result.text);
+    assert.equal(texts.content, result.content);
+    assert.equal(texts.reasoning, result.reasoning);
+    assert.equal(channelOf(tokens[0]), "marker", "the call starts at once: <tool_call>");
+    for (const t of tokens) assert.equal(t.tool_call_index, channelOf(t) === "tool_call" ? 0 : undefined);
+    assert.equal(result.tool_calls.length, 1);
+    const [call] = result.tool_calls;
+    assert.equal(call.name, "get_weather");
+    assert.match(call.id, /\S/);
+    assert.equal(result.invalid_tool_calls, undefined);
+    // The call's streamed text is the call the result reports, parsed.
+    assert.equal(texts.toolCalls.length, 1);
+    assert.deepEqual(JSON.parse(texts.toolCalls[0]), { name: call.name, arguments: call.arguments });
   });
 });
 

@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mlx_worker/errors.hpp"
+#include "mlx_worker/channels.hpp"
 #include "mlx_worker/line_splitter.hpp"
 #include "mlx_worker/process.hpp"
 #include "mlx_worker/protocol.hpp"

@@ -53,7 +53,8 @@ class Subprocess {
   void close_stdin();
   // Sends a signal unless the child has been reaped (so a recycled pid is never hit).
   void signal(int sig);
-  // Blocks until the child exits, then reaps it.
+  // Blocks until the child exits, then reaps it. signal() from another thread meanwhile
+  // never waits for it.
   ExitStatus wait();
 
  private:
@@ -68,7 +69,8 @@ std::vector<std::string> build_environment(const std::map<std::string, std::stri
                                            bool inherit);
 
 // Transport over a Subprocess: a thread reads stdout, one drains stderr (a full stderr pipe
-// would block the worker), and the stdout thread reaps the child after EOF.
+// would block the worker), and a third reaps the child. The exit is reported once both
+// pipes are at EOF, or 1 s after the exit when a grandchild still holds them open.
 class ProcessTransport : public Transport {
  public:
   explicit ProcessTransport(const SpawnOptions& options);
@@ -85,12 +87,17 @@ class ProcessTransport : public Transport {
  private:
   void read_stdout();
   void read_stderr();
+  void reap();
+  // Reads from fd; false at EOF, on error, or once the reaper has written to wake_.
+  bool read_some(int fd, char* buf, std::size_t size, std::size_t& got);
 
   Subprocess process_;
   TransportSink* sink_ = nullptr;
-  std::thread out_thread_, err_thread_;
+  int wake_[2] = {-1, -1};  // the reaper's "stop reading" to both readers
+  std::thread out_thread_, err_thread_, reaper_thread_;
   std::mutex mutex_;
   std::condition_variable cv_;
+  bool stdout_done_ = false;
   bool stderr_done_ = false;
   bool exited_ = false;
 };

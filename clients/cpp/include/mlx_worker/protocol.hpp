@@ -30,6 +30,7 @@ inline constexpr int image_invalid = -32008;  // an image could not be used
 inline constexpr int cache_file_invalid = -32009;  // a prompt cache file is missing, corrupt or from another model
 inline constexpr int shutting_down = -32010;  // the worker is shutting down
 inline constexpr int generation_failed = -32011;  // generation failed inside MLX
+inline constexpr int cancelled = -32012;  // the request was cancelled (a cancelled load: nothing of it stays loaded)
 inline constexpr int invalid_request = -32600;  // invalid request: not a JSON-RPC 2.0 request object, an oversized line, a batch, or an id already in flight
 inline constexpr int method_not_found = -32601;  // method not found
 inline constexpr int invalid_params = -32602;  // invalid params: data.field names the offending field
@@ -70,6 +71,7 @@ struct Usage;
 struct GenerateResult;
 struct ParallelParams;
 struct LoadParams;
+struct LoadProgressEvent;
 struct ParallelStatus;
 struct LoadResult;
 struct MemoryStatus;
@@ -406,6 +408,8 @@ void from_json(const nlohmann::json& j, ParallelParams& v);
 struct LoadParams {
   std::optional<std::string> chat_template;
   std::optional<std::int64_t> image_cache_bytes;
+  std::optional<std::int64_t> kv_bits;
+  std::optional<std::int64_t> kv_group_size;
   std::optional<std::int64_t> max_image_bytes;
   std::optional<std::int64_t> max_image_pixels;
   std::optional<std::int64_t> max_images;
@@ -421,6 +425,17 @@ struct LoadParams {
 };
 void to_json(nlohmann::json& j, const LoadParams& v);
 void from_json(const nlohmann::json& j, LoadParams& v);
+
+// A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
+// weights and vision_tower, steps otherwise), never decreasing.
+struct LoadProgressEvent {
+  std::int64_t done{};
+  RequestId id{};
+  std::string phase{};
+  std::int64_t total{};
+};
+void to_json(nlohmann::json& j, const LoadProgressEvent& v);
+void from_json(const nlohmann::json& j, LoadProgressEvent& v);
 
 struct ParallelStatus {
   std::string backend{};
@@ -438,6 +453,8 @@ struct LoadResult {
   std::vector<std::int64_t> eos_token_ids{};
   bool has_chat_template{};
   std::string kind{};
+  std::optional<std::int64_t> kv_bits;
+  std::optional<std::int64_t> kv_group_size;
   double load_ms{};
   std::int64_t memory_bytes{};
   std::string model_id{};
@@ -473,6 +490,8 @@ void from_json(const nlohmann::json& j, PromptCacheStatus& v);
 struct ModelStatus {
   std::optional<std::int64_t> context_length;
   std::string kind{};
+  std::optional<std::int64_t> kv_bits;
+  std::optional<std::int64_t> kv_group_size;
   std::int64_t memory_bytes{};
   std::optional<std::int64_t> memory_limit;
   std::string model_id{};
@@ -555,7 +574,7 @@ void to_json(nlohmann::json& j, const TokenLogprob& v);
 void from_json(const nlohmann::json& j, TokenLogprob& v);
 
 struct TokenEvent {
-  std::optional<std::string> channel;  // default "content"
+  std::string channel{};
   RequestId id{};
   std::optional<std::vector<TokenLogprob>> logprobs;
   std::string text{};
@@ -655,6 +674,7 @@ struct Method<UnloadParams> {
 
 // Notification names.
 namespace notification {
+inline constexpr const char* load_progress = "load_progress";
 inline constexpr const char* progress = "progress";
 inline constexpr const char* ready = "ready";
 inline constexpr const char* token = "token";

@@ -229,6 +229,8 @@ export interface Usage {
 export interface LoadParams {
   chat_template?: string | null;
   image_cache_bytes?: number | null;
+  kv_bits?: (4 | 8) | null;
+  kv_group_size?: (32 | 64 | 128) | null;
   max_image_bytes?: number | null;
   max_image_pixels?: number | null;
   max_images?: number | null;
@@ -253,12 +255,24 @@ export interface ParallelParams {
   ranks?: number | null;
   timeout_s?: number;
 }
+/**
+ * A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
+ *     weights and vision_tower, steps otherwise), never decreasing.
+ */
+export interface LoadProgressEvent {
+  done: number;
+  id: number | string;
+  phase: "checks" | "tokenizer" | "vision_tower" | "weights";
+  total: number;
+}
 export interface LoadResult {
   already_loaded?: boolean;
   context_length: number | null;
   eos_token_ids: number[];
   has_chat_template: boolean;
   kind: "text" | "vision";
+  kv_bits?: number | null;
+  kv_group_size?: number | null;
   load_ms: number;
   memory_bytes: number;
   model_id: string;
@@ -286,6 +300,8 @@ export interface MemoryStatus {
 export interface ModelStatus {
   context_length: number | null;
   kind: "text" | "vision";
+  kv_bits?: number | null;
+  kv_group_size?: number | null;
   memory_bytes: number;
   memory_limit?: number | null;
   model_id: string;
@@ -333,7 +349,7 @@ export interface StatusResult {
   uptime_s: number;
 }
 export interface TokenEvent {
-  channel?: "content" | "marker" | "reasoning" | "tool_call";
+  channel: "content" | "marker" | "reasoning" | "tool_call";
   id: number | string;
   logprobs?: TokenLogprob[];
   text: string;
@@ -395,6 +411,7 @@ export const METHOD_NAMES: readonly MethodName[] = ["cache_load","cache_save","c
 
 /** Every notification the worker sends: its params. */
 export interface Notifications {
+  load_progress: LoadProgressEvent;
   progress: ProgressEvent;
   ready: ReadyEvent;
   token: TokenEvent;
@@ -413,6 +430,7 @@ export const ERROR_CODES: Readonly<Record<number, string>> = {
   [-32009]: "a prompt cache file is missing, corrupt or from another model",
   [-32010]: "the worker is shutting down",
   [-32011]: "generation failed inside MLX",
+  [-32012]: "the request was cancelled (a cancelled load: nothing of it stays loaded)",
   [-32600]: "invalid request: not a JSON-RPC 2.0 request object, an oversized line, a batch, or an id already in flight",
   [-32601]: "method not found",
   [-32602]: "invalid params: data.field names the offending field",
@@ -420,7 +438,7 @@ export const ERROR_CODES: Readonly<Record<number, string>> = {
   [-32700]: "parse error: the line is not valid JSON (or not UTF-8)",
 };
 
-export type ErrorCode = -32001 | -32002 | -32003 | -32004 | -32005 | -32006 | -32007 | -32008 | -32009 | -32010 | -32011 | -32600 | -32601 | -32602 | -32603 | -32700;
+export type ErrorCode = -32001 | -32002 | -32003 | -32004 | -32005 | -32006 | -32007 | -32008 | -32009 | -32010 | -32011 | -32012 | -32600 | -32601 | -32602 | -32603 | -32700;
 
 /** Params that are integers (`name`) or arrays of integers (`name[]`), per method. */
 export const INTEGER_PARAMS: { readonly [M in MethodName]: readonly string[] } = {
