@@ -37,6 +37,7 @@ RUNS = [
     ("load.py", [], ["--rounds", "9"]),
     ("concurrency.py", [], ["--rounds", "1", "--curve", "1,8,16"]),
     ("speculative.py", [], ["--rounds", "3", "--tokens", "96", "--sweep-rounds", "1"]),
+    ("distributed.py", [], ["--rounds", "2", "--tokens", "32", "--prompt", "256"]),
 ]
 
 # (result file, key, label, target, "higher"|"lower" is better, unit format)
@@ -61,6 +62,10 @@ METRICS = [
     ("concurrency", "ttft_p99_vs_server_8", "8 streams TTFT p99: worker ÷ server", 1.0, "lower", "{:.2f}"),
     ("concurrency", "short_ttft_vs_server", "short behind 2k prompt, TTFT: worker ÷ server", 0.25, "lower", "{:.3f}"),
     ("concurrency", "gap_during_prompt_over_idle", "4 streams' gap p99 during a 2k prompt ÷ idle", 3.0, "lower", "{:.2f}"),
+    ("distributed", "tensor_decode_ratio", "decode tok/s: 2 ranks ÷ 1 process, tensor (loopback, shared cores)", None, "higher", "{:.2f}"),
+    ("distributed", "tensor_ttft_ratio", "TTFT: 2 ranks ÷ 1 process, tensor (loopback, shared cores)", None, "lower", "{:.2f}"),
+    ("distributed", "pipeline_decode_ratio", "decode tok/s: 2 ranks ÷ 1 process, pipeline", None, "higher", "{:.2f}"),
+    ("distributed", "pipeline_ttft_ratio", "TTFT: 2 ranks ÷ 1 process, pipeline", None, "lower", "{:.2f}"),
     ("concurrency", "single_vs_inprocess", "one stream: worker ÷ in-process mlx-lm", 0.98, "higher", "{:.3f}"),
     ("speculative", "draft_over_plain", "greedy decode tok/s: draft ÷ no draft", 1.6, "higher", "{:.2f}"),
     ("speculative", "draft_over_server", "greedy decode tok/s, draft: worker ÷ mlx_lm.server", 1.1, "higher", "{:.2f}"),

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-pending", type=int, default=64, help="queued requests before `busy` errors")
     p.add_argument("--blas", default=None,
                    help="Linux CPU only: 'auto' (default), 'off', or a path to an OpenBLAS library")
+    p.add_argument("--role", default="host", choices=["host", "follower"],
+                   help="follower: a rank of a distributed model, started by the worker (rank 0) itself")
     p.add_argument("--memory-limit", type=_positive_int, default=None,
                    help="memory limit in bytes: MLX's allocator limit, and loads or requests estimated "
                         "to exceed it get an out-of-memory error (default: MLX's own limit)")
@@ -78,6 +80,13 @@ def main(argv=None) -> int:
     parent = os.getppid()
     stop = [lambda why: os._exit(0)]  # until the worker exists to stop cleanly
     _die_with_parent(parent, lambda: stop[0]("parent process died"))
+    if args.role == "follower":
+        from . import blas
+
+        blas.bind(args.blas)
+        from .distributed.follower import main as follower_main
+
+        os._exit(follower_main(proto_fd))
 
     from . import blas
 
@@ -85,6 +94,7 @@ def main(argv=None) -> int:
     import mlx.core as mx
 
     from . import __version__, protocol
+    from .distributed.ring import BACKENDS
     from .server import Config, Worker
 
     if blas_path:
@@ -117,11 +127,14 @@ def main(argv=None) -> int:
             constraint_engines=["llguidance", "outlines"],
             vision=True,
             blas=blas_path,
+            distributed=protocol.DistributedCapabilities(backends=list(BACKENDS)),
         ),
         pid=os.getpid(),
     ))
     worker.start()
     code = worker.wait()
+    if "mlx_worker.distributed.ring" in sys.modules:
+        sys.modules["mlx_worker.distributed.ring"].close()  # shutdown stops every rank
     logging.shutdown()
     # Skip interpreter teardown: MLX and tokenizer threads can make it slow,
     # and the host expects exit within about a second of EOF.

@@ -45,6 +45,14 @@ class Handlers:
             except BaseException as exc:  # must not end the compute thread
                 log.exception("the scheduler failed; ending the requests it held")
                 self.scheduler.fail_all(exc)
+        self._drop_failed()
+
+    def _drop_failed(self) -> None:
+        """A distributed model whose group failed is unloaded once no request holds it."""
+        for model_id in self.models.failed_distributed():
+            if not self._in_use(model_id):
+                log.warning("unloading %s: its distributed group failed", model_id)
+                self.models.unload(model_id)
 
     def run(self, job: Job) -> None:
         try:
@@ -60,6 +68,7 @@ class Handlers:
         except BaseException as exc:
             outcome = exc
         self.table.finish_with(job, outcome)
+        self._drop_failed()
 
     def _events(self, job: Job) -> generation.Events:
         """Callbacks that send a request's progress and token notifications."""
@@ -126,6 +135,7 @@ class Handlers:
 
     def cache_save(self, job: Job) -> protocol.CacheSaveResult:
         lm = self.models.get(job.params.model_id)
+        _no_cache_files(lm)
 
         def prefill(params):  # progress events while the uncached part is prefilled
             gen = generation.Generation(lm, params, job.id, self._events(job), job.should_stop)
@@ -137,4 +147,11 @@ class Handlers:
         return cache_files.save(lm, job.params, prefill)
 
     def cache_load(self, job: Job) -> protocol.CacheLoadResult:
-        return cache_files.load(self.models.get(job.params.model_id), job.params)
+        lm = self.models.get(job.params.model_id)
+        _no_cache_files(lm)
+        return cache_files.load(lm, job.params)
+
+
+def _no_cache_files(lm) -> None:
+    if "parallel" in lm.extra:
+        raise errors.invalid_params("params.model_id", "prompt cache files are not supported for distributed models")

@@ -62,6 +62,7 @@ class LoadedModel:
             memory_bytes=self.memory_bytes,
             prompt_cache=cache,
             memory_limit=self.memory_limit,
+            parallel=self.extra.get("parallel"),
             **kv_fields(self),
         )
 

@@ -46,7 +46,9 @@ class ModelRegistry:
         self._models: dict[str, LoadedModel] = {}
 
     def snapshot(self) -> list[LoadedModel]:
-        return list(self._models.values())
+        # A distributed model whose group failed is gone for the host at once
+        # (the compute thread unloads it between steps).
+        return [m for m in self._models.values() if "parallel" not in m.extra or m.model._ring.failure is None]
 
     def get(self, model_id: Optional[str]) -> LoadedModel:
         if model_id is None:
@@ -97,6 +99,8 @@ class ModelRegistry:
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
         kv_quant = kv_quant_of_load(params, config)
+        if params.parallel is not None:
+            _check_parallel(path, params, config)
         memory_budget.admit_load(path, params.memory_limit)
         progress.report("checks", 1, 1)
         start = time.perf_counter()
@@ -104,7 +108,11 @@ class ModelRegistry:
 
         before = mx.get_active_memory()
         try:
-            if "vision_config" in config:
+            if params.parallel is not None:
+                from .distributed import load as distributed  # late: only distributed loads start ranks
+
+                loaded = distributed.load(path, config, params, model_id)
+            elif "vision_config" in config:
                 loaded = load_vision_model(path, config, params, progress, kv_quant is not None)
             else:
                 loaded = _load_text_model(path, config, params, progress, kv_quant is not None)
@@ -150,6 +158,11 @@ class ModelRegistry:
         log.info("loaded %s (%s) in %.0f ms", model_id, loaded.kind, elapsed)
         return _load_result(loaded, elapsed)
 
+    def failed_distributed(self) -> list[str]:
+        """Distributed models whose group failed: to be unloaded."""
+        return [mid for mid, m in self._models.items()
+                if "parallel" in m.extra and m.model._ring.failure is not None]
+
     def unload(self, model_id: Optional[str]) -> protocol.UnloadResult:
         model = self.get(model_id)
         unloaded_id = model.model_id
@@ -157,9 +170,22 @@ class ModelRegistry:
         if model.prompt_cache is not None:
             model.prompt_cache.clear()
         speculative.forget(model, self._models.values())
+        if "parallel" in model.extra:
+            from .distributed.load import release
+
+            release(model)
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
+
+
+def _check_parallel(path: Path, params: protocol.LoadParams, config: dict) -> None:
+    parallel = params.parallel
+    if (parallel.ranks is None) == (parallel.hosts is None):
+        raise errors.invalid_params("params.parallel", "give either ranks (processes on this machine) or hosts")
+    from .distributed.load import check
+
+    check(path, params, config)
 
 
 def _load_options(params: protocol.LoadParams) -> dict:
@@ -235,6 +261,7 @@ def _load_failure(path: Path, config: dict, exc: BaseException) -> WorkerError:
 
 def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False) -> protocol.LoadResult:
     return protocol.LoadResult(
+        parallel=m.extra.get("parallel"),
         model_id=m.model_id,
         kind=m.kind,
         context_length=m.context_length,

@@ -173,6 +173,16 @@ class Capabilities(Out):
     constraint_engines: list[str]
     vision: bool
     blas: Union[str, None] = None
+    distributed: Union[DistributedCapabilities, None] = None
+
+
+class DistributedCapabilities(Out):
+    """``load {parallel}``: the backends this build can start, and this
+    worker's group once one exists (its size; why it failed)."""
+
+    backends: list[str]
+    ranks: Union[int, None] = None
+    failure: Union[str, None] = None
 
 
 class ReadyEvent(Out):
@@ -185,6 +195,27 @@ class ReadyEvent(Out):
 
 
 # --------------------------------------------------------------------- load
+
+
+class ParallelParams(Params):
+    """Run the model over several processes (ranks) with mlx.distributed;
+    this worker is rank 0 and starts the others."""
+
+    mode: Literal["tensor", "pipeline"]
+    ranks: Union[Annotated[int, Meta(ge=2, le=64)], None] = None  # processes on this machine
+    # "host:port" per rank, rank 0 (this machine) first: the ring's hostfile.
+    hosts: Union[Annotated[list[Annotated[str, Meta(pattern="^[^\\s:]+:[0-9]{1,5}$")]], Meta(min_length=2, max_length=64)], None] = None
+    backend: Literal["ring"] = "ring"
+    # A rank that sends no heartbeat this long is taken for hung.
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+
+
+class ParallelStatus(Out):
+    mode: str
+    backend: str
+    ranks: int
+    pids: list[int]  # rank 0 (this worker) first
+    layers: list[int]  # layers each rank holds (all of them in tensor mode)
 
 
 class LoadParams(Params):
@@ -209,6 +240,7 @@ class LoadParams(Params):
     # Speculative decoding defaults for this model's generates (see GenerateParams).
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
+    parallel: Union[ParallelParams, None] = None
 
 
 class LoadResult(Out):
@@ -229,6 +261,7 @@ class LoadResult(Out):
     tool_call_format: Union[str, None] = None
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
+    parallel: Union[ParallelStatus, None] = None  # a distributed load's ranks
 
 
 LoadPhase = Literal["checks", "tokenizer", "weights", "vision_tower"]
@@ -487,6 +520,7 @@ class ModelStatus(Out):
     memory_limit: Union[int, None] = None
     kv_bits: Union[int, None] = None
     kv_group_size: Union[int, None] = None
+    parallel: Union[ParallelStatus, None] = None
 
 
 class QueueStatus(Out):
@@ -511,6 +545,7 @@ class StatusResult(Out):
     queue: QueueStatus
     memory: MemoryStatus
     uptime_s: float
+    distributed: Union[DistributedCapabilities, None] = None
 
 
 class ShutdownParams(Params):

@@ -211,6 +211,7 @@ class Worker:
             ),
             memory=memory_status(),
             uptime_s=round(time.monotonic() - self.started, 3),
+            distributed=_distributed(),
         )
 
     # -------------------------------------------------------------- compute
@@ -243,6 +244,16 @@ class Worker:
             taken = 0
             if handlers.busy():
                 handlers.step()
+
+
+def _distributed():
+    import sys
+
+    if "mlx_worker.distributed.load" not in sys.modules:  # no distributed load yet: nothing to report
+        from .distributed.ring import BACKENDS
+
+        return protocol.DistributedCapabilities(backends=list(BACKENDS))
+    return sys.modules["mlx_worker.distributed.load"].capabilities()
 
 
 class _Broken:

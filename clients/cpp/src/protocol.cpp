@@ -191,12 +191,27 @@ void from_json(const nlohmann::json& j, CancelResult& v) {
   j.at("cancelled").get_to(v.cancelled);
 }
 
+void to_json(nlohmann::json& j, const DistributedCapabilities& v) {
+  j = nlohmann::json::object();
+  j["backends"] = v.backends;
+  if (v.failure) j["failure"] = *v.failure;
+  if (v.ranks) j["ranks"] = *v.ranks;
+}
+void from_json(const nlohmann::json& j, DistributedCapabilities& v) {
+  j.at("backends").get_to(v.backends);
+  if (auto it = j.find("failure"); it != j.end() && !it->is_null()) v.failure = it->get<std::string>();
+  else v.failure.reset();
+  if (auto it = j.find("ranks"); it != j.end() && !it->is_null()) v.ranks = it->get<std::int64_t>();
+  else v.ranks.reset();
+}
+
 void to_json(nlohmann::json& j, const Capabilities& v) {
   j = nlohmann::json::object();
   j["batch"] = v.batch;
   if (v.blas) j["blas"] = *v.blas;
   j["constraint_engines"] = v.constraint_engines;
   j["constraints"] = v.constraints;
+  if (v.distributed) j["distributed"] = *v.distributed;
   j["max_line_bytes"] = v.max_line_bytes;
   j["methods"] = v.methods;
   j["vision"] = v.vision;
@@ -207,6 +222,8 @@ void from_json(const nlohmann::json& j, Capabilities& v) {
   else v.blas.reset();
   j.at("constraint_engines").get_to(v.constraint_engines);
   j.at("constraints").get_to(v.constraints);
+  if (auto it = j.find("distributed"); it != j.end() && !it->is_null()) v.distributed = it->get<DistributedCapabilities>();
+  else v.distributed.reset();
   j.at("max_line_bytes").get_to(v.max_line_bytes);
   j.at("methods").get_to(v.methods);
   j.at("vision").get_to(v.vision);
@@ -517,6 +534,26 @@ void from_json(const nlohmann::json& j, GenerateResult& v) {
   j.at("usage").get_to(v.usage);
 }
 
+void to_json(nlohmann::json& j, const ParallelParams& v) {
+  j = nlohmann::json::object();
+  if (v.backend) j["backend"] = *v.backend;
+  if (v.hosts) j["hosts"] = *v.hosts;
+  j["mode"] = v.mode;
+  if (v.ranks) j["ranks"] = *v.ranks;
+  if (v.timeout_s) j["timeout_s"] = *v.timeout_s;
+}
+void from_json(const nlohmann::json& j, ParallelParams& v) {
+  if (auto it = j.find("backend"); it != j.end() && !it->is_null()) v.backend = it->get<std::string>();
+  else v.backend.reset();
+  if (auto it = j.find("hosts"); it != j.end() && !it->is_null()) v.hosts = it->get<std::vector<std::string>>();
+  else v.hosts.reset();
+  j.at("mode").get_to(v.mode);
+  if (auto it = j.find("ranks"); it != j.end() && !it->is_null()) v.ranks = it->get<std::int64_t>();
+  else v.ranks.reset();
+  if (auto it = j.find("timeout_s"); it != j.end() && !it->is_null()) v.timeout_s = it->get<double>();
+  else v.timeout_s.reset();
+}
+
 void to_json(nlohmann::json& j, const LoadParams& v) {
   j = nlohmann::json::object();
   if (v.chat_template) j["chat_template"] = *v.chat_template;
@@ -532,6 +569,7 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
   j["model"] = v.model;
   if (v.model_id) j["model_id"] = *v.model_id;
   if (v.num_draft_tokens) j["num_draft_tokens"] = *v.num_draft_tokens;
+  if (v.parallel) j["parallel"] = *v.parallel;
   if (v.prefill_step_size) j["prefill_step_size"] = *v.prefill_step_size;
   if (v.prompt_cache_bytes) j["prompt_cache_bytes"] = *v.prompt_cache_bytes;
   if (v.prompt_cache_entries) j["prompt_cache_entries"] = *v.prompt_cache_entries;
@@ -563,6 +601,8 @@ void from_json(const nlohmann::json& j, LoadParams& v) {
   else v.model_id.reset();
   if (auto it = j.find("num_draft_tokens"); it != j.end() && !it->is_null()) v.num_draft_tokens = it->get<std::int64_t>();
   else v.num_draft_tokens.reset();
+  if (auto it = j.find("parallel"); it != j.end() && !it->is_null()) v.parallel = it->get<ParallelParams>();
+  else v.parallel.reset();
   if (auto it = j.find("prefill_step_size"); it != j.end() && !it->is_null()) v.prefill_step_size = it->get<std::int64_t>();
   else v.prefill_step_size.reset();
   if (auto it = j.find("prompt_cache_bytes"); it != j.end() && !it->is_null()) v.prompt_cache_bytes = it->get<std::int64_t>();
@@ -587,6 +627,22 @@ void from_json(const nlohmann::json& j, LoadProgressEvent& v) {
   j.at("total").get_to(v.total);
 }
 
+void to_json(nlohmann::json& j, const ParallelStatus& v) {
+  j = nlohmann::json::object();
+  j["backend"] = v.backend;
+  j["layers"] = v.layers;
+  j["mode"] = v.mode;
+  j["pids"] = v.pids;
+  j["ranks"] = v.ranks;
+}
+void from_json(const nlohmann::json& j, ParallelStatus& v) {
+  j.at("backend").get_to(v.backend);
+  j.at("layers").get_to(v.layers);
+  j.at("mode").get_to(v.mode);
+  j.at("pids").get_to(v.pids);
+  j.at("ranks").get_to(v.ranks);
+}
+
 void to_json(nlohmann::json& j, const LoadResult& v) {
   j = nlohmann::json::object();
   if (v.already_loaded) j["already_loaded"] = *v.already_loaded;
@@ -599,6 +655,7 @@ void to_json(nlohmann::json& j, const LoadResult& v) {
   j["load_ms"] = v.load_ms;
   j["memory_bytes"] = v.memory_bytes;
   j["model_id"] = v.model_id;
+  if (v.parallel) j["parallel"] = *v.parallel;
   j["path"] = v.path;
   if (v.reasoning_markers) j["reasoning_markers"] = *v.reasoning_markers;
   if (v.tool_call_format) j["tool_call_format"] = *v.tool_call_format;
@@ -620,6 +677,8 @@ void from_json(const nlohmann::json& j, LoadResult& v) {
   j.at("load_ms").get_to(v.load_ms);
   j.at("memory_bytes").get_to(v.memory_bytes);
   j.at("model_id").get_to(v.model_id);
+  if (auto it = j.find("parallel"); it != j.end() && !it->is_null()) v.parallel = it->get<ParallelStatus>();
+  else v.parallel.reset();
   j.at("path").get_to(v.path);
   if (auto it = j.find("reasoning_markers"); it != j.end() && !it->is_null()) v.reasoning_markers = it->get<std::vector<std::string>>();
   else v.reasoning_markers.reset();
@@ -670,6 +729,7 @@ void to_json(nlohmann::json& j, const ModelStatus& v) {
   j["memory_bytes"] = v.memory_bytes;
   if (v.memory_limit) j["memory_limit"] = *v.memory_limit;
   j["model_id"] = v.model_id;
+  if (v.parallel) j["parallel"] = *v.parallel;
   j["path"] = v.path;
   if (v.prompt_cache) j["prompt_cache"] = *v.prompt_cache;
   j["vocab_size"] = v.vocab_size;
@@ -686,6 +746,8 @@ void from_json(const nlohmann::json& j, ModelStatus& v) {
   if (auto it = j.find("memory_limit"); it != j.end() && !it->is_null()) v.memory_limit = it->get<std::int64_t>();
   else v.memory_limit.reset();
   j.at("model_id").get_to(v.model_id);
+  if (auto it = j.find("parallel"); it != j.end() && !it->is_null()) v.parallel = it->get<ParallelStatus>();
+  else v.parallel.reset();
   j.at("path").get_to(v.path);
   if (auto it = j.find("prompt_cache"); it != j.end() && !it->is_null()) v.prompt_cache = it->get<PromptCacheStatus>();
   else v.prompt_cache.reset();
@@ -767,12 +829,15 @@ void from_json(const nlohmann::json& j, StatusParams& v) {
 
 void to_json(nlohmann::json& j, const StatusResult& v) {
   j = nlohmann::json::object();
+  if (v.distributed) j["distributed"] = *v.distributed;
   j["memory"] = v.memory;
   j["models"] = v.models;
   j["queue"] = v.queue;
   j["uptime_s"] = v.uptime_s;
 }
 void from_json(const nlohmann::json& j, StatusResult& v) {
+  if (auto it = j.find("distributed"); it != j.end() && !it->is_null()) v.distributed = it->get<DistributedCapabilities>();
+  else v.distributed.reset();
   j.at("memory").get_to(v.memory);
   j.at("models").get_to(v.models);
   j.at("queue").get_to(v.queue);

@@ -52,6 +52,7 @@ struct CacheSaveParams;
 struct CacheSaveResult;
 struct CancelParams;
 struct CancelResult;
+struct DistributedCapabilities;
 struct Capabilities;
 struct ChoiceConstraint;
 struct DetokenizeParams;
@@ -68,8 +69,10 @@ struct Timings;
 struct ToolCall;
 struct Usage;
 struct GenerateResult;
+struct ParallelParams;
 struct LoadParams;
 struct LoadProgressEvent;
+struct ParallelStatus;
 struct LoadResult;
 struct MemoryStatus;
 struct PromptCacheStatus;
@@ -196,11 +199,22 @@ struct CancelResult {
 void to_json(nlohmann::json& j, const CancelResult& v);
 void from_json(const nlohmann::json& j, CancelResult& v);
 
+// ``load {parallel}``: the backends this build can start, and this
+// worker's group once one exists (its size; why it failed).
+struct DistributedCapabilities {
+  std::vector<std::string> backends{};
+  std::optional<std::string> failure;
+  std::optional<std::int64_t> ranks;
+};
+void to_json(nlohmann::json& j, const DistributedCapabilities& v);
+void from_json(const nlohmann::json& j, DistributedCapabilities& v);
+
 struct Capabilities {
   bool batch{};
   std::optional<std::string> blas;
   std::vector<std::string> constraint_engines{};
   std::vector<std::string> constraints{};
+  std::optional<DistributedCapabilities> distributed;
   std::int64_t max_line_bytes{};
   std::vector<std::string> methods{};
   bool vision{};
@@ -383,6 +397,18 @@ struct GenerateResult {
 void to_json(nlohmann::json& j, const GenerateResult& v);
 void from_json(const nlohmann::json& j, GenerateResult& v);
 
+// Run the model over several processes (ranks) with mlx.distributed;
+// this worker is rank 0 and starts the others.
+struct ParallelParams {
+  std::optional<std::string> backend;  // default "ring"
+  std::optional<std::vector<std::string>> hosts;
+  std::string mode{};
+  std::optional<std::int64_t> ranks;
+  std::optional<double> timeout_s;  // default 10.0
+};
+void to_json(nlohmann::json& j, const ParallelParams& v);
+void from_json(const nlohmann::json& j, ParallelParams& v);
+
 struct LoadParams {
   std::optional<std::string> chat_template;
   std::optional<std::string> draft_model_id;
@@ -397,6 +423,7 @@ struct LoadParams {
   std::string model{};
   std::optional<std::string> model_id;
   std::optional<std::int64_t> num_draft_tokens;
+  std::optional<ParallelParams> parallel;
   std::optional<std::int64_t> prefill_step_size;
   std::optional<std::int64_t> prompt_cache_bytes;
   std::optional<std::int64_t> prompt_cache_entries;
@@ -416,6 +443,16 @@ struct LoadProgressEvent {
 void to_json(nlohmann::json& j, const LoadProgressEvent& v);
 void from_json(const nlohmann::json& j, LoadProgressEvent& v);
 
+struct ParallelStatus {
+  std::string backend{};
+  std::vector<std::int64_t> layers{};
+  std::string mode{};
+  std::vector<std::int64_t> pids{};
+  std::int64_t ranks{};
+};
+void to_json(nlohmann::json& j, const ParallelStatus& v);
+void from_json(const nlohmann::json& j, ParallelStatus& v);
+
 struct LoadResult {
   std::optional<bool> already_loaded;  // default false
   std::optional<std::int64_t> context_length;
@@ -427,6 +464,7 @@ struct LoadResult {
   double load_ms{};
   std::int64_t memory_bytes{};
   std::string model_id{};
+  std::optional<ParallelStatus> parallel;
   std::string path{};
   std::optional<std::vector<std::string>> reasoning_markers;
   std::optional<std::string> tool_call_format;
@@ -463,6 +501,7 @@ struct ModelStatus {
   std::int64_t memory_bytes{};
   std::optional<std::int64_t> memory_limit;
   std::string model_id{};
+  std::optional<ParallelStatus> parallel;
   std::string path{};
   std::optional<PromptCacheStatus> prompt_cache;
   std::int64_t vocab_size{};
@@ -516,6 +555,7 @@ void to_json(nlohmann::json& j, const StatusParams& v);
 void from_json(const nlohmann::json& j, StatusParams& v);
 
 struct StatusResult {
+  std::optional<DistributedCapabilities> distributed;
   MemoryStatus memory{};
   std::vector<ModelStatus> models{};
   QueueStatus queue{};

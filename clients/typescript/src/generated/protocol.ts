@@ -86,9 +86,19 @@ export interface Capabilities {
   blas?: string | null;
   constraint_engines: string[];
   constraints: string[];
+  distributed?: DistributedCapabilities | null;
   max_line_bytes: number;
   methods: string[];
   vision: boolean;
+}
+/**
+ * ``load {parallel}``: the backends this build can start, and this
+ *     worker's group once one exists (its size; why it failed).
+ */
+export interface DistributedCapabilities {
+  backends: string[];
+  failure?: string | null;
+  ranks?: number | null;
 }
 export interface ChoiceConstraint {
   engine?: ("llguidance" | "outlines") | null;
@@ -234,10 +244,22 @@ export interface LoadParams {
   model: string;
   model_id?: string | null;
   num_draft_tokens?: number | null;
+  parallel?: ParallelParams | null;
   prefill_step_size?: number | null;
   prompt_cache_bytes?: number | null;
   prompt_cache_entries?: number | null;
   trust_remote_code?: boolean;
+}
+/**
+ * Run the model over several processes (ranks) with mlx.distributed;
+ *     this worker is rank 0 and starts the others.
+ */
+export interface ParallelParams {
+  backend?: "ring";
+  hosts?: [string, string, ...string[]] | null;
+  mode: "pipeline" | "tensor";
+  ranks?: number | null;
+  timeout_s?: number;
 }
 /**
  * A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
@@ -260,11 +282,19 @@ export interface LoadResult {
   load_ms: number;
   memory_bytes: number;
   model_id: string;
+  parallel?: ParallelStatus | null;
   path: string;
   reasoning_markers?: string[] | null;
   tool_call_format?: string | null;
   tool_grammar?: boolean;
   vocab_size: number;
+}
+export interface ParallelStatus {
+  backend: string;
+  layers: number[];
+  mode: string;
+  pids: number[];
+  ranks: number;
 }
 export interface MemoryStatus {
   active: number;
@@ -281,6 +311,7 @@ export interface ModelStatus {
   memory_bytes: number;
   memory_limit?: number | null;
   model_id: string;
+  parallel?: ParallelStatus | null;
   path: string;
   prompt_cache?: PromptCacheStatus | null;
   vocab_size: number;
@@ -317,6 +348,7 @@ export interface ShutdownResult {
 }
 export interface StatusParams {}
 export interface StatusResult {
+  distributed?: DistributedCapabilities | null;
   memory: MemoryStatus;
   models: ModelStatus[];
   queue: QueueStatus;

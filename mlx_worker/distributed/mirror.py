@@ -1,0 +1,89 @@
+"""The model and KV caches rank 0 drives; every follower replays the same
+operations on its own shard, in the same order.
+
+Rank 0's caches are ``MirroredKVCache`` lists, each with an id the
+followers know: creating one, copying it (``copy.deepcopy``, as the prompt
+cache does), trimming it, dropping it and running the model on it are sent
+as operations before rank 0 does them itself. Layers are mirrored as a list
+(in pipeline mode each rank holds other layers): layer 0 speaks for its list.
+A forward pass is evaluated at once on every rank, logits included, so every
+rank runs the same collectives (a rank that runs one more deadlocks the ring).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from .ring import Ring, RingFailed
+
+
+class MirroredKVCache(KVCache):
+    def __init__(self, ring: Ring, list_id: int, index: int):
+        super().__init__()
+        self._ring = ring
+        self._list = list_id
+        self._index = index
+
+    def trim(self, n):
+        n = super().trim(n)
+        if self._index == 0 and n:
+            self._ring.send({"op": "trim", "list": self._list, "n": n})
+        return n
+
+    def __deepcopy__(self, memo):
+        key = ("mirrored-list", self._list)
+        new_list = memo.get(key)
+        if new_list is None:
+            new_list = memo[key] = self._ring.new_id()
+            self._ring.send({"op": "copy", "src": self._list, "dst": new_list})
+        new = MirroredKVCache.__new__(MirroredKVCache)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, value if name == "_ring" else copy.deepcopy(value, memo))
+        new._list = new_list
+        return new
+
+    def __del__(self):
+        if getattr(self, "_index", None) == 0:
+            self._ring.free(self._list)
+
+
+class DistributedModel:
+    """Stands in for the mlx-lm model in a LoadedModel (everything else is
+    delegated to it)."""
+
+    def __init__(self, ring: Ring, model_id: str, model, n_layers: int):
+        self._ring = ring
+        self._model_id = model_id
+        self._inner = model
+        self._n_layers = n_layers
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def make_cache(self) -> list:
+        list_id = self._ring.new_id()
+        self._ring.send({"op": "make", "model": self._model_id, "list": list_id})
+        return [MirroredKVCache(self._ring, list_id, i) for i in range(self._n_layers)]
+
+    def __call__(self, inputs: mx.array, cache=None, **kwargs):
+        if kwargs.get("input_embeddings") is not None:
+            raise ValueError("input embeddings are not supported on a distributed model")
+        list_id = cache[0]._list if cache else None
+        self._ring.send({"op": "forward", "model": self._model_id, "list": list_id, "tokens": inputs.tolist()})
+        try:
+            out = self._inner(inputs, cache=cache)
+            mx.eval(out)
+        except RuntimeError as exc:  # a collective whose peer is gone
+            raise self._ring.lost(exc) from None
+        self._ring.check()
+        return out
+
+    def release(self) -> None:
+        try:
+            self._ring.send({"op": "unload", "model": self._model_id})
+        except RingFailed:
+            pass
