@@ -239,6 +239,54 @@ def test_a_follower_that_dies_or_hangs_ends_the_request_and_unloads_the_model(ti
 
 
 @pytest.mark.heavy
+@pytest.mark.parametrize("n", [1, 2])
+def test_follow_up_turns_whose_follower_dies_get_their_error_and_the_worker_serves_on(tiny_model, n):
+    """A follow-up turn leases a stored entry; when the group dies its
+    abort trims that entry (a mirrored op). Every such request still gets
+    its final error (n=2: the scheduler's fail-all path), and the worker
+    keeps serving its other models."""
+    import threading
+
+    w = spawn()
+    try:
+        pids = w.load(tiny_model, model_id="tp", parallel={**TP, "timeout_s": 2.0}).parallel.pids
+        w.load(tiny_model, model_id="one")
+        prompts = [PROMPT, "Another quite different prompt here"][:n]
+        its = []
+        for p in prompts:
+            first = w.generate(model_id="tp", prompt=p, max_tokens=8, temperature=0, ignore_eos=True).wait()
+            follow = [*w.tokenize(model_id="tp", text=p).tokens, *first.tokens, 40, 41, 42]
+            its.append(iter(w.generate(model_id="tp", tokens=follow, max_tokens=100000, temperature=0,
+                                       ignore_eos=True)))
+        for it in its:
+            seen = 0
+            while seen < 3:
+                if isinstance(next(it), protocol.TokenEvent):
+                    seen += 1
+        os.kill(pids[1], signal.SIGKILL)
+        out: dict = {}
+
+        def drain(i, it):
+            try:
+                for _ in it:
+                    pass
+                out[i] = "result"
+            except RpcError as e:
+                out[i] = e.code
+
+        threads = [threading.Thread(target=drain, args=(i, it), daemon=True) for i, it in enumerate(its)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert out == {i: -32011 for i in range(n)}
+        assert w.status().queue.running == []
+        assert w.generate(model_id="one", prompt="hi", max_tokens=3, temperature=0, ignore_eos=True).wait().tokens
+    finally:
+        w.close()
+
+
+@pytest.mark.heavy
 def test_followers_exit_when_rank_0_is_killed(tiny_model):
     w = spawn()
     pids = w.load(tiny_model, model_id="tp", parallel=TP).parallel.pids
