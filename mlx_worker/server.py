@@ -107,7 +107,8 @@ class Worker:
                     self.handle_line(line)
                 except Exception:  # a bug here must not end the reader
                     log.exception("failed to handle a line")
-                    self.reply_error(None, errors.INTERNAL_ERROR, "internal error handling this line")
+                    rid = _id_at_head(line.head if isinstance(line, Oversized) else bytes(line))
+                    self.reply_error(rid, errors.INTERNAL_ERROR, "internal error handling this line")
         finally:
             self.reader_idle.set()
             self.stop("stdin closed")

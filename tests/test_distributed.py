@@ -168,6 +168,42 @@ def test_bad_parallel_params_are_refused_by_field(tp, tiny_model):
     assert tp.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
 
 
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_load_refused_after_its_shards_loaded_leaves_nothing_in_the_followers(tp, tiny_model, tmp_path):
+    """A folder whose chat template doesn't parse is refused once every rank
+    holds its shard: the followers drop theirs too (else each refused load
+    leaks one shard per follower)."""
+    import shutil
+
+    folder = tmp_path / "bad-template"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")  # never closed
+    follower = tp.tp_pids[1]
+    tp.load(tiny_model, model_id="warm", parallel=TP)  # the first load's one-off costs, then gone
+    tp.call("unload", {"model_id": "warm"})
+    shard = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // 2
+    before = _rss_bytes(follower)
+    for _ in range(8):
+        with pytest.raises(RpcError) as exc:
+            tp.load(str(folder), model_id="bad", parallel=TP)
+        assert exc.value.code == -32002 and "chat template" in exc.value.message
+    grown = _rss_bytes(follower) - before
+    assert grown < 3 * shard, (grown, shard)
+    # draft_model_id with parallel: refused up front, naming the field
+    with pytest.raises(RpcError) as exc:
+        tp.load(tiny_model, model_id="bad", parallel=TP, draft_model_id="one")
+    assert exc.value.code == -32602 and exc.value.data["field"] == "params.draft_model_id"
+    assert [m.model_id for m in tp.status().models] == ["tp", "one"]
+    assert tp.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
+
+
 def test_unload_then_load_again_on_the_same_group(tp, tiny_model):
     """Runs last on this worker: the followers outlive an unload (MLX's group
     is set up once per process) and load the next distributed model."""
