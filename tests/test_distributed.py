@@ -323,6 +323,35 @@ def test_follow_up_turns_whose_follower_dies_get_their_error_and_the_worker_serv
 
 
 @pytest.mark.heavy
+def test_ranks_that_could_not_be_started_leave_no_ring_behind(tiny_model, tmp_path):
+    """A follower whose command can't be run (no ssh on PATH for a remote
+    host): the load fails at once, and the next distributed load starts a
+    group of its own (not the half-started one, which would wait forever)."""
+    from conftest import worker_env
+
+    w = spawn(env=worker_env(PATH=str(tmp_path)))  # no ssh
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RpcError):
+            w.load(tiny_model, model_id="far", parallel={"mode": "tensor", "hosts": [
+                f"127.0.0.1:{_free_port()}", f"192.0.2.1:{_free_port()}"]})
+        assert time.monotonic() - t0 < 10
+        t0 = time.monotonic()
+        pids = w.load(tiny_model, model_id="tp", parallel=TP).parallel.pids
+        assert time.monotonic() - t0 < 60
+        assert len(pids) == 2 and not pid_gone(pids[1])  # a real group, not the half-started one
+        assert w.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
+    finally:
+        w.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.heavy
 def test_followers_exit_when_rank_0_is_killed(tiny_model):
     w = spawn()
     pids = w.load(tiny_model, model_id="tp", parallel=TP).parallel.pids
