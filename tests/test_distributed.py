@@ -352,6 +352,33 @@ def _free_port() -> int:
 
 
 @pytest.mark.heavy
+def test_a_cancelled_distributed_load_that_then_fails_answers_cancelled(tiny_model, tmp_path):
+    """`cancel` answered true guarantees -32012, even when the load (which
+    can't stop while the ranks load) then fails on its own."""
+    import shutil
+
+    from test_load_progress import load_messages
+
+    folder = tmp_path / "bad-template"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")  # never closed
+    w = spawn()
+    try:
+        sent = {}
+
+        def on_event(rid, e):
+            if not sent:
+                sent["cancelled"] = w.cancel(rid)
+
+        _, messages = load_messages(w, {"model": str(folder), "model_id": "bad", "parallel": TP}, on_event)
+        assert sent == {"cancelled": True}
+        assert messages[-1]["error"]["code"] == -32012, messages[-1]
+        assert w.load(tiny_model, model_id="tp", parallel=TP).parallel.ranks == 2
+    finally:
+        w.close()
+
+
+@pytest.mark.heavy
 def test_followers_exit_when_rank_0_is_killed(tiny_model):
     w = spawn()
     pids = w.load(tiny_model, model_id="tp", parallel=TP).parallel.pids
