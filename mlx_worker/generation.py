@@ -350,12 +350,19 @@ class Generation:
             self.events.token(event)
 
     def abort(self) -> None:
-        """The request failed: give back what it took."""
-        if self.lease is not None:
-            self.lease.abort()
-        if self.constraint is not None:
-            self.constraint.release()
-            self.constraint = None
+        """The request failed: give back what it took. Never raises (the
+        request's answer must still go out)."""
+        try:
+            if self.lease is not None:
+                self.lease.abort()
+        except BaseException:
+            log.exception("prompt cache: giving back a failed request's entry failed")
+        try:
+            if self.constraint is not None:
+                self.constraint.release()
+        except BaseException:
+            log.exception("releasing a failed request's constraint failed")
+        self.constraint = None
 
 
 def _clamp_to_context(lm: LoadedModel, n_prompt: int, max_tokens: int) -> int:

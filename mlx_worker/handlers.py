@@ -120,6 +120,13 @@ class Handlers:
             if self.table.stopping:
                 raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; the load was stopped") from None
             raise
+        except Exception:
+            # A cancel answered true promised -32012, even if the load then
+            # failed for a reason of its own (logged, not sent).
+            if self.table.close_cancel(job) and not self.table.stopping:
+                log.warning("a cancelled load failed before it could stop", exc_info=True)
+                raise LoadCancelled() from None
+            raise
         return result
 
     def unload(self, job: Job) -> protocol.UnloadResult:

@@ -48,7 +48,8 @@ class ModelRegistry:
     def snapshot(self) -> list[LoadedModel]:
         # A distributed model whose group failed is gone for the host at once
         # (the compute thread unloads it between steps).
-        return [m for m in self._models.values() if "parallel" not in m.extra or m.model._ring.failure is None]
+        # A copy first: load/unload change the dict on the compute thread.
+        return [m for m in list(self._models.values()) if "parallel" not in m.extra or m.model._ring.failure is None]
 
     def get(self, model_id: Optional[str]) -> LoadedModel:
         if model_id is None:
@@ -93,6 +94,9 @@ class ModelRegistry:
             problem = template_problem(params.chat_template)
             if problem:
                 raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
+        if params.parallel is not None and params.draft_model_id is not None:  # before any rank starts
+            raise errors.invalid_params("params.draft_model_id",
+                                        "speculative decoding is not supported on a distributed (parallel) model")
         draft = None
         if params.draft_model_id is not None:  # loaded first, like any model
             draft = speculative.find(self.get, params.draft_model_id, "params.draft_model_id")
@@ -107,6 +111,7 @@ class ModelRegistry:
         import mlx.core as mx
 
         before = mx.get_active_memory()
+        loaded = None
         try:
             if params.parallel is not None:
                 from .distributed import load as distributed  # late: only distributed loads start ranks
@@ -127,6 +132,7 @@ class ModelRegistry:
         if failure is not None:
             # Out of the except block, and without the traceback: its frames
             # hold the half-built model, whose memory must really come back.
+            _release_shards(loaded)
             loaded = None
             failure.__traceback__ = failure.__context__ = failure.__cause__ = None
             _release()
@@ -148,6 +154,7 @@ class ModelRegistry:
             else:
                 failure = None
             if failure is not None:  # as above: nothing of the model stays
+                _release_shards(loaded)
                 loaded = draft = None
                 failure.__traceback__ = failure.__context__ = failure.__cause__ = None
                 _release()
@@ -177,6 +184,17 @@ class ModelRegistry:
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
+
+
+def _release_shards(loaded: Optional[LoadedModel]) -> None:
+    """A distributed load refused after its shards loaded: the followers drop them too."""
+    if loaded is not None and "parallel" in loaded.extra:
+        from .distributed import load as distributed
+
+        try:
+            distributed.release(loaded)
+        except Exception:  # the refusal goes out regardless
+            log.exception("could not release a refused load's shards")
 
 
 def _check_parallel(path: Path, params: protocol.LoadParams, config: dict) -> None:

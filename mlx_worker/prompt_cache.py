@@ -265,6 +265,12 @@ class Lease:
         taken, self._taken, self._snapshot = self._taken, None, None
         if taken is None:
             return
+        try:
+            self._put_back(taken)
+        except Exception:  # never raises: the failed request's answer must go out
+            log.exception("prompt cache: a failed request's entry could not be put back; dropped")
+
+    def _put_back(self, taken) -> None:
         offset = cache_offset(taken.cache)
         if offset is not None and offset > self.cached:
             if not can_trim_prompt_cache(taken.cache):

@@ -50,6 +50,7 @@ class Scheduler:
         self.solo: list[DecodeGroup] = []
         self._step_s = 0.0  # decode step time (moving average)
         self._chunk = 64
+        self._in_hand: list[Generation] = []
 
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.solo or any(self.groups.values()))
@@ -73,8 +74,7 @@ class Scheduler:
             gen.prepare()
             gen.open()
         except BaseException as exc:
-            gen.abort()
-            self.done(gen, exc)
+            self._fail(gen, exc)
             return
         self._admit_or_wait(gen, first=True)
 
@@ -82,8 +82,7 @@ class Scheduler:
         try:
             fits = self._fits(gen)
         except WorkerError as exc:
-            gen.abort()
-            self.done(gen, exc)
+            self._fail(gen, exc)
             return True
         if fits:
             self._start(gen)
@@ -159,7 +158,7 @@ class Scheduler:
             gen.accept(0, None)
             outcome: object = gen.finish("cancelled" if gen.should_stop() else "max_tokens", gen.cache)
         except BaseException as exc:
-            gen.abort()
+            _abort(gen)
             outcome = exc
         self.done(gen, outcome)
 
@@ -190,12 +189,14 @@ class Scheduler:
     def _retry_waiting(self) -> None:
         for _ in range(len(self.waiting)):
             gen = self.waiting.popleft()
+            self._in_hand = [gen]
             if gen.should_stop():
                 self._finish(gen, "cancelled", gen.cache)
-                continue
-            if not self._admit_or_wait(gen, first=False):
+            elif not self._admit_or_wait(gen, first=False):
                 self.waiting.appendleft(gen)
+                self._in_hand = []
                 return  # in arrival order
+            self._in_hand = []
 
     def _prefill_one(self) -> None:
         gen = self.prefilling.popleft()
@@ -221,6 +222,7 @@ class Scheduler:
                         and other.step_size == gen.step_size and not other.should_stop()):
                     self.prefilling.remove(other)
                     together.append(other)
+        self._in_hand = together  # out of every queue until handed on
         before = [g.processed for g in together]
         t0 = time.perf_counter()
         try:
@@ -229,9 +231,9 @@ class Scheduler:
             else:
                 gen.prefill(n, clear_cache=not decoding)
         except BaseException as exc:
+            self._in_hand = []
             for g in together:
-                g.abort()
-                self.done(g, _memory_error(exc))
+                self._fail(g, _memory_error(exc))
             return
         dt = time.perf_counter() - t0
         done = sum(g.processed - b for g, b in zip(together, before))
@@ -241,6 +243,7 @@ class Scheduler:
             self._tune_chunk(done, dt, gen.step_size)
         for g in together:
             self._after_chunk(g)
+        self._in_hand = []
 
     def _after_chunk(self, gen: Generation) -> None:
         if gen.to_prefill > 0:
@@ -266,28 +269,42 @@ class Scheduler:
             if isinstance(outcome, str):
                 self._finish(gen, outcome, cache)
             else:
-                gen.abort()
-                self.done(gen, _memory_error(outcome))
+                self._fail(gen, _memory_error(outcome))
 
     def _finish(self, gen: Generation, reason: str, cache) -> None:
         try:
             outcome: object = gen.finish(reason, cache)
         except BaseException as exc:
-            gen.abort()
+            _abort(gen)
             outcome = exc
         self.done(gen, outcome)
+
+    def _fail(self, gen: Generation, exc: BaseException) -> None:
+        """End a request with an error: its answer goes out even if giving
+        back what it held fails (say, a distributed group that just died)."""
+        try:
+            _abort(gen)
+        finally:
+            self.done(gen, exc)
 
     def fail_all(self, exc: BaseException) -> None:
         """A bug in the scheduler itself: every request it holds ends with
         the error (a cancelled one with its cancelled result); it starts over."""
-        gens = self.running() + list(self.waiting)
+        gens, seen = [], set()
+        for gen in self._in_hand + self.running() + list(self.waiting):  # in hand: popped, not handed on
+            if id(gen) not in seen:
+                seen.add(id(gen))
+                gens.append(gen)
+        self._in_hand = []
         self.waiting.clear()
         self.prefilling.clear()
         self.groups.clear()
         self.solo.clear()
         for gen in gens:
-            gen.abort()
-            self.done(gen, exc)
+            try:
+                self._fail(gen, exc)
+            except BaseException:  # one answer that fails must not cost the others theirs
+                log.exception("could not answer a request the scheduler held")
 
     # ------------------------------------------------------------ unload
 
@@ -302,6 +319,13 @@ def _stores(gens: list[Generation]):
             if store is not None and id(store) not in seen:
                 seen.add(id(store))
                 yield store
+
+
+def _abort(gen: Generation) -> None:
+    try:
+        gen.abort()
+    except BaseException:  # Generation.abort shouldn't raise; the answer matters more
+        log.exception("giving back a failed request's resources failed")
 
 
 def _memory_error(exc: BaseException) -> BaseException:

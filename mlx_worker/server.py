@@ -107,7 +107,8 @@ class Worker:
                     self.handle_line(line)
                 except Exception:  # a bug here must not end the reader
                     log.exception("failed to handle a line")
-                    self.reply_error(None, errors.INTERNAL_ERROR, "internal error handling this line")
+                    rid = _id_at_head(line.head if isinstance(line, Oversized) else bytes(line))
+                    self.reply_error(rid, errors.INTERNAL_ERROR, "internal error handling this line")
         finally:
             self.reader_idle.set()
             self.stop("stdin closed")
@@ -237,13 +238,24 @@ class Worker:
                     return
                 continue
             if job is not None:
-                handlers.run(job)
+                try:
+                    handlers.run(job)
+                except BaseException as exc:  # last resort: this thread serves every model
+                    log.exception("a job failed outside its handler")
+                    self.table.fail(job, errors.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
                 taken += 1
                 if taken < BURST and self.table.pending():
                     continue  # requests that arrived together start together
             taken = 0
             if handlers.busy():
-                handlers.step()
+                try:
+                    handlers.step()
+                except BaseException as exc:  # last resort: end what the scheduler held, go on
+                    log.exception("a scheduler step failed outside its guard")
+                    try:
+                        handlers.scheduler.fail_all(exc)
+                    except BaseException:
+                        log.exception("could not end the requests the scheduler held")
 
 
 def _distributed():

@@ -168,6 +168,42 @@ def test_bad_parallel_params_are_refused_by_field(tp, tiny_model):
     assert tp.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
 
 
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_load_refused_after_its_shards_loaded_leaves_nothing_in_the_followers(tp, tiny_model, tmp_path):
+    """A folder whose chat template doesn't parse is refused once every rank
+    holds its shard: the followers drop theirs too (else each refused load
+    leaks one shard per follower)."""
+    import shutil
+
+    folder = tmp_path / "bad-template"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")  # never closed
+    follower = tp.tp_pids[1]
+    tp.load(tiny_model, model_id="warm", parallel=TP)  # the first load's one-off costs, then gone
+    tp.call("unload", {"model_id": "warm"})
+    shard = sum(f.stat().st_size for f in folder.glob("*.safetensors")) // 2
+    before = _rss_bytes(follower)
+    for _ in range(8):
+        with pytest.raises(RpcError) as exc:
+            tp.load(str(folder), model_id="bad", parallel=TP)
+        assert exc.value.code == -32002 and "chat template" in exc.value.message
+    grown = _rss_bytes(follower) - before
+    assert grown < 3 * shard, (grown, shard)
+    # draft_model_id with parallel: refused up front, naming the field
+    with pytest.raises(RpcError) as exc:
+        tp.load(tiny_model, model_id="bad", parallel=TP, draft_model_id="one")
+    assert exc.value.code == -32602 and exc.value.data["field"] == "params.draft_model_id"
+    assert [m.model_id for m in tp.status().models] == ["tp", "one"]
+    assert tp.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
+
+
 def test_unload_then_load_again_on_the_same_group(tp, tiny_model):
     """Runs last on this worker: the followers outlive an unload (MLX's group
     is set up once per process) and load the next distributed model."""
@@ -234,6 +270,110 @@ def test_a_follower_that_dies_or_hangs_ends_the_request_and_unloads_the_model(ti
         with pytest.raises(RpcError) as exc:  # MLX sets up one group per process
             w.load(tiny_model, model_id="tp2", parallel=TP)
         assert exc.value.code == -32002 and "restart" in exc.value.message
+    finally:
+        w.close()
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("n", [1, 2])
+def test_follow_up_turns_whose_follower_dies_get_their_error_and_the_worker_serves_on(tiny_model, n):
+    """A follow-up turn leases a stored entry; when the group dies its
+    abort trims that entry (a mirrored op). Every such request still gets
+    its final error (n=2: the scheduler's fail-all path), and the worker
+    keeps serving its other models."""
+    import threading
+
+    w = spawn()
+    try:
+        pids = w.load(tiny_model, model_id="tp", parallel={**TP, "timeout_s": 2.0}).parallel.pids
+        w.load(tiny_model, model_id="one")
+        prompts = [PROMPT, "Another quite different prompt here"][:n]
+        its = []
+        for p in prompts:
+            first = w.generate(model_id="tp", prompt=p, max_tokens=8, temperature=0, ignore_eos=True).wait()
+            follow = [*w.tokenize(model_id="tp", text=p).tokens, *first.tokens, 40, 41, 42]
+            its.append(iter(w.generate(model_id="tp", tokens=follow, max_tokens=100000, temperature=0,
+                                       ignore_eos=True)))
+        for it in its:
+            seen = 0
+            while seen < 3:
+                if isinstance(next(it), protocol.TokenEvent):
+                    seen += 1
+        os.kill(pids[1], signal.SIGKILL)
+        out: dict = {}
+
+        def drain(i, it):
+            try:
+                for _ in it:
+                    pass
+                out[i] = "result"
+            except RpcError as e:
+                out[i] = e.code
+
+        threads = [threading.Thread(target=drain, args=(i, it), daemon=True) for i, it in enumerate(its)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert out == {i: -32011 for i in range(n)}
+        assert w.status().queue.running == []
+        assert w.generate(model_id="one", prompt="hi", max_tokens=3, temperature=0, ignore_eos=True).wait().tokens
+    finally:
+        w.close()
+
+
+@pytest.mark.heavy
+def test_ranks_that_could_not_be_started_leave_no_ring_behind(tiny_model, tmp_path):
+    """A follower whose command can't be run (no ssh on PATH for a remote
+    host): the load fails at once, and the next distributed load starts a
+    group of its own (not the half-started one, which would wait forever)."""
+    from conftest import worker_env
+
+    w = spawn(env=worker_env(PATH=str(tmp_path)))  # no ssh
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RpcError):
+            w.load(tiny_model, model_id="far", parallel={"mode": "tensor", "hosts": [
+                f"127.0.0.1:{_free_port()}", f"192.0.2.1:{_free_port()}"]})
+        assert time.monotonic() - t0 < 10
+        t0 = time.monotonic()
+        pids = w.load(tiny_model, model_id="tp", parallel=TP).parallel.pids
+        assert time.monotonic() - t0 < 60
+        assert len(pids) == 2 and not pid_gone(pids[1])  # a real group, not the half-started one
+        assert w.generate(model_id="tp", prompt="hi", max_tokens=2).wait().stop_reason in ("max_tokens", "eos")
+    finally:
+        w.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.heavy
+def test_a_cancelled_distributed_load_that_then_fails_answers_cancelled(tiny_model, tmp_path):
+    """`cancel` answered true guarantees -32012, even when the load (which
+    can't stop while the ranks load) then fails on its own."""
+    import shutil
+
+    from test_load_progress import load_messages
+
+    folder = tmp_path / "bad-template"
+    shutil.copytree(tiny_model, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")  # never closed
+    w = spawn()
+    try:
+        sent = {}
+
+        def on_event(rid, e):
+            if not sent:
+                sent["cancelled"] = w.cancel(rid)
+
+        _, messages = load_messages(w, {"model": str(folder), "model_id": "bad", "parallel": TP}, on_event)
+        assert sent == {"cancelled": True}
+        assert messages[-1]["error"]["code"] == -32012, messages[-1]
+        assert w.load(tiny_model, model_id="tp", parallel=TP).parallel.ranks == 2
     finally:
         w.close()
 

@@ -29,7 +29,9 @@ class MirroredKVCache(KVCache):
 
     def trim(self, n):
         n = super().trim(n)
-        if self._index == 0 and n:
+        # Once the group has failed there is no one to tell: trim stays local
+        # (a failed request gives back its lease by trimming; that must not raise).
+        if self._index == 0 and n and self._ring.failure is None:
             self._ring.send({"op": "trim", "list": self._list, "n": n})
         return n
 

@@ -76,6 +76,7 @@ class Ring:
         self.followers: list[Follower] = []
         self.failure: Optional[str] = None
         self.group = None
+        self.init_started = False  # MLX's one group per process: once tried, never again
         self._lock = threading.Lock()  # one writer of operations at a time
         self._frees: list[int] = []
         self._next_id = 0
@@ -121,6 +122,7 @@ class Ring:
             except BaseException as exc:
                 outcome.append(exc)
 
+        self.init_started = True
         threading.Thread(target=init, name="ring-init", daemon=True).start()
         deadline = time.monotonic() + INIT_TIMEOUT_S
         while not outcome:
@@ -273,7 +275,14 @@ def ensure(size: int, hosts: list[str], backend: str, timeout_s: float) -> Ring:
         return _ring
     ring = Ring(size, hosts, backend, timeout_s)
     _ring = ring
-    ring.start()
+    try:
+        ring.start()
+    except BaseException as exc:  # e.g. a follower's command could not be run
+        if ring.failure is None:
+            ring.fail(f"the ranks could not be started: {type(exc).__name__}: {exc}")  # kills those started
+        if not ring.init_started:  # MLX's group was never set up: a later load starts afresh
+            _ring = None
+        raise
     return ring
 
 
