@@ -80,6 +80,13 @@ class Scheduler:
 
     def _admit_or_wait(self, gen: Generation, first: bool) -> bool:
         try:
+            if first and self.waiting:
+                # Requests start in arrival order: behind the ones already
+                # waiting for memory (a stream of small requests must not
+                # starve a big one), unless it can never fit at all.
+                self._never_fits(gen)
+                self.waiting.append(gen)
+                return False
             fits = self._fits(gen)
         except WorkerError as exc:
             self._fail(gen, exc)
@@ -92,7 +99,16 @@ class Scheduler:
             self.waiting.append(gen)
         return False
 
+    def _never_fits(self, gen: Generation) -> None:
+        """Refuse (-32005) a request over its model's memory_limit even alone."""
+        need = max(0, gen.need - gen.reused_bytes)
+        lm = gen.lm
+        model_limit = getattr(lm, "memory_limit", None)
+        if model_limit and lm.memory_bytes + need > model_limit:
+            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
+
     def _fits(self, gen: Generation) -> bool:
+        self._never_fits(gen)
         need = max(0, gen.need - gen.reused_bytes)
         lm = gen.lm
         others = [g for g in self.running() if g is not gen]
@@ -100,8 +116,6 @@ class Scheduler:
         model_out = sum(g.need for g in others if g.lm is lm)
         limit = memory.worker_limit()
         model_limit = getattr(lm, "memory_limit", None)
-        if model_limit and lm.memory_bytes + need > model_limit:  # never fits, even alone
-            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
         for attempt in range(2):
             available = limit - mx.get_active_memory() - outstanding
             model_ok = not model_limit or lm.memory_bytes + model_out + need <= model_limit
@@ -187,6 +201,13 @@ class Scheduler:
             self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
 
     def _retry_waiting(self) -> None:
+        # A cancel takes effect at the next step, wherever the request waits
+        # (not only once the ones ahead of it are admitted).
+        for gen in [g for g in self.waiting if g.should_stop()]:
+            self.waiting.remove(gen)
+            self._in_hand = [gen]
+            self._finish(gen, "cancelled", gen.cache)
+            self._in_hand = []
         for _ in range(len(self.waiting)):
             gen = self.waiting.popleft()
             self._in_hand = [gen]

@@ -262,6 +262,49 @@ def test_memory_admission_of_a_batch(tiny_model):
         w.close()
 
 
+def room_for_one_and_a_half(w, tiny_model, req) -> int:
+    """A model memory_limit with room for one `req` beside the weights, not two."""
+    weights = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
+    loaded = w.load(tiny_model, model_id="probe", memory_limit=weights + 4096)
+    with pytest.raises(Exception) as exc:
+        w.generate(model_id="probe", **req).wait()
+    need = exc.value.data["needed"]
+    w.unload("probe")
+    return loaded.memory_bytes + int(need * 1.5)
+
+
+def line_index(w, pred) -> int:
+    return next(i for i, m in enumerate(json.loads(line) for line in w.lines) if pred(m))
+
+
+def test_requests_start_in_arrival_order_behind_one_waiting_for_memory(tiny_model):
+    """A small request that would fit now still starts after a big one that
+    came first and waits for memory; a cancelled one queued behind the
+    waiting one is answered at once, not when the one ahead is admitted."""
+    w = spawn()
+    try:
+        req = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
+        w.load(tiny_model, model_id="tiny", memory_limit=room_for_one_and_a_half(w, tiny_model, req))
+        a = w.generate(model_id="tiny", **req)
+        next(iter(a))  # running
+        b = w.generate(model_id="tiny", **req)  # waits for a's memory
+        c = w.generate(model_id="tiny", **{**req, "max_tokens": 2})  # would fit beside a
+        d = w.generate(model_id="tiny", **{**req, "max_tokens": 2})
+        while w.status().queue.pending:  # d handed to the scheduler, not only queued
+            time.sleep(0.01)
+        assert d.cancel() is True
+        assert d.wait().stop_reason == "cancelled"
+        d_end = line_index(w, lambda m: m.get("id") == d.id and "result" in m)
+        first = lambda s: line_index(w, lambda m: m.get("method") == "token" and m["params"]["id"] == s.id)  # noqa: E731
+        rc, ra, rb = c.wait(), a.wait(), b.wait()
+        a_end = line_index(w, lambda m: m.get("id") == a.id and "result" in m)
+        assert d_end < a_end, "a cancelled request waited for the one ahead of it"
+        assert first(b) > a_end and first(c) > a_end, "a later request started before an earlier waiting one"
+        assert len(rc.tokens) == 2 and ra.tokens == rb.tokens
+    finally:
+        w.close()
+
+
 def test_tool_calls_and_channels_in_a_batch():
     """Tool-call requests (lazy grammar, forced calls, reasoning channels)
     decode in one batch with plain ones; each equals its solo run, channel
