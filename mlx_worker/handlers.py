@@ -84,16 +84,34 @@ class Handlers:
 
     # ------------------------------------------------------------ methods
 
+    def _model(self, model_id) -> Any:
+        """A loaded model a new generate may use: not one whose unload is
+        deferred (arrival order: the unload came first, so the model is gone
+        for every request after it)."""
+        lm = self.models.get(model_id)
+        for job in self.deferred:
+            try:
+                going = self.models.get(job.params.model_id)
+            except WorkerError:
+                continue
+            if going is lm:
+                raise WorkerError(
+                    errors.MODEL_NOT_LOADED,
+                    f"model {going.model_id!r} is being unloaded",
+                    {"field": "params.model_id", "unloading": going.model_id},
+                )
+        return lm
+
     def _generate(self, job: Job) -> None:
         try:
-            lm = self.models.get(job.params.model_id)
+            lm = self._model(job.params.model_id)
         except WorkerError as exc:
             self.table.finish_generate(job, exc)
             return
         gen = generation.Generation(lm, job.params, job.id, self._events(job), job.should_stop)
         gen.job = job
         try:
-            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self.models.get, lm, job.params)
+            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self._model, lm, job.params)
         except WorkerError as exc:
             self.table.finish_generate(job, exc)
             return

@@ -305,6 +305,30 @@ def test_requests_start_in_arrival_order_behind_one_waiting_for_memory(tiny_mode
         w.close()
 
 
+def test_generate_after_a_deferred_unload_finds_no_model(tiny_model):
+    """An unload waiting for a running generate came first: a generate sent
+    after it is refused -32003, not run ahead of the unload."""
+    from mlx_worker.client import RpcError
+
+    w = spawn()
+    try:
+        w.load(tiny_model, model_id="tiny")
+        req = {"model_id": "tiny", "prompt": prompt(1), "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        a = w.generate(**req)
+        next(iter(a))  # running: the unload must wait for it
+        _, unloaded = w.start("unload", {"model_id": "tiny"})
+        while w.status().queue.pending:  # status is read after it: the unload is taken (deferred)
+            time.sleep(0.005)
+        with pytest.raises(RpcError) as exc:
+            w.generate(**{**req, "max_tokens": 2}).wait()
+        assert exc.value.code == -32003
+        assert len(a.wait().tokens) == 400
+        assert "result" in unloaded.get(timeout=30)
+        assert w.status().models == []
+    finally:
+        w.close()
+
+
 def test_tool_calls_and_channels_in_a_batch():
     """Tool-call requests (lazy grammar, forced calls, reasoning channels)
     decode in one batch with plain ones; each equals its solo run, channel
