@@ -26,7 +26,7 @@ class Handlers:
     def __init__(self, table: JobTable) -> None:
         self.table = table
         self.models = ModelRegistry()
-        self.scheduler = Scheduler(self._generation_done)
+        self.scheduler = Scheduler(self._generation_done, self._all_stores)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
 
     # ------------------------------------------------------- compute loop
@@ -116,6 +116,13 @@ class Handlers:
             self.table.finish_generate(job, exc)
             return
         self.scheduler.submit(gen)
+
+    def _all_stores(self) -> list:
+        stores = []
+        for lm in self.models.snapshot():
+            stores.append(lm.prompt_cache)
+            stores.extend(speculative.pair_stores(lm))
+        return stores
 
     def _generation_done(self, gen: generation.Generation, outcome: object) -> None:
         self.table.finish_generate(gen.job, outcome)

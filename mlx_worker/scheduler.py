@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import mlx.core as mx
 
@@ -42,8 +42,9 @@ Done = Callable[[Generation, object], None]
 
 
 class Scheduler:
-    def __init__(self, done: Done):
+    def __init__(self, done: Done, all_stores: Callable[[], Iterable] = tuple):
         self.done = done
+        self.all_stores = all_stores  # every loaded model's prompt-cache stores, pair stores too
         self.waiting: collections.deque[Generation] = collections.deque()  # not admitted yet
         self.prefilling: collections.deque[Generation] = collections.deque()
         self.groups: dict[int, DecodeGroup] = {}  # id(model) -> its batch
@@ -129,8 +130,13 @@ class Scheduler:
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
+        """Evict oldest-first: first from the stores no admitted request
+        uses (other models', idle draft pairs'), then from those in use."""
         freed = 0
-        for store in _stores([gen] + self.running()):
+        busy = list(_stores([gen] + self.running()))
+        held = {id(s) for s in busy}
+        idle = [s for s in self.all_stores() if s is not None and id(s) not in held]
+        for store in idle + busy:
             if freed >= nbytes:
                 break
             freed += store.evict_lru(nbytes - freed)

@@ -329,6 +329,39 @@ def test_generate_after_a_deferred_unload_finds_no_model(tiny_model):
         w.close()
 
 
+def test_admission_evicts_another_models_prompt_cache_before_refusing(tiny_model):
+    """Prompt-cache entries of a model the request doesn't use are evicted
+    (least recently used first) before a -32005 refusal."""
+    from mlx_worker.client import RpcError
+
+    long = " ".join([prompt(3)] * 60)  # ~1300 tokens
+    req = {"model_id": "b", "prompt": long, "max_tokens": 4, "temperature": 0}
+    probe = spawn("--memory-limit", str(16 << 20))
+    try:
+        probe.load(tiny_model, model_id="a")
+        probe.load(tiny_model, model_id="b")
+        with pytest.raises(RpcError) as exc:
+            probe.generate(**req).wait()
+        need, base = exc.value.data["needed"], (16 << 20) - exc.value.data["available"]
+    finally:
+        probe.close()
+    room = 4 << 20
+    w = spawn("--memory-limit", str(base + need + room))
+    try:
+        w.load(tiny_model, model_id="a")
+        w.load(tiny_model, model_id="b")
+        for i in range(5):  # fill a's store: small chunks, so each of these fits
+            w.generate(model_id="a", prompt=f"{i} {long}", max_tokens=1, prefill_step_size=128).wait()
+        held = {m.model_id: m.prompt_cache for m in w.status().models}["a"]
+        assert held.bytes > 2 * room, held  # b's request can't fit beside a's entries
+        result = w.generate(**req).wait()
+        assert len(result.tokens) == 4
+        after = {m.model_id: m.prompt_cache for m in w.status().models}["a"]
+        assert after.entries < held.entries
+    finally:
+        w.close()
+
+
 def test_tool_calls_and_channels_in_a_batch():
     """Tool-call requests (lazy grammar, forced calls, reasoning channels)
     decode in one batch with plain ones; each equals its solo run, channel
