@@ -171,7 +171,7 @@ class Handlers:
 
         def prefill(params):  # progress events while the uncached part is prefilled
             gen = generation.Generation(lm, params, job.id, self._events(job), job.should_stop)
-            outcome = run_alone(gen)
+            outcome = run_alone(gen, beside=self.scheduler)
             if isinstance(outcome, BaseException):
                 raise outcome
             return outcome, gen.stored

@@ -42,9 +42,13 @@ Done = Callable[[Generation, object], None]
 
 
 class Scheduler:
-    def __init__(self, done: Done, all_stores: Callable[[], Iterable] = tuple):
+    def __init__(self, done: Done, all_stores: Callable[[], Iterable] = tuple,
+                 beside: "Scheduler | None" = None):
         self.done = done
         self.all_stores = all_stores  # every loaded model's prompt-cache stores, pair stores too
+        # run_alone: the main scheduler, whose requests are paused meanwhile
+        # but still hold (and may still need) their memory.
+        self.beside = beside
         self.waiting: collections.deque[Generation] = collections.deque()  # not admitted yet
         self.prefilling: collections.deque[Generation] = collections.deque()
         self.groups: dict[int, DecodeGroup] = {}  # id(model) -> its batch
@@ -69,8 +73,8 @@ class Scheduler:
 
     def submit(self, gen: Generation) -> None:
         """Prepare and admit a new request (or answer it: error, cancelled)."""
-        if not self.busy():
-            mx.reset_peak_memory()
+        if not self.busy() and not (self.beside and self.beside.busy()):
+            mx.reset_peak_memory()  # never mid-batch: the running requests report the peak
         try:
             gen.prepare()
             gen.open()
@@ -112,7 +116,8 @@ class Scheduler:
         self._never_fits(gen)
         need = max(0, gen.need - gen.reused_bytes)
         lm = gen.lm
-        others = [g for g in self.running() if g is not gen]
+        own = [g for g in self.running() if g is not gen]
+        others = own + (self.beside.running() if self.beside else [])
         outstanding = sum(g.need for g in others)
         model_out = sum(g.need for g in others if g.lm is lm)
         limit = memory.worker_limit()
@@ -125,15 +130,16 @@ class Scheduler:
             if attempt == 0 and self._evict(gen, need - available):
                 continue
             break
-        if others:
+        if own:
             return False  # wait: running requests will free memory
+        # (beside paused requests it can't wait: they don't run meanwhile)
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
         """Evict oldest-first: first from the stores no admitted request
         uses (other models', idle draft pairs'), then from those in use."""
         freed = 0
-        busy = list(_stores([gen] + self.running()))
+        busy = list(_stores([gen] + self.running() + (self.beside.running() if self.beside else [])))
         held = {id(s) for s in busy}
         idle = [s for s in self.all_stores() if s is not None and id(s) not in held]
         for store in idle + busy:
@@ -361,12 +367,13 @@ def _memory_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_alone(gen: Generation) -> object:
+def run_alone(gen: Generation, beside: "Scheduler | None" = None) -> object:
     """Drive one request to its end outside the shared batch (cache_save's
-    prefill): the same phases, chunks and cancel checks. Returns its result
-    or the exception it ended with."""
+    prefill): the same phases, chunks and cancel checks, admitted beside
+    ``beside``'s requests (paused meanwhile). Returns its result or the
+    exception it ended with."""
     outcome: list = []
-    alone = Scheduler(lambda g, o: outcome.append(o))
+    alone = Scheduler(lambda g, o: outcome.append(o), beside.all_stores if beside else tuple, beside)
     alone.submit(gen)
     while alone.busy() and not outcome:
         alone.step()

@@ -362,6 +362,58 @@ def test_admission_evicts_another_models_prompt_cache_before_refusing(tiny_model
         w.close()
 
 
+def test_cache_save_is_admitted_beside_running_requests(tiny_model, tmp_path):
+    """cache_save's prefill counts what the running generates may still
+    need: one that fits alone but not beside them is refused -32005 (it
+    can't wait: they are paused while it runs), and they finish unharmed."""
+    from mlx_worker.client import RpcError
+
+    long = " ".join([prompt(3)] * 30)
+    gen_req = {"model_id": "m", "prompt": prompt(2), "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    save_req = {"model_id": "m", "prompt": long, "path": str(tmp_path / "c.safetensors")}
+    w = spawn()
+    try:
+        weights = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
+        loaded = w.load(tiny_model, model_id="m", memory_limit=weights + 4096)
+        needs = []
+        for call in (lambda: w.generate(**gen_req).wait(), lambda: w.call("cache_save", save_req)):
+            with pytest.raises(RpcError) as exc:
+                call()
+            assert exc.value.code == -32005, exc.value
+            needs.append(exc.value.data["needed"])
+        w.unload("m")
+        need_gen, need_save = needs
+        assert need_save <= 2 * need_gen, needs  # so the save alone fits the limit below
+        w.load(tiny_model, model_id="m", memory_limit=loaded.memory_bytes + need_gen + need_save // 2)
+        a = w.generate(**gen_req)
+        next(iter(a))  # running
+        with pytest.raises(RpcError) as exc:
+            w.call("cache_save", save_req)
+        assert exc.value.code == -32005
+        assert len(a.wait().tokens) == 3000
+        assert w.call("cache_save", save_req)["tokens"] > 0  # alone it fits
+    finally:
+        w.close()
+
+
+def test_cache_save_mid_batch_keeps_the_running_requests_peak(tiny_model, tmp_path):
+    """peak_memory of a running request still counts its prompt's prefill
+    after a cache_save ran beside it (the save doesn't reset MLX's peak)."""
+    w = spawn()
+    try:
+        w.load(tiny_model, model_id="m")
+        long = " ".join([prompt(3)] * 60)  # its prefill is the peak: far above its KV's growth
+        a = w.generate(model_id="m", prompt=long, max_tokens=800, temperature=0, ignore_eos=True)
+        events = iter(a)
+        while not isinstance(next(events), protocol.TokenEvent):  # prefilled: the peak so far is its prompt's
+            pass
+        seen = w.status().memory.peak
+        w.call("cache_save", {"model_id": "m", "prompt": prompt(1), "path": str(tmp_path / "c.safetensors")})
+        assert a.wait().peak_memory >= seen, (a.result.peak_memory, seen)
+    finally:
+        w.close()
+
+
 def test_tool_calls_and_channels_in_a_batch():
     """Tool-call requests (lazy grammar, forced calls, reasoning channels)
     decode in one batch with plain ones; each equals its solo run, channel
