@@ -26,7 +26,7 @@ class Handlers:
     def __init__(self, table: JobTable) -> None:
         self.table = table
         self.models = ModelRegistry()
-        self.scheduler = Scheduler(self._generation_done)
+        self.scheduler = Scheduler(self._generation_done, self._all_stores)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
 
     # ------------------------------------------------------- compute loop
@@ -84,20 +84,45 @@ class Handlers:
 
     # ------------------------------------------------------------ methods
 
+    def _model(self, model_id) -> Any:
+        """A loaded model a new generate may use: not one whose unload is
+        deferred (arrival order: the unload came first, so the model is gone
+        for every request after it)."""
+        lm = self.models.get(model_id)
+        for job in self.deferred:
+            try:
+                going = self.models.get(job.params.model_id)
+            except WorkerError:
+                continue
+            if going is lm:
+                raise WorkerError(
+                    errors.MODEL_NOT_LOADED,
+                    f"model {going.model_id!r} is being unloaded",
+                    {"field": "params.model_id", "unloading": going.model_id},
+                )
+        return lm
+
     def _generate(self, job: Job) -> None:
         try:
-            lm = self.models.get(job.params.model_id)
+            lm = self._model(job.params.model_id)
         except WorkerError as exc:
             self.table.finish_generate(job, exc)
             return
         gen = generation.Generation(lm, job.params, job.id, self._events(job), job.should_stop)
         gen.job = job
         try:
-            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self.models.get, lm, job.params)
+            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self._model, lm, job.params)
         except WorkerError as exc:
             self.table.finish_generate(job, exc)
             return
         self.scheduler.submit(gen)
+
+    def _all_stores(self) -> list:
+        stores = []
+        for lm in self.models.snapshot():
+            stores.append(lm.prompt_cache)
+            stores.extend(speculative.pair_stores(lm))
+        return stores
 
     def _generation_done(self, gen: generation.Generation, outcome: object) -> None:
         self.table.finish_generate(gen.job, outcome)
@@ -146,7 +171,7 @@ class Handlers:
 
         def prefill(params):  # progress events while the uncached part is prefilled
             gen = generation.Generation(lm, params, job.id, self._events(job), job.should_stop)
-            outcome = run_alone(gen)
+            outcome = run_alone(gen, beside=self.scheduler)
             if isinstance(outcome, BaseException):
                 raise outcome
             return outcome, gen.stored

@@ -53,6 +53,11 @@ class LoadedModel:
 
     def describe(self) -> protocol.ModelStatus:
         cache = self.prompt_cache.status() if self.prompt_cache is not None else None
+        if cache is not None:  # pair stores (speculative.py) count too: they hold memory
+            pairs = [held["store"].status() for _, held in list(self.extra.get("draft_stores", {}).values())
+                     if "store" in held]
+            cache.pair_entries = sum(p.entries for p in pairs)
+            cache.pair_bytes = sum(p.bytes for p in pairs)
         return protocol.ModelStatus(
             model_id=self.model_id,
             kind=self.kind,

@@ -507,6 +507,10 @@ class PromptCacheStatus(Out):
     bytes: int
     max_bytes: int
     max_entries: int
+    # The stores of this model as target with a draft (one per draft, each
+    # bounded by max_bytes/max_entries): their entries and bytes, summed.
+    pair_entries: int = 0
+    pair_bytes: int = 0
 
 
 class ModelStatus(Out):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import mlx.core as mx
 
@@ -42,8 +42,13 @@ Done = Callable[[Generation, object], None]
 
 
 class Scheduler:
-    def __init__(self, done: Done):
+    def __init__(self, done: Done, all_stores: Callable[[], Iterable] = tuple,
+                 beside: "Scheduler | None" = None):
         self.done = done
+        self.all_stores = all_stores  # every loaded model's prompt-cache stores, pair stores too
+        # run_alone: the main scheduler, whose requests are paused meanwhile
+        # but still hold (and may still need) their memory.
+        self.beside = beside
         self.waiting: collections.deque[Generation] = collections.deque()  # not admitted yet
         self.prefilling: collections.deque[Generation] = collections.deque()
         self.groups: dict[int, DecodeGroup] = {}  # id(model) -> its batch
@@ -68,8 +73,8 @@ class Scheduler:
 
     def submit(self, gen: Generation) -> None:
         """Prepare and admit a new request (or answer it: error, cancelled)."""
-        if not self.busy():
-            mx.reset_peak_memory()
+        if not self.busy() and not (self.beside and self.beside.busy()):
+            mx.reset_peak_memory()  # never mid-batch: the running requests report the peak
         try:
             gen.prepare()
             gen.open()
@@ -80,6 +85,13 @@ class Scheduler:
 
     def _admit_or_wait(self, gen: Generation, first: bool) -> bool:
         try:
+            if first and self.waiting:
+                # Requests start in arrival order: behind the ones already
+                # waiting for memory (a stream of small requests must not
+                # starve a big one), unless it can never fit at all.
+                self._never_fits(gen)
+                self.waiting.append(gen)
+                return False
             fits = self._fits(gen)
         except WorkerError as exc:
             self._fail(gen, exc)
@@ -92,16 +104,24 @@ class Scheduler:
             self.waiting.append(gen)
         return False
 
-    def _fits(self, gen: Generation) -> bool:
+    def _never_fits(self, gen: Generation) -> None:
+        """Refuse (-32005) a request over its model's memory_limit even alone."""
         need = max(0, gen.need - gen.reused_bytes)
         lm = gen.lm
-        others = [g for g in self.running() if g is not gen]
+        model_limit = getattr(lm, "memory_limit", None)
+        if model_limit and lm.memory_bytes + need > model_limit:
+            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
+
+    def _fits(self, gen: Generation) -> bool:
+        self._never_fits(gen)
+        need = max(0, gen.need - gen.reused_bytes)
+        lm = gen.lm
+        own = [g for g in self.running() if g is not gen]
+        others = own + (self.beside.running() if self.beside else [])
         outstanding = sum(g.need for g in others)
         model_out = sum(g.need for g in others if g.lm is lm)
         limit = memory.worker_limit()
         model_limit = getattr(lm, "memory_limit", None)
-        if model_limit and lm.memory_bytes + need > model_limit:  # never fits, even alone
-            raise memory.refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", gen.need_parts)
         for attempt in range(2):
             available = limit - mx.get_active_memory() - outstanding
             model_ok = not model_limit or lm.memory_bytes + model_out + need <= model_limit
@@ -110,13 +130,19 @@ class Scheduler:
             if attempt == 0 and self._evict(gen, need - available):
                 continue
             break
-        if others:
+        if own:
             return False  # wait: running requests will free memory
+        # (beside paused requests it can't wait: they don't run meanwhile)
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
+        """Evict oldest-first: first from the stores no admitted request
+        uses (other models', idle draft pairs'), then from those in use."""
         freed = 0
-        for store in _stores([gen] + self.running()):
+        busy = list(_stores([gen] + self.running() + (self.beside.running() if self.beside else [])))
+        held = {id(s) for s in busy}
+        idle = [s for s in self.all_stores() if s is not None and id(s) not in held]
+        for store in idle + busy:
             if freed >= nbytes:
                 break
             freed += store.evict_lru(nbytes - freed)
@@ -187,6 +213,13 @@ class Scheduler:
             self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
 
     def _retry_waiting(self) -> None:
+        # A cancel takes effect at the next step, wherever the request waits
+        # (not only once the ones ahead of it are admitted).
+        for gen in [g for g in self.waiting if g.should_stop()]:
+            self.waiting.remove(gen)
+            self._in_hand = [gen]
+            self._finish(gen, "cancelled", gen.cache)
+            self._in_hand = []
         for _ in range(len(self.waiting)):
             gen = self.waiting.popleft()
             self._in_hand = [gen]
@@ -334,12 +367,13 @@ def _memory_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_alone(gen: Generation) -> object:
+def run_alone(gen: Generation, beside: "Scheduler | None" = None) -> object:
     """Drive one request to its end outside the shared batch (cache_save's
-    prefill): the same phases, chunks and cancel checks. Returns its result
-    or the exception it ended with."""
+    prefill): the same phases, chunks and cancel checks, admitted beside
+    ``beside``'s requests (paused meanwhile). Returns its result or the
+    exception it ended with."""
     outcome: list = []
-    alone = Scheduler(lambda g, o: outcome.append(o))
+    alone = Scheduler(lambda g, o: outcome.append(o), beside.all_stores if beside else tuple, beside)
     alone.submit(gen)
     while alone.busy() and not outcome:
         alone.step()

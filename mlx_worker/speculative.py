@@ -126,6 +126,11 @@ def _pair_store(lm: LoadedModel, draft: LoadedModel):
     return held["store"]
 
 
+def pair_stores(lm: LoadedModel) -> list:
+    """The prompt-cache stores of ``lm`` as target, one per draft used."""
+    return [held["store"] for _, held in lm.extra.get("draft_stores", {}).values() if "store" in held]
+
+
 def forget(gone: LoadedModel, others) -> None:
     """An unloaded model's pair stores go with it, as a draft of the others
     and as a target."""

@@ -262,6 +262,158 @@ def test_memory_admission_of_a_batch(tiny_model):
         w.close()
 
 
+def room_for_one_and_a_half(w, tiny_model, req) -> int:
+    """A model memory_limit with room for one `req` beside the weights, not two."""
+    weights = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
+    loaded = w.load(tiny_model, model_id="probe", memory_limit=weights + 4096)
+    with pytest.raises(Exception) as exc:
+        w.generate(model_id="probe", **req).wait()
+    need = exc.value.data["needed"]
+    w.unload("probe")
+    return loaded.memory_bytes + int(need * 1.5)
+
+
+def line_index(w, pred) -> int:
+    return next(i for i, m in enumerate(json.loads(line) for line in w.lines) if pred(m))
+
+
+def test_requests_start_in_arrival_order_behind_one_waiting_for_memory(tiny_model):
+    """A small request that would fit now still starts after a big one that
+    came first and waits for memory; a cancelled one queued behind the
+    waiting one is answered at once, not when the one ahead is admitted."""
+    w = spawn()
+    try:
+        req = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
+        w.load(tiny_model, model_id="tiny", memory_limit=room_for_one_and_a_half(w, tiny_model, req))
+        a = w.generate(model_id="tiny", **req)
+        next(iter(a))  # running
+        b = w.generate(model_id="tiny", **req)  # waits for a's memory
+        c = w.generate(model_id="tiny", **{**req, "max_tokens": 2})  # would fit beside a
+        d = w.generate(model_id="tiny", **{**req, "max_tokens": 2})
+        while w.status().queue.pending:  # d handed to the scheduler, not only queued
+            time.sleep(0.01)
+        assert d.cancel() is True
+        assert d.wait().stop_reason == "cancelled"
+        d_end = line_index(w, lambda m: m.get("id") == d.id and "result" in m)
+        first = lambda s: line_index(w, lambda m: m.get("method") == "token" and m["params"]["id"] == s.id)  # noqa: E731
+        rc, ra, rb = c.wait(), a.wait(), b.wait()
+        a_end = line_index(w, lambda m: m.get("id") == a.id and "result" in m)
+        assert d_end < a_end, "a cancelled request waited for the one ahead of it"
+        assert first(b) > a_end and first(c) > a_end, "a later request started before an earlier waiting one"
+        assert len(rc.tokens) == 2 and ra.tokens == rb.tokens
+    finally:
+        w.close()
+
+
+def test_generate_after_a_deferred_unload_finds_no_model(tiny_model):
+    """An unload waiting for a running generate came first: a generate sent
+    after it is refused -32003, not run ahead of the unload."""
+    from mlx_worker.client import RpcError
+
+    w = spawn()
+    try:
+        w.load(tiny_model, model_id="tiny")
+        req = {"model_id": "tiny", "prompt": prompt(1), "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        a = w.generate(**req)
+        next(iter(a))  # running: the unload must wait for it
+        _, unloaded = w.start("unload", {"model_id": "tiny"})
+        while w.status().queue.pending:  # status is read after it: the unload is taken (deferred)
+            time.sleep(0.005)
+        with pytest.raises(RpcError) as exc:
+            w.generate(**{**req, "max_tokens": 2}).wait()
+        assert exc.value.code == -32003
+        assert len(a.wait().tokens) == 400
+        assert "result" in unloaded.get(timeout=30)
+        assert w.status().models == []
+    finally:
+        w.close()
+
+
+def test_admission_evicts_another_models_prompt_cache_before_refusing(tiny_model):
+    """Prompt-cache entries of a model the request doesn't use are evicted
+    (least recently used first) before a -32005 refusal."""
+    from mlx_worker.client import RpcError
+
+    long = " ".join([prompt(3)] * 60)  # ~1300 tokens
+    req = {"model_id": "b", "prompt": long, "max_tokens": 4, "temperature": 0}
+    probe = spawn("--memory-limit", str(16 << 20))
+    try:
+        probe.load(tiny_model, model_id="a")
+        probe.load(tiny_model, model_id="b")
+        with pytest.raises(RpcError) as exc:
+            probe.generate(**req).wait()
+        need, base = exc.value.data["needed"], (16 << 20) - exc.value.data["available"]
+    finally:
+        probe.close()
+    room = 4 << 20
+    w = spawn("--memory-limit", str(base + need + room))
+    try:
+        w.load(tiny_model, model_id="a")
+        w.load(tiny_model, model_id="b")
+        for i in range(5):  # fill a's store: small chunks, so each of these fits
+            w.generate(model_id="a", prompt=f"{i} {long}", max_tokens=1, prefill_step_size=128).wait()
+        held = {m.model_id: m.prompt_cache for m in w.status().models}["a"]
+        assert held.bytes > 2 * room, held  # b's request can't fit beside a's entries
+        result = w.generate(**req).wait()
+        assert len(result.tokens) == 4
+        after = {m.model_id: m.prompt_cache for m in w.status().models}["a"]
+        assert after.entries < held.entries
+    finally:
+        w.close()
+
+
+def test_cache_save_is_admitted_beside_running_requests(tiny_model, tmp_path):
+    """cache_save's prefill counts what the running generates may still
+    need: one that fits alone but not beside them is refused -32005 (it
+    can't wait: they are paused while it runs), and they finish unharmed."""
+    from mlx_worker.client import RpcError
+
+    long = " ".join([prompt(3)] * 30)
+    gen_req = {"model_id": "m", "prompt": prompt(2), "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+    save_req = {"model_id": "m", "prompt": long, "path": str(tmp_path / "c.safetensors")}
+    w = spawn()
+    try:
+        weights = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
+        loaded = w.load(tiny_model, model_id="m", memory_limit=weights + 4096)
+        needs = []
+        for call in (lambda: w.generate(**gen_req).wait(), lambda: w.call("cache_save", save_req)):
+            with pytest.raises(RpcError) as exc:
+                call()
+            assert exc.value.code == -32005, exc.value
+            needs.append(exc.value.data["needed"])
+        w.unload("m")
+        need_gen, need_save = needs
+        assert need_save <= 2 * need_gen, needs  # so the save alone fits the limit below
+        w.load(tiny_model, model_id="m", memory_limit=loaded.memory_bytes + need_gen + need_save // 2)
+        a = w.generate(**gen_req)
+        next(iter(a))  # running
+        with pytest.raises(RpcError) as exc:
+            w.call("cache_save", save_req)
+        assert exc.value.code == -32005
+        assert len(a.wait().tokens) == 3000
+        assert w.call("cache_save", save_req)["tokens"] > 0  # alone it fits
+    finally:
+        w.close()
+
+
+def test_cache_save_mid_batch_keeps_the_running_requests_peak(tiny_model, tmp_path):
+    """peak_memory of a running request still counts its prompt's prefill
+    after a cache_save ran beside it (the save doesn't reset MLX's peak)."""
+    w = spawn()
+    try:
+        w.load(tiny_model, model_id="m")
+        long = " ".join([prompt(3)] * 60)  # its prefill is the peak: far above its KV's growth
+        a = w.generate(model_id="m", prompt=long, max_tokens=800, temperature=0, ignore_eos=True)
+        events = iter(a)
+        while not isinstance(next(events), protocol.TokenEvent):  # prefilled: the peak so far is its prompt's
+            pass
+        seen = w.status().memory.peak
+        w.call("cache_save", {"model_id": "m", "prompt": prompt(1), "path": str(tmp_path / "c.safetensors")})
+        assert a.wait().peak_memory >= seen, (a.result.peak_memory, seen)
+    finally:
+        w.close()
+
+
 def test_tool_calls_and_channels_in_a_batch():
     """Tool-call requests (lazy grammar, forced calls, reasoning channels)
     decode in one batch with plain ones; each equals its solo run, channel

@@ -124,6 +124,8 @@ def test_prompt_cache_reuse_with_draft(w):
     first, _ = run(w, messages=messages, max_tokens=20, draft_model_id="draft")
     assert first.usage.cached_tokens == 0
     messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "more about it"}]
+    held = {m.model_id: m.prompt_cache for m in w.status().models}["target"]
+    assert (held.entries, held.pair_entries) == (0, 1) and held.pair_bytes > 0  # the pair's store, in status
     second, events = run(w, messages=messages, max_tokens=25, draft_model_id="draft")
     assert second.usage.cached_tokens > first.usage.prompt_tokens // 2
     progress = [e for e in events if isinstance(e, protocol.ProgressEvent)]
