@@ -6,8 +6,9 @@ every decode group (one batch per model, plus a group per request that can't
 be merged). So a new prompt stalls the running streams for at most one
 chunk, and a short request behind a long prompt starts after a chunk or two.
 While streams are decoding, chunks are sized (from measured times) to take
-about two decode steps, so a stream's gap between tokens stays within about
-three idle gaps; alone, a prompt is processed in its own
+about two decode steps, to keep a stream's gap between tokens near three idle
+gaps (a long prompt joining the batch still costs more: BatchKVCache pads and
+copies every row to its length); alone, a prompt is processed in its own
 ``prefill_step_size`` chunks, exactly as mlx-lm would.
 
 Admission: a request is admitted when the KV it may need (memory.py's

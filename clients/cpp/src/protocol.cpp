@@ -712,12 +712,18 @@ void to_json(nlohmann::json& j, const PromptCacheStatus& v) {
   j["entries"] = v.entries;
   j["max_bytes"] = v.max_bytes;
   j["max_entries"] = v.max_entries;
+  if (v.pair_bytes) j["pair_bytes"] = *v.pair_bytes;
+  if (v.pair_entries) j["pair_entries"] = *v.pair_entries;
 }
 void from_json(const nlohmann::json& j, PromptCacheStatus& v) {
   j.at("bytes").get_to(v.bytes);
   j.at("entries").get_to(v.entries);
   j.at("max_bytes").get_to(v.max_bytes);
   j.at("max_entries").get_to(v.max_entries);
+  if (auto it = j.find("pair_bytes"); it != j.end() && !it->is_null()) v.pair_bytes = it->get<std::int64_t>();
+  else v.pair_bytes.reset();
+  if (auto it = j.find("pair_entries"); it != j.end() && !it->is_null()) v.pair_entries = it->get<std::int64_t>();
+  else v.pair_entries.reset();
 }
 
 void to_json(nlohmann::json& j, const ModelStatus& v) {

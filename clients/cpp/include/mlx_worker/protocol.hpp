@@ -489,6 +489,8 @@ struct PromptCacheStatus {
   std::int64_t entries{};
   std::int64_t max_bytes{};
   std::int64_t max_entries{};
+  std::optional<std::int64_t> pair_bytes;  // default 0
+  std::optional<std::int64_t> pair_entries;  // default 0
 };
 void to_json(nlohmann::json& j, const PromptCacheStatus& v);
 void from_json(const nlohmann::json& j, PromptCacheStatus& v);

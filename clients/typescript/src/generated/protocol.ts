@@ -321,6 +321,8 @@ export interface PromptCacheStatus {
   entries: number;
   max_bytes: number;
   max_entries: number;
+  pair_bytes?: number;
+  pair_entries?: number;
 }
 export interface ProgressEvent {
   cached: number;
