@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fixtures.build import ensure_model  # noqa: E402
+from mlx_worker import protocol  # noqa: E402
 from mlx_worker.client import WorkerClient  # noqa: E402
 
 
@@ -22,6 +23,18 @@ def worker_env(**extra: str) -> dict:
     env["TRANSFORMERS_VERBOSITY"] = "error"
     env.update(extra)
     return env
+
+
+def cancel_after(stream, n: int, channel: str | None = None):
+    """Read a generate's events, cancel it at its n-th token event (of
+    ``channel`` when given) and return its final result."""
+    seen = 0
+    for event in stream:
+        if isinstance(event, protocol.TokenEvent) and channel in (None, event.channel):
+            seen += 1
+            if seen == n:
+                assert stream.cancel() is True
+    return stream.result
 
 
 def spawn(*args: str, **kwargs) -> WorkerClient:

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import time
 
+from conftest import cancel_after
 from mlx_worker import protocol
 
 
 def test_cancel_during_decoding(worker):
     prompt_ids = worker.tokenize(model_id="tiny", text="Go on").tokens
     stream = worker.generate(model_id="tiny", tokens=prompt_ids, max_tokens=100000, temperature=0, ignore_eos=True)
-    seen = 0
-    for event in stream:
-        if isinstance(event, protocol.TokenEvent):
-            seen += 1
-            if seen == 5:
-                assert stream.cancel() is True
-    result = stream.result
+    result = cancel_after(stream, 5)
     assert result.stop_reason == "cancelled"
     assert 5 <= len(result.tokens) < 1000
     # The text of the tokens produced so far, held-back bytes released:

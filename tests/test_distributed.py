@@ -19,7 +19,7 @@ from harness import exited_within, pid_gone
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
 
-from conftest import spawn
+from conftest import cancel_after, spawn
 
 TP = {"mode": "tensor", "ranks": 2}
 PROMPT = "Tell me about the sea and the ships"
@@ -125,13 +125,8 @@ def test_concurrent_requests_equal_their_solo_runs(tp):
 
 def test_cancel_in_decode_and_prefill_keeps_ranks_in_step(tp):
     stream = tp.generate(model_id="tp", prompt=PROMPT, max_tokens=100000, temperature=0, ignore_eos=True)
-    seen = 0
-    for event in stream:
-        if isinstance(event, protocol.TokenEvent):
-            seen += 1
-            if seen == 5:
-                assert stream.cancel() is True
-    assert stream.result.stop_reason == "cancelled" and len(stream.result.tokens) >= 5
+    result = cancel_after(stream, 5)
+    assert result.stop_reason == "cancelled" and len(result.tokens) >= 5
     long_prompt = [7, 8, 9, 10] * 300
     stream = tp.generate(model_id="tp", tokens=long_prompt, max_tokens=10, prefill_step_size=8)
     for event in stream:

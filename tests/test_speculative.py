@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import spawn
+from conftest import cancel_after, spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
@@ -163,13 +163,7 @@ def test_prompt_cache_reuse_with_draft(w):
 def test_cancel_mid_generation_and_during_prefill(w):
     stream = w.generate(model_id="target", prompt=PROMPT, max_tokens=100000, temperature=0, ignore_eos=True,
                         draft_model_id="draft", num_draft_tokens=4, prompt_cache=False)
-    seen = 0
-    for event in stream:
-        if isinstance(event, protocol.TokenEvent):
-            seen += 1
-            if seen == 6:
-                assert stream.cancel() is True
-    result = stream.result
+    result = cancel_after(stream, 6)
     assert result.stop_reason == "cancelled"
     assert 6 <= len(result.tokens) < 1000
     plain, _ = run(w, max_tokens=len(result.tokens), ignore_eos=True, prompt_cache=False)

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import spawn
+from conftest import cancel_after, spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
@@ -289,13 +289,7 @@ def test_cancel_inside_a_call_is_incomplete(tw, family):
         "required": ["text"]}}}]
     stream = tw.generate(model_id=family, messages=ASK, tools=tools, tool_choice="required", seed=0,
                          temperature=0.0, max_tokens=2000)
-    seen = 0
-    for event in stream:
-        if isinstance(event, protocol.TokenEvent) and event.channel == "tool_call":
-            seen += 1
-            if seen == 8:
-                assert stream.cancel()
-    result = stream.result
+    result = cancel_after(stream, 8, channel="tool_call")
     assert result.stop_reason == "cancelled"
     assert result.tool_calls == []
     assert [c.reason for c in result.invalid_tool_calls] == ["incomplete"]
