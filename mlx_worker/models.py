@@ -279,7 +279,6 @@ def _load_failure(path: Path, config: dict, exc: BaseException) -> WorkerError:
 
 def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False) -> protocol.LoadResult:
     return protocol.LoadResult(
-        parallel=m.extra.get("parallel"),
         model_id=m.model_id,
         kind=m.kind,
         context_length=m.context_length,
@@ -290,6 +289,7 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         memory_bytes=m.memory_bytes,
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
+        parallel=m.extra.get("parallel"),
         **kv_fields(m),
         **_channel_info(m.tokenizer),
     )

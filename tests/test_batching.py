@@ -71,6 +71,18 @@ def run_together(w, params: list[dict]) -> tuple[list, list]:
     return streams, seen
 
 
+def alone_then_together(w, params: list[dict], at_least: int) -> list[tuple]:
+    """Run each request alone, then all at once (checking at least ``at_least``
+    ran together); every pair of results must be the same output."""
+    alone = [w.generate(**p).wait() for p in params]
+    together, seen = run_together(w, params)
+    assert max(seen) >= at_least, f"requests did not run together: {seen}"
+    pairs = [(a, b.result) for a, b in zip(alone, together)]
+    for i, (a, b) in enumerate(pairs):
+        same_output(a, b, (i, params[i]))
+    return pairs
+
+
 @pytest.fixture(scope="module")
 def bw(tiny_model):
     w = spawn()
@@ -221,11 +233,7 @@ def test_images_in_a_batch():
             {**base, "prompt": "plain text on a vision model"},
             {**base, "messages": user("no image here")},
         ]
-        alone = [w.generate(**p).wait() for p in params]
-        together, seen = run_together(w, params)
-        assert max(seen) >= 2, seen
-        for i, (a, b) in enumerate(zip(alone, together)):
-            same_output(a, b.result, i)
+        alone_then_together(w, params, at_least=2)
     finally:
         w.close()
 
@@ -234,16 +242,7 @@ def test_memory_admission_of_a_batch(tiny_model):
     w = spawn()
     try:
         req = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
-        # Learn what one request needs: a model limit that admits nothing refuses it.
-        weights = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
-        loaded = w.load(tiny_model, model_id="probe", memory_limit=weights + 4096)
-        with pytest.raises(Exception) as exc:
-            w.generate(model_id="probe", **req).wait()
-        need = exc.value.data["needed"]
-        w.unload("probe")
-        # Room for one such request beside the weights, not two.
-        limit = loaded.memory_bytes + int(need * 1.5)
-        w.load(tiny_model, model_id="tiny", memory_limit=limit)
+        w.load(tiny_model, model_id="tiny", memory_limit=room_for_one_and_a_half(w, tiny_model, req))
         a = w.generate(model_id="tiny", **req)
         b = w.generate(model_id="tiny", **req)
         ra, rb = a.wait(), b.wait()
@@ -263,7 +262,8 @@ def test_memory_admission_of_a_batch(tiny_model):
 
 
 def room_for_one_and_a_half(w, tiny_model, req) -> int:
-    """A model memory_limit with room for one `req` beside the weights, not two."""
+    """A model memory_limit with room for one `req` beside the weights, not two
+    (learnt from the -32005 of a limit that admits nothing)."""
     weights = sum(f.stat().st_size for f in Path(tiny_model).glob("*.safetensors"))
     loaded = w.load(tiny_model, model_id="probe", memory_limit=weights + 4096)
     with pytest.raises(Exception) as exc:
@@ -431,14 +431,11 @@ def test_tool_calls_and_channels_in_a_batch():
             {**base, "tool_choice": "none", "seed": 4, "temperature": 1.0},
             {"model_id": "qwen3", "prompt": "plain", "max_tokens": 20, "temperature": 0, "ignore_eos": True},
         ]
-        alone = [w.generate(**p).wait() for p in params]
-        together, seen = run_together(w, params)
-        assert max(seen) >= 2, seen
-        for i, (a, b) in enumerate(zip(alone, together)):
-            same_output(a, b.result, i)
-            assert (b.result.content, b.result.reasoning) == (a.content, a.reasoning), i
-            assert calls(b.result) == calls(a), i
-        assert any(r.tool_calls for r in alone)
+        pairs = alone_then_together(w, params, at_least=2)
+        for i, (a, b) in enumerate(pairs):
+            assert (b.content, b.reasoning) == (a.content, a.reasoning), i
+            assert calls(b) == calls(a), i
+        assert any(a.tool_calls for a, _ in pairs)
     finally:
         w.close()
 
@@ -467,10 +464,6 @@ def test_unbatchable_caches_run_beside_the_batch(tiny_model):
         base = {"max_tokens": 80, "temperature": 0, "ignore_eos": True}
         params = [{**base, "model_id": m, "prompt": prompt(i)} for i, m in
                   enumerate(["tiny", "q8", "rot", "tiny", "q8", "rot"])]
-        alone = [w.generate(**p).wait() for p in params]
-        together, seen = run_together(w, params)
-        assert max(seen) >= 4, seen
-        for i, (a, b) in enumerate(zip(alone, together)):
-            same_output(a, b.result, i)
+        alone_then_together(w, params, at_least=4)
     finally:
         w.close()
