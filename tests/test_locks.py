@@ -107,3 +107,27 @@ def test_readme_and_ci_install_from_the_lock():
     test_command = next(c for c in commands if c.endswith("-m pytest"))
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert test_command in ci.splitlines(), "`.ci/run` must run the README's test command as written"
+
+
+def test_layered_runtime_pins_what_the_lock_pins():
+    """runtime/venvstacks.toml and its venvstacks locks (Linux x86_64 here) hold the versions of
+    locks/requirements.txt, so the shipped layers run what the tests ran."""
+    locked = _installed("requirements.txt", "Linux x86_64", "3.11.7")
+    spec = tomllib.loads((ROOT / "runtime" / "venvstacks.toml").read_text(encoding="utf-8"))
+    layers = spec["frameworks"] + spec["applications"]
+    for platform in ("macOS arm64", "Linux x86_64"):
+        env = _environment(platform, "3.11.7")
+        want = _installed("requirements.txt", platform, "3.11.7")
+        for layer in layers:
+            for line in layer["requirements"]:
+                req = Requirement(line)
+                if req.marker is None or req.marker.evaluate(env):
+                    assert req.specifier.contains(want[canonicalize_name(req.name)]), (layer["name"], line, platform)
+    layer_locks = sorted((ROOT / "runtime" / "requirements").glob("*/requirements-*-linux_x86_64.txt"))
+    assert len(layer_locks) == 3
+    for path in layer_locks:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
+            if m:
+                name = canonicalize_name(m.group(1))
+                assert locked.get(name) == Version(m.group(2)), f"{path.name}: {line} but locks/ has {locked.get(name)}"

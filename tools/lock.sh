@@ -7,9 +7,12 @@
 #                              (.venv-upgrade) installs the new lock and runs the README's
 #                              test command, and the versions to record in the README's
 #                              compatibility matrix are printed
+#   tools/lock.sh --upgrade tests/test_schema.py ...   the same, running only those tests
 #
 # A newer release outside a range (a new mlx minor) is adopted by widening the range in
-# pyproject.toml first. Needs python3 and PyPI; uv is installed into a throwaway venv.
+# pyproject.toml first. After an upgrade, set the same versions in runtime/venvstacks.toml and
+# relock the layers (tools/build-runtime.sh --relock); tests/test_locks.py fails until they
+# agree. Needs python3 and PyPI; uv is installed into a throwaway venv.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -17,9 +20,9 @@ UV_VERSION=0.13.9          # the resolver's own version changes the lock's layou
 INDEX=https://pypi.org/simple
 upgrade=
 case "${1:-}" in
-    --upgrade) upgrade=--upgrade ;;
+    --upgrade) upgrade=--upgrade; shift ;;
     "") ;;
-    *) echo "usage: tools/lock.sh [--upgrade]" >&2; exit 2 ;;
+    *) echo "usage: tools/lock.sh [--upgrade [PYTEST_ARGS...]]" >&2; exit 2 ;;
 esac
 
 tools=$(mktemp -d)
@@ -46,7 +49,7 @@ compile locks/requirements-cuda.txt --extra test --extra cuda --no-emit-package 
 python3 -m venv --clear .venv-upgrade
 .venv-upgrade/bin/pip install --require-hashes -r locks/requirements.txt
 .venv-upgrade/bin/pip install --no-deps -e .
-.venv-upgrade/bin/python -m pytest
+.venv-upgrade/bin/python -m pytest "$@"
 echo "Tested (add a row to the README's compatibility matrix):"
 .venv-upgrade/bin/python - <<'PY'
 import platform
