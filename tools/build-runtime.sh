@@ -14,7 +14,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-VENVSTACKS="venvstacks[locked]==0.7.0"
 INDEX=https://pypi.org/simple
 relock=
 case "${1:-}" in
@@ -26,7 +25,9 @@ esac
 tools=$(mktemp -d)
 trap 'rm -rf "$tools"' EXIT
 python3 -m venv "$tools/venv"
-"$tools/venv/bin/pip" install --quiet --isolated --index-url "$INDEX" "$VENVSTACKS"
+# pdm (venvstacks' runtime downloader) fails to import with hishel 2 ("no attribute
+# SyncSqliteStorage"); venvstacks' own `locked` extra names 1.4.0 but pip doesn't apply it.
+"$tools/venv/bin/pip" install --quiet --isolated --index-url "$INDEX" "venvstacks==0.7.0" "hishel[httpx2]==1.4.0"
 
 if [ -n "${MLX_WORKER_PBS_PYTHON:-}" ]; then
     # venvstacks skips its download when <build dir>/<implementation>@<version> holds bin/python3.
