@@ -55,6 +55,6 @@ echo "Tested (add a row to the README's compatibility matrix):"
 import platform
 from importlib.metadata import version
 names = ["mlx", "mlx-lm", "mlx-vlm", "transformers", "outlines", "llguidance", "msgspec"]
-print(f"| {platform.system()} {platform.machine()}, Python {platform.python_version()} | "
-      + " | ".join(version(n) for n in names) + " |")
+print(f"| {platform.system()} {platform.machine()}, {platform.python_version()} | "
+      + " | ".join(version(n) for n in names) + " | (what ran, and its result) |")
 PY
