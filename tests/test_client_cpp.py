@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, worker_env
+from conftest import ROOT, spawn, worker_env
 from fixtures.build import ensure_model
 
 CPP = ROOT / "clients" / "cpp"
@@ -165,7 +165,6 @@ def test_installed_client_builds_a_host_project(tmp_path, tiny_model):
                timeout=120)
     assert proc.returncode == 0, proc.stdout
     # The same greedy tokens as the Python client gets from the same worker.
-    from conftest import spawn
     with spawn() as worker:
         loaded = worker.load(tiny_model)
         expected = worker.generate(prompt="installed", max_tokens=4, temperature=0.0).wait()
