@@ -11,6 +11,7 @@ to their params, so hosts can generate bindings or validate traffic.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -23,12 +24,40 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "protocol" / "schema.jso
 REF = "#/$defs/{name}"
 
 
+# Keys whose strings come from docstrings or ``Meta``: how a library lays those
+# out (msgspec 0.22 kept a docstring's indentation, 0.23 dedents it; Python 3.13
+# dedents at compile time) must not change the generated file.
+_PROSE_KEYS = ("description", "title")
+_VALUE_KEYS = ("default", "const", "enum", "examples")  # data, not schema: left as is
+_NAME_MAPS = ("properties", "$defs", "patternProperties", "dependentSchemas")  # name -> schema
+
+
+def _normalise(node):
+    """The schema with every prose string in ``inspect.cleandoc`` form."""
+    if isinstance(node, list):
+        return [_normalise(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in _VALUE_KEYS:
+            out[key] = value
+        elif key in _PROSE_KEYS and isinstance(value, str):
+            out[key] = inspect.cleandoc(value)
+        elif key in _NAME_MAPS and isinstance(value, dict):
+            out[key] = {name: _normalise(sub) for name, sub in value.items()}
+        else:
+            out[key] = _normalise(value)
+    return out
+
+
 def build() -> dict:
     methods = sorted(protocol.METHODS.items())
     events = sorted(protocol.EVENTS.items())
     types = [t for _, pair in methods for t in pair] + [t for _, t in events]
     types += [protocol.ErrorObject]
     refs, defs = msgspec.json.schema_components(types, ref_template=REF)
+    refs, defs = _normalise(list(refs)), _normalise(defs)
     refs_iter = iter(refs)
     method_map = {name: {"params": next(refs_iter), "result": next(refs_iter)} for name, _ in methods}
     event_map = {name: {"params": next(refs_iter)} for name, _ in events}

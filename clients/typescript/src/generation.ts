@@ -1,7 +1,13 @@
-import type { GenerateResult, ProgressEvent, TokenEvent } from "./generated/protocol";
+import type { GenerateResult, LoadProgressEvent, ProgressEvent, TokenEvent } from "./generated/protocol";
 
 /** A streamed event of one generate: `type` is the notification's method. */
 export type GenerateEvent = ({ type: "progress" } & ProgressEvent) | ({ type: "token" } & TokenEvent);
+/** A streamed event of one load. */
+export type LoadEvent = { type: "load_progress" } & LoadProgressEvent;
+/** Any notification that belongs to a request (its params carry the request's id). */
+export type RequestEvent = GenerateEvent | LoadEvent;
+/** The events a method's request streams: a `load` gets `load_progress`, a `generate` the rest. */
+export type EventOf<M extends string> = M extends "load" ? LoadEvent : M extends "generate" ? GenerateEvent : never;
 
 /**
  * One running `generate`: iterate it (`for await`) for its `progress` and

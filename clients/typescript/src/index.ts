@@ -1,6 +1,6 @@
 export { spawnWorker, Worker } from "./worker";
 export type { SpawnOptions, RequestOptions, GenerateOptions, CloseOptions, CloseResult, ExitInfo, CallbackSource } from "./worker";
-export { Generation, type GenerateEvent } from "./generation";
+export { Generation, type GenerateEvent, type LoadEvent, type RequestEvent, type EventOf } from "./generation";
 export { ChannelText, channelOf, type Channel } from "./channels";
 export { RpcError, WorkerExitedError, ProtocolError } from "./errors";
 export { LineSplitter } from "./lines";

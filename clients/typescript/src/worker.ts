@@ -1,7 +1,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
 import { StringDecoder } from "node:string_decoder";
 
-import { Generation, type GenerateEvent } from "./generation";
+import { Generation, type EventOf, type GenerateEvent, type RequestEvent } from "./generation";
 import { ProtocolError, RpcError, WorkerExitedError } from "./errors";
 import {
   PROTOCOL_VERSION,
@@ -51,17 +51,18 @@ export interface CallbackSource {
   id?: number;
 }
 
-export interface RequestOptions {
+export interface RequestOptions<E extends RequestEvent = RequestEvent> {
   /**
-   * Called with each `progress` / `token` notification for this request. If it
-   * throws, the request is cancelled and the error goes to `onError`.
+   * Called with each notification for this request (`load_progress` of a
+   * load, `progress` / `token` of a generate). If it throws, the request is
+   * cancelled and the error goes to `onError`.
    */
-  onEvent?: (event: GenerateEvent) => void;
+  onEvent?: (event: E) => void;
   /** What this request's `onEvent` threw. Default: the worker's `onError`. */
   onError?: (error: unknown, source: CallbackSource) => void;
 }
 
-export interface GenerateOptions extends RequestOptions {
+export interface GenerateOptions extends RequestOptions<GenerateEvent> {
   /** Aborting sends `cancel`; the generation then ends with `stop_reason: "cancelled"`. */
   signal?: AbortSignal;
   /**
@@ -93,8 +94,11 @@ interface Pending {
   method: string;
   resolve: (result: any) => void;
   reject: (error: unknown) => void;
-  onEvent?: (event: GenerateEvent) => void;
+  onEvent?: (event: RequestEvent) => void;
 }
+
+// The notifications routed to their request's onEvent (by the id in their params).
+const REQUEST_EVENTS = new Set(["progress", "token", "load_progress"]);
 
 /**
  * Spawns `python -m mlx_worker` and resolves once it has sent `ready` with a
@@ -192,11 +196,11 @@ export class Worker {
   request<M extends MethodName>(
     method: M,
     params?: Methods[M]["params"],
-    options: RequestOptions = {},
+    options: RequestOptions<EventOf<M>> = {},
   ): Promise<Methods[M]["result"]> {
     return new Promise((resolve, reject) => {
       let id = 0;
-      const onEvent = this.guardEvents(options, () => id, () => this.cancel(id));
+      const onEvent = this.guardEvents(options as RequestOptions, () => id, () => this.cancel(id));
       id = this.send(method, params, { method, resolve, reject, onEvent });
     });
   }
@@ -209,14 +213,14 @@ export class Worker {
     const { signal } = options;
     let generation!: Generation;
     let id = 0;
-    const onEvent = this.guardEvents(options, () => id, () => generation.cancel());
+    const onEvent = this.guardEvents(options as RequestOptions, () => id, () => generation.cancel());
     const result = new Promise<Methods["generate"]["result"]>((resolve, reject) => {
       id = this.send("generate", params, {
         method: "generate",
         resolve,
         reject,
         onEvent: (event) => {
-          generation.push(event);
+          generation.push(event as GenerateEvent);
           onEvent?.(event);
         },
       });
@@ -243,7 +247,7 @@ export class Worker {
     options: RequestOptions,
     id: () => number,
     cancel: () => Promise<boolean>,
-  ): ((event: GenerateEvent) => void) | undefined {
+  ): ((event: RequestEvent) => void) | undefined {
     const { onEvent, onError } = options;
     if (!onEvent) return undefined;
     let failed = false;
@@ -366,7 +370,7 @@ export class Worker {
       if (message.method === "ready") return this.onReady(message.params);
       const params = message.params;
       const target = typeof params?.id === "number" ? this.pending.get(params.id) : undefined;
-      if (target?.onEvent && (message.method === "progress" || message.method === "token")) {
+      if (target?.onEvent && REQUEST_EVENTS.has(message.method)) {
         target.onEvent({ type: message.method, ...params });
       } else {
         this.unrouted(message);

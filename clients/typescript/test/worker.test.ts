@@ -9,6 +9,7 @@ import {
   channelOf,
   type GenerateEvent,
   type GenerateParams,
+  type LoadEvent,
   type Tool,
   type Worker,
 } from "../src";
@@ -51,6 +52,30 @@ describe("load", () => {
       status.models.map((m) => m.model_id),
       ["tiny"],
     );
+  });
+});
+
+describe("load_progress", () => {
+  test("a load's load_progress notifications reach its onEvent, each one, in order", async () => {
+    const events: LoadEvent[] = [];
+    const loaded = await worker.request(
+      "load",
+      { model: tinyModel(), model_id: "tiny-again" },
+      { onEvent: (event) => events.push(event) },
+    );
+    assert.equal(loaded.model_id, "tiny-again");
+    const sent = tw.sent.map((line) => JSON.parse(line)).filter((m) => m.params?.model_id === "tiny-again");
+    assert.equal(sent.length, 1);
+    const id = sent[0].id;
+    const onWire = tw.received
+      .map((line) => JSON.parse(line))
+      .filter((m) => m.method === "load_progress" && m.params.id === id)
+      .map((m) => ({ type: "load_progress", ...m.params }));
+    assert.ok(onWire.length >= 2, `too few load_progress lines: ${JSON.stringify(onWire)}`);
+    assert.deepEqual(events, onWire);
+    const weights = events.filter((e) => e.phase === "weights");
+    assert.ok(weights.length > 0 && weights.at(-1)!.done === weights.at(-1)!.total && weights.at(-1)!.total > 0);
+    await worker.request("unload", { model_id: "tiny-again" });
   });
 });
 

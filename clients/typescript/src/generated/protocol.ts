@@ -13,7 +13,7 @@ export interface CacheLoadResult {
 }
 /**
  * Write the prompt cache of a prompt's tokens to a file (prefilling
- *     whatever part of it isn't cached yet).
+ * whatever part of it isn't cached yet).
  */
 export interface CacheSaveParams {
   add_generation_prompt?: boolean;
@@ -93,7 +93,7 @@ export interface Capabilities {
 }
 /**
  * ``load {parallel}``: the backends this build can start, and this
- *     worker's group once one exists (its size; why it failed).
+ * worker's group once one exists (its size; why it failed).
  */
 export interface DistributedCapabilities {
   backends: string[];
@@ -170,7 +170,7 @@ export interface GrammarConstraint {
 }
 /**
  * Force a call of one tool: `{"name": ...}`, or OpenAI's
- *     `{"type": "function", "function": {"name": ...}}`.
+ * `{"type": "function", "function": {"name": ...}}`.
  */
 export interface NamedToolChoice {
   function?: ToolChoiceName | null;
@@ -199,8 +199,8 @@ export interface GenerateResult {
 }
 /**
  * A tool call that must not be run: cut short (`incomplete`: max_tokens,
- *     a stop string or cancel ended it) or not parseable (`unparsable`: only
- *     possible for calls made without a tool grammar).
+ * a stop string or cancel ended it) or not parseable (`unparsable`: only
+ * possible for calls made without a tool grammar).
  */
 export interface InvalidToolCall {
   error?: string;
@@ -252,7 +252,7 @@ export interface LoadParams {
 }
 /**
  * Run the model over several processes (ranks) with mlx.distributed;
- *     this worker is rank 0 and starts the others.
+ * this worker is rank 0 and starts the others.
  */
 export interface ParallelParams {
   backend?: "ring";
@@ -263,7 +263,7 @@ export interface ParallelParams {
 }
 /**
  * A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
- *     weights and vision_tower, steps otherwise), never decreasing.
+ * weights and vision_tower, steps otherwise), never decreasing.
  */
 export interface LoadProgressEvent {
   done: number;
