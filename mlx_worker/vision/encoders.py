@@ -36,7 +36,9 @@ class EncodedPrompt:
     extra: dict = field(default_factory=dict)
     _positions: Optional[Positions] = None
 
-    def embeddings(self, start: int) -> tuple[Optional[mx.array], Optional[Positions]]:
+    def embeddings(self, start: int) -> tuple[Optional[mx.array], Optional[Positions], dict]:
+        """Input embeddings of tokens[start:] (None: plain tokens will do), the
+        prompt's positions, and whole-prompt inputs for the prefill calls."""
         return self.encoder.embeddings(self, start)
 
 
@@ -151,19 +153,21 @@ class QwenEncoder:
             segments.append(values[max(start, image.start) - image.start :])
             cursor = end
         if not segments:
-            return None, positions  # no image left to feed: plain tokens will do
+            return None, positions, {}  # no image left to feed: plain tokens will do
         if cursor < len(tokens):
             segments.append(embed(mx.array(tokens[cursor:])))
         # The embedding's output dtype, not its weight's: a quantized table's
         # weight is packed uint32 (casting to it turns features into integers).
         dtype = embed(mx.array(tokens[:1])).dtype
-        return mx.concatenate([s.astype(dtype) for s in segments], axis=0), positions
+        return mx.concatenate([s.astype(dtype) for s in segments], axis=0), positions, {}
 
 
 # ---------------------------------------------------------------- generic
 
-# Fields of mlx-vlm's InputEmbeddingsFeatures the generic path can pass on.
-_HANDLED = {"inputs_embeds", "position_ids", "rope_deltas", "attention_mask"}
+# Outputs of get_input_embeddings that feed decoding steps too (cross-attention
+# and encoder-decoder models): the one loop passes inputs on prefill only.
+_DECODE_INPUTS = {"cross_attention_states", "cross_attention_mask", "full_text_row_masked_out_mask",
+                  "decoder_inputs_embeds"}
 # Where some mlx-vlm language models keep the positions get_input_embeddings planned.
 _OWN_PLAN = ("_position_ids", "_rope_deltas")
 
@@ -213,11 +217,13 @@ class GenericEncoder:
             if hasattr(lm, name):
                 setattr(lm, name, None)
         out = self.vlm.get_input_embeddings(mx.array([prompt.tokens]), pixel_values, mask=mask, **extra)
-        unhandled = [k for k, v in out.to_dict().items() if v is not None and k not in _HANDLED]
-        if unhandled:
+        outputs = {k: v for k, v in out.to_dict().items() if v is not None}
+        refused = sorted(_DECODE_INPUTS & set(outputs))
+        if refused:
             raise WorkerError(
                 errors.GENERATION_FAILED,
-                f"model type {self.vlm.config.model_type!r} needs inputs this worker does not pass: {unhandled}",
+                f"model type {self.vlm.config.model_type!r} needs inputs on every decoding step, "
+                f"which this worker does not pass: {refused}",
             )
         ids, deltas = out.position_ids, out.rope_deltas
         if ids is None:
@@ -228,4 +234,8 @@ class GenericEncoder:
         positions = None
         if ids is not None and ids.ndim == 3 and deltas is not None:
             positions = Positions(ids=ids, delta=int(mx.array(deltas).reshape(-1)[0].item()))
-        return out.inputs_embeds[0, start:], positions
+        # Everything else goes to the language model on prefill, whole-prompt,
+        # with the processor's other outputs, as mlx-vlm's generate passes them.
+        skip = {"inputs_embeds", "attention_mask"} | ({"position_ids", "rope_deltas"} if positions else set())
+        passed = {**extra, **{k: v for k, v in outputs.items() if k not in skip}}
+        return out.inputs_embeds[0, start:], positions, passed
