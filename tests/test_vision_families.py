@@ -14,15 +14,19 @@ import pytest
 
 import reference
 from conftest import spawn
+from mlx_worker.client import RpcError
 from fixtures.build import ensure_model
 from fixtures.vision_families import FAMILIES
 from vision_images import b64, noise, png, user
 
 GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True, prompt_cache=False)
 PICTURE = noise(3, size=(48, 40))
+# mlx-vlm 0.7.10's LLaVA processor hands the tokenizer's options (`padding`)
+# to the image processor, which transformers 5.25 rejects: no image runs.
+REFUSED = {"tiny-llava"}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=[n for n in FAMILIES if n not in REFUSED])
 def fam(request):
     """(name, worker with the fixture loaded as "m", mlx-vlm's tokens for ask(PICTURE))."""
     name = request.param
@@ -53,12 +57,22 @@ def test_greedy_tokens_equal_mlx_vlm(fam, step):
     assert gen(w, messages=ask(PICTURE), prefill_step_size=step).tokens == expected
 
 
-def test_second_turn_reuses_the_cache(fam):
-    _, w, _ = fam
+# Recurrent (DeltaNet) state can't be cut back to the shared prefix: the next
+# turn reuses it only from a checkpoint at the end of the prompt (issue 19's
+# prompt-cache checkpoints, branch i19).
+NEEDS_PROMPT_CHECKPOINTS = {"tiny-qwen3-5-vl"}
+
+
+def test_second_turn_reuses_the_cache(fam, request):
+    """Small prefill chunks: a sliding window (Gemma's, 16 tokens) the chat
+    outgrows is reused from the last chunk boundary both runs share."""
+    name, w, _ = fam
+    if name in NEEDS_PROMPT_CHECKPOINTS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="needs prompt-end checkpoints (i19)"))
     msgs = ask(noise(6, size=(48, 40)))
-    first = w.generate(model_id="m", messages=msgs, max_tokens=6, temperature=0).wait()
+    first = w.generate(model_id="m", messages=msgs, max_tokens=6, temperature=0, prefill_step_size=8).wait()
     turn = msgs + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
-    params = dict(messages=turn, max_tokens=8, temperature=0, ignore_eos=True)
+    params = dict(messages=turn, max_tokens=8, temperature=0, ignore_eos=True, prefill_step_size=8)
     cached = w.generate(model_id="m", **params).wait()
     cold = w.generate(model_id="m", prompt_cache=False, **params).wait()
     assert cached.usage.cached_tokens > 0 and cold.usage.cached_tokens == 0
@@ -78,3 +92,21 @@ def test_string_content_stays_a_string(fam):
     rendered = w.tokenize(model_id="m", messages=[
         {"role": "system", "content": "Be brief."}, *ask(PICTURE, "Hi")]).prompt
     assert "Be brief." in rendered and "'type'" not in rendered, rendered
+
+
+def test_llava_images_are_refused_and_text_works():
+    path = str(ensure_model("tiny-llava"))
+    with pytest.raises(AssertionError, match="ImagesKwargs"):  # mlx-vlm's own generate
+        reference.run("vision", path, [{"prompt": "<image>Hi", "images": [b64(png(PICTURE))], "max_tokens": 2}])
+    w = spawn()
+    try:
+        w.load(path, model_id="m")
+        with pytest.raises(RpcError) as err:
+            gen(w, messages=ask(PICTURE))
+        assert err.value.code == -32011
+        assert "'llava'" in err.value.message and "every image" in err.value.message
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The sea is"}]
+        assert len(gen(w, messages=msgs).tokens) == GREEDY["max_tokens"]
+        assert gen(w, prompt="The sea is").tokens  # the worker still serves
+    finally:
+        w.close()

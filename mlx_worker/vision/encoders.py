@@ -180,19 +180,17 @@ class GenericEncoder:
         self.image_token_id = image_token_id
 
     def encode(self, rendered: str, images: list[ImageInput]) -> EncodedPrompt:
-        from mlx_vlm.utils import prepare_inputs
-
         pictures = [decode_image(image, self.limits) for image in images]
         try:
-            inputs = prepare_inputs(
-                self.processor,
-                images=pictures or None,
-                prompts=rendered,
-                image_token_index=self.image_token_id,
-                add_special_tokens=False,
-                padding=False,
-            )
+            inputs = self._prepare(rendered, pictures)
         except Exception as exc:
+            if pictures and self._fails_on_any_image(rendered, len(pictures)):
+                raise WorkerError(
+                    errors.GENERATION_FAILED,
+                    f"model type {self.vlm.config.model_type!r}: its image processor fails on every image with "
+                    f"the installed libraries (mlx-vlm's own generate fails the same way): {exc}; "
+                    "messages without images work",
+                ) from None
             raise WorkerError(
                 errors.IMAGE_INVALID, f"the model's processor rejected the prompt: {exc}",
                 {"field": "params.messages", "reason": "unprocessable"},
@@ -207,6 +205,29 @@ class GenericEncoder:
             else:
                 key = [f"img:{combined}:{k}" if t == self.image_token_id else t for k, t in enumerate(tokens)]
         return EncodedPrompt(tokens=tokens, cache_key=key, encoder=self, images=list(images), extra=inputs)
+
+    def _prepare(self, rendered: str, pictures: list) -> dict:
+        from mlx_vlm.utils import prepare_inputs
+
+        return prepare_inputs(
+            self.processor,
+            images=pictures or None,
+            prompts=rendered,
+            image_token_index=self.image_token_id,
+            add_special_tokens=False,
+            padding=False,
+        )
+
+    def _fails_on_any_image(self, rendered: str, n: int) -> bool:
+        """Whether the processor also fails on plain small pictures: then the
+        fault is the model's processor under these libraries, not the image."""
+        from PIL import Image
+
+        try:
+            self._prepare(rendered, [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in range(n)])
+        except Exception:
+            return True
+        return False
 
     def embeddings(self, prompt: EncodedPrompt, start: int):
         extra = dict(prompt.extra)
