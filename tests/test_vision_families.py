@@ -110,3 +110,24 @@ def test_llava_images_are_refused_and_text_works():
         assert gen(w, prompt="The sea is").tokens  # the worker still serves
     finally:
         w.close()
+
+
+def test_hybrid_cache_file_reused_by_the_next_turn(tmp_path):
+    """Qwen3.5's DeltaNet layers keep mlx-vlm's recurrent cache: written by
+    cache_save, read back by cache_load, continued by the next turn."""
+    w = spawn()
+    try:
+        w.load(str(ensure_model("tiny-qwen3-5-vl")), model_id="m")
+        msgs = ask(noise(8, size=(48, 40)))
+        path = str(tmp_path / "chat.safetensors")
+        saved = w.call("cache_save", {"model_id": "m", "messages": msgs, "path": path})
+        w.call("unload", {"model_id": "m"})
+        w.load(str(ensure_model("tiny-qwen3-5-vl")), model_id="m")
+        assert w.call("cache_load", {"model_id": "m", "path": path})["tokens"] == saved["tokens"]
+        turn = msgs + [{"role": "assistant", "content": "It is noise."}, {"role": "user", "content": "Sure?"}]
+        cached = gen(w, messages=turn, prompt_cache=True)
+        cold = gen(w, messages=turn)
+        assert cached.usage.cached_tokens == saved["tokens"]
+        assert cached.tokens == cold.tokens
+    finally:
+        w.close()

@@ -27,7 +27,9 @@ Caches. A language model that builds its own cache (sliding windows,
 DeltaNet state) builds mlx-vlm's cache classes; its KV and window layers are
 swapped for mlx-lm's classes of the same kind, which is what the prompt
 cache, cache files and KV quantization recognise. Recurrent layers keep
-mlx-vlm's ArraysCache: the model needs its extra methods.
+mlx-vlm's ArraysCache (the model needs its extra methods), in a subclass
+whose state reads and writes as mlx-lm's: a cache file names mlx-lm's
+class, and a layer read back from one is turned into it again before use.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class VisionLanguageModel(nn.Module):
         self._plan = plan or PromptPlan()
 
     def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+        _recurrent_layers(cache)
         kwargs = {}
         plan = self._plan
         offset = _offset(cache) if (self.mrope or plan.extra) else 0
@@ -120,6 +123,40 @@ def wrap_language_model(vlm: nn.Module, mrope: bool) -> VisionLanguageModel:
     return cls(vlm, mrope)
 
 
+def _recurrent_class():
+    from mlx_vlm.models.cache import ArraysCache as VlmArraysCache
+
+    class ArraysCache(VlmArraysCache):
+        @property
+        def state(self):
+            return self.cache, self.left_padding, self.lengths
+
+        @state.setter
+        def state(self, v):
+            self.cache, self.left_padding, self.lengths = v
+
+    return ArraysCache
+
+
+_RECURRENT: Any = None
+
+
+def _recurrent(size: int) -> Any:
+    global _RECURRENT
+    if _RECURRENT is None:
+        _RECURRENT = _recurrent_class()
+    return _RECURRENT(size)
+
+
+def _recurrent_layers(cache: Any) -> None:
+    """mlx-lm's ArraysCache (read from a cache file) -> the recurrent class, in place."""
+    for i, c in enumerate(cache or ()):
+        if type(c).__name__ == "ArraysCache" and type(c).__module__.startswith("mlx_lm."):
+            layer = _recurrent(len(c.cache))
+            layer.state = c.state
+            cache[i] = layer
+
+
 def _as_mlx_lm(c: Any) -> Any:
     """mlx-lm's cache class for one of mlx-vlm's (same behaviour, another class)."""
     from mlx_lm.models import cache as lm_cache
@@ -131,7 +168,9 @@ def _as_mlx_lm(c: Any) -> Any:
         return lm_cache.KVCache()
     if kind == "RotatingKVCache":
         return lm_cache.RotatingKVCache(max_size=c.max_size, keep=c.keep)
-    return c  # recurrent state (mlx-vlm's ArraysCache has more than mlx-lm's): kept
+    if kind == "ArraysCache":
+        return _recurrent(len(c.cache))
+    return c
 
 
 def _offset(cache: Any) -> int:
