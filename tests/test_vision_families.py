@@ -26,27 +26,34 @@ PICTURE = noise(3, size=(48, 40))
 REFUSED = {"tiny-llava"}
 
 
+@pytest.fixture(scope="module")
+def worker():
+    """One worker for the module: each family is loaded in turn as "m"."""
+    w = spawn()
+    yield w
+    w.close()
+
+
 @pytest.fixture(scope="module", params=[n for n in FAMILIES if n not in REFUSED])
-def fam(request):
-    """(name, worker with the fixture loaded as "m", mlx-vlm's tokens for ask(PICTURE))."""
+def fam(request, worker):
+    """(name, the worker with the family loaded as "m", mlx-vlm's tokens for ask(PICTURE))."""
     name = request.param
     path = str(ensure_model(name))
-    w = spawn()
-    w.load(path, model_id="m")
-    rendered = w.tokenize(model_id="m", messages=ask(PICTURE)).prompt
+    worker.load(path, model_id="m")
+    rendered = worker.tokenize(model_id="m", messages=ask(PICTURE)).prompt
     [expected] = reference.run("vision", path, [
         {"prompt": rendered, "images": [b64(png(PICTURE))], "max_tokens": GREEDY["max_tokens"]}
     ])
-    yield name, w, expected
-    w.close()
+    yield name, worker, expected
+    worker.call("unload", {"model_id": "m"})
 
 
 def ask(picture, text="What is in the picture?"):
     return user(text, ("image", b64(png(picture))))
 
 
-def gen(w, **params):
-    return w.generate(model_id="m", **{**GREEDY, **params}).wait()
+def gen(w, model_id="m", **params):
+    return w.generate(model_id=model_id, **{**GREEDY, **params}).wait()
 
 
 @pytest.mark.parametrize("step", [5, None])
@@ -94,40 +101,36 @@ def test_string_content_stays_a_string(fam):
     assert "Be brief." in rendered and "'type'" not in rendered, rendered
 
 
-def test_llava_images_are_refused_and_text_works():
+def test_llava_images_are_refused_and_text_works(worker):
     path = str(ensure_model("tiny-llava"))
     with pytest.raises(AssertionError, match="ImagesKwargs"):  # mlx-vlm's own generate
         reference.run("vision", path, [{"prompt": "<image>Hi", "images": [b64(png(PICTURE))], "max_tokens": 2}])
-    w = spawn()
-    try:
-        w.load(path, model_id="m")
-        with pytest.raises(RpcError) as err:
-            gen(w, messages=ask(PICTURE))
-        assert err.value.code == -32011
-        assert "'llava'" in err.value.message and "every image" in err.value.message
-        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The sea is"}]
-        assert len(gen(w, messages=msgs).tokens) == GREEDY["max_tokens"]
-        assert gen(w, prompt="The sea is").tokens  # the worker still serves
-    finally:
-        w.close()
+    worker.load(path, model_id="llava")
+    with pytest.raises(RpcError) as err:
+        gen(worker, "llava", messages=ask(PICTURE))
+    assert err.value.code == -32011
+    assert "'llava'" in err.value.message and "every image" in err.value.message
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The sea is"}]
+    assert len(gen(worker, "llava", messages=msgs).tokens) == GREEDY["max_tokens"]
+    assert gen(worker, "llava", prompt="The sea is").tokens  # the worker still serves
+    worker.call("unload", {"model_id": "llava"})
 
 
-def test_hybrid_cache_file_reused_by_the_next_turn(tmp_path):
+def test_hybrid_cache_file_reused_by_the_next_turn(worker, tmp_path):
     """Qwen3.5's DeltaNet layers keep mlx-vlm's recurrent cache: written by
-    cache_save, read back by cache_load, continued by the next turn."""
-    w = spawn()
-    try:
-        w.load(str(ensure_model("tiny-qwen3-5-vl")), model_id="m")
-        msgs = ask(noise(8, size=(48, 40)))
-        path = str(tmp_path / "chat.safetensors")
-        saved = w.call("cache_save", {"model_id": "m", "messages": msgs, "path": path})
-        w.call("unload", {"model_id": "m"})
-        w.load(str(ensure_model("tiny-qwen3-5-vl")), model_id="m")
-        assert w.call("cache_load", {"model_id": "m", "path": path})["tokens"] == saved["tokens"]
-        turn = msgs + [{"role": "assistant", "content": "It is noise."}, {"role": "user", "content": "Sure?"}]
-        cached = gen(w, messages=turn, prompt_cache=True)
-        cold = gen(w, messages=turn)
-        assert cached.usage.cached_tokens == saved["tokens"]
-        assert cached.tokens == cold.tokens
-    finally:
-        w.close()
+    cache_save, read back by cache_load (into a fresh load), continued by the
+    next turn."""
+    path = str(ensure_model("tiny-qwen3-5-vl"))
+    msgs = ask(noise(8, size=(48, 40)))
+    file = str(tmp_path / "chat.safetensors")
+    worker.load(path, model_id="hybrid")
+    saved = worker.call("cache_save", {"model_id": "hybrid", "messages": msgs, "path": file})
+    worker.call("unload", {"model_id": "hybrid"})
+    worker.load(path, model_id="hybrid")
+    assert worker.call("cache_load", {"model_id": "hybrid", "path": file})["tokens"] == saved["tokens"]
+    turn = msgs + [{"role": "assistant", "content": "It is noise."}, {"role": "user", "content": "Sure?"}]
+    cached = gen(worker, "hybrid", messages=turn, prompt_cache=True)
+    cold = gen(worker, "hybrid", messages=turn)
+    assert cached.usage.cached_tokens == saved["tokens"]
+    assert cached.tokens == cold.tokens
+    worker.call("unload", {"model_id": "hybrid"})

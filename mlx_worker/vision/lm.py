@@ -34,6 +34,7 @@ class, and a layer read back from one is turned into it again before use.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -115,7 +116,7 @@ class _WithModelCache(VisionLanguageModel):
     """For language models that build their own cache (sliding windows...)."""
 
     def make_cache(self):
-        return [_as_mlx_lm(c) for c in self.vlm.language_model.make_cache()]
+        return [_worker_layer(c) for c in self.vlm.language_model.make_cache()]
 
 
 def wrap_language_model(vlm: nn.Module, mrope: bool) -> VisionLanguageModel:
@@ -123,10 +124,14 @@ def wrap_language_model(vlm: nn.Module, mrope: bool) -> VisionLanguageModel:
     return cls(vlm, mrope)
 
 
+@functools.cache
 def _recurrent_class():
+    # Late: importing mlx-vlm costs about a second at start-up.
     from mlx_vlm.models.cache import ArraysCache as VlmArraysCache
 
     class ArraysCache(VlmArraysCache):
+        """mlx-vlm's recurrent cache whose state is laid out as mlx-lm's."""
+
         @property
         def state(self):
             return self.cache, self.left_padding, self.lengths
@@ -138,14 +143,8 @@ def _recurrent_class():
     return ArraysCache
 
 
-_RECURRENT: Any = None
-
-
 def _recurrent(size: int) -> Any:
-    global _RECURRENT
-    if _RECURRENT is None:
-        _RECURRENT = _recurrent_class()
-    return _RECURRENT(size)
+    return _recurrent_class()(size)
 
 
 def _recurrent_layers(cache: Any) -> None:
@@ -157,8 +156,9 @@ def _recurrent_layers(cache: Any) -> None:
             cache[i] = layer
 
 
-def _as_mlx_lm(c: Any) -> Any:
-    """mlx-lm's cache class for one of mlx-vlm's (same behaviour, another class)."""
+def _worker_layer(c: Any) -> Any:
+    """The cache class the worker's store, cache files and KV quantization
+    recognise, for one of mlx-vlm's (the same behaviour)."""
     from mlx_lm.models import cache as lm_cache
 
     if type(c).__module__.startswith("mlx_lm."):
