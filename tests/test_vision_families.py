@@ -92,6 +92,8 @@ def test_text_only_chat(fam):
     a = gen(w, messages=msgs)
     assert len(a.tokens) == GREEDY["max_tokens"]
     assert gen(w, messages=msgs).tokens == a.tokens
+    rendered = w.tokenize(model_id="m", messages=msgs).tokens
+    assert gen(w, tokens=rendered).tokens == a.tokens  # the plain-token path: the same positions
 
 
 def test_string_content_stays_a_string(fam):
