@@ -64,6 +64,21 @@ def test_greedy_tokens_equal_mlx_vlm(fam, step):
     assert gen(w, messages=ask(PICTURE), prefill_step_size=step).tokens == expected
 
 
+@pytest.mark.parametrize("name", ["tiny-qwen3-5-vl-q4", "tiny-gemma4-vl-q4"])
+def test_quantized_conversion_tokens_equal_mlx_vlm(worker, name):
+    """4-bit bf16 conversions made by mlx-vlm's converter (embed_tokens quantized too)."""
+    path = str(ensure_model(name))
+    worker.load(path, model_id="q")
+    try:
+        rendered = worker.tokenize(model_id="q", messages=ask(PICTURE)).prompt
+        [expected] = reference.run("vision", path, [
+            {"prompt": rendered, "images": [b64(png(PICTURE))], "max_tokens": GREEDY["max_tokens"]}
+        ])
+        assert gen(worker, "q", messages=ask(PICTURE)).tokens == expected
+    finally:
+        worker.call("unload", {"model_id": "q"})
+
+
 # Recurrent (DeltaNet) state can't be cut back to the shared prefix: the next
 # turn reuses it only from a checkpoint at the end of the prompt (issue 19's
 # prompt-cache checkpoints, branch i19).
