@@ -94,6 +94,8 @@ class VisionLanguageModel(nn.Module):
             kwargs["position_ids"] = self.position_ids(offset, inputs.shape[1])
         if plan.extra and offset < plan.length:
             kwargs.update(plan.extra)
+        elif plan.extra:  # past the prompt for good: let go of them (per-layer inputs are large)
+            plan.extra = {}
         out = self.vlm.language_model(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
         return out.logits
 
