@@ -17,10 +17,11 @@ from conftest import spawn
 from mlx_worker.client import RpcError
 from fixtures.build import ensure_model
 from fixtures.vision_families import FAMILIES
-from vision_images import b64, noise, png, user
+from vision_images import b64, gradient, noise, png, user
 
 GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True, prompt_cache=False)
 PICTURE = noise(3, size=(48, 40))
+OTHER = gradient(size=(40, 56))
 # mlx-vlm 0.7.10's LLaVA processor hands the tokenizer's options (`padding`)
 # to the image processor, which transformers 5.25 rejects: no image runs.
 REFUSED = {"tiny-llava"}
@@ -36,20 +37,27 @@ def worker():
 
 @pytest.fixture(scope="module", params=[n for n in FAMILIES if n not in REFUSED])
 def fam(request, worker):
-    """(name, the worker with the family loaded as "m", mlx-vlm's tokens for ask(PICTURE))."""
+    """(name, the worker with the family loaded as "m", mlx-vlm's tokens for
+    ask(PICTURE) and for two_pictures())."""
     name = request.param
     path = str(ensure_model(name))
     worker.load(path, model_id="m")
-    rendered = worker.tokenize(model_id="m", messages=ask(PICTURE)).prompt
-    [expected] = reference.run("vision", path, [
-        {"prompt": rendered, "images": [b64(png(PICTURE))], "max_tokens": GREEDY["max_tokens"]}
-    ])
+    jobs = [
+        {"prompt": worker.tokenize(model_id="m", messages=msgs).prompt,
+         "images": [b64(png(p)) for p in pictures], "max_tokens": GREEDY["max_tokens"]}
+        for msgs, pictures in ((ask(PICTURE), [PICTURE]), (two_pictures(), [PICTURE, OTHER]))
+    ]
+    expected = reference.run("vision", path, jobs)
     yield name, worker, expected
     worker.call("unload", {"model_id": "m"})
 
 
 def ask(picture, text="What is in the picture?"):
     return user(text, ("image", b64(png(picture))))
+
+
+def two_pictures():
+    return user(("image", b64(png(PICTURE))), "and", ("image", b64(png(OTHER))), "compare them")
 
 
 def gen(w, model_id="m", **params):
@@ -59,9 +67,15 @@ def gen(w, model_id="m", **params):
 @pytest.mark.parametrize("step", [5, None])
 def test_greedy_tokens_equal_mlx_vlm(fam, step):
     """Also with prefill chunks that split the image (step 5)."""
-    _, w, expected = fam
+    _, w, (expected, _) = fam
     assert len(expected) == GREEDY["max_tokens"]
     assert gen(w, messages=ask(PICTURE), prefill_step_size=step).tokens == expected
+
+
+def test_two_images_equal_mlx_vlm(fam):
+    _, w, (_, expected) = fam
+    assert len(expected) == GREEDY["max_tokens"]
+    assert gen(w, messages=two_pictures(), prefill_step_size=6).tokens == expected
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen3-5-vl-q4", "tiny-gemma4-vl-q4"])
