@@ -10,6 +10,8 @@ as a string.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 import reference
@@ -94,16 +96,18 @@ def test_quantized_conversion_tokens_equal_mlx_vlm(worker, name):
 
 
 # Recurrent (DeltaNet) state can't be cut back to the shared prefix: the next
-# turn reuses it only from a checkpoint at the end of the prompt (issue 19's
-# prompt-cache checkpoints, branch i19).
+# turn reuses it only from a checkpoint at the end of the prompt, which the
+# worker keeps once it has prompt-cache checkpoints (mlx_worker/checkpoints.py,
+# issue 19's branch i19; with it merged this case passes).
 NEEDS_PROMPT_CHECKPOINTS = {"tiny-qwen3-5-vl"}
+HAS_CHECKPOINTS = importlib.util.find_spec("mlx_worker.checkpoints") is not None
 
 
 def test_second_turn_reuses_the_cache(fam, request):
     """Small prefill chunks: a sliding window (Gemma's, 16 tokens) the chat
     outgrows is reused from the last chunk boundary both runs share."""
     name, w, _ = fam
-    if name in NEEDS_PROMPT_CHECKPOINTS:
+    if name in NEEDS_PROMPT_CHECKPOINTS and not HAS_CHECKPOINTS:
         request.applymarker(pytest.mark.xfail(strict=True, reason="needs prompt-end checkpoints (i19)"))
     msgs = ask(noise(6, size=(48, 40)))
     first = w.generate(model_id="m", messages=msgs, max_tokens=6, temperature=0, prefill_step_size=8).wait()
