@@ -151,7 +151,7 @@ class Generation:
         self.processed = self.cached
         self.embeddings = self.prompt.embeddings(self.cached) if self.prompt.embeddings is not None else None
         if lm.vision is not None:
-            self.positions = getattr(lm.model, "_positions", None)
+            self.positions = lm.model.plan
         self.history = mx.array(self.prompt.tokens[self.cached : -1], dtype=mx.uint32)
         self.processors = sampling.with_prefix(self.processors, self.prompt.tokens[: self.cached])
         self._progress(self.cached)

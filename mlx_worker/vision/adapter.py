@@ -15,7 +15,7 @@ from typing import Any
 from ..prompt import PreparedPrompt, one_source, prepare_text
 from .encoders import EncodedPrompt
 from .images import ImageLimits
-from .lm import VisionLanguageModel
+from .lm import PromptPlan, VisionLanguageModel
 from .messages import read_images, render, template_messages
 
 
@@ -50,8 +50,8 @@ class VisionAdapter:
         encoded: EncodedPrompt = self.encoder.encode(rendered, images)
 
         def embeddings(start: int):
-            values, positions = encoded.embeddings(start)
-            self.model.begin(positions)
+            values, positions, extra = encoded.embeddings(start)
+            self.model.begin(PromptPlan(positions, extra, len(encoded.tokens)))
             return values
 
         return PreparedPrompt(tokens=encoded.tokens, cache_key=encoded.cache_key, embeddings=embeddings, rendered=rendered)

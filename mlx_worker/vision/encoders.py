@@ -36,7 +36,9 @@ class EncodedPrompt:
     extra: dict = field(default_factory=dict)
     _positions: Optional[Positions] = None
 
-    def embeddings(self, start: int) -> tuple[Optional[mx.array], Optional[Positions]]:
+    def embeddings(self, start: int) -> tuple[Optional[mx.array], Optional[Positions], dict]:
+        """Input embeddings of tokens[start:] (None: plain tokens will do), the
+        prompt's positions, and whole-prompt inputs for the prefill calls."""
         return self.encoder.embeddings(self, start)
 
 
@@ -151,19 +153,21 @@ class QwenEncoder:
             segments.append(values[max(start, image.start) - image.start :])
             cursor = end
         if not segments:
-            return None, positions  # no image left to feed: plain tokens will do
+            return None, positions, {}  # no image left to feed: plain tokens will do
         if cursor < len(tokens):
             segments.append(embed(mx.array(tokens[cursor:])))
         # The embedding's output dtype, not its weight's: a quantized table's
         # weight is packed uint32 (casting to it turns features into integers).
         dtype = embed(mx.array(tokens[:1])).dtype
-        return mx.concatenate([s.astype(dtype) for s in segments], axis=0), positions
+        return mx.concatenate([s.astype(dtype) for s in segments], axis=0), positions, {}
 
 
 # ---------------------------------------------------------------- generic
 
-# Fields of mlx-vlm's InputEmbeddingsFeatures the generic path can pass on.
-_HANDLED = {"inputs_embeds", "position_ids", "rope_deltas", "attention_mask"}
+# Outputs of get_input_embeddings that feed decoding steps too (cross-attention
+# and encoder-decoder models): the one loop passes inputs on prefill only.
+_DECODE_INPUTS = {"cross_attention_states", "cross_attention_mask", "full_text_row_masked_out_mask",
+                  "decoder_inputs_embeds"}
 # Where some mlx-vlm language models keep the positions get_input_embeddings planned.
 _OWN_PLAN = ("_position_ids", "_rope_deltas")
 
@@ -176,19 +180,17 @@ class GenericEncoder:
         self.image_token_id = image_token_id
 
     def encode(self, rendered: str, images: list[ImageInput]) -> EncodedPrompt:
-        from mlx_vlm.utils import prepare_inputs
-
         pictures = [decode_image(image, self.limits) for image in images]
         try:
-            inputs = prepare_inputs(
-                self.processor,
-                images=pictures or None,
-                prompts=rendered,
-                image_token_index=self.image_token_id,
-                add_special_tokens=False,
-                padding=False,
-            )
+            inputs = self._prepare(rendered, pictures)
         except Exception as exc:
+            if pictures and self._fails_on_any_image(rendered, len(pictures)):
+                raise WorkerError(
+                    errors.GENERATION_FAILED,
+                    f"model type {self.vlm.config.model_type!r}: its image processor fails on every image with "
+                    f"the installed libraries (mlx-vlm's own generate fails the same way): {exc}; "
+                    "messages without images work",
+                ) from None
             raise WorkerError(
                 errors.IMAGE_INVALID, f"the model's processor rejected the prompt: {exc}",
                 {"field": "params.messages", "reason": "unprocessable"},
@@ -204,6 +206,29 @@ class GenericEncoder:
                 key = [f"img:{combined}:{k}" if t == self.image_token_id else t for k, t in enumerate(tokens)]
         return EncodedPrompt(tokens=tokens, cache_key=key, encoder=self, images=list(images), extra=inputs)
 
+    def _prepare(self, rendered: str, pictures: list) -> dict:
+        from mlx_vlm.utils import prepare_inputs
+
+        return prepare_inputs(
+            self.processor,
+            images=pictures or None,
+            prompts=rendered,
+            image_token_index=self.image_token_id,
+            add_special_tokens=False,
+            padding=False,
+        )
+
+    def _fails_on_any_image(self, rendered: str, n: int) -> bool:
+        """Whether the processor also fails on plain small pictures: then the
+        fault is the model's processor under these libraries, not the image."""
+        from PIL import Image
+
+        try:
+            self._prepare(rendered, [Image.new("RGB", (64, 64), (128, 128, 128)) for _ in range(n)])
+        except Exception:
+            return True
+        return False
+
     def embeddings(self, prompt: EncodedPrompt, start: int):
         extra = dict(prompt.extra)
         pixel_values = extra.pop("pixel_values", None)
@@ -213,11 +238,13 @@ class GenericEncoder:
             if hasattr(lm, name):
                 setattr(lm, name, None)
         out = self.vlm.get_input_embeddings(mx.array([prompt.tokens]), pixel_values, mask=mask, **extra)
-        unhandled = [k for k, v in out.to_dict().items() if v is not None and k not in _HANDLED]
-        if unhandled:
+        outputs = {k: v for k, v in out.to_dict().items() if v is not None}
+        refused = sorted(_DECODE_INPUTS & set(outputs))
+        if refused:
             raise WorkerError(
                 errors.GENERATION_FAILED,
-                f"model type {self.vlm.config.model_type!r} needs inputs this worker does not pass: {unhandled}",
+                f"model type {self.vlm.config.model_type!r} needs inputs on every decoding step, "
+                f"which this worker does not pass: {refused}",
             )
         ids, deltas = out.position_ids, out.rope_deltas
         if ids is None:
@@ -228,4 +255,8 @@ class GenericEncoder:
         positions = None
         if ids is not None and ids.ndim == 3 and deltas is not None:
             positions = Positions(ids=ids, delta=int(mx.array(deltas).reshape(-1)[0].item()))
-        return out.inputs_embeds[0, start:], positions
+        # Everything else goes to the language model on prefill, whole-prompt,
+        # with the processor's other outputs, as mlx-vlm's generate passes them.
+        skip = {"inputs_embeds", "attention_mask"} | ({"position_ids", "rope_deltas"} if positions else set())
+        passed = {**extra, **{k: v for k, v in outputs.items() if k not in skip}}
+        return out.inputs_embeds[0, start:], positions, passed

@@ -15,11 +15,27 @@ and makes chunked prefill, a cache that already holds a prefix, and decoding
 all agree with a single cold pass. Models that plan image positions inside
 their language model (GLM-4V's ``_position_ids``) have that plan taken over
 by the encoder (encoders.py), so it is what gets passed here.
+
+Extra prefill inputs. A model's input-embedding step may return more than
+embeddings (Qwen3-VL's deepstack features and their mask, Gemma 4's
+per-layer inputs, Gemma 3's 4-D mask), each over the whole prompt. As
+mlx-vlm's own generate does, they go to every language-model call that is
+still inside the prompt; the model cuts out the part for the call from its
+cache offset. Decoding calls get none (the model derives them from tokens).
+
+Caches. A language model that builds its own cache (sliding windows,
+DeltaNet state) builds mlx-vlm's cache classes; its KV and window layers are
+swapped for mlx-lm's classes of the same kind, which is what the prompt
+cache, cache files and KV quantization recognise. Recurrent layers keep
+mlx-vlm's ArraysCache (the model needs its extra methods), in a subclass
+whose state reads and writes as mlx-lm's: a cache file names mlx-lm's
+class, and a layer read back from one is turned into it again before use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -38,41 +54,62 @@ class Positions:
         return int(self.ids.shape[-1])
 
 
+@dataclass
+class PromptPlan:
+    """What a request tells the language model before each of its calls: the
+    prompt's positions (None: positions = indices) and whole-prompt inputs
+    for the calls inside its first ``length`` tokens."""
+
+    positions: Optional[Positions] = None
+    extra: dict = field(default_factory=dict)
+    length: int = 0
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, vlm: nn.Module, mrope: bool):
         super().__init__()
         self.vlm = vlm
         self.mrope = mrope
         # Set by ``begin`` for each generation, before the first model call.
-        self._positions: Optional[Positions] = None
+        self._plan = PromptPlan()
 
     @property
     def layers(self):
         return self.vlm.language_model.layers
 
-    def begin(self, positions: Optional[Positions]) -> None:
-        """Use these prompt positions from now on (None: positions = indices)."""
-        self._positions = positions
+    @property
+    def plan(self) -> PromptPlan:
+        return self._plan
+
+    def begin(self, plan: Optional[PromptPlan]) -> None:
+        """Use this request's plan from now on (None: a plain text prompt)."""
+        self._plan = plan or PromptPlan()
 
     def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+        _recurrent_layers(cache)
         kwargs = {}
+        plan = self._plan
+        offset = _offset(cache) if (self.mrope or plan.extra) else 0
         if self.mrope:
-            offset = _offset(cache)
             kwargs["position_ids"] = self.position_ids(offset, inputs.shape[1])
+        if plan.extra and offset < plan.length:
+            kwargs.update(plan.extra)
+        elif plan.extra:  # past the prompt for good: let go of them (per-layer inputs are large)
+            plan.extra = {}
         out = self.vlm.language_model(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
         return out.logits
 
     def position_ids(self, offset: int, n: int) -> mx.array:
-        plan = self._positions
-        if plan is None:
+        positions = self._plan.positions
+        if positions is None:
             return mx.broadcast_to(mx.arange(offset, offset + n, dtype=mx.int32), (3, 1, n))
         parts = []
         end = offset + n
-        if offset < plan.length:
-            parts.append(plan.ids[:, :, offset : min(end, plan.length)].astype(mx.int32))
-        if end > plan.length:
-            start = max(offset, plan.length)
-            tail = mx.arange(start, end, dtype=mx.int32) + plan.delta
+        if offset < positions.length:
+            parts.append(positions.ids[:, :, offset : min(end, positions.length)].astype(mx.int32))
+        if end > positions.length:
+            start = max(offset, positions.length)
+            tail = mx.arange(start, end, dtype=mx.int32) + positions.delta
             parts.append(mx.broadcast_to(tail, (3, 1, end - start)))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
@@ -81,7 +118,7 @@ class _WithModelCache(VisionLanguageModel):
     """For language models that build their own cache (sliding windows...)."""
 
     def make_cache(self):
-        return self.vlm.language_model.make_cache()
+        return [_worker_layer(c) for c in self.vlm.language_model.make_cache()]
 
 
 def wrap_language_model(vlm: nn.Module, mrope: bool) -> VisionLanguageModel:
@@ -89,8 +126,60 @@ def wrap_language_model(vlm: nn.Module, mrope: bool) -> VisionLanguageModel:
     return cls(vlm, mrope)
 
 
+@functools.cache
+def _recurrent_class():
+    # Late: importing mlx-vlm costs about a second at start-up.
+    from mlx_vlm.models.cache import ArraysCache as VlmArraysCache
+
+    class ArraysCache(VlmArraysCache):
+        """mlx-vlm's recurrent cache whose state is laid out as mlx-lm's."""
+
+        @property
+        def state(self):
+            return self.cache, self.left_padding, self.lengths
+
+        @state.setter
+        def state(self, v):
+            self.cache, self.left_padding, self.lengths = v
+
+    return ArraysCache
+
+
+def _recurrent(size: int) -> Any:
+    return _recurrent_class()(size)
+
+
+def _recurrent_layers(cache: Any) -> None:
+    """mlx-lm's ArraysCache (read from a cache file) -> the recurrent class, in place."""
+    for i, c in enumerate(cache or ()):
+        if type(c).__name__ == "ArraysCache" and type(c).__module__.startswith("mlx_lm."):
+            layer = _recurrent(len(c.cache))
+            layer.state = c.state
+            cache[i] = layer
+
+
+def _worker_layer(c: Any) -> Any:
+    """The cache class the worker's store, cache files and KV quantization
+    recognise, for one of mlx-vlm's (the same behaviour)."""
+    from mlx_lm.models import cache as lm_cache
+
+    if type(c).__module__.startswith("mlx_lm."):
+        return c
+    kind = type(c).__name__
+    if kind == "KVCache":
+        return lm_cache.KVCache()
+    if kind == "RotatingKVCache":
+        return lm_cache.RotatingKVCache(max_size=c.max_size, keep=c.keep)
+    if kind == "ArraysCache":
+        return _recurrent(len(c.cache))
+    return c
+
+
 def _offset(cache: Any) -> int:
-    if not cache:
-        return 0
-    offset = cache[0].offset
-    return int(offset.item()) if isinstance(offset, mx.array) else int(offset)
+    """Tokens in the cache, from the first layer that counts them (a DeltaNet
+    or SSM layer keeps state, not an offset)."""
+    for c in cache or ():
+        offset = getattr(c, "offset", None)
+        if offset is not None:
+            return int(offset.item()) if isinstance(offset, mx.array) else int(offset)
+    return 0

@@ -62,18 +62,19 @@ def template_messages(messages: list[protocol.ChatMessage], model_type: str) -> 
                 )
     shaped = apply_chat_template(None, {"model_type": model_type}, raw, return_messages=True)
     # The formatter rebuilds each message from role and content: put back the
-    # rest. It joins the text parts of a message without images (with
-    # spaces): such a message keeps its parts as sent, as transformers passes
-    # them, since a template may trim or separate parts.
+    # rest. A message without images keeps its content as sent: a string stays
+    # a string (the formatter makes it a list of parts, which a template that
+    # prints the content, as Mistral 3's does with the system prompt, shows
+    # as a Python list), and text parts stay separate parts (the formatter
+    # joins them with spaces; a template may trim or separate them).
     return [
-        {**{k: v for k, v in r.items() if k != "content"}, **({"content": r["content"]} if _text_parts(m) else s)}
+        {**{k: v for k, v in r.items() if k != "content"}, **({"content": r["content"]} if _no_images(m) else s)}
         for m, r, s in zip(messages, raw, shaped)
     ]
 
 
-def _text_parts(message: protocol.ChatMessage) -> bool:
-    """Content given as a list of parts, none of them an image."""
-    return isinstance(message.content, list) and not any(isinstance(p, protocol.ImagePart) for p in message.content)
+def _no_images(message: protocol.ChatMessage) -> bool:
+    return not (isinstance(message.content, list) and any(isinstance(p, protocol.ImagePart) for p in message.content))
 
 
 def render(processor: Any, messages: list[dict], params: Any, model_id: str) -> str:
