@@ -36,6 +36,8 @@ TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]  # < vocab_size is checked pe
 TokenIdKey = Annotated[str, Meta(pattern="^[0-9]{1,10}$")]
 StopString = Annotated[str, Meta(min_length=1)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
+DryBreaker = Annotated[str, Meta(min_length=1, max_length=40)]  # llama.cpp cuts breakers at 40 characters
 
 
 class Params(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -382,6 +384,19 @@ class GenerateParams(PromptParams):
     # load's defaults; num_draft_tokens 0 turns a load's default draft off.
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
+    # XTC and DRY, with llama.cpp's semantics and defaults (protocol/README.md,
+    # "XTC and DRY"). XTC: with probability xtc_probability per token, every
+    # token at or above xtc_threshold except the least likely of them is
+    # removed (above 0.5 at most one token can reach it: off). DRY: off while
+    # dry_multiplier is 0; dry_penalty_last_n -1 is the model's context.
+    xtc_probability: Probability = 0.0
+    xtc_threshold: Annotated[float, Meta(ge=0.0, le=0.5)] = 0.1
+    dry_multiplier: Annotated[float, Meta(ge=0.0, le=1e4)] = 0.0
+    dry_base: Annotated[float, Meta(ge=1.0, le=1e4)] = 1.75
+    dry_allowed_length: Annotated[int, Meta(ge=1, le=INT32_MAX)] = 2
+    dry_penalty_last_n: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
+    dry_sequence_breakers: Annotated[list[DryBreaker], Meta(max_length=64)] = msgspec.field(
+        default_factory=lambda: list(DRY_BREAKERS))
 
 
 class TopLogprob(Out):

@@ -343,6 +343,11 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.chat_template_kwargs) j["chat_template_kwargs"] = *v.chat_template_kwargs;
   if (v.constraint) j["constraint"] = *v.constraint;
   if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
+  if (v.dry_allowed_length) j["dry_allowed_length"] = *v.dry_allowed_length;
+  if (v.dry_base) j["dry_base"] = *v.dry_base;
+  if (v.dry_multiplier) j["dry_multiplier"] = *v.dry_multiplier;
+  if (v.dry_penalty_last_n) j["dry_penalty_last_n"] = *v.dry_penalty_last_n;
+  if (v.dry_sequence_breakers) j["dry_sequence_breakers"] = *v.dry_sequence_breakers;
   if (v.frequency_penalty) j["frequency_penalty"] = *v.frequency_penalty;
   if (v.ignore_eos) j["ignore_eos"] = *v.ignore_eos;
   if (v.logit_bias) j["logit_bias"] = *v.logit_bias;
@@ -368,6 +373,8 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.top_k) j["top_k"] = *v.top_k;
   if (v.top_logprobs) j["top_logprobs"] = *v.top_logprobs;
   if (v.top_p) j["top_p"] = *v.top_p;
+  if (v.xtc_probability) j["xtc_probability"] = *v.xtc_probability;
+  if (v.xtc_threshold) j["xtc_threshold"] = *v.xtc_threshold;
 }
 void from_json(const nlohmann::json& j, GenerateParams& v) {
   if (auto it = j.find("add_generation_prompt"); it != j.end() && !it->is_null()) v.add_generation_prompt = it->get<bool>();
@@ -380,6 +387,16 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.constraint.reset();
   if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
   else v.draft_model_id.reset();
+  if (auto it = j.find("dry_allowed_length"); it != j.end() && !it->is_null()) v.dry_allowed_length = it->get<std::int64_t>();
+  else v.dry_allowed_length.reset();
+  if (auto it = j.find("dry_base"); it != j.end() && !it->is_null()) v.dry_base = it->get<double>();
+  else v.dry_base.reset();
+  if (auto it = j.find("dry_multiplier"); it != j.end() && !it->is_null()) v.dry_multiplier = it->get<double>();
+  else v.dry_multiplier.reset();
+  if (auto it = j.find("dry_penalty_last_n"); it != j.end() && !it->is_null()) v.dry_penalty_last_n = it->get<std::int64_t>();
+  else v.dry_penalty_last_n.reset();
+  if (auto it = j.find("dry_sequence_breakers"); it != j.end() && !it->is_null()) v.dry_sequence_breakers = it->get<std::vector<std::string>>();
+  else v.dry_sequence_breakers.reset();
   if (auto it = j.find("frequency_penalty"); it != j.end() && !it->is_null()) v.frequency_penalty = it->get<double>();
   else v.frequency_penalty.reset();
   if (auto it = j.find("ignore_eos"); it != j.end() && !it->is_null()) v.ignore_eos = it->get<bool>();
@@ -430,6 +447,10 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.top_logprobs.reset();
   if (auto it = j.find("top_p"); it != j.end() && !it->is_null()) v.top_p = it->get<double>();
   else v.top_p.reset();
+  if (auto it = j.find("xtc_probability"); it != j.end() && !it->is_null()) v.xtc_probability = it->get<double>();
+  else v.xtc_probability.reset();
+  if (auto it = j.find("xtc_threshold"); it != j.end() && !it->is_null()) v.xtc_threshold = it->get<double>();
+  else v.xtc_threshold.reset();
 }
 
 void to_json(nlohmann::json& j, const InvalidToolCall& v) {

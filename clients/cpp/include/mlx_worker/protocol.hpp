@@ -307,6 +307,11 @@ struct GenerateParams {
   std::optional<nlohmann::json> chat_template_kwargs;
   std::optional<GenerateParamsConstraint> constraint;
   std::optional<std::string> draft_model_id;
+  std::optional<std::int64_t> dry_allowed_length;  // default 2
+  std::optional<double> dry_base;  // default 1.75
+  std::optional<double> dry_multiplier;  // default 0.0
+  std::optional<std::int64_t> dry_penalty_last_n;  // default -1
+  std::optional<std::vector<std::string>> dry_sequence_breakers;
   std::optional<double> frequency_penalty;  // default 0.0
   std::optional<bool> ignore_eos;  // default false
   std::optional<std::map<std::string, double>> logit_bias;
@@ -332,6 +337,8 @@ struct GenerateParams {
   std::optional<std::int64_t> top_k;  // default 0
   std::optional<std::int64_t> top_logprobs;  // default 0
   std::optional<double> top_p;  // default 1.0
+  std::optional<double> xtc_probability;  // default 0.0
+  std::optional<double> xtc_threshold;  // default 0.1
 };
 void to_json(nlohmann::json& j, const GenerateParams& v);
 void from_json(const nlohmann::json& j, GenerateParams& v);

@@ -13,7 +13,7 @@ export interface CacheLoadResult {
 }
 /**
  * Write the prompt cache of a prompt's tokens to a file (prefilling
- *     whatever part of it isn't cached yet).
+ * whatever part of it isn't cached yet).
  */
 export interface CacheSaveParams {
   add_generation_prompt?: boolean;
@@ -93,7 +93,7 @@ export interface Capabilities {
 }
 /**
  * ``load {parallel}``: the backends this build can start, and this
- *     worker's group once one exists (its size; why it failed).
+ * worker's group once one exists (its size; why it failed).
  */
 export interface DistributedCapabilities {
   backends: string[];
@@ -125,6 +125,14 @@ export interface GenerateParams {
   };
   constraint?: (JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint) | null;
   draft_model_id?: string | null;
+  dry_allowed_length?: number;
+  dry_base?: number;
+  dry_multiplier?: number;
+  dry_penalty_last_n?: number;
+  /**
+   * @maxItems 64
+   */
+  dry_sequence_breakers?: string[];
   frequency_penalty?: number;
   ignore_eos?: boolean;
   logit_bias?: {
@@ -152,6 +160,8 @@ export interface GenerateParams {
   top_k?: number;
   top_logprobs?: number;
   top_p?: number;
+  xtc_probability?: number;
+  xtc_threshold?: number;
 }
 export interface JsonSchemaConstraint {
   engine?: ("llguidance" | "outlines") | null;
@@ -170,7 +180,7 @@ export interface GrammarConstraint {
 }
 /**
  * Force a call of one tool: `{"name": ...}`, or OpenAI's
- *     `{"type": "function", "function": {"name": ...}}`.
+ * `{"type": "function", "function": {"name": ...}}`.
  */
 export interface NamedToolChoice {
   function?: ToolChoiceName | null;
@@ -199,8 +209,8 @@ export interface GenerateResult {
 }
 /**
  * A tool call that must not be run: cut short (`incomplete`: max_tokens,
- *     a stop string or cancel ended it) or not parseable (`unparsable`: only
- *     possible for calls made without a tool grammar).
+ * a stop string or cancel ended it) or not parseable (`unparsable`: only
+ * possible for calls made without a tool grammar).
  */
 export interface InvalidToolCall {
   error?: string;
@@ -252,7 +262,7 @@ export interface LoadParams {
 }
 /**
  * Run the model over several processes (ranks) with mlx.distributed;
- *     this worker is rank 0 and starts the others.
+ * this worker is rank 0 and starts the others.
  */
 export interface ParallelParams {
   backend?: "ring";
@@ -263,7 +273,7 @@ export interface ParallelParams {
 }
 /**
  * A load's progress: ``done`` of ``total`` within ``phase`` (bytes for
- *     weights and vision_tower, steps otherwise), never decreasing.
+ * weights and vision_tower, steps otherwise), never decreasing.
  */
 export interface LoadProgressEvent {
   done: number;
@@ -454,7 +464,7 @@ export const INTEGER_PARAMS: { readonly [M in MethodName]: readonly string[] } =
   cache_save: ["prefill_step_size","tokens[]"],
   cancel: ["id"],
   detokenize: ["tokens[]"],
-  generate: ["max_tokens","num_draft_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
+  generate: ["dry_allowed_length","dry_penalty_last_n","max_tokens","num_draft_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
   load: ["image_cache_bytes","max_image_bytes","max_image_pixels","max_images","max_kv_size","memory_limit","num_draft_tokens","prefill_step_size","prompt_cache_bytes","prompt_cache_entries"],
   shutdown: [],
   status: [],
