@@ -313,6 +313,7 @@ class Generation:
                                completion_tokens=len(self.generated))
         if self.draft is not None:
             usage.draft_tokens, usage.accepted_draft_tokens = self.draft.proposed, self.draft.accepted
+            usage.draft_rounds = list(self.draft.lengths)
         return protocol.GenerateResult(
             text="".join(self.text_parts),
             tokens=self.generated,

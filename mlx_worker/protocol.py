@@ -384,6 +384,9 @@ class GenerateParams(PromptParams):
     # load's defaults; num_draft_tokens 0 turns a load's default draft off.
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
+    # false: draft num_draft_tokens every round; true: num_draft_tokens is the
+    # most, the draft length follows the acceptance (protocol/README.md).
+    draft_adaptive: bool = True
     # XTC and DRY, with llama.cpp's semantics and defaults (protocol/README.md,
     # "XTC and DRY"). XTC: with probability xtc_probability per token, every
     # token at or above xtc_threshold except the least likely of them is
@@ -436,6 +439,8 @@ class Usage(Out):
     # With a draft model: tokens it proposed, and how many of them the target accepted.
     draft_tokens: Union[int, UnsetType] = UNSET
     accepted_draft_tokens: Union[int, UnsetType] = UNSET
+    # With a draft: rounds per draft length (index = tokens drafted; 0: plain decode steps).
+    draft_rounds: Union[list[int], UnsetType] = UNSET
 
 
 class Timings(Out):

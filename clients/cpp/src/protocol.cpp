@@ -342,6 +342,7 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.add_special_tokens) j["add_special_tokens"] = *v.add_special_tokens;
   if (v.chat_template_kwargs) j["chat_template_kwargs"] = *v.chat_template_kwargs;
   if (v.constraint) j["constraint"] = *v.constraint;
+  if (v.draft_adaptive) j["draft_adaptive"] = *v.draft_adaptive;
   if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
   if (v.dry_allowed_length) j["dry_allowed_length"] = *v.dry_allowed_length;
   if (v.dry_base) j["dry_base"] = *v.dry_base;
@@ -385,6 +386,8 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.chat_template_kwargs.reset();
   if (auto it = j.find("constraint"); it != j.end() && !it->is_null()) v.constraint = it->get<GenerateParamsConstraint>();
   else v.constraint.reset();
+  if (auto it = j.find("draft_adaptive"); it != j.end() && !it->is_null()) v.draft_adaptive = it->get<bool>();
+  else v.draft_adaptive.reset();
   if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
   else v.draft_model_id.reset();
   if (auto it = j.find("dry_allowed_length"); it != j.end() && !it->is_null()) v.dry_allowed_length = it->get<std::int64_t>();
@@ -502,6 +505,7 @@ void to_json(nlohmann::json& j, const Usage& v) {
   if (v.accepted_draft_tokens) j["accepted_draft_tokens"] = *v.accepted_draft_tokens;
   j["cached_tokens"] = v.cached_tokens;
   j["completion_tokens"] = v.completion_tokens;
+  if (v.draft_rounds) j["draft_rounds"] = *v.draft_rounds;
   if (v.draft_tokens) j["draft_tokens"] = *v.draft_tokens;
   j["prompt_tokens"] = v.prompt_tokens;
 }
@@ -510,6 +514,8 @@ void from_json(const nlohmann::json& j, Usage& v) {
   else v.accepted_draft_tokens.reset();
   j.at("cached_tokens").get_to(v.cached_tokens);
   j.at("completion_tokens").get_to(v.completion_tokens);
+  if (auto it = j.find("draft_rounds"); it != j.end() && !it->is_null()) v.draft_rounds = it->get<std::vector<std::int64_t>>();
+  else v.draft_rounds.reset();
   if (auto it = j.find("draft_tokens"); it != j.end() && !it->is_null()) v.draft_tokens = it->get<std::int64_t>();
   else v.draft_tokens.reset();
   j.at("prompt_tokens").get_to(v.prompt_tokens);

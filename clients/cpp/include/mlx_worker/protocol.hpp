@@ -306,6 +306,7 @@ struct GenerateParams {
   std::optional<bool> add_special_tokens;  // default true
   std::optional<nlohmann::json> chat_template_kwargs;
   std::optional<GenerateParamsConstraint> constraint;
+  std::optional<bool> draft_adaptive;  // default true
   std::optional<std::string> draft_model_id;
   std::optional<std::int64_t> dry_allowed_length;  // default 2
   std::optional<double> dry_base;  // default 1.75
@@ -378,6 +379,7 @@ struct Usage {
   std::optional<std::int64_t> accepted_draft_tokens;
   std::int64_t cached_tokens{};
   std::int64_t completion_tokens{};
+  std::optional<std::vector<std::int64_t>> draft_rounds;
   std::optional<std::int64_t> draft_tokens;
   std::int64_t prompt_tokens{};
 };

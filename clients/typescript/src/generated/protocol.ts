@@ -124,6 +124,7 @@ export interface GenerateParams {
     [k: string]: unknown;
   };
   constraint?: (JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint) | null;
+  draft_adaptive?: boolean;
   draft_model_id?: string | null;
   dry_allowed_length?: number;
   dry_base?: number;
@@ -237,6 +238,7 @@ export interface Usage {
   accepted_draft_tokens?: number;
   cached_tokens: number;
   completion_tokens: number;
+  draft_rounds?: number[];
   draft_tokens?: number;
   prompt_tokens: number;
 }
