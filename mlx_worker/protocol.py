@@ -243,11 +243,17 @@ class LoadParams(Params):
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
     parallel: Union[ParallelParams, None] = None
+    # An embedding model (for `embed`, never `generate`): None detects it from
+    # the folder (sentence-transformers files, an encoder architecture).
+    embedding: Union[bool, None] = None
+
+
+ModelKind = Literal["text", "vision", "embedding"]
 
 
 class LoadResult(Out):
     model_id: str
-    kind: Literal["text", "vision"]
+    kind: ModelKind
     context_length: Union[int, None]
     vocab_size: int
     path: str
@@ -264,6 +270,9 @@ class LoadResult(Out):
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
     parallel: Union[ParallelStatus, None] = None  # a distributed load's ranks
+    # Embedding models: the vector size and how hidden states are pooled.
+    embedding_dimensions: Union[int, None] = None
+    pooling: Union[Literal["last_token", "mean", "cls", "max"], None] = None
 
 
 LoadPhase = Literal["checks", "tokenizer", "weights", "vision_tower"]
@@ -507,6 +516,32 @@ class CacheLoadResult(Out):
     bytes: int  # in memory, counted against the store's budget
 
 
+# -------------------------------------------------------------------- embed
+
+
+class EmbedParams(Params):
+    """Vectors for one input or many: strings, or token ids (one list of
+    ids, or a list of them)."""
+
+    input: Union[str, list[Union[str, TokenId, list[TokenId]]]]
+    model_id: Union[str, None] = None
+    normalize: bool = True  # unit length (L2)
+    dimensions: Union[Annotated[int, Meta(ge=1, le=INT32_MAX)], None] = None  # the leading ones (Matryoshka)
+    truncate: bool = False  # cut an input longer than the model's context instead of refusing it
+
+
+class EmbedUsage(Out):
+    prompt_tokens: int
+
+
+class EmbedResult(Out):
+    model_id: str
+    embeddings: list[list[float]]  # one per input, in input order
+    tokens: list[int]  # each input's token count
+    dimensions: int
+    usage: EmbedUsage
+
+
 # ----------------------------------------------------------- cancel, status
 
 
@@ -535,7 +570,7 @@ class PromptCacheStatus(Out):
 
 class ModelStatus(Out):
     model_id: str
-    kind: Literal["text", "vision"]
+    kind: ModelKind
     path: str
     context_length: Union[int, None]
     vocab_size: int
@@ -623,6 +658,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "generate": (GenerateParams, GenerateResult),
     "cache_save": (CacheSaveParams, CacheSaveResult),
     "cache_load": (CacheLoadParams, CacheLoadResult),
+    "embed": (EmbedParams, EmbedResult),
     "cancel": (CancelParams, CancelResult),
     "status": (StatusParams, StatusResult),
     "shutdown": (ShutdownParams, ShutdownResult),

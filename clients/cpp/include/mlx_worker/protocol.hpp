@@ -57,6 +57,9 @@ struct Capabilities;
 struct ChoiceConstraint;
 struct DetokenizeParams;
 struct DetokenizeResult;
+struct EmbedParams;
+struct EmbedUsage;
+struct EmbedResult;
 struct ErrorObject;
 struct GrammarConstraint;
 struct JsonSchemaConstraint;
@@ -93,6 +96,8 @@ struct UnloadParams;
 struct UnloadResult;
 
 using RequestId = std::variant<std::int64_t, std::string>;
+using EmbedParamsInputPart = std::variant<std::string, std::int64_t, std::vector<std::int64_t>>;
+using EmbedParamsInput = std::variant<std::string, std::vector<EmbedParamsInputPart>>;
 using GenerateParamsStop = std::variant<std::string, std::vector<std::string>>;
 struct CacheLoadParams {
   std::optional<std::string> model_id;
@@ -244,6 +249,34 @@ struct DetokenizeResult {
 };
 void to_json(nlohmann::json& j, const DetokenizeResult& v);
 void from_json(const nlohmann::json& j, DetokenizeResult& v);
+
+// Vectors for one input or many: strings, or token ids (one list of
+// ids, or a list of them).
+struct EmbedParams {
+  std::optional<std::int64_t> dimensions;
+  EmbedParamsInput input{};
+  std::optional<std::string> model_id;
+  std::optional<bool> normalize;  // default true
+  std::optional<bool> truncate;  // default false
+};
+void to_json(nlohmann::json& j, const EmbedParams& v);
+void from_json(const nlohmann::json& j, EmbedParams& v);
+
+struct EmbedUsage {
+  std::int64_t prompt_tokens{};
+};
+void to_json(nlohmann::json& j, const EmbedUsage& v);
+void from_json(const nlohmann::json& j, EmbedUsage& v);
+
+struct EmbedResult {
+  std::int64_t dimensions{};
+  std::vector<std::vector<double>> embeddings{};
+  std::string model_id{};
+  std::vector<std::int64_t> tokens{};
+  EmbedUsage usage{};
+};
+void to_json(nlohmann::json& j, const EmbedResult& v);
+void from_json(const nlohmann::json& j, EmbedResult& v);
 
 struct ErrorObject {
   std::int64_t code{};
@@ -421,6 +454,7 @@ void from_json(const nlohmann::json& j, ParallelParams& v);
 struct LoadParams {
   std::optional<std::string> chat_template;
   std::optional<std::string> draft_model_id;
+  std::optional<bool> embedding;
   std::optional<std::int64_t> image_cache_bytes;
   std::optional<std::int64_t> kv_bits;
   std::optional<std::int64_t> kv_group_size;
@@ -465,6 +499,7 @@ void from_json(const nlohmann::json& j, ParallelStatus& v);
 struct LoadResult {
   std::optional<bool> already_loaded;  // default false
   std::optional<std::int64_t> context_length;
+  std::optional<std::int64_t> embedding_dimensions;
   std::vector<std::int64_t> eos_token_ids{};
   bool has_chat_template{};
   std::string kind{};
@@ -475,6 +510,7 @@ struct LoadResult {
   std::string model_id{};
   std::optional<ParallelStatus> parallel;
   std::string path{};
+  std::optional<std::string> pooling;
   std::optional<std::vector<std::string>> reasoning_markers;
   std::optional<std::string> tool_call_format;
   std::optional<bool> tool_grammar;  // default false
@@ -657,6 +693,11 @@ template <>
 struct Method<DetokenizeParams> {
   static constexpr const char* name = "detokenize";
   using Result = DetokenizeResult;
+};
+template <>
+struct Method<EmbedParams> {
+  static constexpr const char* name = "embed";
+  using Result = EmbedResult;
 };
 template <>
 struct Method<GenerateParams> {
