@@ -20,49 +20,70 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import trim_prompt_cache
 
-# After a draft of one is rejected outright, this many tokens are decoded
-# without a draft before one is tried again; the pause doubles while the
-# tries keep failing.
+# While drafting does not pay, this many tokens are decoded without a draft
+# before a draft of one is tried again; the pause doubles while the tries
+# keep failing.
 FIRST_PAUSE = 16
 MAX_PAUSE = 256
 CATCH_UP_STEP = 512  # tokens per call when the draft catches up
+# A verify pass over k + 1 tokens costs about 1 + VERIFY_COST * k target
+# steps (more rows through the same weights).
+VERIFY_COST = 0.05
+DECAY = 0.7  # weight of the previous rounds in the acceptance estimate
+MIN_GAIN = 1.03  # drafting must beat plain decoding by this much
 
 
 class DraftLength:
-    """How many tokens the next round drafts: up to ``max_n`` while the
-    target accepts them all; after a partial rejection one more than were
-    accepted; none (paused, then a probe of one) once single drafts fail."""
+    """How many tokens the next round drafts, from the acceptance seen so
+    far: each draft token is accepted with an estimated probability ``a``
+    (accepted / (accepted + rejections), older rounds decaying), so k drafts
+    emit (1 - a^(k+1)) / (1 - a) tokens per round at a cost of about
+    1 + ``cost`` * k target steps (``cost``: a draft step plus a verified
+    row, relative to a target step). The best k is drafted, up to ``max_n``;
+    when no k beats plain decoding, the next ``pause`` tokens are plain, then
+    a draft of one probes again."""
 
-    def __init__(self, max_n: int, adaptive: bool = True):
+    def __init__(self, max_n: int, adaptive: bool = True, cost: float = 0.1):
         self.max_n = max_n
         self.adaptive = adaptive
+        self.cost = max(cost, 1e-3)
+        self.accepted = 1.0  # optimistic start: the first round drafts the most
+        self.rejected = 0.0
         self.n = max_n
-        self.paused = 0  # plain steps left before the next probe
+        self.paused = 0  # plain steps to take before the next probe
         self.pause = FIRST_PAUSE
+        self.probing = False
 
     def next(self) -> int:
-        """Tokens to draft next; 0 after ``plain()`` said to pause."""
-        return 0 if self.paused > 0 else self.n
+        """Tokens to draft next (1 for a probe after a pause)."""
+        return 1 if self.probing else self.n
 
     def plain(self) -> int:
         """Plain steps to take now, in one run (then a probe)."""
         steps, self.paused = self.paused, 0
+        if steps:
+            self.probing = True
         return steps
+
+    def gain(self, k: int) -> float:
+        a = self.accepted / (self.accepted + self.rejected) if self.accepted + self.rejected else 1.0
+        emitted = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+        return emitted / (1 + self.cost * k)
 
     def update(self, proposed: int, accepted: int) -> None:
         if not self.adaptive or proposed == 0:
             return
-        if accepted == proposed:
-            self.n = min(self.max_n, self.n + 1)
+        self.accepted = self.accepted * DECAY + accepted
+        self.rejected = self.rejected * DECAY + (1 if accepted < proposed else 0)
+        best = max(range(1, self.max_n + 1), key=self.gain)
+        was_probe, self.probing = self.probing, False
+        if self.gain(best) >= MIN_GAIN:
+            self.n = best
             self.pause = FIRST_PAUSE
-        elif accepted > 0:
-            self.n = accepted + 1
-            self.pause = FIRST_PAUSE
-        elif self.n > 1:
-            self.n = 1
-        else:
-            self.paused = self.pause
+            return
+        if was_probe and accepted == 0:
             self.pause = min(MAX_PAUSE, self.pause * 2)
+        self.paused = self.pause
 
 
 class Rounds:

@@ -166,6 +166,12 @@ class Draft:
         return self.rounds.accepted if self.rounds is not None else 0
 
     @property
+    def step_cost(self) -> float:
+        """A draft step plus one more verified row, in target steps: the
+        models' weight bytes (what a decode step reads) in ratio."""
+        return self.lm.memory_bytes / max(self.target.memory_bytes, 1) + draft_rounds.VERIFY_COST
+
+    @property
     def lengths(self) -> list[int]:
         """Rounds per draft length (index 0: plain steps)."""
         return self.rounds.rounds if self.rounds is not None else [0] * (self.num + 1)
@@ -240,7 +246,7 @@ class SpeculativeGroup:
         last = gen.prompt.tokens[-1]
         return draft_rounds.Rounds(
             gen.lm.model, draft.lm.model, gen.cache, draft.n_target, last,
-            length=draft_rounds.DraftLength(draft.num, adaptive=gen.params.draft_adaptive),
+            length=draft_rounds.DraftLength(draft.num, adaptive=gen.params.draft_adaptive, cost=draft.step_cost),
             max_tokens=gen.max_tokens, start=len(gen.fed_back), sample=_KeyedSampler(gen),
             processors=processors or None,
         )
