@@ -30,10 +30,11 @@ def token_texts(lm) -> list[str]:
     """Every token id's own text (special tokens included), once per model."""
     texts = lm.extra.get("token_texts")
     if texts is None:
-        tok = lm.hf_tokenizer
-        n = max(lm.vocab_size, len(tok))
-        texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False)
+        try:
+            texts = lm.hf_tokenizer.batch_decode([[i] for i in range(lm.vocab_size)], skip_special_tokens=False,
+                                                 clean_up_tokenization_spaces=False)
+        except Exception:  # a tokenizer without batch_decode (a processor): one id at a time
+            texts = [lm.decode([i]) for i in range(lm.vocab_size)]
         lm.extra["token_texts"] = texts
     return texts
 

@@ -110,7 +110,11 @@ def _sampler(temp: float, top_p: float, min_p: float, top_k: int, xtc=None) -> S
 
 def xtc_protected(lm) -> list[int]:
     """Tokens XTC never removes: EOS and the newline, as mlx_lm.server has it."""
-    return sorted(set(lm.tokenizer.encode("\n", add_special_tokens=False)) | set(lm.eos_token_ids))
+    try:
+        newline = set(lm.hf_tokenizer.encode("\n", add_special_tokens=False))
+    except Exception:  # a tokenizer without that call: EOS alone
+        newline = set()
+    return sorted(t for t in newline | set(lm.eos_token_ids) if 0 <= t < lm.vocab_size)
 
 
 def _xtc(probability: float, threshold: float, protected: list[int]):
