@@ -89,6 +89,17 @@ def test_seeded_sampling_penalties_logprobs_equal_draftless(w):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
+def test_xtc_and_dry_equal_draftless(w):
+    """XTC's coin comes from the key of the position, DRY reads the context:
+    both the same with a draft as without."""
+    for extra in ({"temperature": 1.0, "seed": 5, "xtc_probability": 0.6, "xtc_threshold": 0.05},
+                  {"temperature": 0, "dry_multiplier": 1.5, "dry_allowed_length": 2},
+                  {"temperature": 0.8, "seed": 6, "dry_multiplier": 0.8, "xtc_probability": 0.5, "xtc_threshold": 0.02}):
+        plain, spec, _ = pair(w, max_tokens=40, ignore_eos=True, num_draft_tokens=4, **extra)
+        assert_same(plain, spec)
+        assert spec.usage.draft_tokens > 0
+
+
 @pytest.mark.parametrize("constraint", [
     {"type": "regex", "pattern": "[a-z ]{5,40}"},
     {"type": "json_schema", "schema": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
