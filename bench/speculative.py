@@ -3,6 +3,7 @@
 num_draft_tokens (1…8) and vs acceptance rate (plot).
 
     python bench/speculative.py [--tokens 128] [--rounds 5] [--draft-tokens 4] [--sweep-rounds 3]
+    python bench/speculative.py --by-acceptance [--rounds 3]   # plain vs fixed vs adaptive draft length
 
 The pair (fixtures/build.py): ``spec-target`` is ``spec-draft`` plus 14
 layers whose output projections are scaled by 1e-3 (high acceptance);
@@ -36,11 +37,22 @@ class Worker:
             self.client.load(str(ensure_model(name)), model_id=name)
         self.bias = bias
 
-    def decode(self, target: str, n: int, k: int | None) -> tuple[float, GenerateResult]:
+    def cpu(self) -> float:
+        """The worker's CPU seconds so far (Linux /proc; 0 elsewhere)."""
+        import os
+
+        try:
+            with open(f"/proc/{self.client.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return 0.0
+
+    def decode(self, target: str, n: int, k: int | None, adaptive: bool = True) -> tuple[float, GenerateResult]:
         params = dict(model_id=target, prompt=PROMPT, max_tokens=n, temperature=0, logit_bias=self.bias,
                       prompt_cache=False)
         if k:
-            params.update(draft_model_id="draft", num_draft_tokens=k)
+            params.update(draft_model_id="draft", num_draft_tokens=k, draft_adaptive=adaptive)
         first = last = None
         after_first = 0
         stream = self.client.generate(**params)
@@ -118,14 +130,64 @@ def plot(sweep: dict, accept: list, path) -> None:
     img.save(path)
 
 
+def by_acceptance(n: int, k: int, rounds: int) -> None:
+    """Per target pair: plain, fixed draft length, adaptive draft length, each
+    round's three runs back to back; medians of the rounds' ratios."""
+    from mlx_lm import load
+
+    _, tok = load(str(ensure_model("spec-target")))
+    worker = Worker({str(t): -1e9 for t in tok.eos_token_ids})
+    rows = []
+    try:
+        for name in TARGETS:
+            fixed, adaptive, cpu_fixed, cpu_adaptive, identical = [], [], [], [], True
+            for _ in range(rounds):
+                # plain, fixed, adaptive, adaptive, fixed, plain: order effects cancel
+                runs: dict = {"plain": [], "fixed": [], "adaptive": []}
+                for mode in ("plain", "fixed", "adaptive", "adaptive", "fixed", "plain"):
+                    c0 = worker.cpu()
+                    tps, out = worker.decode(name, n, None if mode == "plain" else k, adaptive=mode == "adaptive")
+                    runs[mode].append((tps, worker.cpu() - c0, out))
+                a, f, b = (runs[m][0][2] for m in ("plain", "fixed", "adaptive"))
+                identical &= a.tokens == f.tokens == b.tokens
+                tps = {m: sum(r[0] for r in v) for m, v in runs.items()}
+                cpu = {m: sum(r[1] for r in v) for m, v in runs.items()}
+                fixed.append(tps["fixed"] / tps["plain"])
+                adaptive.append(tps["adaptive"] / tps["plain"])
+                cpu_fixed.append(cpu["plain"] / max(cpu["fixed"], 1e-9))
+                cpu_adaptive.append(cpu["plain"] / max(cpu["adaptive"], 1e-9))
+            rate = f.usage.accepted_draft_tokens / max(f.usage.draft_tokens, 1)
+            rows.append((name, rate, median(fixed), median(adaptive), b.usage.draft_rounds, identical,
+                         median(cpu_fixed), median(cpu_adaptive)))
+    finally:
+        worker.client.close()
+    print(f"greedy, {n} tokens, num_draft_tokens {k} (adaptive: at most {k}), median of {rounds} rounds "
+          f"(plain, fixed, adaptive, adaptive, fixed, plain)\n")
+    print("| target | acceptance (fixed) | fixed ÷ plain | adaptive ÷ plain | by worker CPU time: fixed, adaptive "
+          "| adaptive rounds per draft length 0…k | output identical |\n|---|---:|---:|---:|---:|---|---|")
+    for name, rate, fx, ad, lengths, same, cf, ca in rows:
+        print(f"| {name} | {rate:.2f} | {fx:.2f} | {ad:.2f} | {cf:.2f}, {ca:.2f} | {lengths} | {same} |")
+    print("\n(÷ plain: decode tok/s ratios, wall clock; by worker CPU time: plain's CPU seconds ÷ the mode's, "
+          "for the same tokens — steadier on a shared machine)")
+    report("speculative_adaptive", {"tokens": n, "num_draft_tokens": k, "rows": [
+        {"target": r[0], "acceptance": r[1], "fixed": r[2], "adaptive": r[3], "draft_rounds": r[4], "identical": r[5],
+         "cpu_fixed": r[6], "cpu_adaptive": r[7]} for r in rows]})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--sweep-rounds", type=int, default=3)
+    p.add_argument("--by-acceptance", action="store_true",
+                   help="only the per-pair table: plain vs fixed vs adaptive draft length")
     args = p.parse_args()
     n, k = args.tokens, args.draft_tokens
+    if args.by_acceptance:
+        bind_blas_like_the_worker()
+        by_acceptance(n, k, args.rounds)
+        return
     blas = bind_blas_like_the_worker()
     from mlx_lm import load
 

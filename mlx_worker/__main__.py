@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import import_cache
+
+    import_cache.install()  # transformers' import table from disk (import_cache.py)
     parent = os.getppid()
     stop = [lambda why: os._exit(0)]  # until the worker exists to stop cleanly
     _die_with_parent(parent, lambda: stop[0]("parent process died"))

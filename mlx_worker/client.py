@@ -237,6 +237,11 @@ class WorkerClient:
         rid, inbox = self.start("generate", params)
         return GenerateStream(self, rid, inbox, timeout)
 
+    def embed(self, input: Any, **params: Any) -> protocol.EmbedResult:
+        """Vectors for a string, strings or token ids (``model_id``,
+        ``normalize``, ``dimensions``, ``truncate`` as keywords)."""
+        return msgspec.convert(self.call("embed", {"input": input, **params}), protocol.EmbedResult)
+
     def cancel(self, rid: Any) -> bool:
         return self.call("cancel", {"id": rid})["cancelled"]
 

@@ -96,7 +96,7 @@ class Generation:
         self.max_tokens = _clamp_to_context(lm, self.n_prompt, params.max_tokens)
         self.step_size = params.prefill_step_size or lm.prefill_step_size
         self._check_cancel()
-        self.sample_fn, self.processors = sampling.make(params)
+        self.sample_fn, self.processors = sampling.make(params, lm)
         self.constraint = _compile_constraint(lm, params)
         if self.constraint is not None:
             self.processors = self.processors + [self.constraint.processor()]
@@ -313,6 +313,7 @@ class Generation:
                                completion_tokens=len(self.generated))
         if self.draft is not None:
             usage.draft_tokens, usage.accepted_draft_tokens = self.draft.proposed, self.draft.accepted
+            usage.draft_rounds = list(self.draft.lengths)
         return protocol.GenerateResult(
             text="".join(self.text_parts),
             tokens=self.generated,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import cache_files, errors, generation, protocol, speculative
+from . import cache_files, embeddings, errors, generation, protocol, speculative
 from .errors import WorkerError
 from .jobs import Job, JobTable
 from .loading import LoadCancelled, LoadProgress
@@ -105,6 +105,9 @@ class Handlers:
     def _generate(self, job: Job) -> None:
         try:
             lm = self._model(job.params.model_id)
+            if lm.kind == "embedding":
+                raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is loaded as an embedding "
+                                            "model: it takes `embed`, not `generate`")
         except WorkerError as exc:
             self.table.finish_generate(job, exc)
             return
@@ -154,6 +157,26 @@ class Handlers:
             raise
         return result
 
+    def embed(self, job: Job) -> protocol.EmbedResult:
+        lm = self._model(job.params.model_id)
+        if lm.kind != "embedding":
+            raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is loaded for generation, not "
+                                        "embeddings (load an embedding model, or this folder with embedding: true)")
+        outstanding = sum(g.need for g in self.scheduler.running())
+        result = embeddings.embed(lm, job.params, job.should_stop, between=self._decode_step, outstanding=outstanding)
+        if self.table.close_cancel(job):  # a cancel answered true after the last batch still wins
+            raise WorkerError(errors.CANCELLED, "the embed was cancelled")
+        return result
+
+    def _decode_step(self) -> None:
+        """Between an embed's batches: the running generations go on."""
+        if self.scheduler.busy():
+            try:
+                self.scheduler.step()
+            except BaseException as exc:
+                log.exception("the scheduler failed; ending the requests it held")
+                self.scheduler.fail_all(exc)
+
     def unload(self, job: Job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)
 
@@ -185,5 +208,7 @@ class Handlers:
 
 
 def _no_cache_files(lm) -> None:
+    if lm.kind == "embedding":
+        raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is an embedding model: it has no KV cache")
     if "parallel" in lm.extra:
         raise errors.invalid_params("params.model_id", "prompt cache files are not supported for distributed models")

@@ -28,7 +28,7 @@ log = logging.getLogger("mlx_worker.jobs")
 # Methods `cancel` applies to. A long phase of any job polls
 # ``job.should_stop`` (set by cancel and at shutdown); adding a method here
 # (a cancellable `load`, say) is all the table needs.
-CANCELLABLE = {"generate", "load"}  # a generate ends "cancelled", a load with -32012
+CANCELLABLE = {"generate", "load", "embed"}  # a generate ends "cancelled", a load or an embed with -32012
 
 
 @dataclass(eq=False)  # a job is itself: `in queue` compares identity
@@ -189,8 +189,8 @@ class JobTable:
         job.cancel.set()
         if job.method == "generate":
             self.finish(job, protocol.cancelled_result(job.params))
-        elif job.method == "load" and not shutting_down:
-            self.fail(job, errors.CANCELLED, "the load was cancelled before it started")
+        elif job.method in ("load", "embed") and not shutting_down:
+            self.fail(job, errors.CANCELLED, f"the {job.method} was cancelled before it started")
         else:
             self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down")
 

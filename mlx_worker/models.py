@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import errors, files, protocol, prompt_cache, speculative
+from . import embeddings, errors, files, protocol, prompt_cache, speculative
 from . import memory as memory_budget
 from .errors import WorkerError
 from .kv_quant import from_load as kv_quant_of_load
@@ -102,6 +102,7 @@ class ModelRegistry:
             draft = speculative.find(self.get, params.draft_model_id, "params.draft_model_id")
         config = read_config(path)
         check_folder(path, config, params.trust_remote_code)
+        as_embedding = _embedding_load(path, config, params)
         kv_quant = kv_quant_of_load(params, config)
         if params.parallel is not None:
             _check_parallel(path, params, config)
@@ -117,6 +118,8 @@ class ModelRegistry:
                 from .distributed import load as distributed  # late: only distributed loads start ranks
 
                 loaded = distributed.load(path, config, params, model_id)
+            elif as_embedding:
+                loaded = embeddings.load(path, config, params, progress)
             elif "vision_config" in config:
                 loaded = load_vision_model(path, config, params, progress, kv_quant is not None)
             else:
@@ -159,7 +162,7 @@ class ModelRegistry:
                 failure.__traceback__ = failure.__context__ = failure.__cause__ = None
                 _release()
                 raise failure
-        loaded.prompt_cache = prompt_cache.create_store(loaded, params)
+        loaded.prompt_cache = prompt_cache.create_store(loaded, params) if loaded.kind != "embedding" else None
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
         log.info("loaded %s (%s) in %.0f ms", model_id, loaded.kind, elapsed)
@@ -195,6 +198,25 @@ def _release_shards(loaded: Optional[LoadedModel]) -> None:
             distributed.release(loaded)
         except Exception:  # the refusal goes out regardless
             log.exception("could not release a refused load's shards")
+
+
+def _embedding_load(path: Path, config: dict, params: protocol.LoadParams) -> bool:
+    """Whether the folder loads as an embedding model (``load {embedding}``,
+    else detected); the options that only generation uses are refused."""
+    detected = embeddings.is_embedding_folder(path, config)
+    wanted = detected if params.embedding is None else params.embedding
+    if not wanted:
+        if str(config.get("model_type", "")).lower() in embeddings.ENCODERS:
+            raise errors.invalid_params("params.embedding", f"{path} is an encoder ({config.get('model_type')}): "
+                                        "it can only be loaded as an embedding model")
+        return False
+    if "vision_config" in config:
+        raise errors.invalid_params("params.embedding", "vision embedding models are not supported")
+    for name in ("draft_model_id", "num_draft_tokens", "kv_bits", "max_kv_size", "parallel"):
+        if getattr(params, name) is not None:
+            raise errors.invalid_params(f"params.{name}", f"{name} is for generation; this folder loads as an "
+                                        "embedding model (pass embedding: false to load it for generation)")
+    return True
 
 
 def _check_parallel(path: Path, params: protocol.LoadParams, config: dict) -> None:
@@ -290,8 +312,10 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
         parallel=m.extra.get("parallel"),
+        embedding_dimensions=m.extra.get("dimensions"),
+        pooling=m.extra.get("pooling"),
         **kv_fields(m),
-        **_channel_info(m.tokenizer),
+        **(_channel_info(m.tokenizer) if m.kind != "embedding" else {}),
     )
 
 

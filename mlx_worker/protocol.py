@@ -36,6 +36,8 @@ TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]  # < vocab_size is checked pe
 TokenIdKey = Annotated[str, Meta(pattern="^[0-9]{1,10}$")]
 StopString = Annotated[str, Meta(min_length=1)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
+DryBreaker = Annotated[str, Meta(min_length=1, max_length=40)]  # llama.cpp cuts breakers at 40 characters
 
 
 class Params(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -241,11 +243,17 @@ class LoadParams(Params):
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
     parallel: Union[ParallelParams, None] = None
+    # An embedding model (for `embed`, never `generate`): None detects it from
+    # the folder (sentence-transformers files, an encoder architecture).
+    embedding: Union[bool, None] = None
+
+
+ModelKind = Literal["text", "vision", "embedding"]
 
 
 class LoadResult(Out):
     model_id: str
-    kind: Literal["text", "vision"]
+    kind: ModelKind
     context_length: Union[int, None]
     vocab_size: int
     path: str
@@ -262,6 +270,9 @@ class LoadResult(Out):
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
     parallel: Union[ParallelStatus, None] = None  # a distributed load's ranks
+    # Embedding models: the vector size and how hidden states are pooled.
+    embedding_dimensions: Union[int, None] = None
+    pooling: Union[Literal["last_token", "mean", "cls", "max"], None] = None
 
 
 LoadPhase = Literal["checks", "tokenizer", "weights", "vision_tower"]
@@ -382,6 +393,22 @@ class GenerateParams(PromptParams):
     # load's defaults; num_draft_tokens 0 turns a load's default draft off.
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
+    # false: draft num_draft_tokens every round; true: num_draft_tokens is the
+    # most, the draft length follows the acceptance (protocol/README.md).
+    draft_adaptive: bool = True
+    # XTC and DRY, with llama.cpp's semantics and defaults (protocol/README.md,
+    # "XTC and DRY"). XTC: with probability xtc_probability per token, every
+    # token at or above xtc_threshold except the least likely of them is
+    # removed (above 0.5 at most one token can reach it: off). DRY: off while
+    # dry_multiplier is 0; dry_penalty_last_n -1 is the model's context.
+    xtc_probability: Probability = 0.0
+    xtc_threshold: Annotated[float, Meta(ge=0.0, le=0.5)] = 0.1
+    dry_multiplier: Annotated[float, Meta(ge=0.0, le=1e4)] = 0.0
+    dry_base: Annotated[float, Meta(ge=1.0, le=1e4)] = 1.75
+    dry_allowed_length: Annotated[int, Meta(ge=1, le=INT32_MAX)] = 2
+    dry_penalty_last_n: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
+    dry_sequence_breakers: Annotated[list[DryBreaker], Meta(max_length=64)] = msgspec.field(
+        default_factory=lambda: list(DRY_BREAKERS))
 
 
 class TopLogprob(Out):
@@ -421,6 +448,8 @@ class Usage(Out):
     # With a draft model: tokens it proposed, and how many of them the target accepted.
     draft_tokens: Union[int, UnsetType] = UNSET
     accepted_draft_tokens: Union[int, UnsetType] = UNSET
+    # With a draft: rounds per draft length (index = tokens drafted; 0: plain decode steps).
+    draft_rounds: Union[list[int], UnsetType] = UNSET
 
 
 class Timings(Out):
@@ -487,6 +516,32 @@ class CacheLoadResult(Out):
     bytes: int  # in memory, counted against the store's budget
 
 
+# -------------------------------------------------------------------- embed
+
+
+class EmbedParams(Params):
+    """Vectors for one input or many: strings, or token ids (one list of
+    ids, or a list of them)."""
+
+    input: Union[str, list[Union[str, TokenId, list[TokenId]]]]
+    model_id: Union[str, None] = None
+    normalize: bool = True  # unit length (L2)
+    dimensions: Union[Annotated[int, Meta(ge=1, le=INT32_MAX)], None] = None  # the leading ones (Matryoshka)
+    truncate: bool = False  # cut an input longer than the model's context instead of refusing it
+
+
+class EmbedUsage(Out):
+    prompt_tokens: int
+
+
+class EmbedResult(Out):
+    model_id: str
+    embeddings: list[list[float]]  # one per input, in input order
+    tokens: list[int]  # each input's token count
+    dimensions: int
+    usage: EmbedUsage
+
+
 # ----------------------------------------------------------- cancel, status
 
 
@@ -515,7 +570,7 @@ class PromptCacheStatus(Out):
 
 class ModelStatus(Out):
     model_id: str
-    kind: Literal["text", "vision"]
+    kind: ModelKind
     path: str
     context_length: Union[int, None]
     vocab_size: int
@@ -603,6 +658,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "generate": (GenerateParams, GenerateResult),
     "cache_save": (CacheSaveParams, CacheSaveResult),
     "cache_load": (CacheLoadParams, CacheLoadResult),
+    "embed": (EmbedParams, EmbedResult),
     "cancel": (CancelParams, CancelResult),
     "status": (StatusParams, StatusResult),
     "shutdown": (ShutdownParams, ShutdownResult),

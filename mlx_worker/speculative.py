@@ -1,20 +1,21 @@
 """Speculative decoding: a draft model proposes tokens, the target verifies them.
 
-mlx-lm's ``speculative_generate_step`` is the engine; this module fits it
-into the worker's request lifecycle:
+The rounds (draft, verify, rewind) are mlx-lm's ``speculative_generate_step``
+with a draft length that follows the acceptance (draft_rounds.py); this
+module fits them into the worker's request lifecycle:
 
 - Prefill: the worker's own chunk loop runs both models (``Draft.prefill``)
   so progress events and cancel between chunks work as without a draft;
   the engine starts from the prompt's last token.
 - Cache: one list, target layers then draft layers (mlx-lm's layout), leased
   from a prompt-cache store of the (target, draft) pair. At the end both
-  halves are cut to the same length: the tokens actually emitted (a stop on
-  the bonus token of a fully accepted round leaves the draft one short).
+  halves are cut to the same length: the tokens actually emitted (the draft
+  first reads what it skipped while the rounds drafted nothing).
 - Sampling: the target's token at output position p is drawn with the key a
   draftless run uses at p (the request's key chain), its processors see the
   same context; mlx-lm emits the target's token at every position, so the
   output equals the draftless run's (up to the rounding of verifying several
-  positions in one forward pass). The draft samples position p with the same
+  positions in one forward pass), whatever the draft length. The draft samples position p with the same
   key, which keeps acceptance high under sampling too.
 - Constraints: the processor is applied to draft and verify logits; the
   matcher follows the ``tokens`` each call shows (rolled back to them), so a
@@ -32,10 +33,9 @@ import weakref
 from typing import Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream, speculative_generate_step
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
-from . import errors, prompt_cache, sampling
+from . import draft_rounds, errors, prompt_cache, sampling
 from .errors import WorkerError
 from .loaded import LoadedModel
 
@@ -155,8 +155,26 @@ class Draft:
         self.lm = draft
         self.num = num
         self.n_target = len(lm.model.layers)
-        self.proposed = 0
-        self.accepted = 0
+        self.rounds: Optional[draft_rounds.Rounds] = None  # set when decoding starts
+
+    @property
+    def proposed(self) -> int:
+        return self.rounds.proposed if self.rounds is not None else 0
+
+    @property
+    def accepted(self) -> int:
+        return self.rounds.accepted if self.rounds is not None else 0
+
+    @property
+    def step_cost(self) -> float:
+        """A draft step plus one more verified row, in target steps: the
+        models' weight bytes (what a decode step reads) in ratio."""
+        return self.lm.memory_bytes / max(self.target.memory_bytes, 1) + draft_rounds.VERIFY_COST
+
+    @property
+    def lengths(self) -> list[int]:
+        """Rounds per draft length (index 0: plain steps)."""
+        return self.rounds.rounds if self.rounds is not None else [0] * (self.num + 1)
 
     @classmethod
     def for_request(cls, lm: LoadedModel, draft: LoadedModel, num: int, params, tool_processor) -> "Draft":
@@ -184,30 +202,13 @@ class Draft:
         return SpeculativeGroup(gen, self)
 
 
-class _Phase:
-    """A model as mlx-lm's engine calls it, telling the sampler whose turn it is."""
-
-    def __init__(self, model, on_call: Callable[[], None]):
-        self.model = model
-        self.layers = model.layers
-        self.on_call = on_call
-
-    def __call__(self, *args, **kwargs):
-        self.on_call()
-        return self.model(*args, **kwargs)
-
-
 class _KeyedSampler:
-    """mlx-lm's sampler(logprobs) with the request's own keys: output
-    position p gets the key a draftless run uses at p."""
+    """The request's sampler with its own keys: output position p gets the
+    key a draftless run uses at p."""
 
     def __init__(self, gen):
         self.gen = gen
         self.keys: list[mx.array] = []
-        self.rows = 0  # positions sampled since the round's start or its verify call
-
-    def model_called(self) -> None:
-        self.rows = 0
 
     def _key(self, p: int) -> mx.array:
         gen = self.gen
@@ -216,14 +217,11 @@ class _KeyedSampler:
             self.keys.append(sub)
         return self.keys[p]
 
-    def __call__(self, logprobs: mx.array) -> mx.array:
+    def __call__(self, logprobs: mx.array, position: int) -> mx.array:
         gen = self.gen
-        base = len(gen.fed_back) + self.rows
-        n = logprobs.shape[0]
-        self.rows += n
         if gen.key is None and not self.keys:
             return gen.sample_fn(logprobs, None)
-        return mx.concatenate([gen.sample_fn(logprobs[i : i + 1], self._key(base + i)) for i in range(n)])
+        return gen.sample_fn(logprobs, self._key(position))
 
 
 class SpeculativeGroup:
@@ -236,26 +234,21 @@ class SpeculativeGroup:
         self.gen = gen
         self.draft = draft
         self.rows = [gen]
+        self._rounds: Optional[draft_rounds.Rounds] = None
         self._it = None
-        self._round_start = True
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _engine(self):
+    def _engine(self) -> draft_rounds.Rounds:
         gen, draft = self.gen, self.draft
-        sampler = _KeyedSampler(gen)
-        # Draft positions run on across a round's draft steps; the verify
-        # call starts again at the round's first position.
-        target = _Phase(gen.lm.model, sampler.model_called)
-        drafter = draft.lm.model
-        self._sampler = sampler
         processors = sampling.with_prefix(gen.processors, gen.prompt.tokens[gen.cached : -1])
-        last, _ = gen.last_input()
-        return speculative_generate_step(
-            last, target, drafter, generation_stream,
-            num_draft_tokens=draft.num, max_tokens=gen.max_tokens, sampler=sampler,
-            logits_processors=processors or None, prompt_cache=gen.cache,
+        last = gen.prompt.tokens[-1]
+        return draft_rounds.Rounds(
+            gen.lm.model, draft.lm.model, gen.cache, draft.n_target, last,
+            length=draft_rounds.DraftLength(draft.num, adaptive=gen.params.draft_adaptive, cost=draft.step_cost),
+            max_tokens=gen.max_tokens, start=len(gen.fed_back), sample=_KeyedSampler(gen),
+            processors=processors or None,
         )
 
     def step(self) -> list:
@@ -265,20 +258,14 @@ class SpeculativeGroup:
                 reason = gen.accept(0, None)  # the prompt's last token: fed by the first round
                 if reason is not None:
                     return self._end(reason)
-                self._it = self._engine()
+                self._rounds = self._engine()
+                draft.rounds = self._rounds
+                self._it = self._rounds.tokens()
             while True:
-                if self._round_start:
-                    draft.proposed += min(gen.max_tokens - len(gen.fed_back), draft.num)
-                    self._sampler.rows = 0
-                    self._round_start = False
                 try:
                     token, logprobs, from_draft = next(self._it)
                 except StopIteration:
                     return self._end("max_tokens")
-                if from_draft:
-                    draft.accepted += 1
-                else:
-                    self._round_start = True
                 reason = gen.accept(int(token), logprobs if gen.want_logprobs else None)
                 if reason is not None:
                     return self._end(reason)
@@ -291,21 +278,24 @@ class SpeculativeGroup:
 
     def _close(self) -> None:
         if self._it is not None:
-            self._it.close()  # the engine's own rewind runs
+            self._it.close()
             self._it = None
 
     def _end(self, reason: str) -> list:
         """Both halves of the cache cut to the tokens emitted (all but the
-        last sampled one, as a draftless run leaves it), never past what
-        either holds correctly."""
+        last sampled one, as a draftless run leaves it): when the cache is
+        kept, the draft first reads what it skipped while not drafting."""
         gen, n = self.gen, self.draft.n_target
         cache = gen.cache
-        halves = (cache[:n], cache[n:])
-        before = [prompt_cache.cache_offset(h) for h in halves]
         self._close()
-        after = [prompt_cache.cache_offset(h) for h in halves]
-        keep = min([gen.n_prompt - 1 + len(gen.fed_back)] + before + after)
-        for half, off in zip(halves, after):
+        keep = gen.n_prompt - 1 + len(gen.fed_back)
+        if self._rounds is not None and gen.lease is not None:  # only a cache that is kept needs the draft's half
+            self._rounds.catch_up()
+        halves = (cache[:n], cache[n:])
+        offsets = [prompt_cache.cache_offset(h) for h in halves]
+        if gen.lease is not None:
+            keep = min([keep] + offsets)
+        for half, off in zip(halves, offsets):
             if off > keep:
                 trim_prompt_cache(half, off - keep)
         mx.eval([c.state for c in cache])

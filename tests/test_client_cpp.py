@@ -79,7 +79,8 @@ def test_generated_types_are_current():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cpp_client(variant, tiny_model, tools_model):
     build_dir = build(variant, "mlx_worker_tests")
-    env = dict(os.environ, MLX_WORKER_TEST_MODEL=tiny_model, MLX_WORKER_TOOLS_MODEL=tools_model)
+    env = dict(os.environ, MLX_WORKER_TEST_MODEL=tiny_model, MLX_WORKER_TOOLS_MODEL=tools_model,
+               MLX_WORKER_EMBED_MODEL=str(ensure_model("tiny-bert-embed")))
     proc = run(["ctest", "--test-dir", str(build_dir), "--output-on-failure"], env=env)
     assert proc.returncode == 0, proc.stdout[-12000:]
 

@@ -57,7 +57,8 @@ def test_typescript_client(tiny_model):
     _, npm = _tools()
     _ensure_installed(npm)
     env = dict(os.environ, MLX_WORKER_PYTHON=sys.executable, MLX_WORKER_TINY_MODEL=tiny_model,
-               MLX_WORKER_TOOLS_MODEL=str(ensure_model("tiny-qwen3-tools")))
+               MLX_WORKER_TOOLS_MODEL=str(ensure_model("tiny-qwen3-tools")),
+               MLX_WORKER_EMBED_MODEL=str(ensure_model("tiny-bert-embed")))
     run = subprocess.run([npm, "test"], cwd=CLIENT, env=env, capture_output=True, text=True, timeout=280)
     output = run.stdout + run.stderr
     counts = {k: int(v) for k, v in re.findall(r"^# (pass|fail) (\d+)$", output, re.M)}

@@ -89,6 +89,17 @@ def test_seeded_sampling_penalties_logprobs_equal_draftless(w):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
+def test_xtc_and_dry_equal_draftless(w):
+    """XTC's coin comes from the key of the position, DRY reads the context:
+    both the same with a draft as without."""
+    for extra in ({"temperature": 1.0, "seed": 5, "xtc_probability": 0.6, "xtc_threshold": 0.05},
+                  {"temperature": 0, "dry_multiplier": 1.5, "dry_allowed_length": 2},
+                  {"temperature": 0.8, "seed": 6, "dry_multiplier": 0.8, "xtc_probability": 0.5, "xtc_threshold": 0.02}):
+        plain, spec, _ = pair(w, max_tokens=40, ignore_eos=True, num_draft_tokens=4, **extra)
+        assert_same(plain, spec)
+        assert spec.usage.draft_tokens > 0
+
+
 @pytest.mark.parametrize("constraint", [
     {"type": "regex", "pattern": "[a-z ]{5,40}"},
     {"type": "json_schema", "schema": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -301,3 +312,31 @@ def test_quantized_kv_cache_with_a_draft(w):
     finally:
         w.unload("target-q8")
         w.unload("draft-q4")
+
+
+@pytest.mark.heavy
+def test_draft_length_follows_the_acceptance(w):
+    """A draft that is rarely right is soon paused (plain steps, with rare
+    probes); one that is always right keeps drafting the most. Output equals
+    the draftless run's either way, cached and not, greedy and seeded."""
+    w.load(str(ensure_model("spec-target-far")), model_id="far")
+    try:
+        for extra in ({}, {"temperature": 1.0, "seed": 3, "prompt_cache": True}):
+            base = dict(max_tokens=80, ignore_eos=True, num_draft_tokens=4, **extra)
+            plain, far, _ = pair(w, model_id="far", **base)
+            assert_same(plain, far)
+            u = far.usage
+            assert len(u.draft_rounds) == 5
+            assert u.draft_rounds[0] >= 50, u  # mostly plain steps
+            assert sum(k * r for k, r in enumerate(u.draft_rounds)) == u.draft_tokens
+            assert u.draft_tokens <= 15 and u.accepted_draft_tokens <= u.draft_tokens
+            fixed, _ = run(w, model_id="far", draft_model_id="draft", draft_adaptive=False, **base)
+            assert_same(plain, fixed)
+            assert fixed.usage.draft_rounds[0] <= 1  # fixed: a full draft every round (but a last single token)
+            assert fixed.usage.draft_tokens > 4 * 40
+            # On the close pair every round drafts the most.
+            plain, near, _ = pair(w, **base)
+            assert_same(plain, near)
+            assert near.usage.draft_rounds[4] >= 12 and near.usage.draft_rounds[0] <= 1, near.usage
+    finally:
+        w.unload("far")

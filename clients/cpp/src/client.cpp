@@ -203,6 +203,8 @@ Pending<CancelResult> Client::cancel_async(std::int64_t id) {
 
 StatusResult Client::status() { return call(StatusParams{}); }
 
+EmbedResult Client::embed(const EmbedParams& params) { return call(params); }
+
 void Client::close_input() {
   std::lock_guard<std::mutex> write_lock(write_mutex_);
   if (!input_closed_) transport_->close_input();

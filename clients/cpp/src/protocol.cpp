@@ -261,6 +261,50 @@ void from_json(const nlohmann::json& j, DetokenizeResult& v) {
   j.at("text").get_to(v.text);
 }
 
+void to_json(nlohmann::json& j, const EmbedParams& v) {
+  j = nlohmann::json::object();
+  if (v.dimensions) j["dimensions"] = *v.dimensions;
+  j["input"] = v.input;
+  if (v.model_id) j["model_id"] = *v.model_id;
+  if (v.normalize) j["normalize"] = *v.normalize;
+  if (v.truncate) j["truncate"] = *v.truncate;
+}
+void from_json(const nlohmann::json& j, EmbedParams& v) {
+  if (auto it = j.find("dimensions"); it != j.end() && !it->is_null()) v.dimensions = it->get<std::int64_t>();
+  else v.dimensions.reset();
+  j.at("input").get_to(v.input);
+  if (auto it = j.find("model_id"); it != j.end() && !it->is_null()) v.model_id = it->get<std::string>();
+  else v.model_id.reset();
+  if (auto it = j.find("normalize"); it != j.end() && !it->is_null()) v.normalize = it->get<bool>();
+  else v.normalize.reset();
+  if (auto it = j.find("truncate"); it != j.end() && !it->is_null()) v.truncate = it->get<bool>();
+  else v.truncate.reset();
+}
+
+void to_json(nlohmann::json& j, const EmbedUsage& v) {
+  j = nlohmann::json::object();
+  j["prompt_tokens"] = v.prompt_tokens;
+}
+void from_json(const nlohmann::json& j, EmbedUsage& v) {
+  j.at("prompt_tokens").get_to(v.prompt_tokens);
+}
+
+void to_json(nlohmann::json& j, const EmbedResult& v) {
+  j = nlohmann::json::object();
+  j["dimensions"] = v.dimensions;
+  j["embeddings"] = v.embeddings;
+  j["model_id"] = v.model_id;
+  j["tokens"] = v.tokens;
+  j["usage"] = v.usage;
+}
+void from_json(const nlohmann::json& j, EmbedResult& v) {
+  j.at("dimensions").get_to(v.dimensions);
+  j.at("embeddings").get_to(v.embeddings);
+  j.at("model_id").get_to(v.model_id);
+  j.at("tokens").get_to(v.tokens);
+  j.at("usage").get_to(v.usage);
+}
+
 void to_json(nlohmann::json& j, const ErrorObject& v) {
   j = nlohmann::json::object();
   j["code"] = v.code;
@@ -342,7 +386,13 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.add_special_tokens) j["add_special_tokens"] = *v.add_special_tokens;
   if (v.chat_template_kwargs) j["chat_template_kwargs"] = *v.chat_template_kwargs;
   if (v.constraint) j["constraint"] = *v.constraint;
+  if (v.draft_adaptive) j["draft_adaptive"] = *v.draft_adaptive;
   if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
+  if (v.dry_allowed_length) j["dry_allowed_length"] = *v.dry_allowed_length;
+  if (v.dry_base) j["dry_base"] = *v.dry_base;
+  if (v.dry_multiplier) j["dry_multiplier"] = *v.dry_multiplier;
+  if (v.dry_penalty_last_n) j["dry_penalty_last_n"] = *v.dry_penalty_last_n;
+  if (v.dry_sequence_breakers) j["dry_sequence_breakers"] = *v.dry_sequence_breakers;
   if (v.frequency_penalty) j["frequency_penalty"] = *v.frequency_penalty;
   if (v.ignore_eos) j["ignore_eos"] = *v.ignore_eos;
   if (v.logit_bias) j["logit_bias"] = *v.logit_bias;
@@ -368,6 +418,8 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.top_k) j["top_k"] = *v.top_k;
   if (v.top_logprobs) j["top_logprobs"] = *v.top_logprobs;
   if (v.top_p) j["top_p"] = *v.top_p;
+  if (v.xtc_probability) j["xtc_probability"] = *v.xtc_probability;
+  if (v.xtc_threshold) j["xtc_threshold"] = *v.xtc_threshold;
 }
 void from_json(const nlohmann::json& j, GenerateParams& v) {
   if (auto it = j.find("add_generation_prompt"); it != j.end() && !it->is_null()) v.add_generation_prompt = it->get<bool>();
@@ -378,8 +430,20 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.chat_template_kwargs.reset();
   if (auto it = j.find("constraint"); it != j.end() && !it->is_null()) v.constraint = it->get<GenerateParamsConstraint>();
   else v.constraint.reset();
+  if (auto it = j.find("draft_adaptive"); it != j.end() && !it->is_null()) v.draft_adaptive = it->get<bool>();
+  else v.draft_adaptive.reset();
   if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
   else v.draft_model_id.reset();
+  if (auto it = j.find("dry_allowed_length"); it != j.end() && !it->is_null()) v.dry_allowed_length = it->get<std::int64_t>();
+  else v.dry_allowed_length.reset();
+  if (auto it = j.find("dry_base"); it != j.end() && !it->is_null()) v.dry_base = it->get<double>();
+  else v.dry_base.reset();
+  if (auto it = j.find("dry_multiplier"); it != j.end() && !it->is_null()) v.dry_multiplier = it->get<double>();
+  else v.dry_multiplier.reset();
+  if (auto it = j.find("dry_penalty_last_n"); it != j.end() && !it->is_null()) v.dry_penalty_last_n = it->get<std::int64_t>();
+  else v.dry_penalty_last_n.reset();
+  if (auto it = j.find("dry_sequence_breakers"); it != j.end() && !it->is_null()) v.dry_sequence_breakers = it->get<std::vector<std::string>>();
+  else v.dry_sequence_breakers.reset();
   if (auto it = j.find("frequency_penalty"); it != j.end() && !it->is_null()) v.frequency_penalty = it->get<double>();
   else v.frequency_penalty.reset();
   if (auto it = j.find("ignore_eos"); it != j.end() && !it->is_null()) v.ignore_eos = it->get<bool>();
@@ -430,6 +494,10 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.top_logprobs.reset();
   if (auto it = j.find("top_p"); it != j.end() && !it->is_null()) v.top_p = it->get<double>();
   else v.top_p.reset();
+  if (auto it = j.find("xtc_probability"); it != j.end() && !it->is_null()) v.xtc_probability = it->get<double>();
+  else v.xtc_probability.reset();
+  if (auto it = j.find("xtc_threshold"); it != j.end() && !it->is_null()) v.xtc_threshold = it->get<double>();
+  else v.xtc_threshold.reset();
 }
 
 void to_json(nlohmann::json& j, const InvalidToolCall& v) {
@@ -481,6 +549,7 @@ void to_json(nlohmann::json& j, const Usage& v) {
   if (v.accepted_draft_tokens) j["accepted_draft_tokens"] = *v.accepted_draft_tokens;
   j["cached_tokens"] = v.cached_tokens;
   j["completion_tokens"] = v.completion_tokens;
+  if (v.draft_rounds) j["draft_rounds"] = *v.draft_rounds;
   if (v.draft_tokens) j["draft_tokens"] = *v.draft_tokens;
   j["prompt_tokens"] = v.prompt_tokens;
 }
@@ -489,6 +558,8 @@ void from_json(const nlohmann::json& j, Usage& v) {
   else v.accepted_draft_tokens.reset();
   j.at("cached_tokens").get_to(v.cached_tokens);
   j.at("completion_tokens").get_to(v.completion_tokens);
+  if (auto it = j.find("draft_rounds"); it != j.end() && !it->is_null()) v.draft_rounds = it->get<std::vector<std::int64_t>>();
+  else v.draft_rounds.reset();
   if (auto it = j.find("draft_tokens"); it != j.end() && !it->is_null()) v.draft_tokens = it->get<std::int64_t>();
   else v.draft_tokens.reset();
   j.at("prompt_tokens").get_to(v.prompt_tokens);
@@ -558,6 +629,7 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
   j = nlohmann::json::object();
   if (v.chat_template) j["chat_template"] = *v.chat_template;
   if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
+  if (v.embedding) j["embedding"] = *v.embedding;
   if (v.image_cache_bytes) j["image_cache_bytes"] = *v.image_cache_bytes;
   if (v.kv_bits) j["kv_bits"] = *v.kv_bits;
   if (v.kv_group_size) j["kv_group_size"] = *v.kv_group_size;
@@ -580,6 +652,8 @@ void from_json(const nlohmann::json& j, LoadParams& v) {
   else v.chat_template.reset();
   if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
   else v.draft_model_id.reset();
+  if (auto it = j.find("embedding"); it != j.end() && !it->is_null()) v.embedding = it->get<bool>();
+  else v.embedding.reset();
   if (auto it = j.find("image_cache_bytes"); it != j.end() && !it->is_null()) v.image_cache_bytes = it->get<std::int64_t>();
   else v.image_cache_bytes.reset();
   if (auto it = j.find("kv_bits"); it != j.end() && !it->is_null()) v.kv_bits = it->get<std::int64_t>();
@@ -647,6 +721,7 @@ void to_json(nlohmann::json& j, const LoadResult& v) {
   j = nlohmann::json::object();
   if (v.already_loaded) j["already_loaded"] = *v.already_loaded;
   if (v.context_length) j["context_length"] = *v.context_length;
+  if (v.embedding_dimensions) j["embedding_dimensions"] = *v.embedding_dimensions;
   j["eos_token_ids"] = v.eos_token_ids;
   j["has_chat_template"] = v.has_chat_template;
   j["kind"] = v.kind;
@@ -657,6 +732,7 @@ void to_json(nlohmann::json& j, const LoadResult& v) {
   j["model_id"] = v.model_id;
   if (v.parallel) j["parallel"] = *v.parallel;
   j["path"] = v.path;
+  if (v.pooling) j["pooling"] = *v.pooling;
   if (v.reasoning_markers) j["reasoning_markers"] = *v.reasoning_markers;
   if (v.tool_call_format) j["tool_call_format"] = *v.tool_call_format;
   if (v.tool_grammar) j["tool_grammar"] = *v.tool_grammar;
@@ -667,6 +743,8 @@ void from_json(const nlohmann::json& j, LoadResult& v) {
   else v.already_loaded.reset();
   if (auto it = j.find("context_length"); it != j.end() && !it->is_null()) v.context_length = it->get<std::int64_t>();
   else v.context_length.reset();
+  if (auto it = j.find("embedding_dimensions"); it != j.end() && !it->is_null()) v.embedding_dimensions = it->get<std::int64_t>();
+  else v.embedding_dimensions.reset();
   j.at("eos_token_ids").get_to(v.eos_token_ids);
   j.at("has_chat_template").get_to(v.has_chat_template);
   j.at("kind").get_to(v.kind);
@@ -680,6 +758,8 @@ void from_json(const nlohmann::json& j, LoadResult& v) {
   if (auto it = j.find("parallel"); it != j.end() && !it->is_null()) v.parallel = it->get<ParallelStatus>();
   else v.parallel.reset();
   j.at("path").get_to(v.path);
+  if (auto it = j.find("pooling"); it != j.end() && !it->is_null()) v.pooling = it->get<std::string>();
+  else v.pooling.reset();
   if (auto it = j.find("reasoning_markers"); it != j.end() && !it->is_null()) v.reasoning_markers = it->get<std::vector<std::string>>();
   else v.reasoning_markers.reset();
   if (auto it = j.find("tool_call_format"); it != j.end() && !it->is_null()) v.tool_call_format = it->get<std::string>();

@@ -688,3 +688,36 @@ TEST(Tools, ChannelsAndToolCallsAreTyped) {
   EXPECT_EQ(channels.front(), channel::marker) << "the call starts at once: <tool_call>";
   EXPECT_EQ(worker->close().exit_code, 0);
 }
+
+// ---- embed ---------------------------------------------------------------------------
+
+TEST_F(Worker, EmbedReturnsVectorsAndGenerateIsRefusedOnAnEmbeddingModel) {
+  LoadResult loaded = client_->load(test_support::embed_model_path(), std::string("emb"));
+  EXPECT_EQ(loaded.kind, "embedding");
+  EmbedParams p;
+  p.model_id = "emb";
+  p.input = std::vector<EmbedParamsInputPart>{std::string("the model token"), std::string("a")};
+  p.dimensions = 16;
+  EmbedResult r = client_->embed(p);
+  ASSERT_EQ(r.embeddings.size(), 2u);
+  EXPECT_EQ(r.dimensions, 16);
+  ASSERT_EQ(r.tokens.size(), 2u);
+  EXPECT_EQ(r.usage.prompt_tokens, r.tokens[0] + r.tokens[1]);
+  for (const auto& v : r.embeddings) {
+    ASSERT_EQ(v.size(), 16u);
+    double sum = 0;
+    for (double x : v) sum += x * x;
+    EXPECT_NEAR(sum, 1.0, 1e-4);
+  }
+  GenerateParams g = greedy("x", 1);
+  g.model_id = "emb";
+  try {
+    client_->generate(g);
+    FAIL() << "generate on an embedding model succeeded";
+  } catch (const RpcError& e) {
+    EXPECT_EQ(e.code(), errc::invalid_params);
+  }
+  UnloadParams u;
+  u.model_id = "emb";
+  client_->call(u);
+}

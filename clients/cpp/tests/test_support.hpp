@@ -18,6 +18,8 @@ inline std::string repo_root() { return env("MLX_WORKER_REPO_ROOT", "."); }
 inline std::string model_path() { return env("MLX_WORKER_TEST_MODEL"); }
 // tiny-qwen3-tools: Qwen3's chat template and markers (<think>, <tool_call>).
 inline std::string tools_model_path() { return env("MLX_WORKER_TOOLS_MODEL"); }
+// tiny-bert-embed: an embedding model (mean pooling), for `embed`.
+inline std::string embed_model_path() { return env("MLX_WORKER_EMBED_MODEL"); }
 
 // A real `python -m mlx_worker` run from the repository root.
 inline mlx_worker::SpawnOptions worker_options() {

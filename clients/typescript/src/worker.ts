@@ -5,6 +5,8 @@ import { Generation, type EventOf, type GenerateEvent, type RequestEvent } from 
 import { ProtocolError, RpcError, WorkerExitedError } from "./errors";
 import {
   PROTOCOL_VERSION,
+  type EmbedParams,
+  type EmbedResult,
   type GenerateParams,
   type MethodName,
   type Methods,
@@ -279,6 +281,15 @@ export class Worker {
       }
       return false;
     }
+  }
+
+  /**
+   * `embed`: vectors for a string, strings or token ids, with a model loaded
+   * as an embedding model. Cancel it with `cancel(id)` (it then rejects with
+   * `RpcError` -32012).
+   */
+  embed(params: EmbedParams, options: RequestOptions = {}): Promise<EmbedResult> {
+    return this.request("embed", params, options);
   }
 
   /** `cancel {id}`: true when that generate will end with `stop_reason: "cancelled"`. */

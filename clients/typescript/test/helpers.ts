@@ -32,6 +32,15 @@ export function tinyModel(): string {
   return resolve(dir);
 }
 
+/** tiny-bert-embed: an embedding model (mean pooling), for `embed`. */
+export function embedModel(): string {
+  const dir = process.env.MLX_WORKER_EMBED_MODEL ?? join(REPO, "fixtures", "models", "tiny-bert-embed");
+  if (!existsSync(join(dir, "config.json"))) {
+    execFileSync(PYTHON, ["fixtures/build.py", "tiny-bert-embed"], { cwd: REPO, env: workerEnv(), stdio: "inherit" });
+  }
+  return resolve(dir);
+}
+
 /** tiny-qwen3-tools: Qwen3's chat template and markers (`<think>`, `<tool_call>`). */
 export function toolsModel(): string {
   const dir = process.env.MLX_WORKER_TOOLS_MODEL ?? join(REPO, "fixtures", "models", "tiny-qwen3-tools");

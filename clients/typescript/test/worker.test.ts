@@ -13,7 +13,7 @@ import {
   type Tool,
   type Worker,
 } from "../src";
-import { startWorker, tinyModel, toolsModel, type TestWorker } from "./helpers";
+import { embedModel, startWorker, tinyModel, toolsModel, type TestWorker } from "./helpers";
 
 let tw: TestWorker;
 let worker: Worker;
@@ -399,6 +399,23 @@ describe("errors", () => {
     await assert.rejects(generation.result, /params\.tokens\[1\]/);
     assert.equal(tw.sent.length, before, "nothing may be sent");
   });
+});
+
+test("embed: vectors and token counts from an embedding model; generate refused on it", async () => {
+  const loaded = await worker.request("load", { model: embedModel(), model_id: "emb" });
+  assert.equal(loaded.kind, "embedding");
+  const result = await worker.embed({ model_id: "emb", input: ["the model token", "a"], dimensions: 16 });
+  assert.equal(result.embeddings.length, 2);
+  assert.equal(result.dimensions, 16);
+  assert.equal(result.tokens.length, 2);
+  assert.equal(result.usage.prompt_tokens, result.tokens[0] + result.tokens[1]);
+  for (const v of result.embeddings) {
+    assert.equal(v.length, 16);
+    assert.ok(Math.abs(Math.hypot(...v) - 1) < 1e-5);
+  }
+  const error = await worker.request("generate", { model_id: "emb", prompt: "x", max_tokens: 1 }).catch((e) => e);
+  assert.ok(error instanceof RpcError && error.code === -32602, String(error));
+  await worker.request("unload", { model_id: "emb" });
 });
 
 test("every line the worker sent validates against protocol/schema.json", () => {

@@ -120,6 +120,8 @@ class Client : public TransportSink {
   bool cancel(std::int64_t id);
   Pending<CancelResult> cancel_async(std::int64_t id);
   StatusResult status();
+  // Vectors for EmbedParams::input (a string, strings or token ids) from an embedding model.
+  EmbedResult embed(const EmbedParams& params);
 
   // Ends the worker: `shutdown` and stdin EOF, then SIGTERM, then SIGKILL, each after its
   // timeout. Returns how it exited. Pending calls fail with WorkerExited. Idempotent.

@@ -57,6 +57,9 @@ struct Capabilities;
 struct ChoiceConstraint;
 struct DetokenizeParams;
 struct DetokenizeResult;
+struct EmbedParams;
+struct EmbedUsage;
+struct EmbedResult;
 struct ErrorObject;
 struct GrammarConstraint;
 struct JsonSchemaConstraint;
@@ -93,6 +96,8 @@ struct UnloadParams;
 struct UnloadResult;
 
 using RequestId = std::variant<std::int64_t, std::string>;
+using EmbedParamsInputPart = std::variant<std::string, std::int64_t, std::vector<std::int64_t>>;
+using EmbedParamsInput = std::variant<std::string, std::vector<EmbedParamsInputPart>>;
 using GenerateParamsStop = std::variant<std::string, std::vector<std::string>>;
 struct CacheLoadParams {
   std::optional<std::string> model_id;
@@ -245,6 +250,34 @@ struct DetokenizeResult {
 void to_json(nlohmann::json& j, const DetokenizeResult& v);
 void from_json(const nlohmann::json& j, DetokenizeResult& v);
 
+// Vectors for one input or many: strings, or token ids (one list of
+// ids, or a list of them).
+struct EmbedParams {
+  std::optional<std::int64_t> dimensions;
+  EmbedParamsInput input{};
+  std::optional<std::string> model_id;
+  std::optional<bool> normalize;  // default true
+  std::optional<bool> truncate;  // default false
+};
+void to_json(nlohmann::json& j, const EmbedParams& v);
+void from_json(const nlohmann::json& j, EmbedParams& v);
+
+struct EmbedUsage {
+  std::int64_t prompt_tokens{};
+};
+void to_json(nlohmann::json& j, const EmbedUsage& v);
+void from_json(const nlohmann::json& j, EmbedUsage& v);
+
+struct EmbedResult {
+  std::int64_t dimensions{};
+  std::vector<std::vector<double>> embeddings{};
+  std::string model_id{};
+  std::vector<std::int64_t> tokens{};
+  EmbedUsage usage{};
+};
+void to_json(nlohmann::json& j, const EmbedResult& v);
+void from_json(const nlohmann::json& j, EmbedResult& v);
+
 struct ErrorObject {
   std::int64_t code{};
   std::optional<nlohmann::json> data;
@@ -306,7 +339,13 @@ struct GenerateParams {
   std::optional<bool> add_special_tokens;  // default true
   std::optional<nlohmann::json> chat_template_kwargs;
   std::optional<GenerateParamsConstraint> constraint;
+  std::optional<bool> draft_adaptive;  // default true
   std::optional<std::string> draft_model_id;
+  std::optional<std::int64_t> dry_allowed_length;  // default 2
+  std::optional<double> dry_base;  // default 1.75
+  std::optional<double> dry_multiplier;  // default 0.0
+  std::optional<std::int64_t> dry_penalty_last_n;  // default -1
+  std::optional<std::vector<std::string>> dry_sequence_breakers;
   std::optional<double> frequency_penalty;  // default 0.0
   std::optional<bool> ignore_eos;  // default false
   std::optional<std::map<std::string, double>> logit_bias;
@@ -332,6 +371,8 @@ struct GenerateParams {
   std::optional<std::int64_t> top_k;  // default 0
   std::optional<std::int64_t> top_logprobs;  // default 0
   std::optional<double> top_p;  // default 1.0
+  std::optional<double> xtc_probability;  // default 0.0
+  std::optional<double> xtc_threshold;  // default 0.1
 };
 void to_json(nlohmann::json& j, const GenerateParams& v);
 void from_json(const nlohmann::json& j, GenerateParams& v);
@@ -371,6 +412,7 @@ struct Usage {
   std::optional<std::int64_t> accepted_draft_tokens;
   std::int64_t cached_tokens{};
   std::int64_t completion_tokens{};
+  std::optional<std::vector<std::int64_t>> draft_rounds;
   std::optional<std::int64_t> draft_tokens;
   std::int64_t prompt_tokens{};
 };
@@ -412,6 +454,7 @@ void from_json(const nlohmann::json& j, ParallelParams& v);
 struct LoadParams {
   std::optional<std::string> chat_template;
   std::optional<std::string> draft_model_id;
+  std::optional<bool> embedding;
   std::optional<std::int64_t> image_cache_bytes;
   std::optional<std::int64_t> kv_bits;
   std::optional<std::int64_t> kv_group_size;
@@ -456,6 +499,7 @@ void from_json(const nlohmann::json& j, ParallelStatus& v);
 struct LoadResult {
   std::optional<bool> already_loaded;  // default false
   std::optional<std::int64_t> context_length;
+  std::optional<std::int64_t> embedding_dimensions;
   std::vector<std::int64_t> eos_token_ids{};
   bool has_chat_template{};
   std::string kind{};
@@ -466,6 +510,7 @@ struct LoadResult {
   std::string model_id{};
   std::optional<ParallelStatus> parallel;
   std::string path{};
+  std::optional<std::string> pooling;
   std::optional<std::vector<std::string>> reasoning_markers;
   std::optional<std::string> tool_call_format;
   std::optional<bool> tool_grammar;  // default false
@@ -648,6 +693,11 @@ template <>
 struct Method<DetokenizeParams> {
   static constexpr const char* name = "detokenize";
   using Result = DetokenizeResult;
+};
+template <>
+struct Method<EmbedParams> {
+  static constexpr const char* name = "embed";
+  using Result = EmbedResult;
 };
 template <>
 struct Method<GenerateParams> {

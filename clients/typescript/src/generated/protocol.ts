@@ -112,6 +112,27 @@ export interface DetokenizeParams {
 export interface DetokenizeResult {
   text: string;
 }
+/**
+ * Vectors for one input or many: strings, or token ids (one list of
+ * ids, or a list of them).
+ */
+export interface EmbedParams {
+  dimensions?: number | null;
+  input: string | (string | number | number[])[];
+  model_id?: string | null;
+  normalize?: boolean;
+  truncate?: boolean;
+}
+export interface EmbedResult {
+  dimensions: number;
+  embeddings: number[][];
+  model_id: string;
+  tokens: number[];
+  usage: EmbedUsage;
+}
+export interface EmbedUsage {
+  prompt_tokens: number;
+}
 export interface ErrorObject {
   code: number;
   data?: unknown;
@@ -124,7 +145,16 @@ export interface GenerateParams {
     [k: string]: unknown;
   };
   constraint?: (JsonSchemaConstraint | RegexConstraint | ChoiceConstraint | GrammarConstraint) | null;
+  draft_adaptive?: boolean;
   draft_model_id?: string | null;
+  dry_allowed_length?: number;
+  dry_base?: number;
+  dry_multiplier?: number;
+  dry_penalty_last_n?: number;
+  /**
+   * @maxItems 64
+   */
+  dry_sequence_breakers?: string[];
   frequency_penalty?: number;
   ignore_eos?: boolean;
   logit_bias?: {
@@ -152,6 +182,8 @@ export interface GenerateParams {
   top_k?: number;
   top_logprobs?: number;
   top_p?: number;
+  xtc_probability?: number;
+  xtc_threshold?: number;
 }
 export interface JsonSchemaConstraint {
   engine?: ("llguidance" | "outlines") | null;
@@ -227,12 +259,14 @@ export interface Usage {
   accepted_draft_tokens?: number;
   cached_tokens: number;
   completion_tokens: number;
+  draft_rounds?: number[];
   draft_tokens?: number;
   prompt_tokens: number;
 }
 export interface LoadParams {
   chat_template?: string | null;
   draft_model_id?: string | null;
+  embedding?: boolean | null;
   image_cache_bytes?: number | null;
   kv_bits?: (4 | 8) | null;
   kv_group_size?: (32 | 64 | 128) | null;
@@ -274,9 +308,10 @@ export interface LoadProgressEvent {
 export interface LoadResult {
   already_loaded?: boolean;
   context_length: number | null;
+  embedding_dimensions?: number | null;
   eos_token_ids: number[];
   has_chat_template: boolean;
-  kind: "text" | "vision";
+  kind: "embedding" | "text" | "vision";
   kv_bits?: number | null;
   kv_group_size?: number | null;
   load_ms: number;
@@ -284,6 +319,7 @@ export interface LoadResult {
   model_id: string;
   parallel?: ParallelStatus | null;
   path: string;
+  pooling?: ("cls" | "last_token" | "max" | "mean") | null;
   reasoning_markers?: string[] | null;
   tool_call_format?: string | null;
   tool_grammar?: boolean;
@@ -305,7 +341,7 @@ export interface MemoryStatus {
 }
 export interface ModelStatus {
   context_length: number | null;
-  kind: "text" | "vision";
+  kind: "embedding" | "text" | "vision";
   kv_bits?: number | null;
   kv_group_size?: number | null;
   memory_bytes: number;
@@ -406,6 +442,7 @@ export interface Methods {
   cache_save: { params: CacheSaveParams; result: CacheSaveResult };
   cancel: { params: CancelParams; result: CancelResult };
   detokenize: { params: DetokenizeParams; result: DetokenizeResult };
+  embed: { params: EmbedParams; result: EmbedResult };
   generate: { params: GenerateParams; result: GenerateResult };
   load: { params: LoadParams; result: LoadResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
@@ -415,7 +452,7 @@ export interface Methods {
 }
 
 export type MethodName = keyof Methods;
-export const METHOD_NAMES: readonly MethodName[] = ["cache_load","cache_save","cancel","detokenize","generate","load","shutdown","status","tokenize","unload"];
+export const METHOD_NAMES: readonly MethodName[] = ["cache_load","cache_save","cancel","detokenize","embed","generate","load","shutdown","status","tokenize","unload"];
 
 /** Every notification the worker sends: its params. */
 export interface Notifications {
@@ -454,7 +491,8 @@ export const INTEGER_PARAMS: { readonly [M in MethodName]: readonly string[] } =
   cache_save: ["prefill_step_size","tokens[]"],
   cancel: ["id"],
   detokenize: ["tokens[]"],
-  generate: ["max_tokens","num_draft_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
+  embed: ["dimensions","input[]"],
+  generate: ["dry_allowed_length","dry_penalty_last_n","max_tokens","num_draft_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
   load: ["image_cache_bytes","max_image_bytes","max_image_pixels","max_images","max_kv_size","memory_limit","num_draft_tokens","prefill_step_size","prompt_cache_bytes","prompt_cache_entries"],
   shutdown: [],
   status: [],
