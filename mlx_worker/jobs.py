@@ -114,9 +114,15 @@ class JobTable:
             job.started = time.perf_counter()
             return job
 
-    def wait_for_work(self, timeout: float) -> None:
+    def wait_for_work(self, timeout: float, also: Callable[[], bool] = lambda: False) -> None:
+        """Until a job is queued, the worker stops, ``also()`` holds (checked
+        when ``poke`` is called), or ``timeout``."""
         with self.cond:
-            self.cond.wait_for(lambda: self.queue or self.stopping, timeout)
+            self.cond.wait_for(lambda: self.queue or self.stopping or also(), timeout)
+
+    def poke(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
 
     def idle(self) -> bool:
         with self.cond:

@@ -1,0 +1,173 @@
+"""A hostile host, round 2 (issue 25): templates that never finish, huge
+prompts, poisoned cache files, config files that lie, tool schemas that
+aren't objects. Raw JSON over real pipes; after each attack the worker
+answers every request exactly once and keeps serving, and no input gets
+-32603."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from harness import RawWorker
+from mlx_worker import errors
+
+QUICK = 15.0
+HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+HUGE = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def ok(reply: dict) -> dict:
+    assert "result" in reply, reply
+    return reply["result"]
+
+
+def error(reply: dict, code: int) -> dict:
+    assert "error" in reply, reply
+    assert reply["error"]["code"] == code, reply
+    return reply["error"]
+
+
+def model_copy(src: str, dst) -> str:
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        if os.path.isfile(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    return str(dst)
+
+
+def with_template(src: str, dst, template: str) -> str:
+    folder = model_copy(src, dst)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = template
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    for f in os.listdir(folder):
+        if f.endswith(".jinja"):
+            os.remove(os.path.join(folder, f))
+    return folder
+
+
+class Stream:
+    """A long generate on ``tiny``: its token events tell whether the
+    compute thread keeps stepping."""
+
+    def __init__(self, w: RawWorker, id: str = "stream"):
+        self.w, self.id = w, id
+        w.request("generate", {"model_id": "tiny", "prompt": "Once", "max_tokens": 1_000_000, "ignore_eos": True,
+                               "temperature": 0, "prompt_cache": False}, id=id)
+        w.wait_for(self._is_token, timeout=QUICK)
+
+    def _is_token(self, m: dict) -> bool:
+        return m.get("method") == "token" and m["params"]["id"] == self.id
+
+    def count(self) -> int:
+        with self.w.cond:
+            return sum(1 for m in self.w.messages if self._is_token(m))
+
+    def moves(self, within: float = 3.0) -> bool:
+        n = self.count()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.count() > n:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        assert ok(self.w.call("cancel", {"id": self.id}, timeout=QUICK))["cancelled"] is True
+        assert ok(self.w.response(self.id, timeout=QUICK))["stop_reason"] == "cancelled"
+
+
+def answered_once(w: RawWorker) -> None:
+    ids = [m.get("id") for m in w.responses()]
+    dupes = {i for i in ids if ids.count(i) > 1 and i is not None}
+    assert not dupes, dupes
+    assert not any(m.get("error", {}).get("code") == errors.INTERNAL_ERROR for m in w.responses()), w.responses()
+    assert not w.bad_lines
+
+
+def serves(w: RawWorker) -> None:
+    reply = w.call("generate", {"model_id": "tiny", "prompt": "Once", "max_tokens": 4, "temperature": 0,
+                                "ignore_eos": True, "prompt_cache": False}, timeout=QUICK)
+    assert len(ok(reply)["tokens"]) == 4
+
+
+@pytest.fixture
+def hw(tiny_model):
+    w = RawWorker()
+    ok(w.call("load", {"model": tiny_model, "model_id": "tiny"}))
+    yield w
+    answered_once(w)
+    w.close()
+
+
+# ------------------------------------------ 1. a template that never finishes
+
+
+def test_a_template_that_never_finishes_holds_nobody_and_is_cancelled_or_refused(hw, tiny_model, tmp_path):
+    ok(hw.call("load", {"model": with_template(tiny_model, tmp_path / "hang", HANG), "model_id": "hang"}))
+    ok(hw.call("load", {"model": tiny_model, "model_id": "hang2", "chat_template": HANG}))
+    stream = Stream(hw)
+    hw.request("generate", {"model_id": "hang", "messages": CHAT, "max_tokens": 3}, id="g")
+    time.sleep(0.5)
+    # Everyone else is served meanwhile: the stream, another model's methods.
+    assert stream.moves()
+    t0 = time.monotonic()
+    ok(hw.call("detokenize", {"model_id": "tiny", "tokens": [5, 6]}, timeout=QUICK))
+    ok(hw.call("tokenize", {"model_id": "tiny", "messages": CHAT}, timeout=QUICK))
+    assert time.monotonic() - t0 < 5
+    # Its cancel brings its final response at once.
+    assert ok(hw.call("cancel", {"id": "g"}, timeout=QUICK))["cancelled"] is True
+    assert ok(hw.response("g", timeout=5))["stop_reason"] == "cancelled"
+    # Not cancelled: refused at the time bound, naming the messages.
+    t0 = time.monotonic()
+    hw.request("tokenize", {"model_id": "hang2", "messages": CHAT}, id="t")
+    assert stream.moves()
+    err = error(hw.response("t", timeout=30), errors.INVALID_PARAMS)
+    assert err["data"]["field"] == "params.messages" and "longer than" in err["message"], err
+    assert time.monotonic() - t0 < 25
+    stream.stop()
+    serves(hw)
+
+
+def test_a_template_that_renders_gigabytes_is_refused(hw, tiny_model):
+    ok(hw.call("load", {"model": tiny_model, "model_id": "huge", "chat_template": HUGE}))
+    for method in ("generate", "tokenize", "cache_save"):
+        params = {"model_id": "huge", "messages": CHAT}
+        if method == "cache_save":
+            params["path"] = "/tmp/never-written.safetensors"
+        err = error(hw.call(method, params, timeout=QUICK), errors.INVALID_PARAMS)
+        assert err["data"]["field"] == "params.messages" and "characters" in err["message"], err
+    serves(hw)
+
+
+# ------------------------------------------ 4. a huge prompt while others stream
+
+
+def test_a_huge_prompt_stalls_no_stream_and_its_cancel_answers_at_once(hw):
+    stream = Stream(hw)
+    huge = "word " * 1_000_000  # 5 MB, ~1M tokens
+    hw.request("generate", {"model_id": "tiny", "prompt": huge, "max_tokens": 3}, id="big")
+    time.sleep(0.3)
+    assert stream.moves(within=2.0)
+    t0 = time.monotonic()
+    assert ok(hw.call("cancel", {"id": "big"}, timeout=QUICK))["cancelled"] is True
+    assert ok(hw.response("big", timeout=3))["stop_reason"] == "cancelled"
+    assert time.monotonic() - t0 < 3
+    # Uncancelled, it is refused once tokenized, the stream going on meanwhile.
+    hw.request("tokenize", {"model_id": "tiny", "text": huge[: len(huge) // 4]}, id="tk")
+    hw.request("generate", {"model_id": "tiny", "prompt": huge[: len(huge) // 4], "max_tokens": 3}, id="big2")
+    time.sleep(0.3)
+    assert stream.moves(within=2.0)
+    assert ok(hw.response("tk", timeout=60))["count"] > 100_000
+    assert error(hw.response("big2", timeout=60), errors.CONTEXT_OVERFLOW)
+    stream.stop()
+    serves(hw)
