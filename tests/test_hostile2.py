@@ -171,3 +171,38 @@ def test_a_huge_prompt_stalls_no_stream_and_its_cancel_answers_at_once(hw):
     assert error(hw.response("big2", timeout=60), errors.CONTEXT_OVERFLOW)
     stream.stop()
     serves(hw)
+
+
+# ------------------------------------------ 2. a distributed load whose rank stalls
+
+
+@pytest.mark.heavy
+def test_a_distributed_load_whose_follower_stalls_ends_within_timeout_s(tiny_model):
+    import signal
+
+    from harness import pid_gone
+
+    w = RawWorker()
+    try:
+        ok(w.call("load", {"model": tiny_model, "model_id": "one"}))
+        tp = {"mode": "tensor", "ranks": 2, "timeout_s": 3}
+        pids = ok(w.call("load", {"model": tiny_model, "model_id": "tp", "parallel": tp}, timeout=120))["parallel"]["pids"]
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        w.request("load", {"model": tiny_model, "model_id": "tp2", "parallel": tp}, id="l")
+        w.request("generate", {"model_id": "one", "prompt": "hi", "max_tokens": 3, "temperature": 0}, id="g")
+        assert error(w.response("l", timeout=30), errors.LOAD_FAILED)["data"]["field"] == "params.parallel"
+        assert time.monotonic() - t0 < 3 + 7  # timeout_s, plus noise
+        ok(w.response("g", timeout=QUICK))
+        assert time.monotonic() - t0 < 3 + 7
+        deadline = time.monotonic() + 5
+        while not pid_gone(pids[1]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_gone(pids[1])
+        answered_once(w)
+    finally:
+        try:
+            os.kill(pids[1], signal.SIGKILL)
+        except (OSError, NameError):
+            pass
+        w.close()

@@ -37,7 +37,6 @@ log = logging.getLogger("mlx_worker.distributed")
 
 BACKENDS = ["ring"]  # what this build can start (JACCL and MPI need hosts set up by the user)
 HEARTBEAT_S = 0.2
-LOADING_TIMEOUT_S = 120.0  # heartbeats may stall while a follower imports and reads weights
 INIT_TIMEOUT_S = 120.0  # followers start (import MLX, ssh) and connect
 LOOPBACK = ("127.0.0.1", "localhost")
 
@@ -81,7 +80,6 @@ class Ring:
         self._frees: list[int] = []
         self._next_id = 0
         self._closing = False
-        self.loading = True  # until the first load is done: the longer heartbeat timeout
 
     # ------------------------------------------------------------ start
 
@@ -209,7 +207,9 @@ class Ring:
                 if f.proc.poll() is not None:
                     self.fail(self._exit_reason(f))
                 else:
-                    limit = max(self.timeout_s, LOADING_TIMEOUT_S) if self.loading else self.timeout_s
+                    # Heartbeats come from a thread of their own, loading or not:
+                    # once the group is up, timeout_s holds (a load included).
+                    limit = self.timeout_s if self.group is not None else max(self.timeout_s, INIT_TIMEOUT_S)
                     if now - f.last_seen > limit:
                         self.fail(f"rank {f.rank} sent no heartbeat for {limit:g} s (hung)")
 
