@@ -100,7 +100,7 @@ def serves(w: RawWorker) -> None:
     assert len(ok(reply)["tokens"]) == 4
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def hw(tiny_model):
     w = RawWorker()
     ok(w.call("load", {"model": tiny_model, "model_id": "tiny"}))
@@ -206,3 +206,47 @@ def test_a_distributed_load_whose_follower_stalls_ends_within_timeout_s(tiny_mod
         except (OSError, NameError):
             pass
         w.close()
+
+
+# ------------------------------------------ 3, 8. config files that lie or nest
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("layers", [20_000, 100_000])
+def test_a_layer_count_the_weights_dont_hold_is_refused_before_building(hw, tiny_model, tmp_path, layers):
+    folder = model_copy(tiny_model, tmp_path / "m")
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = layers
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    before = rss(hw.proc.pid)
+    t0 = time.monotonic()
+    err = error(hw.call("load", {"model": folder, "model_id": "liar"}, timeout=60), errors.LOAD_FAILED)
+    assert time.monotonic() - t0 < 5
+    assert err["data"]["field"] == "config.num_hidden_layers" and "hold 4 layers" in err["message"], err
+    assert rss(hw.proc.pid) - before < 100 * 1024 * 1024
+    serves(hw)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "model.safetensors", "generation_config.json"])
+def test_json_nested_past_the_recursion_limit_is_a_load_error_naming_the_file(hw, tiny_model, tmp_path, name):
+    folder = model_copy(tiny_model, tmp_path / "m")
+    target = os.path.join(folder, name)
+    if name == "model.safetensors":
+        header = ('{"__metadata__": {"a": ' + DEEP + '}}').encode()
+        with open(target, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header)
+    else:
+        with open(target, "w") as f:
+            f.write('{"a": ' + DEEP + "}" if name != "config.json" else DEEP)
+    err = error(hw.call("load", {"model": folder, "model_id": "deep"}, timeout=60), errors.LOAD_FAILED)
+    assert err["data"]["file"] == target and "nested too deeply" in err["message"], err
+    serves(hw)
