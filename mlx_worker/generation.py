@@ -78,6 +78,7 @@ class Generation:
         self.stop_token: Optional[int] = None
         self.first_token_at: Optional[float] = None
         self.primed = False  # the first decode step (the prompt's last token) ran
+        self.computed = False  # the model ran on its cache (set by the scheduler before it does)
         self.positions = None  # vision: the prompt's position plan, re-set before each model call
         self.draft_lm: Optional[LoadedModel] = None  # speculative decoding: set by the caller
         self.num_draft_tokens = 0
@@ -365,7 +366,7 @@ class Generation:
         request's answer must still go out)."""
         try:
             if self.lease is not None:
-                self.lease.abort()
+                self.lease.abort(poisoned=self.computed)
         except BaseException:
             log.exception("prompt cache: giving back a failed request's entry failed")
         try:

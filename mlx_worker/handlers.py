@@ -88,6 +88,10 @@ class Handlers:
         except BaseException as exc:
             outcome = exc
         self.table.finish_with(job, outcome)
+        # An error's traceback holds this frame, and this frame the error: a
+        # cycle that would keep whatever the failed work held (arrays read)
+        # until a cyclic GC.
+        outcome = None
         self._drop_failed()
 
     def _events(self, job: Job) -> generation.Events:

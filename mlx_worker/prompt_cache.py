@@ -224,6 +224,7 @@ class Lease:
         self.keep = keep
         self.window = window
         self._taken = taken  # the entry this request continues in place (no copy)
+        self.source: Optional[Entry] = None  # the entry it copied from, if any
         self._snapshot: Optional[tuple[int, list]] = None
         self._open = True
 
@@ -256,13 +257,22 @@ class Lease:
         snapshot, self._snapshot = self._snapshot, None
         return self.store._insert(self, prompt, cache, fed_back, stop_reason, snapshot)
 
-    def abort(self) -> None:
+    def abort(self, poisoned: bool = False) -> None:
         """The request failed: put back the entry it took, cut to what it
-        held when taken (a state that can't be cut back is dropped)."""
+        held when taken (a state that can't be cut back is dropped).
+        ``poisoned``: it failed while computing on that cache, which may be
+        why: the entry it took, or the one it copied, leaves the store."""
         if not self._open:
             return
         self._open = False
         taken, self._taken, self._snapshot = self._taken, None, None
+        source, self.source = self.source, None
+        if poisoned:
+            if source is not None and any(e is source for e in self.store._entries):
+                self.store._remove(source)
+            if taken is not None or source is not None:
+                log.warning("prompt cache: a request failed on a cached prefix; that entry is dropped")
+            return
         if taken is None:
             return
         try:
@@ -326,7 +336,9 @@ class PromptCacheStore:
             trim_prompt_cache(cache, len(best.key) - best_m)
             cache = compact(cache)  # the first write then copies only the shared prefix
         log.debug("prompt cache hit: %d of %d tokens", best_m, n)
-        return Lease(self, cache, best_m, step, keep, best.window, taken)
+        lease = Lease(self, cache, best_m, step, keep, best.window, taken)
+        lease.source = None if taken is not None else best
+        return lease
 
     def _insert(self, lease: Lease, prompt, cache: list, fed_back: list[int], stop_reason: str,
                 snapshot: Optional[tuple[int, list]]) -> Optional[Entry]:

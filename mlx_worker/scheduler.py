@@ -159,6 +159,7 @@ class Scheduler:
             self._to_decode(gen)
 
     def _to_decode(self, gen: Generation) -> None:
+        gen.computed = True
         if gen.max_tokens == 0:
             self._prime_only(gen)
             return
@@ -257,6 +258,8 @@ class Scheduler:
                     self.prefilling.remove(other)
                     together.append(other)
         self._in_hand = together  # out of every queue until handed on
+        for g in together:
+            g.computed = True
         before = [g.processed for g in together]
         t0 = time.perf_counter()
         try:

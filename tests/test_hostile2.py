@@ -250,3 +250,96 @@ def test_json_nested_past_the_recursion_limit_is_a_load_error_naming_the_file(hw
     err = error(hw.call("load", {"model": folder, "model_id": "deep"}, timeout=60), errors.LOAD_FAILED)
     assert err["data"]["file"] == target and "nested too deeply" in err["message"], err
     serves(hw)
+
+
+# ------------------------------------------ 5-7. poisoned prompt-cache files
+
+MiB = 1024 * 1024
+SYSTEM = [{"role": "system", "content": "You are terse."}]
+
+
+def saved(w: RawWorker, model_id: str, path) -> str:
+    ok(w.call("cache_save", {"model_id": model_id, "messages": SYSTEM, "add_generation_prompt": False,
+                             "path": str(path)}, timeout=60))
+    return str(path)
+
+
+def header_of(path: str) -> tuple[dict, bytes]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), f.read()
+
+
+def write_safetensors(path, header: dict, data: bytes, size: int | None = None) -> str:
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+        if size is not None:
+            f.truncate(8 + len(raw) + size)  # sparse: declared, never written
+    return str(path)
+
+
+def follows_prefix(w: RawWorker, model_id: str) -> dict:
+    return ok(w.call("generate", {"model_id": model_id, "messages": SYSTEM + CHAT, "max_tokens": 3,
+                                  "temperature": 0}, timeout=QUICK))
+
+
+def test_a_cache_file_too_big_is_refused_from_its_header_and_holds_nothing(tiny_model, tmp_path):
+    w = RawWorker("--memory-limit", str(200 * MiB))
+    try:
+        ok(w.call("load", {"model": tiny_model, "model_id": "tiny", "prompt_cache_bytes": 50 * MiB}))
+        header, data = header_of(saved(w, "tiny", tmp_path / "real.safetensors"))
+        big = 400 * MiB
+        header["0.0"] = {"dtype": "F32", "shape": [1, 2, big // (2 * 32 * 4), 32],
+                         "data_offsets": [len(data), len(data) + big]}
+        forged = write_safetensors(tmp_path / "big.safetensors", header, data, size=len(data) + big)
+        before = rss(w.proc.pid)
+        for _ in range(3):
+            err = error(w.call("cache_load", {"model_id": "tiny", "path": forged}, timeout=60), errors.OUT_OF_MEMORY)
+            assert "prompt_cache_bytes" in err["message"], err
+        assert rss(w.proc.pid) - before < 100 * MiB
+        # Nothing of it is held: generates and loads are admitted at once.
+        assert follows_prefix(w, "tiny")["usage"]["completion_tokens"] == 3
+        ok(w.call("load", {"model": tiny_model, "model_id": "tiny2"}))
+        answered_once(w)
+    finally:
+        w.close()
+
+
+def test_a_cache_file_whose_kv_doesnt_fit_the_model_is_refused(hw, small_model, tmp_path):
+    ok(hw.call("load", {"model": small_model, "model_id": "small"}))
+    tiny_header, _ = header_of(saved(hw, "tiny", tmp_path / "tiny.safetensors"))
+    small_header, small_data = header_of(saved(hw, "small", tmp_path / "small.safetensors"))
+    small_header["__metadata__"] = tiny_header["__metadata__"]  # tiny's identity over small's KV
+    forged = write_safetensors(tmp_path / "forged.safetensors", small_header, small_data)
+    for _ in range(2):
+        err = error(hw.call("cache_load", {"model_id": "tiny", "path": forged}, timeout=QUICK), errors.CACHE_FILE_INVALID)
+        assert err["data"]["path"] == forged and "shape" in err["message"], err
+    for _ in range(2):
+        assert follows_prefix(hw, "tiny")["usage"]["completion_tokens"] == 3
+    ok(hw.call("unload", {"model_id": "small"}))
+    serves(hw)
+
+
+def test_a_cache_file_whose_token_count_lies_is_refused(hw, tmp_path):
+    header, data = header_of(saved(hw, "tiny", tmp_path / "tiny.safetensors"))
+    meta = header["__metadata__"]
+    tokens = json.loads(meta["0.key"])
+    meta["0.key"] = json.dumps((tokens * (3000 // len(tokens) + 1))[:3000])
+    # Every layer's offset scalar says 3,000 too (float32 3000.0 in place of the real count).
+    import struct
+
+    data = bytearray(data)
+    for name, entry in header.items():
+        if name != "__metadata__" and name.endswith(".2"):
+            start, end = entry["data_offsets"]
+            assert end - start == 4, entry
+            fmt = "<f" if entry["dtype"] == "F32" else "<i"
+            data[start:end] = struct.pack(fmt, 3000.0 if fmt == "<f" else 3000)
+    forged = write_safetensors(tmp_path / "liar.safetensors", header, bytes(data))
+    for _ in range(2):
+        err = error(hw.call("cache_load", {"model_id": "tiny", "path": forged}, timeout=QUICK), errors.CACHE_FILE_INVALID)
+        assert err["data"]["path"] == forged and "positions" in err["message"], err
+    for _ in range(2):
+        assert follows_prefix(hw, "tiny")["usage"]["completion_tokens"] == 3
+    serves(hw)
