@@ -115,6 +115,9 @@ def check_token_ids(lm: LoadedModel, tokens: list[int], field_name: str) -> None
 
 def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.TokenizeResult:
     source = one_source(params, ("text", "messages"))
+    from .tool_grammar import check_tools  # late: it imports MLX
+
+    check_tools(params.tools)
     if source == "messages" and lm.vision is not None:
         prepared = lm.vision.prepare(lm, params)
         return protocol.TokenizeResult(tokens=prepared.tokens, count=len(prepared.tokens), prompt=prepared.rendered)

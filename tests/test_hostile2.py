@@ -343,3 +343,56 @@ def test_a_cache_file_whose_token_count_lies_is_refused(hw, tmp_path):
     for _ in range(2):
         assert follows_prefix(hw, "tiny")["usage"]["completion_tokens"] == 3
     serves(hw)
+
+
+# ------------------------------------------ 9-11. tool schemas
+
+
+@pytest.fixture(scope="module")
+def tools_model():
+    from fixtures.build import ensure_model
+
+    return str(ensure_model("tiny-qwen3-tools"))
+
+
+def tool(name: str, parameters=None) -> dict:
+    fn = {"name": name}
+    if parameters is not None:
+        fn["parameters"] = parameters
+    return {"type": "function", "function": fn}
+
+
+@pytest.mark.parametrize("parameters", [{}, {"properties": {"x": {"type": "integer"}}}])
+def test_parameters_without_a_type_give_object_arguments(hw, tools_model, parameters):
+    ok(hw.call("load", {"model": tools_model, "model_id": "qwen3"}))
+    for seed in range(6):
+        result = ok(hw.call("generate", {"model_id": "qwen3", "messages": CHAT, "tools": [tool("f", parameters)],
+                                         "tool_choice": "required", "max_tokens": 60, "seed": seed,
+                                         "temperature": 1.0}, timeout=60))
+        for call in result["tool_calls"]:
+            assert isinstance(call["arguments"], dict), result
+        assert result["tool_calls"] or result.get("invalid_tool_calls"), result
+
+
+@pytest.mark.parametrize("parameters", [{"type": "string"}, {"type": "integer"}, {"type": ["object", "null"]},
+                                        {"type": "array", "items": {"type": "integer"}}])
+@pytest.mark.parametrize("method", ["generate", "tokenize", "cache_save"])
+def test_parameters_that_are_not_an_object_schema_are_refused(hw, tools_model, tmp_path, parameters, method):
+    ok(hw.call("load", {"model": tools_model, "model_id": "qwen3"}))
+    params = {"model_id": "qwen3", "messages": CHAT, "tools": [tool("a", {"type": "object"}), tool("b", parameters)]}
+    if method == "generate":
+        params.update(tool_choice="required", max_tokens=20)
+    if method == "cache_save":
+        params["path"] = str(tmp_path / "c.safetensors")
+    err = error(hw.call(method, params, timeout=60), errors.INVALID_PARAMS)
+    assert err["data"]["field"] == "params.tools[1].function.parameters", err
+
+
+@pytest.mark.parametrize("method", ["generate", "tokenize", "cache_save"])
+def test_duplicate_tool_names_are_refused_by_every_method(hw, tools_model, tmp_path, method):
+    ok(hw.call("load", {"model": tools_model, "model_id": "qwen3"}))
+    params = {"model_id": "qwen3", "messages": CHAT, "tools": [tool("a"), tool("b"), tool("a")]}
+    if method == "cache_save":
+        params["path"] = str(tmp_path / "c.safetensors")
+    err = error(hw.call(method, params, timeout=60), errors.INVALID_PARAMS)
+    assert err["data"]["field"] == "params.tools[2].function.name", err
