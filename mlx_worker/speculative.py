@@ -65,7 +65,10 @@ def find(get: Callable[[str], LoadedModel], draft_id: str, field: str) -> Loaded
     try:
         return get(draft_id)
     except WorkerError as exc:
-        raise errors.invalid_params(field, f"draft model {draft_id!r} is not loaded") from exc
+        # -32602 naming the field, also for a draft whose unload waits (the
+        # target itself would be -32003): the spec's one code for a draft.
+        state = "being unloaded" if isinstance(exc.data, dict) and exc.data.get("unloading") else "not loaded"
+        raise errors.invalid_params(field, f"draft model {draft_id!r} is {state}") from None
 
 
 def check_pair(lm: LoadedModel, draft: LoadedModel, field: str) -> None:

@@ -396,3 +396,25 @@ def test_duplicate_tool_names_are_refused_by_every_method(hw, tools_model, tmp_p
         params["path"] = str(tmp_path / "c.safetensors")
     err = error(hw.call(method, params, timeout=60), errors.INVALID_PARAMS)
     assert err["data"]["field"] == "params.tools[2].function.name", err
+
+
+# ------------------------------------------ 12. a draft whose unload waits
+
+
+def test_a_draft_whose_unload_waits_is_refused_as_a_draft_not_loaded(hw, tiny_model):
+    ok(hw.call("load", {"model": tiny_model, "model_id": "draft"}))
+    hw.request("generate", {"model_id": "tiny", "draft_model_id": "draft", "prompt": "Once", "max_tokens": 1_000_000,
+                            "ignore_eos": True, "temperature": 0, "prompt_cache": False}, id="busy")
+    hw.wait_for(lambda m: m.get("method") == "token" and m["params"]["id"] == "busy", timeout=QUICK)
+    hw.request("unload", {"model_id": "draft"}, id="u")
+    time.sleep(0.3)
+    err = error(hw.call("generate", {"model_id": "tiny", "draft_model_id": "draft", "prompt": "x", "max_tokens": 2},
+                        timeout=QUICK), errors.INVALID_PARAMS)
+    assert err["data"]["field"] == "params.draft_model_id" and "being unloaded" in err["message"], err
+    err = error(hw.call("generate", {"model_id": "draft", "prompt": "x", "max_tokens": 2}, timeout=QUICK),
+                errors.MODEL_NOT_LOADED)
+    assert err["data"]["field"] == "params.model_id", err
+    assert ok(hw.call("cancel", {"id": "busy"}))["cancelled"] is True
+    assert ok(hw.response("busy", timeout=QUICK))["stop_reason"] == "cancelled"
+    assert ok(hw.response("u", timeout=QUICK))["unloaded"] is True
+    serves(hw)
