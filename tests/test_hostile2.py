@@ -418,3 +418,27 @@ def test_a_draft_whose_unload_waits_is_refused_as_a_draft_not_loaded(hw, tiny_mo
     assert ok(hw.response("busy", timeout=QUICK))["stop_reason"] == "cancelled"
     assert ok(hw.response("u", timeout=QUICK))["unloaded"] is True
     serves(hw)
+
+
+# ------------------------------------------ 13. concurrent requests sharing a prefix
+
+
+def test_a_regenerate_beside_the_next_turn_shares_the_stored_prefix(hw):
+    turn1 = SYSTEM + [{"role": "user", "content": "Name a colour, and explain why in some detail."}]
+    first = ok(hw.call("generate", {"model_id": "tiny", "messages": turn1, "max_tokens": 8, "temperature": 0,
+                                    "ignore_eos": True}, timeout=QUICK))
+    n = first["usage"]["prompt_tokens"]
+    turn2 = turn1 + [{"role": "assistant", "content": first["text"]}, {"role": "user", "content": "Another?"}]
+    common = {"model_id": "tiny", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    # One write: the next turn (takes the stored conversation), then a regenerate of turn 1.
+    lines = [json.dumps({"jsonrpc": "2.0", "id": i, "method": "generate", "params": {**common, "messages": m}})
+             for i, m in (("next", turn2), ("again", turn1))]
+    hw.send(("\n".join(lines) + "\n").encode())
+    nxt, again = ok(hw.response("next", timeout=QUICK)), ok(hw.response("again", timeout=QUICK))
+    assert again["usage"]["cached_tokens"] == n - 1, again["usage"]
+    assert nxt["usage"]["cached_tokens"] >= n, nxt["usage"]
+    # Each equals its run without the cache.
+    for params, result in ((turn2, nxt), (turn1, again)):
+        cold = ok(hw.call("generate", {**common, "messages": params, "prompt_cache": False}, timeout=QUICK))
+        assert cold["tokens"] == result["tokens"]
+    assert again["tokens"] == first["tokens"][:4]
