@@ -91,7 +91,7 @@ class Scheduler:
                 # waiting for memory (a stream of small requests must not
                 # starve a big one), unless it can never fit at all.
                 self._never_fits(gen)
-                self.waiting.append(gen)
+                self._wait(gen)
                 return False
             fits = self._fits(gen)
         except WorkerError as exc:
@@ -102,8 +102,12 @@ class Scheduler:
             return True
         if first:
             log.info("request waits for memory: %d bytes", gen.need)
-            self.waiting.append(gen)
+            self._wait(gen)
         return False
+
+    def _wait(self, gen: Generation) -> None:
+        self.waiting.append(gen)
+        _mark_waiting(gen, True)
 
     def _never_fits(self, gen: Generation) -> None:
         """Refuse (-32005) a request over its model's memory_limit even alone."""
@@ -153,6 +157,7 @@ class Scheduler:
         return freed > 0
 
     def _start(self, gen: Generation) -> None:
+        _mark_waiting(gen, False)
         if gen.to_prefill > 0:
             self.prefilling.append(gen)
         else:
@@ -356,6 +361,13 @@ def _stores(gens: list[Generation]):
             if store is not None and id(store) not in seen:
                 seen.add(id(store))
                 yield store
+
+
+def _mark_waiting(gen: Generation, waiting: bool) -> None:
+    """What ``status`` reports: a request waiting for memory is not running yet."""
+    job = getattr(gen, "job", None)
+    if job is not None:
+        job.waiting = waiting
 
 
 def _abort(gen: Generation) -> None:

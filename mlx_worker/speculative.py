@@ -278,11 +278,11 @@ class SpeculativeGroup:
                     token, logprobs, from_draft = next(self._it)
                 except StopIteration:
                     return self._end("max_tokens")
-                if from_draft:
-                    draft.accepted += 1
-                else:
+                if not from_draft:
                     self._round_start = True
                 reason = gen.accept(int(token), logprobs if gen.want_logprobs else None)
+                if from_draft and reason != "eos":  # an EOS is not output: accepted counts output tokens
+                    draft.accepted += 1
                 if reason is not None:
                     return self._end(reason)
                 if not from_draft:

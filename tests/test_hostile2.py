@@ -59,8 +59,9 @@ class Stream:
     """A long generate on ``tiny``: its token events tell whether the
     compute thread keeps stepping."""
 
-    def __init__(self, w: RawWorker, id: str = "stream"):
-        self.w, self.id = w, id
+    def __init__(self, w: RawWorker):
+        self.w, self.id = w, f"stream-{time.monotonic_ns()}"
+        id = self.id
         w.request("generate", {"model_id": "tiny", "prompt": "Once", "max_tokens": 1_000_000, "ignore_eos": True,
                                "temperature": 0, "prompt_cache": False}, id=id)
         w.wait_for(self._is_token, timeout=QUICK)
@@ -442,3 +443,62 @@ def test_a_regenerate_beside_the_next_turn_shares_the_stored_prefix(hw):
         cold = ok(hw.call("generate", {**common, "messages": params, "prompt_cache": False}, timeout=QUICK))
         assert cold["tokens"] == result["tokens"]
     assert again["tokens"] == first["tokens"][:4]
+
+
+# ------------------------------------------ decided: accepted drafts are output tokens
+
+
+def test_accepted_draft_tokens_never_exceed_completion_tokens():
+    from fixtures.build import ensure_model
+
+    w = RawWorker()
+    try:
+        ok(w.call("load", {"model": str(ensure_model("spec-draft")), "model_id": "draft"}, timeout=120))
+        target = ok(w.call("load", {"model": str(ensure_model("spec-target")), "model_id": "target"}, timeout=120))
+        eos = target["eos_token_ids"][0]
+        for bias in (30.0, 0.0):  # EOS first (the draft proposes it and the target keeps it), or whenever
+            result = ok(w.call("generate", {
+                "model_id": "target", "draft_model_id": "draft", "num_draft_tokens": 4, "prompt": "the model",
+                "max_tokens": 40, "temperature": 0, "prompt_cache": False, "logit_bias": {str(eos): bias},
+            }, timeout=60))
+            u = result["usage"]
+            assert u["accepted_draft_tokens"] <= u["completion_tokens"], u
+            if bias:
+                assert result["stop_reason"] == "eos" and u["completion_tokens"] == 0, result
+        answered_once(w)
+    finally:
+        w.close()
+
+
+# ------------------------------------------ decided: status lists memory waits apart
+
+
+def test_status_lists_a_generate_waiting_for_memory_as_waiting_not_running(tiny_model):
+    w = RawWorker()
+    try:
+        weights = os.path.getsize(os.path.join(tiny_model, "model.safetensors"))
+        req = {"model_id": "probe", "prompt": "Once " * 20, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+        probe = ok(w.call("load", {"model": tiny_model, "model_id": "probe", "memory_limit": weights + 4096}))
+        need = error(w.call("generate", req), errors.OUT_OF_MEMORY)["data"]["needed"]
+        ok(w.call("unload", {"model_id": "probe"}))
+        ok(w.call("load", {"model": tiny_model, "model_id": "tiny", "memory_limit": probe["memory_bytes"] + int(need * 1.5)}))
+        req["model_id"] = "tiny"
+        w.request("generate", req, id="a")
+        w.wait_for(lambda m: m.get("method") == "token" and m["params"]["id"] == "a", timeout=QUICK)
+        w.request("generate", req, id="b")  # waits for a's memory
+        deadline = time.monotonic() + QUICK
+        while True:
+            queue = ok(w.call("status"))["queue"]
+            if queue["waiting"] == ["b"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert queue["waiting"] == ["b"] and queue["running"] == ["a"] and queue["active"] == "a", queue
+        assert queue["pending"] == 0
+        for rid in ("a", "b"):
+            assert ok(w.call("cancel", {"id": rid}))["cancelled"] is True
+            assert ok(w.response(rid, timeout=QUICK))["stop_reason"] == "cancelled"
+        queue = ok(w.call("status"))["queue"]
+        assert queue["waiting"] == [] and queue["running"] == [], queue
+        answered_once(w)
+    finally:
+        w.close()
