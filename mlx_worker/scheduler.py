@@ -245,7 +245,8 @@ class Scheduler:
             return
         n = gen.step_size
         decoding = self.decoding() > 0
-        if decoding and gen.batchable:
+        sized = decoding and (gen.batchable or _chunking_free(gen))
+        if sized:
             n = min(n, self._chunk)
         # Prompts of the same model waiting together advance together: one
         # forward pass for a chunk of each (a pass costs far less than one
@@ -281,7 +282,7 @@ class Scheduler:
         done = sum(g.processed - b for g, b in zip(together, before))
         log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
                   done, len(together), dt * 1000, self.decoding(), self._step_s * 1000)
-        if decoding and gen.batchable:
+        if sized:
             self._tune_chunk(done, dt, gen.step_size)
         for g in together:
             self._after_chunk(g)
@@ -361,6 +362,17 @@ def _stores(gens: list[Generation]):
             if store is not None and id(store) not in seen:
                 seen.add(id(store))
                 yield store
+
+
+def _chunking_free(gen: Generation) -> bool:
+    """A request outside the batch whose output doesn't depend on how its
+    prompt is chunked (plain or quantized KV on a text model, a draft pair
+    included), so its chunks can be sized for the running streams too.
+    Windows and recurrent state keep their own ``prefill_step_size``: there
+    the chunking is part of the result (see the spec's Rotating caches)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    return gen.lm.vision is None and all(type(c) in (KVCache, QuantizedKVCache) for c in gen.cache)
 
 
 def _mark_waiting(gen: Generation, waiting: bool) -> None:

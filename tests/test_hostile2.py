@@ -502,3 +502,26 @@ def test_status_lists_a_generate_waiting_for_memory_as_waiting_not_running(tiny_
         answered_once(w)
     finally:
         w.close()
+
+
+# ------------------------------------------ decided: chunks outside the batch are sized too
+
+
+def test_a_quantized_kv_prompt_beside_a_stream_stalls_it_for_a_chunk_only(hw, tiny_model):
+    ok(hw.call("load", {"model": tiny_model, "model_id": "q8", "kv_bits": 8, "kv_group_size": 32}))
+    prompt = [5 + i % 900 for i in range(1500)]
+    quiet = {"model_id": "q8", "tokens": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+             "prefill_step_size": 4096, "prompt_cache": False}
+    alone = ok(hw.call("generate", quiet, timeout=120))
+    stream = Stream(hw)
+    hw.request("generate", quiet, id="q")
+    time.sleep(0.2)
+    moved = 0
+    while not any(m.get("id") == "q" for m in hw.responses()):
+        moved += stream.moves(within=2.0)
+        if moved >= 3:
+            break
+    assert moved >= 3 or ok(hw.response("q"))["timings"]["total_ms"] < 2000
+    assert ok(hw.response("q", timeout=120))["tokens"] == alone["tokens"]
+    stream.stop()
+    ok(hw.call("unload", {"model_id": "q8"}))
