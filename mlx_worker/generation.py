@@ -89,8 +89,9 @@ class Generation:
     def prepare(self) -> None:
         """Everything before any MLX work on the model; may raise WorkerError."""
         lm, params = self.lm, self.params
-        if self.prompt is None:
-            self.prepare_prompt()
+        if self.prompt is None:  # not prepared ahead (vision, cache_save): here, bounded
+            with prompt_bounds.within(self.should_stop, inline=False):
+                self.prepare_prompt()
         self.n_prompt = len(self.prompt.tokens)
         self.max_tokens = _clamp_to_context(lm, self.n_prompt, params.max_tokens)
         self.step_size = params.prefill_step_size or lm.prefill_step_size

@@ -207,11 +207,18 @@ class Handlers:
 
     def _tokenize(self, job: Job) -> None:
         lm = self.models.get(job.params.model_id)
+
+        def work() -> protocol.TokenizeResult:
+            try:
+                return tokenize(lm, job.params)
+            except prompt_bounds.RenderStopped:  # a tokenize is stopped only by shutdown
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down") from None
+
         try:
             with prompt_bounds.within(job.should_stop, inline=lm.vision is None):
-                outcome: object = tokenize(lm, job.params)
+                outcome: object = work()
         except prompt_bounds.MustOffload:
-            self.offload.submit(Task(job, lambda: tokenize(lm, job.params), lambda o: self.table.finish_with(job, o)))
+            self.offload.submit(Task(job, work, lambda o: self.table.finish_with(job, o)))
             return
         except BaseException as exc:
             outcome = exc
