@@ -208,7 +208,10 @@ def _load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     if _decode_key(path, meta.get("key"), lm.vocab_size) != key:
         raise _invalid(path, "its token list changed while it was read")
     keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
-    problem = _layout_problem(lm, cache, keep, len(key))
+    try:
+        problem = _layout_problem(lm, cache, keep, len(key))
+    except Exception as exc:  # state a hostile file shaped so that checking it fails
+        problem = f"its cache state can't be read ({type(exc).__name__}: {exc})"
     if problem:
         raise _invalid(path, problem)
     import mlx.core as mx
@@ -297,7 +300,7 @@ def _layout_problem(lm, cache: list, keep: int, n_tokens: int) -> Optional[str]:
         if offset != n_tokens:
             return f"its layer {i} has seen {offset} positions; its token list holds {n_tokens} tokens"
         keys = getattr(c, "keys", None)
-        held = 0 if keys is None else (keys[0] if isinstance(keys, tuple) else keys).shape[-2]
+        held = 0 if keys is None else (keys[0] if isinstance(keys, (tuple, list)) else keys).shape[-2]
         size = getattr(c, "max_size", None)
         want = min(offset, size) if isinstance(size, int) else offset
         if held < want or getattr(c, "_idx", 0) > held:
