@@ -56,13 +56,14 @@ def with_template(src: str, dst, template: str) -> str:
 
 
 class Stream:
-    """A long generate on ``tiny``: its token events tell whether the
-    compute thread keeps stepping."""
+    """A generate that never ends by itself: its token events tell whether
+    the compute thread keeps stepping."""
 
     def __init__(self, w: RawWorker):
         self.w, self.id = w, f"stream-{time.monotonic_ns()}"
         id = self.id
-        w.request("generate", {"model_id": "tiny", "prompt": "Once", "max_tokens": 1_000_000, "ignore_eos": True,
+        # A rotating cache: it runs past the context, for as long as a test needs.
+        w.request("generate", {"model_id": "endless", "prompt": "Once", "max_tokens": 1_000_000, "ignore_eos": True,
                                "temperature": 0, "prompt_cache": False}, id=id)
         w.wait_for(self._is_token, timeout=QUICK)
 
@@ -105,6 +106,7 @@ def serves(w: RawWorker) -> None:
 def hw(tiny_model):
     w = RawWorker()
     ok(w.call("load", {"model": tiny_model, "model_id": "tiny"}))
+    ok(w.call("load", {"model": tiny_model, "model_id": "endless", "max_kv_size": 256}))
     yield w
     answered_once(w)
     w.close()
