@@ -10,14 +10,11 @@ keep decoding meanwhile. Tokenizers release the GIL while they encode.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import prompt_bounds
-
-log = logging.getLogger("mlx_worker.offload")
 
 
 @dataclass(eq=False)

@@ -155,6 +155,7 @@ def test_a_template_that_renders_gigabytes_is_refused(hw, tiny_model):
 # ------------------------------------------ 4. a huge prompt while others stream
 
 
+@pytest.mark.heavy
 def test_a_huge_prompt_stalls_no_stream_and_its_cancel_answers_at_once(hw):
     stream = Stream(hw)
     huge = "word " * 1_000_000  # 5 MB, ~1M tokens
