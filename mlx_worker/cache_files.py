@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -21,9 +22,12 @@ import msgspec
 
 from . import errors, files, protocol
 from .errors import WorkerError, invalid_params
+from .model_checks import safetensors_header
 from .prompt import prepare
-from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, compact, make_cache
+from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_window, compact, make_cache
 
+
+log = logging.getLogger("mlx_worker.cache_files")
 
 FORMAT = "mlx-worker-prompt-cache/1"
 IDENTITY_KEYS = ("config_sha256", "weights_fingerprint", "tokenizer_sha256")
@@ -161,6 +165,21 @@ def _unlink(path: Path) -> None:
 
 
 def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
+    failure: Optional[BaseException] = None
+    try:
+        return _load(lm, params)
+    except BaseException as exc:
+        failure = exc
+    # Out of the except block, and without the traceback: its frames hold
+    # the arrays read, whose memory must come back now, not at a cyclic GC.
+    failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+    import mlx.core as mx
+
+    mx.clear_cache()
+    raise failure
+
+
+def _load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     store = _store_of(lm)
     path = _host_path(params.path)
     try:
@@ -169,28 +188,30 @@ def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
         raise _invalid(path, "file not found" if exc.reason == "not_found" else exc.message) from None
     if path.suffix != ".safetensors":
         raise _invalid(path, "the file name must end with .safetensors")
+    # Everything the header says is checked before a byte of data is read.
+    header, problem = safetensors_header(path)
+    if problem:
+        raise _invalid(path, f"not a readable prompt cache file ({problem})")
+    meta = header.get("__metadata__")
+    meta = {k[2:]: v for k, v in meta.items() if k.startswith("0.")} if isinstance(meta, dict) else {}
+    _check_identity(lm, path, meta)
+    key = _decode_key(path, meta.get("key"), lm.vocab_size)
+    _check_room(store, sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in header.items()
+                           if n != "__metadata__"))
     from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache
 
     try:
         cache, meta = load_prompt_cache(str(path), return_metadata=True)
     except Exception as exc:  # whatever a damaged file makes the reader raise
         raise _invalid(path, f"not a readable prompt cache file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _invalid(path, "not a prompt cache written by mlx-worker's cache_save")
-    ident = model_identity(lm)
-    differs = [k for k in IDENTITY_KEYS if meta.get(k) != ident[k]]
-    if differs:
-        raise _invalid(
-            path,
-            f"saved for another model ({meta.get('model_path')}); this is {lm.path}: "
-            f"{', '.join(differs)} differ",
-        )
-    kv_file, kv_model = {k: meta.get(k, "") for k in ("kv_bits", "kv_group_size")}, _kv_meta(lm)
-    if kv_file != kv_model:
-        raise _invalid(path, f"its KV cache is {_kv_words(kv_file)}; this model was loaded with {_kv_words(kv_model)}")
-    key = _decode_key(path, meta.get("key"), lm.vocab_size)
+    _check_identity(lm, path, meta)
+    if _decode_key(path, meta.get("key"), lm.vocab_size) != key:
+        raise _invalid(path, "its token list changed while it was read")
     keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
-    problem = _layout_problem(lm, cache, keep, len(key))
+    try:
+        problem = _layout_problem(lm, cache, keep, len(key))
+    except Exception as exc:  # state a hostile file shaped so that checking it fails
+        problem = f"its cache state can't be read ({type(exc).__name__}: {exc})"
     if problem:
         raise _invalid(path, problem)
     import mlx.core as mx
@@ -208,13 +229,48 @@ def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
         keep=keep,
     )
     if not store.add(entry):
-        raise WorkerError(
-            errors.OUT_OF_MEMORY,
-            f"the cache needs {entry.nbytes} bytes; this model's prompt cache holds at most "
-            f"{store.max_bytes} (load the model with a larger prompt_cache_bytes)",
-        )
+        raise _too_big(store, entry.nbytes)
     return protocol.CacheLoadResult(model_id=lm.model_id, path=str(path.resolve()), tokens=len(key),
                                     bytes=entry.nbytes)
+
+
+def _check_identity(lm, path: Path, meta) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _invalid(path, "not a prompt cache written by mlx-worker's cache_save")
+    ident = model_identity(lm)
+    differs = [k for k in IDENTITY_KEYS if meta.get(k) != ident[k]]
+    if differs:
+        raise _invalid(
+            path,
+            f"saved for another model ({meta.get('model_path')}); this is {lm.path}: "
+            f"{', '.join(differs)} differ",
+        )
+    kv_file, kv_model = {k: meta.get(k, "") for k in ("kv_bits", "kv_group_size")}, _kv_meta(lm)
+    if kv_file != kv_model:
+        raise _invalid(path, f"its KV cache is {_kv_words(kv_file)}; this model was loaded with {_kv_words(kv_model)}")
+
+
+def _check_room(store, nbytes: int) -> None:
+    """The file's data must fit the store's budget and the worker's memory
+    before it is read."""
+    if nbytes > store.max_bytes:
+        raise _too_big(store, nbytes)
+    import mlx.core as mx
+
+    from .memory import refusal, worker_limit
+
+    limit = worker_limit()
+    available = limit - mx.get_active_memory()
+    if nbytes > available:
+        raise refusal("cache_load", nbytes, available, limit, "worker", {})
+
+
+def _too_big(store, nbytes: int) -> WorkerError:
+    return WorkerError(
+        errors.OUT_OF_MEMORY,
+        f"the cache needs {nbytes} bytes; this model's prompt cache holds at most "
+        f"{store.max_bytes} (load the model with a larger prompt_cache_bytes)",
+    )
 
 
 def _decode_key(path: Path, raw, vocab_size: int) -> list:
@@ -237,9 +293,54 @@ def _layout_problem(lm, cache: list, keep: int, n_tokens: int) -> Optional[str]:
     if want != got:
         return (f"its cache layout doesn't match this model as loaded (file: {got[:2]}..., "
                 f"model: {want[:2]}...; was max_kv_size different?)")
-    offset = cache_offset(cache)
-    if offset is not None and offset != n_tokens:
-        return f"it holds {offset} positions for {n_tokens} tokens"
+    for i, c in enumerate(_flat(cache)):
+        offset = getattr(c, "offset", None)
+        if not isinstance(offset, int):
+            continue
+        if offset != n_tokens:
+            return f"its layer {i} has seen {offset} positions; its token list holds {n_tokens} tokens"
+        keys = getattr(c, "keys", None)
+        held = 0 if keys is None else (keys[0] if isinstance(keys, (tuple, list)) else keys).shape[-2]
+        size = getattr(c, "max_size", None)
+        want = min(offset, size) if isinstance(size, int) else offset
+        if held < want or getattr(c, "_idx", 0) > held:
+            return f"its layer {i} says {offset} positions but holds {held}"
+    return _shape_problem(lm, cache, keep)
+
+
+def _flat(cache: list) -> list:
+    out = []
+    for c in cache:
+        out.extend(_flat(list(c.caches)) if hasattr(c, "caches") else [c])
+    return out
+
+
+def _shape_problem(lm, cache: list, keep: int) -> Optional[str]:
+    """Every layer's arrays shaped as the model as loaded makes them (every
+    axis but the sequence one, and the dtype), known from a one-token pass
+    that is built but never computed (MLX is lazy)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    if lm.vision is not None:  # its language model needs a prompt's positions; the types were checked
+        return None
+    probe = make_cache(lm, keep)
+    try:
+        lm.model(mx.array([[0]], dtype=mx.uint32), cache=probe)
+    except Exception:  # a model this probe can't drive: the layout check above stands
+        log.debug("cache_load: no shape probe for this model", exc_info=True)
+        return None
+    for i, (want, got) in enumerate(zip(_flat(probe), _flat(cache))):
+        wa = [v for _, v in tree_flatten(want.state) if isinstance(v, mx.array)]
+        ga = [v for _, v in tree_flatten(got.state) if isinstance(v, mx.array)]
+        if len(wa) != len(ga):
+            return f"its layer {i} holds {len(ga)} arrays; this model's holds {len(wa)}"
+        for a, b in zip(wa, ga):
+            if a.ndim != b.ndim or a.dtype != b.dtype or a.ndim < 2 or (
+                a.shape[:-2] + a.shape[-1:] != b.shape[:-2] + b.shape[-1:]
+            ):
+                return (f"its layer {i} holds an array of shape {tuple(b.shape)} ({b.dtype}); this model "
+                        f"makes {tuple(a.shape)} ({a.dtype}) (positions on axis -2)")
     return None
 
 

@@ -180,7 +180,6 @@ class Rounds:
                     n += 1
                 self.rounds[k] += 1
                 self.proposed += k
-                self.accepted += n
                 self.length.update(k, n)
                 kept = proposals[:n] + [targets[n]]
                 # Caches back to what was kept: the target read y and the k
@@ -196,6 +195,7 @@ class Rounds:
                 self.context = mx.concatenate([self.context, mx.array(kept, mx.uint32)])
                 for i, token in enumerate(kept):
                     emitted += 1
+                    self.accepted += i < n  # counted as read: a stop ends the round early
                     yield token, picked[i][1][0], i < n
 
     def catch_up(self) -> None:

@@ -31,11 +31,11 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import errors, memory, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
+from . import errors, memory, prompt_bounds, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
 from .loaded import LoadedModel
-from .prompt import prepare, tool_dicts
+from .prompt import PreparedPrompt, prepare, tool_dicts
 from .textstream import TextStream
 
 log = logging.getLogger("mlx_worker.generation")
@@ -67,6 +67,7 @@ class Generation:
         self.should_stop = should_stop
         self.start = time.perf_counter()
         self.lease: Optional[prompt_cache.Lease] = None
+        self.prompt: Optional[PreparedPrompt] = None
         self.constraint = None
         self.stored: Optional[prompt_cache.Entry] = None  # what finish left in the store
         self.need = 0  # bytes admitted for this request (memory.py's estimate)
@@ -77,6 +78,7 @@ class Generation:
         self.stop_token: Optional[int] = None
         self.first_token_at: Optional[float] = None
         self.primed = False  # the first decode step (the prompt's last token) ran
+        self.computed = False  # the model ran on its cache (set by the scheduler before it does)
         self.positions = None  # vision: the prompt's position plan, re-set before each model call
         self.draft_lm: Optional[LoadedModel] = None  # speculative decoding: set by the caller
         self.num_draft_tokens = 0
@@ -87,11 +89,9 @@ class Generation:
     def prepare(self) -> None:
         """Everything before any MLX work on the model; may raise WorkerError."""
         lm, params = self.lm, self.params
-        sampling.validate(params, lm.vocab_size)
-        self._check_cancel()
-        self.prompt = prepare(lm, params)
-        if not self.prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
-            raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
+        if self.prompt is None:  # not prepared ahead (vision, cache_save): here, bounded
+            with prompt_bounds.within(self.should_stop, inline=False):
+                self.prepare_prompt()
         self.n_prompt = len(self.prompt.tokens)
         self.max_tokens = _clamp_to_context(lm, self.n_prompt, params.max_tokens)
         self.step_size = params.prefill_step_size or lm.prefill_step_size
@@ -128,6 +128,19 @@ class Generation:
             draft_need, _ = memory.generate_need(self.draft.lm, self.n_prompt, self.max_tokens, self.step_size)
             self.need += draft_need
             self.need_parts = {**self.need_parts, "draft": draft_need}
+
+    def prepare_prompt(self) -> None:
+        """The prompt's tokens (templates, tokenizing): touches no MLX state,
+        so it may run off the compute thread (offload.py)."""
+        sampling.validate(self.params, self.lm.vocab_size)
+        self._check_cancel()
+        try:
+            prompt = prepare(self.lm, self.params)
+        except prompt_bounds.RenderStopped:
+            raise Cancelled from None
+        if not prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
+            raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
+        self.prompt = prompt
 
     def _check_cancel(self) -> None:
         if self.should_stop():
@@ -355,7 +368,7 @@ class Generation:
         request's answer must still go out)."""
         try:
             if self.lease is not None:
-                self.lease.abort()
+                self.lease.abort(poisoned=self.computed)
         except BaseException:
             log.exception("prompt cache: giving back a failed request's entry failed")
         try:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import cache_files, embeddings, errors, generation, protocol, speculative
+from . import cache_files, embeddings, errors, generation, prompt_bounds, protocol, speculative
 from .errors import WorkerError
 from .jobs import Job, JobTable
 from .loading import LoadCancelled, LoadProgress
 from .models import ModelRegistry
+from .offload import Offload, Task
 from .prompt import check_token_ids, tokenize
 from .scheduler import Scheduler, run_alone
 
@@ -28,13 +29,15 @@ class Handlers:
         self.models = ModelRegistry()
         self.scheduler = Scheduler(self._generation_done, self._all_stores)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
+        self.offload = Offload(wake=table.poke)  # prompts too long to prepare on this thread
 
     # ------------------------------------------------------- compute loop
 
     def busy(self) -> bool:
-        return self.scheduler.busy() or bool(self.deferred)
+        return self.scheduler.busy() or bool(self.deferred) or self.offload.busy()
 
     def step(self) -> None:
+        self._hand_on_offloaded()
         if self.deferred:
             jobs, self.deferred = self.deferred, []
             for job in jobs:
@@ -45,7 +48,21 @@ class Handlers:
             except BaseException as exc:  # must not end the compute thread
                 log.exception("the scheduler failed; ending the requests it held")
                 self.scheduler.fail_all(exc)
+        elif self.offload.busy():
+            # Nothing to step: wait for the prompt thread, a new job, or (polled) a cancel.
+            self.table.wait_for_work(0.02, self.offload.has_done)
         self._drop_failed()
+
+    def _hand_on_offloaded(self) -> None:
+        for task in self.offload.tasks():
+            if task.gen is not None and not task.answered and task.job.should_stop():
+                # Cancelled while its prompt is prepared: answered now, whatever
+                # the prompt thread is still doing with it.
+                task.answered = True
+                self.table.finish_generate(task.job, generation.Cancelled())
+        for task in self.offload.take_done():
+            if not task.answered:
+                task.then(task.outcome)
 
     def _drop_failed(self) -> None:
         """A distributed model whose group failed is unloaded once no request holds it."""
@@ -61,6 +78,9 @@ class Handlers:
                 return
             if self.table.stopping:
                 raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
+            if job.method == "tokenize":
+                self._tokenize(job)
+                return
             if job.method == "unload" and self._in_use(job.params.model_id):
                 self.deferred.append(job)
                 return
@@ -68,6 +88,10 @@ class Handlers:
         except BaseException as exc:
             outcome = exc
         self.table.finish_with(job, outcome)
+        # An error's traceback holds this frame, and this frame the error: a
+        # cycle that would keep whatever the failed work held (arrays read)
+        # until a cyclic GC.
+        outcome = None
         self._drop_failed()
 
     def _events(self, job: Job) -> generation.Events:
@@ -80,7 +104,9 @@ class Handlers:
             lm = self.models.get(model_id)
         except WorkerError:
             return False
-        return self.scheduler.holds(lm)
+        return self.scheduler.holds(lm) or any(
+            t.gen is not None and (t.gen.lm is lm or t.gen.draft_lm is lm) for t in self.offload.tasks()
+        )
 
     # ------------------------------------------------------------ methods
 
@@ -118,7 +144,29 @@ class Handlers:
         except WorkerError as exc:
             self.table.finish_generate(job, exc)
             return
-        self.scheduler.submit(gen)
+        if lm.vision is not None:  # its prompt work may touch MLX: here, bounded in time
+            self.scheduler.submit(gen)
+            return
+        if not self.offload.has_generates():  # else behind those: arrival order
+            try:
+                with prompt_bounds.within(job.should_stop, inline=True):
+                    gen.prepare_prompt()
+            except prompt_bounds.MustOffload:
+                pass
+            except BaseException as exc:
+                self.table.finish_generate(job, exc)
+                return
+            else:
+                self.scheduler.submit(gen)
+                return
+
+        def then(outcome: object) -> None:
+            if isinstance(outcome, BaseException):
+                self.table.finish_generate(job, outcome)
+            else:
+                self.scheduler.submit(gen)
+
+        self.offload.submit(Task(job, gen.prepare_prompt, then, gen=gen))
 
     def _all_stores(self) -> list:
         stores = []
@@ -180,8 +228,24 @@ class Handlers:
     def unload(self, job: Job) -> protocol.UnloadResult:
         return self.models.unload(job.params.model_id)
 
-    def tokenize(self, job: Job) -> protocol.TokenizeResult:
-        return tokenize(self.models.get(job.params.model_id), job.params)
+    def _tokenize(self, job: Job) -> None:
+        lm = self.models.get(job.params.model_id)
+
+        def work() -> protocol.TokenizeResult:
+            try:
+                return tokenize(lm, job.params)
+            except prompt_bounds.RenderStopped:  # a tokenize is stopped only by shutdown
+                raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down") from None
+
+        try:
+            with prompt_bounds.within(job.should_stop, inline=lm.vision is None):
+                outcome: object = work()
+        except prompt_bounds.MustOffload:
+            self.offload.submit(Task(job, work, lambda o: self.table.finish_with(job, o)))
+            return
+        except BaseException as exc:
+            outcome = exc
+        self.table.finish_with(job, outcome)
 
     def detokenize(self, job: Job) -> protocol.DetokenizeResult:
         lm = self.models.get(job.params.model_id)

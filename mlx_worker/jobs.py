@@ -42,6 +42,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _finished: bool = False  # no longer cancellable
+    waiting: bool = False  # a generate admitted to the scheduler but waiting for memory: not running yet
     _answered: bool = False  # its one final response is out (or being sent)
     # A generate's token events sent so far: what a cancelled result carries.
     streamed_text: list = field(default_factory=list)
@@ -114,9 +115,15 @@ class JobTable:
             job.started = time.perf_counter()
             return job
 
-    def wait_for_work(self, timeout: float) -> None:
+    def wait_for_work(self, timeout: float, also: Callable[[], bool] = lambda: False) -> None:
+        """Until a job is queued, the worker stops, ``also()`` holds (checked
+        when ``poke`` is called), or ``timeout``."""
         with self.cond:
-            self.cond.wait_for(lambda: self.queue or self.stopping, timeout)
+            self.cond.wait_for(lambda: self.queue or self.stopping or also(), timeout)
+
+    def poke(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
 
     def idle(self) -> bool:
         with self.cond:
@@ -126,9 +133,11 @@ class JobTable:
         with self.cond:
             self.cond.wait_for(lambda: not self.queue and not self.running, max(0.0, timeout))
 
-    def running_ids(self) -> list:
+    def running_ids(self, waiting: bool = False) -> list:
+        """Ids of the jobs taken, oldest first: those at work, or (``waiting``)
+        the generates waiting for memory."""
         with self.cond:
-            return list(self.running)
+            return [rid for rid, job in self.running.items() if job.waiting == waiting]
 
     def pending(self) -> int:
         with self.cond:

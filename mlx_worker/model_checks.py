@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Optional
@@ -36,33 +37,75 @@ _TOKENIZER_FILES = (
 )
 
 
-def safetensors_problem(file: Path) -> Optional[str]:
-    """Check a safetensors file's header against its size (reads the header
-    only): a truncated download or a corrupt file, named, before any load."""
+class NestedTooDeeply(ValueError):
+    pass
+
+
+def loads(text: str | bytes, name: str) -> Any:
+    """``json.loads``; JSON nested past Python's recursion limit is a
+    ValueError naming the file, like any other invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise NestedTooDeeply(f"{name} is nested too deeply to read") from None
+
+
+# JSON files the libraries read with Python's json (which fails on deep
+# nesting with a RecursionError): read here first, so such a file is named.
+_JSON_FILES = ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+               "generation_config.json", "special_tokens_map.json", "chat_template.json")
+
+
+def safetensors_header(file: Path) -> tuple[Optional[dict], Optional[str]]:
+    """A safetensors file's header checked against its size (reads the header
+    only): ``(header, None)``, or ``(None, problem)`` for a truncated download
+    or a corrupt file, named before anything loads it."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                return "shorter than a safetensors header"
+                return None, "shorter than a safetensors header"
             n = int.from_bytes(head, "little")
             if n > min(size - 8, 100 * 1024 * 1024):
-                return f"header length {n} does not fit a file of {size} bytes"
-            header = json.loads(f.read(n))
+                return None, f"header length {n} does not fit a file of {size} bytes"
+            header = loads(f.read(n), file.name)
     except (OSError, ValueError) as exc:
-        return f"unreadable header ({exc})"
+        return None, f"unreadable header ({exc})"
     if not isinstance(header, dict):
-        return "the header is not a JSON object"
+        return None, "the header is not a JSON object"
     data = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            return f"tensor {name!r} has no valid data_offsets"
+            return None, f"tensor {name!r} has no valid data_offsets"
         if not 0 <= offsets[0] <= offsets[1] <= data:
-            return f"tensor {name!r} ends at byte {offsets[1]} but the file holds {data} bytes of data"
-    return None
+            return None, f"tensor {name!r} ends at byte {offsets[1]} but the file holds {data} bytes of data"
+    return header, None
+
+
+def safetensors_problem(file: Path) -> Optional[str]:
+    return safetensors_header(file)[1]
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_VISION_ROOTS = ("vision_tower", "vision_model", "visual", "vision", "multi_modal_projector", "mm_projector",
+                 "audio_tower", "audio_model")
+
+
+def weight_layers(names) -> int:
+    """How many numbered language-model layers (``….layers.N.…``) the weights
+    hold; 0 when they are named otherwise."""
+    seen = set()
+    for name in names:
+        if name.split(".", 1)[0] in _VISION_ROOTS:
+            continue
+        match = _LAYER.search(name)
+        if match:
+            seen.add(int(match.group(1)))
+    return max(seen) + 1 if seen else 0
 
 
 def template_problem(template: Any) -> Optional[str]:
@@ -129,12 +172,32 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise fail(f"no weights in {path}: expected *.safetensors files (other formats are not read)")
+    names: list[str] = []
     for file in weights:
-        problem = safetensors_problem(file)
+        header, problem = safetensors_header(file)
         if problem:
             raise fail(f"{file.name} is corrupt or incomplete: {problem}", file=str(file))
+        names.extend(k for k in header if k != "__metadata__")
+    # The model is built from config.json before any weight is read: a layer
+    # count the weights don't hold would build (and hold) thousands of
+    # layers, far beyond what the weights' size admitted.
+    held = weight_layers(names)
+    wanted = text.get("num_hidden_layers")
+    if held and isinstance(wanted, int) and wanted > held:
+        prefix = "text_config." if text is not config else ""
+        raise fail(f"config.json: `{prefix}num_hidden_layers` is {wanted} but the weights hold {held} layers",
+                   field=f"config.{prefix}num_hidden_layers")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise fail(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model, vocab.json)")
+
+    parsed = {}
+    for name in _JSON_FILES:
+        try:
+            parsed[name] = loads((path / name).read_text(encoding="utf-8"), name)
+        except NestedTooDeeply as exc:
+            raise fail(str(exc), file=str(path / name)) from None
+        except (OSError, ValueError):
+            continue  # absent, or broken: the library that reads it names it
 
     if trust_remote_code:
         return
@@ -142,10 +205,8 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
     if config.get("model_file") is not None:
         code.append(f"config.json model_file: {config['model_file']}")
     for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
-        try:
-            auto_map = json.loads((path / name).read_text(encoding="utf-8")).get("auto_map")
-        except (OSError, ValueError, AttributeError):
-            continue
+        entry = parsed.get(name)
+        auto_map = entry.get("auto_map") if isinstance(entry, dict) else None
         if auto_map:
             code.append(f"{name} auto_map: {json.dumps(auto_map)[:200]}")
     if code:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import stat
@@ -17,7 +16,7 @@ from .errors import WorkerError
 from .kv_quant import from_load as kv_quant_of_load
 from .loaded import LoadedModel, check_kv_layers, kv_fields, new_loaded_model
 from .loading import LoadProgress, evaluate_weights
-from .model_checks import check_folder, template_problem
+from .model_checks import check_folder, loads, template_problem
 from .vision import load_vision_model
 
 log = logging.getLogger("mlx_worker.models")
@@ -30,9 +29,10 @@ def read_config(path: Path) -> dict:
         why = f"config.json not found in {path}" if exc.reason == "not_found" else f"config.json: {exc.message}"
         raise WorkerError(errors.LOAD_FAILED, why, {"path": str(path)}) from None
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkerError(errors.LOAD_FAILED, f"config.json is not valid JSON: {exc}", {"path": str(path)})
+        config = loads(config_path.read_text(encoding="utf-8"), "config.json")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WorkerError(errors.LOAD_FAILED, f"config.json is not valid JSON: {exc}",
+                          {"path": str(path), "file": str(config_path)}) from None
     if not isinstance(config, dict):
         raise WorkerError(errors.LOAD_FAILED, "config.json is not a JSON object", {"path": str(path)})
     return config

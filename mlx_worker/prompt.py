@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import msgspec
 
-from . import errors, protocol
+from . import errors, prompt_bounds, protocol
 from .errors import WorkerError, invalid_params
 from .loaded import LoadedModel
 
@@ -70,16 +70,18 @@ def apply_template(owner: Any, messages: list[dict], params: Any, model_id: str)
         )
     tools = tool_dicts(getattr(params, "tools", None))
     extra = {"tools": tools} if tools is not None else {}
-    try:
-        return owner.apply_chat_template(
+    template = owner.chat_template
+    templates = template.values() if isinstance(template, dict) else [template]
+    return prompt_bounds.render(
+        lambda: owner.apply_chat_template(
             messages,
             tokenize=False,
             add_generation_prompt=params.add_generation_prompt,
             **extra,
             **params.chat_template_kwargs,
-        )
-    except Exception as exc:  # jinja errors, template-raised exceptions
-        raise invalid_params("params.messages", f"chat template failed: {exc}") from None
+        ),
+        templates,
+    )
 
 
 def render_chat(lm: LoadedModel, params: Any) -> str:
@@ -99,6 +101,7 @@ def render_chat(lm: LoadedModel, params: Any) -> str:
 
 
 def encode_text(lm: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
+    prompt_bounds.check_encode(text)
     return list(lm.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
@@ -112,6 +115,9 @@ def check_token_ids(lm: LoadedModel, tokens: list[int], field_name: str) -> None
 
 def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.TokenizeResult:
     source = one_source(params, ("text", "messages"))
+    from .tool_grammar import check_tools  # late: it imports MLX
+
+    check_tools(params.tools)
     if source == "messages" and lm.vision is not None:
         prepared = lm.vision.prepare(lm, params)
         return protocol.TokenizeResult(tokens=prepared.tokens, count=len(prepared.tokens), prompt=prepared.rendered)

@@ -224,6 +224,7 @@ class Lease:
         self.keep = keep
         self.window = window
         self._taken = taken  # the entry this request continues in place (no copy)
+        self.source: Optional[Entry] = None  # the entry it copied from, if any
         self._snapshot: Optional[tuple[int, list]] = None
         self._open = True
 
@@ -252,17 +253,28 @@ class Lease:
         if not self._open:
             return None
         self._open = False
+        self.store._return_lent(self)
         self._taken = None
         snapshot, self._snapshot = self._snapshot, None
         return self.store._insert(self, prompt, cache, fed_back, stop_reason, snapshot)
 
-    def abort(self) -> None:
+    def abort(self, poisoned: bool = False) -> None:
         """The request failed: put back the entry it took, cut to what it
-        held when taken (a state that can't be cut back is dropped)."""
+        held when taken (a state that can't be cut back is dropped).
+        ``poisoned``: it failed while computing on that cache, which may be
+        why: the entry it took, or the one it copied, leaves the store."""
         if not self._open:
             return
         self._open = False
+        self.store._return_lent(self)
         taken, self._taken, self._snapshot = self._taken, None, None
+        source, self.source = self.source, None
+        if poisoned:
+            if source is not None and any(e is source for e in self.store._entries):
+                self.store._remove(source)
+            if taken is not None or source is not None:
+                log.warning("prompt cache: a request failed on a cached prefix; that entry is dropped")
+            return
         if taken is None:
             return
         try:
@@ -295,6 +307,9 @@ class PromptCacheStore:
         self._entries: list[Entry] = []
         self._bytes = 0
         self._lock = threading.Lock()
+        # Entries taken by a running request (its next turn), with its lease:
+        # other requests sharing their prefix still start from a copy.
+        self._lent: list[tuple[Entry, Lease]] = []
 
     # -------------------------------------------------------------- hooks
 
@@ -309,6 +324,9 @@ class PromptCacheStore:
                 best, best_m = entry, m
             elif m == 0 and why and best_m == 0:
                 reason = why
+        lent = self._from_lent(key, step, keep, best_m)
+        if lent is not None:
+            return lent
         if best is None:
             cache = self._new_cache(keep)
             if self._entries:
@@ -320,13 +338,20 @@ class PromptCacheStore:
             cache = best.cache
             trim_prompt_cache(cache, len(best.key) - best_m)
             taken = best
+            lease = Lease(self, cache, best_m, step, keep, best.window, taken)
+            if not best.exact_only and best.window is None:
+                self._lent.append((best, lease))
+            log.debug("prompt cache hit: %d of %d tokens (taken)", best_m, n)
+            return lease
         else:
             self._touch(best)
             cache = copy.deepcopy(best.cache)
             trim_prompt_cache(cache, len(best.key) - best_m)
             cache = compact(cache)  # the first write then copies only the shared prefix
         log.debug("prompt cache hit: %d of %d tokens", best_m, n)
-        return Lease(self, cache, best_m, step, keep, best.window, taken)
+        lease = Lease(self, cache, best_m, step, keep, best.window, taken)
+        lease.source = None if taken is not None else best
+        return lease
 
     def _insert(self, lease: Lease, prompt, cache: list, fed_back: list[int], stop_reason: str,
                 snapshot: Optional[tuple[int, list]]) -> Optional[Entry]:
@@ -379,6 +404,29 @@ class PromptCacheStore:
                 freed += old.nbytes
         return freed
 
+    def _from_lent(self, key: list, step: int, keep: int, stored: int) -> Optional[Lease]:
+        """A copy of a taken entry's prefix, when it serves ``key`` better
+        than what is stored: the request that took it writes only past the
+        tokens it reused (MLX copies a buffer another array still uses), so
+        that prefix stays valid in its cache while it runs."""
+        best, best_m = None, stored
+        for entry, lease in self._lent:
+            shared = Entry(key=entry.key[: lease.cached], n_prompt=lease.cached, cache=entry.cache, nbytes=0,
+                           exact_only=False, window=None, step=None, keep=entry.keep)
+            m, _ = self._usable(shared, key, step, keep)
+            if m > best_m:
+                best, best_m = entry, m
+        if best is None:
+            return None
+        cache = copy.deepcopy(best.cache)
+        offset = cache_offset(cache)
+        trim_prompt_cache(cache, (offset if offset is not None else best_m) - best_m)
+        log.debug("prompt cache hit: %d of %d tokens (from a running request's prefix)", best_m, len(key))
+        return Lease(self, compact(cache), best_m, step, keep, None, None)
+
+    def _return_lent(self, lease: Lease) -> None:
+        self._lent = [(e, l) for e, l in self._lent if l is not lease]
+
     # ----------------------------------------------------------- the rest
 
     def add(self, entry: Entry) -> bool:
@@ -408,6 +456,7 @@ class PromptCacheStore:
         with self._lock:
             self._entries.clear()
             self._bytes = 0
+        self._lent.clear()
 
     def status(self) -> protocol.PromptCacheStatus:
         with self._lock:

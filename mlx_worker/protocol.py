@@ -589,6 +589,9 @@ class QueueStatus(Out):
     # Every request the compute thread is working on (generations stepping
     # together in a batch), oldest first.
     running: list[RequestId]
+    # Generates admitted to the scheduler but waiting for memory (not in
+    # `running`), oldest first.
+    waiting: list[RequestId]
 
 
 class MemoryStatus(Out):

@@ -91,7 +91,7 @@ class Scheduler:
                 # waiting for memory (a stream of small requests must not
                 # starve a big one), unless it can never fit at all.
                 self._never_fits(gen)
-                self.waiting.append(gen)
+                self._wait(gen)
                 return False
             fits = self._fits(gen)
         except WorkerError as exc:
@@ -102,8 +102,12 @@ class Scheduler:
             return True
         if first:
             log.info("request waits for memory: %d bytes", gen.need)
-            self.waiting.append(gen)
+            self._wait(gen)
         return False
+
+    def _wait(self, gen: Generation) -> None:
+        self.waiting.append(gen)
+        _mark_waiting(gen, True)
 
     def _never_fits(self, gen: Generation) -> None:
         """Refuse (-32005) a request over its model's memory_limit even alone."""
@@ -153,12 +157,14 @@ class Scheduler:
         return freed > 0
 
     def _start(self, gen: Generation) -> None:
+        _mark_waiting(gen, False)
         if gen.to_prefill > 0:
             self.prefilling.append(gen)
         else:
             self._to_decode(gen)
 
     def _to_decode(self, gen: Generation) -> None:
+        gen.computed = True
         if gen.max_tokens == 0:
             self._prime_only(gen)
             return
@@ -239,7 +245,8 @@ class Scheduler:
             return
         n = gen.step_size
         decoding = self.decoding() > 0
-        if decoding and gen.batchable:
+        sized = decoding and (gen.batchable or _chunking_free(gen))
+        if sized:
             n = min(n, self._chunk)
         # Prompts of the same model waiting together advance together: one
         # forward pass for a chunk of each (a pass costs far less than one
@@ -257,6 +264,8 @@ class Scheduler:
                     self.prefilling.remove(other)
                     together.append(other)
         self._in_hand = together  # out of every queue until handed on
+        for g in together:
+            g.computed = True
         before = [g.processed for g in together]
         t0 = time.perf_counter()
         try:
@@ -273,7 +282,7 @@ class Scheduler:
         done = sum(g.processed - b for g, b in zip(together, before))
         log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
                   done, len(together), dt * 1000, self.decoding(), self._step_s * 1000)
-        if decoding and gen.batchable:
+        if sized:
             self._tune_chunk(done, dt, gen.step_size)
         for g in together:
             self._after_chunk(g)
@@ -353,6 +362,24 @@ def _stores(gens: list[Generation]):
             if store is not None and id(store) not in seen:
                 seen.add(id(store))
                 yield store
+
+
+def _chunking_free(gen: Generation) -> bool:
+    """A request outside the batch whose output doesn't depend on how its
+    prompt is chunked (plain or quantized KV on a text model, a draft pair
+    included), so its chunks can be sized for the running streams too.
+    Windows and recurrent state keep their own ``prefill_step_size``: there
+    the chunking is part of the result (see the spec's Rotating caches)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    return gen.lm.vision is None and all(type(c) in (KVCache, QuantizedKVCache) for c in gen.cache)
+
+
+def _mark_waiting(gen: Generation, waiting: bool) -> None:
+    """What ``status`` reports: a request waiting for memory is not running yet."""
+    job = getattr(gen, "job", None)
+    if job is not None:
+        job.waiting = waiting
 
 
 def _abort(gen: Generation) -> None:

@@ -209,6 +209,7 @@ class Worker:
                 pending=self.table.pending(),
                 max_pending=self.config.max_pending,
                 running=running,
+                waiting=self.table.running_ids(waiting=True),
             ),
             memory=memory_status(),
             uptime_s=round(time.monotonic() - self.started, 3),

@@ -65,7 +65,10 @@ def find(get: Callable[[str], LoadedModel], draft_id: str, field: str) -> Loaded
     try:
         return get(draft_id)
     except WorkerError as exc:
-        raise errors.invalid_params(field, f"draft model {draft_id!r} is not loaded") from exc
+        # -32602 naming the field, also for a draft whose unload waits (the
+        # target itself would be -32003): the spec's one code for a draft.
+        state = "being unloaded" if isinstance(exc.data, dict) and exc.data.get("unloading") else "not loaded"
+        raise errors.invalid_params(field, f"draft model {draft_id!r} is {state}") from None
 
 
 def check_pair(lm: LoadedModel, draft: LoadedModel, field: str) -> None:
@@ -156,6 +159,7 @@ class Draft:
         self.num = num
         self.n_target = len(lm.model.layers)
         self.rounds: Optional[draft_rounds.Rounds] = None  # set when decoding starts
+        self.uncounted = 0  # accepted drafts that were not output (an EOS)
 
     @property
     def proposed(self) -> int:
@@ -163,7 +167,7 @@ class Draft:
 
     @property
     def accepted(self) -> int:
-        return self.rounds.accepted if self.rounds is not None else 0
+        return self.rounds.accepted - self.uncounted if self.rounds is not None else 0
 
     @property
     def step_cost(self) -> float:
@@ -267,6 +271,8 @@ class SpeculativeGroup:
                 except StopIteration:
                     return self._end("max_tokens")
                 reason = gen.accept(int(token), logprobs if gen.want_logprobs else None)
+                if from_draft and reason == "eos":  # an EOS is not output: accepted counts output tokens
+                    draft.uncounted += 1
                 if reason is not None:
                     return self._end(reason)
                 if not from_draft:

@@ -58,7 +58,7 @@ def collect(
             if isinstance(arguments, str):  # some families write arguments as a JSON string
                 try:
                     arguments = json.loads(arguments)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     pass
             call_id = item.get("id") if isinstance(item.get("id"), str) else new_id()
             parsed.append(protocol.ToolCall(id=call_id, name=name, arguments=arguments))

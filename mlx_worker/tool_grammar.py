@@ -80,14 +80,29 @@ def syntax_for(tokenizer) -> Optional[CallSyntax]:
     return None
 
 
-def chosen_tools(params: protocol.GenerateParams) -> tuple[str, list[protocol.Tool]]:
-    """(mode, tools the grammar may call); mode is auto | required | none."""
-    tools = params.tools or []
+def check_tools(tools: Optional[list[protocol.Tool]]) -> None:
+    """What every method taking ``tools`` refuses (-32602): a name given
+    twice, and ``parameters`` that are not an object schema (a call's
+    arguments are an object: a string or integer schema would make the
+    grammar write bare values where the family's syntax and the template
+    expect an object)."""
     seen = set()
-    for i, t in enumerate(tools):
+    for i, t in enumerate(tools or []):
         if t.function.name in seen:
             raise invalid_params(f"params.tools[{i}].function.name", f"tool name {t.function.name!r} is given twice")
         seen.add(t.function.name)
+        kind = (t.function.parameters or {}).get("type", "object")
+        if kind != "object" and kind != ["object"]:
+            raise invalid_params(
+                f"params.tools[{i}].function.parameters",
+                f"a tool's parameters must be an object schema (type \"object\"), not type {json.dumps(kind)}",
+            )
+
+
+def chosen_tools(params: protocol.GenerateParams) -> tuple[str, list[protocol.Tool]]:
+    """(mode, tools the grammar may call); mode is auto | required | none."""
+    tools = params.tools or []
+    check_tools(tools)
     choice = params.tool_choice
     if isinstance(choice, protocol.NamedToolChoice):
         names = {n for n in (choice.name, choice.function.name if choice.function else None) if n}
@@ -168,7 +183,12 @@ def call_grammar(syntax: CallSyntax, tools: list[protocol.Tool]) -> str:
 
 
 def _schema(tool: protocol.Tool) -> Any:
-    return tool.function.parameters if tool.function.parameters is not None else NO_PARAMETERS
+    """The schema a call's arguments are held to: always an object (a schema
+    without a ``type``, ``{}`` included, is one for an object)."""
+    parameters = tool.function.parameters
+    if parameters is None:
+        return NO_PARAMETERS
+    return parameters if "type" in parameters else {**parameters, "type": "object"}
 
 
 def is_call_grammar(processor) -> bool:

@@ -74,7 +74,6 @@ def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) 
     group = ring.group
     op = {"op": "load", "model": model_id, "path": str(path), "mode": parallel.mode,
           "trust_remote_code": params.trust_remote_code}
-    ring.loading = True
     ring.send(op)
     pipeline = parallel.mode == "pipeline"
     try:
@@ -89,7 +88,6 @@ def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) 
         raise WorkerError(errors.LOAD_FAILED, f"could not load {path} {parallel.mode}-parallel: "
                           f"{type(exc).__name__}: {exc}", {"path": str(path), "field": "params.parallel"}) from None
     replies = _replies(ring)
-    ring.loading = False
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
     from ..markers import extend_thinking

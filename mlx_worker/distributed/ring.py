@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -37,7 +38,6 @@ log = logging.getLogger("mlx_worker.distributed")
 
 BACKENDS = ["ring"]  # what this build can start (JACCL and MPI need hosts set up by the user)
 HEARTBEAT_S = 0.2
-LOADING_TIMEOUT_S = 120.0  # heartbeats may stall while a follower imports and reads weights
 INIT_TIMEOUT_S = 120.0  # followers start (import MLX, ssh) and connect
 LOOPBACK = ("127.0.0.1", "localhost")
 
@@ -50,6 +50,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _unread(pipe) -> bool:
+    """Bytes wait in the pipe (the rank is alive; its reader is behind)."""
+    try:
+        return bool(select.select([pipe], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 class Follower:
@@ -81,7 +89,6 @@ class Ring:
         self._frees: list[int] = []
         self._next_id = 0
         self._closing = False
-        self.loading = True  # until the first load is done: the longer heartbeat timeout
 
     # ------------------------------------------------------------ start
 
@@ -200,18 +207,27 @@ class Ring:
         return f"rank {f.rank} exited with code {code}"
 
     def _watch(self) -> None:
+        last = time.monotonic()
+        calm = 0  # rounds since this thread last woke late
         while self.failure is None and not self._closing:
             time.sleep(HEARTBEAT_S / 2)
             now = time.monotonic()
+            # Woken late: this process was starved (a library call holding the
+            # GIL), so the reader threads were too, and heartbeats may be
+            # waiting unread. Judge staleness only after they had a turn.
+            calm = 0 if now - last > HEARTBEAT_S else calm + 1
+            last = now
             for f in self.followers:
                 if self._closing or self.failure is not None:
                     return
                 if f.proc.poll() is not None:
                     self.fail(self._exit_reason(f))
-                else:
-                    limit = max(self.timeout_s, LOADING_TIMEOUT_S) if self.loading else self.timeout_s
-                    if now - f.last_seen > limit:
-                        self.fail(f"rank {f.rank} sent no heartbeat for {limit:g} s (hung)")
+                    continue
+                # Heartbeats come from a thread of their own, loading or not:
+                # once the group is up, timeout_s holds (a load included).
+                limit = self.timeout_s if self.group is not None else max(self.timeout_s, INIT_TIMEOUT_S)
+                if now - f.last_seen > limit and calm >= 2 and not _unread(f.proc.stdout):
+                    self.fail(f"rank {f.rank} sent no heartbeat for {limit:g} s (hung)")
 
     def _kill(self) -> None:
         for f in self.followers:

@@ -860,6 +860,7 @@ void to_json(nlohmann::json& j, const QueueStatus& v) {
   j["max_pending"] = v.max_pending;
   j["pending"] = v.pending;
   j["running"] = v.running;
+  j["waiting"] = v.waiting;
 }
 void from_json(const nlohmann::json& j, QueueStatus& v) {
   if (auto it = j.find("active"); it != j.end() && !it->is_null()) v.active = it->get<RequestId>();
@@ -867,6 +868,7 @@ void from_json(const nlohmann::json& j, QueueStatus& v) {
   j.at("max_pending").get_to(v.max_pending);
   j.at("pending").get_to(v.pending);
   j.at("running").get_to(v.running);
+  j.at("waiting").get_to(v.waiting);
 }
 
 void to_json(nlohmann::json& j, const ReadyEvent& v) {

@@ -570,6 +570,7 @@ struct QueueStatus {
   std::int64_t max_pending{};
   std::int64_t pending{};
   std::vector<RequestId> running{};
+  std::vector<RequestId> waiting{};
 };
 void to_json(nlohmann::json& j, const QueueStatus& v);
 void from_json(const nlohmann::json& j, QueueStatus& v);

@@ -371,6 +371,7 @@ export interface QueueStatus {
   max_pending: number;
   pending: number;
   running: (number | string)[];
+  waiting: (number | string)[];
 }
 export interface ReadyEvent {
   capabilities: Capabilities;
