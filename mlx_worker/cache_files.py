@@ -19,7 +19,7 @@ from typing import Optional
 
 import msgspec
 
-from . import errors, files, protocol
+from . import checkpoints, errors, files, protocol
 from .errors import WorkerError, invalid_params
 from .prompt import prepare
 from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_offset, cache_window, compact, make_cache
@@ -109,10 +109,12 @@ def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveRes
     }
     from mlx_lm.models.cache import save_prompt_cache
 
+    layers, metadata["checkpoints"] = checkpoint_layers(entry)
+    metadata["final"] = "1" if entry.final else ""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
     _unlink(tmp)  # never write into whatever sits there (a FIFO would block the writer)
     try:
-        save_prompt_cache(str(tmp), compact(entry.cache), metadata)
+        save_prompt_cache(str(tmp), compact(entry.cache) + layers, metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as exc:
         _unlink(tmp)
@@ -190,22 +192,27 @@ def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
         raise _invalid(path, f"its KV cache is {_kv_words(kv_file)}; this model was loaded with {_kv_words(kv_model)}")
     key = _decode_key(path, meta.get("key"), lm.vocab_size)
     keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
+    n_layers = len(make_cache(lm, keep))
+    cache, extra = cache[:n_layers], cache[n_layers:]
     problem = _layout_problem(lm, cache, keep, len(key))
+    cps = _read_checkpoints(path, meta.get("checkpoints"), cache, extra, len(key)) if not problem else []
     if problem:
         raise _invalid(path, problem)
     import mlx.core as mx
 
-    mx.eval([c.state for c in cache])
+    mx.eval([c.state for c in cache] + [c.state for cp in cps for c in cp.layers if c is not None])
     window = cache_window(cache)
     entry = Entry(
         key=key,
         n_prompt=len(key),
         cache=cache,
-        nbytes=cache_nbytes(cache),
+        nbytes=cache_nbytes(cache) + sum(cp.nbytes for cp in cps),
         exact_only=not can_trim_prompt_cache(cache),
         window=window,
         step=_int_or(meta.get("step"), None) if window is not None else None,
         keep=keep,
+        checkpoints=cps,
+        final=meta.get("final", "1") == "1",
     )
     if not store.add(entry):
         raise WorkerError(
@@ -215,6 +222,45 @@ def load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
         )
     return protocol.CacheLoadResult(model_id=lm.model_id, path=str(path.resolve()), tokens=len(key),
                                     bytes=entry.nbytes)
+
+
+def checkpoint_layers(entry: Entry) -> tuple[list, str]:
+    """An entry's checkpoints for a file: their copied layers (appended after
+    the cache's own) and, as metadata, each one's position and which of the
+    cache's layers those copies stand for."""
+    layers, table = [], []
+    for cp in entry.checkpoints:
+        which = [i for i, c in enumerate(cp.layers) if c is not None]
+        layers.extend(cp.layers[i] for i in which)
+        table.append([cp.pos, which])
+    return layers, msgspec.json.encode(table).decode()
+
+
+def _read_checkpoints(path: Path, raw, cache: list, extra: list, n_tokens: int) -> list:
+    if not raw:
+        if extra:
+            raise _invalid(path, f"it holds {len(extra)} layers more than this model has")
+        return []
+    try:
+        table = msgspec.json.decode(raw, type=list[tuple[int, list[int]]])
+    except msgspec.DecodeError:
+        raise _invalid(path, "its checkpoint table is corrupt") from None
+    own = checkpoints.leaves(cache)
+    fresh = iter(extra)
+    out = []
+    for pos, which in table:
+        if not 0 < pos <= n_tokens or any(not 0 <= i < len(own) for i in which):
+            raise _invalid(path, f"its checkpoint at {pos} doesn't fit its {n_tokens} tokens")
+        layers: list = [None] * len(own)
+        for i in which:
+            layer = next(fresh, None)
+            if layer is None or type(layer) is not type(own[i]):
+                raise _invalid(path, f"its checkpoint at {pos} doesn't match the cache's layers")
+            layers[i] = layer
+        out.append(checkpoints.Checkpoint(pos, layers, sum(checkpoints.layer_nbytes(c) for c in layers if c is not None)))
+    if next(fresh, None) is not None:
+        raise _invalid(path, "it holds layers no checkpoint names")
+    return out
 
 
 def _decode_key(path: Path, raw, vocab_size: int) -> list:

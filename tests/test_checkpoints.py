@@ -1,0 +1,155 @@
+"""Prompt-cache checkpoints on hybrid, state-space and sliding-window models.
+
+Their caches can't be cut back (recurrent state, a wrapped window), so the
+store keeps checkpoints where a chat continues. Each case runs a sampled
+(temperature > 0, seeded) two-turn chat at the default prefill_step_size
+through a real worker, on a tiny random folder built with mlx-lm's own
+model class (fixtures/hybrid.py; windows of 8-16 tokens, far shorter than
+the chat), and checks:
+
+* re-sending the turn-1 prompt, turn 2 (history + the generated answer + a
+  new message), an edited last message and a regenerated answer each
+  reuse >= 90 % of the turn-1 prompt (``usage.cached_tokens``);
+* every cached run's tokens equal a cold run's (``prompt_cache: false``),
+  and, the fixtures being float32, each token's logprob within 1e-4
+  (the spec's *Numerics per dtype*).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import ensure_model, spawn
+from fixtures.hybrid import ARCHS
+from mlx_worker import protocol
+
+SYSTEM = ("You are a careful assistant. Answer in full sentences, cite the numbers you use, "
+          "and say when you are unsure. ") * 3
+QUESTION = ("Here are the monthly figures: 12, 17, 9, 23, 31, 8 and 14. Which month grew the most "
+            "over the one before, and by how much? Explain the steps you took.")
+FOLLOW_UP = "Now do the same for the quarter totals, and compare the two answers."
+EDITED = "Now do the same for the weekly averages instead, please."
+LOGPROB_TOL = 1e-4  # float32 activations
+
+
+def chat(answer: str | None = None, last: str = FOLLOW_UP) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    if answer is not None:
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": last}]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def w():
+    worker = spawn()
+    yield worker
+    worker.close()
+
+
+def run(w, model_id: str, messages: list[dict], seed: int, **params) -> tuple[protocol.GenerateResult, list[float]]:
+    stream = w.generate(model_id=model_id, messages=messages, temperature=0.8, seed=seed, max_tokens=12,
+                        logprobs=True, **params)
+    result = stream.wait()
+    logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    return result, logprobs
+
+
+def same_as_cold(w, model_id: str, messages: list[dict], seed: int, cached) -> None:
+    result, logprobs = cached
+    cold, cold_logprobs = run(w, model_id, messages, seed, prompt_cache=False)
+    assert cold.usage.cached_tokens == 0
+    assert result.tokens == cold.tokens, (model_id, result.usage)
+    assert len(logprobs) == len(cold_logprobs)
+    assert max((abs(a - b) for a, b in zip(logprobs, cold_logprobs)), default=0.0) <= LOGPROB_TOL
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_two_turn_chat_reuses_checkpoints(w, name):
+    w.load(str(ensure_model(name)), model_id=name)
+    try:
+        n1 = len(w.tokenize(model_id=name, messages=chat()).tokens)
+        first = run(w, name, chat(), seed=1)
+        assert first[0].usage.cached_tokens == 0
+        need = 0.9 * n1
+
+        # The same prompt again (same seed): all but its last token come from the cache.
+        again = run(w, name, chat(), seed=1)
+        assert again[0].usage.cached_tokens == n1 - 1
+        assert again[0].tokens == first[0].tokens
+
+        # Turn 2: history + the sampled answer + a new message.
+        answer = first[0].text
+        second = run(w, name, chat(answer), seed=2)
+        assert second[0].usage.cached_tokens >= need, (second[0].usage, n1)
+        same_as_cold(w, name, chat(answer), 2, second)
+
+        # The last message edited, and turn 2 regenerated with another seed.
+        edited = run(w, name, chat(answer, EDITED), seed=3)
+        assert edited[0].usage.cached_tokens >= need, (edited[0].usage, n1)
+        same_as_cold(w, name, chat(answer, EDITED), 3, edited)
+        n2 = second[0].usage.prompt_tokens
+        regenerated = run(w, name, chat(answer), seed=4)
+        assert regenerated[0].usage.cached_tokens == n2 - 1
+        same_as_cold(w, name, chat(answer), 4, regenerated)
+        stored = w.status().models[0].prompt_cache
+        assert stored is not None and stored.entries >= 1 and 0 < stored.bytes <= stored.max_bytes
+    finally:
+        w.unload(name)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-5", "tiny-gemma3-w8", "tiny-nemotron-h"])
+def test_concurrent_turns_reuse_checkpoints(w, name):
+    """Several chats at once (each such request decodes in its own group,
+    interleaved with the others): every one resumes from its checkpoint and
+    gives a cold run's tokens."""
+    w.load(str(ensure_model(name)), model_id=name)
+    try:
+        n1 = len(w.tokenize(model_id=name, messages=chat()).tokens)
+        answer = run(w, name, chat(), seed=1)[0].text
+        lasts = [FOLLOW_UP, EDITED, "And what about the median?"]
+        streams = [w.generate(model_id=name, messages=chat(answer, last), temperature=0.8, seed=10 + i,
+                              max_tokens=12, logprobs=True) for i, last in enumerate(lasts)]
+        for i, (last, stream) in enumerate(zip(lasts, streams)):
+            result = stream.wait()
+            logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+            assert result.usage.cached_tokens >= 0.9 * n1, (last, result.usage)
+            same_as_cold(w, name, chat(answer, last), 10 + i, (result, logprobs))
+    finally:
+        w.unload(name)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-5", "tiny-gpt-oss", "tiny-falcon-h1"])
+def test_cache_file_keeps_checkpoints(tmp_path, name):
+    """cache_save writes the checkpoints with the state; a fresh worker that
+    loads the file resumes both the same prompt and its next turn."""
+    path = ensure_model(name)
+    file = tmp_path / "chat.safetensors"
+    with spawn() as a:
+        a.load(str(path), model_id=name)
+        saved = a.call("cache_save", {"model_id": name, "path": str(file), "messages": chat()})
+        n1 = saved["prompt_tokens"]
+        assert saved["tokens"] == n1
+        warm = run(a, name, chat(), seed=5)
+    with spawn() as b:
+        b.load(str(path), model_id=name)
+        b.call("cache_load", {"model_id": name, "path": str(file)})
+        again = run(b, name, chat(), seed=5)
+        assert again[0].usage.cached_tokens == n1 - 1
+        assert again[0].tokens == warm[0].tokens
+        second = run(b, name, chat(warm[0].text), seed=6)
+        assert second[0].usage.cached_tokens >= n1 - 1
+        same_as_cold(b, name, chat(warm[0].text), 6, second)
+
+
+def test_speculative_pairs_refuse_these_caches(w):
+    """Speculative decoding can't take back rejected draft tokens from
+    recurrent state or a window: a precise refusal, as the spec says."""
+    w.load(str(ensure_model("tiny-qwen3-5")), model_id="hybrid")
+    try:
+        with pytest.raises(Exception) as info:
+            w.generate(model_id="hybrid", messages=chat(), max_tokens=4, draft_model_id="hybrid").wait()
+        assert "ArraysCache" in str(info.value) or "plain KV" in str(info.value)
+    finally:
+        w.unload("hybrid")
