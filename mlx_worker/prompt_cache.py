@@ -518,6 +518,8 @@ class PromptCacheStore:
                 bytes=self._bytes,
                 max_bytes=self.max_bytes,
                 max_entries=self.max_entries,
+                checkpoints=sum(len(e.checkpoints) for e in self._entries),
+                checkpoint_bytes=sum(cp.nbytes for e in self._entries for cp in e.checkpoints),
             )
 
     def _usable(self, entry: Entry, key: list, step: int, keep: int) -> tuple[int, str]:

@@ -153,3 +153,23 @@ def test_speculative_pairs_refuse_these_caches(w):
         assert "ArraysCache" in str(info.value) or "plain KV" in str(info.value)
     finally:
         w.unload("hybrid")
+
+
+def test_checkpoint_bytes_are_counted(fresh_worker):
+    """A recurrent model's entry after one request: its own state plus the
+    prompt-end checkpoint, both in the store's bytes. The state's size comes
+    from mlx-lm's own cache for the same folder."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    path = ensure_model("tiny-mamba2")
+    model, _ = load(str(path))
+    cache = model.make_cache()
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    state = sum(a.nbytes for c in cache for a in c.cache if a is not None)
+    fresh_worker.load(str(path), model_id="ssm")
+    run(fresh_worker, "ssm", chat(), seed=1)
+    stored = fresh_worker.status().models[0].prompt_cache
+    assert stored.entries == 1
+    assert (stored.checkpoints, stored.checkpoint_bytes) == (1, state)
+    assert stored.bytes == 2 * state
