@@ -19,14 +19,24 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import CacheList, ChunkedKVCache, ConcatenateKVCache, KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import CacheList, ChunkedKVCache, ConcatenateKVCache, KVCache, QuantizedKVCache
 
 # A request holds at most this many while it runs: where it resumed, its
-# last prefill chunk's end, its prompt's end (memory.generate_need counts them).
-PER_REQUEST = 3
+# system prompt's end, its last prefill chunk's end, its prompt's end
+# (memory.generate_need counts them).
+PER_REQUEST = 4
 
-# Layers whose trim() cuts them back to any earlier position.
-_CUTTABLE = (KVCache, QuantizedKVCache, ConcatenateKVCache, ChunkedKVCache)
+# Layers whose trim() cuts them back to any earlier position, by class name:
+# mlx-vlm has its own copies of mlx-lm's cache classes.
+_CUTTABLE = {cls.__name__ for cls in (KVCache, QuantizedKVCache, ConcatenateKVCache, ChunkedKVCache)}
+
+
+def _cuttable(c) -> bool:
+    return type(c).__name__ in _CUTTABLE
+
+
+def _is_group(c) -> bool:
+    return type(c).__name__ == CacheList.__name__ and hasattr(c, "caches")
 
 
 @dataclass
@@ -40,7 +50,7 @@ def leaves(cache: list) -> list:
     """The cache's layers, ``CacheList`` groups flattened, in a fixed order."""
     out = []
     for c in cache:
-        if isinstance(c, CacheList):
+        if _is_group(c):
             out.extend(leaves(list(c.caches)))
         else:
             out.append(c)
@@ -49,13 +59,13 @@ def leaves(cache: list) -> list:
 
 def needs_checkpoints(cache: list) -> bool:
     """Whether some layer can't be cut back (recurrent state or a window)."""
-    return any(type(c) not in _CUTTABLE for c in leaves(cache))
+    return not all(_cuttable(c) for c in leaves(cache))
 
 
 def take(cache: list, pos: int) -> Checkpoint:
     """A checkpoint of ``cache``, which has seen ``pos`` tokens. The copies
     share no buffer with the live cache, so they cost what they count."""
-    layers = [None if type(c) in _CUTTABLE else _copy(c) for c in leaves(cache)]
+    layers = [None if _cuttable(c) else _copy(c) for c in leaves(cache)]
     return Checkpoint(pos, layers, sum(layer_nbytes(c) for c in layers if c is not None))
 
 
@@ -68,8 +78,8 @@ def restore(own: list, cp: Checkpoint) -> list:
     def build(layers: list) -> list:
         out = []
         for c in layers:
-            if isinstance(c, CacheList):
-                out.append(CacheList(*build(list(c.caches))))
+            if _is_group(c):
+                out.append(type(c)(*build(list(c.caches))))
                 continue
             saved = next(it)
             if saved is not None:
@@ -93,13 +103,13 @@ def _cut(c, pos: int):
     offset = getattr(c, "offset", None)
     if isinstance(offset, int) and offset > pos:
         c.trim(offset - pos)
-    if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+    if type(c).__name__ == "KVCache" and c.keys is not None and c.keys.shape[2] > c.offset:
         c.keys, c.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
     return c
 
 
 def _copy(c):
-    if type(c) is RotatingKVCache:
+    if type(c).__name__ == "RotatingKVCache" and hasattr(c, "_temporal_order"):
         return _copy_window(c)
     out = copy.deepcopy(c)
     for name in ("cache",):  # ArraysCache and kin: fresh buffers (they may be views of a larger one)
@@ -109,11 +119,11 @@ def _copy(c):
     return out
 
 
-def _copy_window(c: RotatingKVCache) -> RotatingKVCache:
+def _copy_window(c):
     """The window's tokens in temporal order, at most ``max_size`` of them
     (the first ``keep`` and the latest), copied out of the live buffer (a
     prefill chunk leaves it ``max_size - 1 + chunk`` tokens long)."""
-    out = RotatingKVCache(max_size=c.max_size, keep=c.keep)
+    out = type(c)(max_size=c.max_size, keep=c.keep)
     out.offset = c.offset
     if c.keys is None:
         return out

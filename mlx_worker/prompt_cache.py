@@ -26,11 +26,12 @@ Rules that keep the output identical to an uncached run:
   (checkpoints.py): copies of those layers' state at the positions a later
   prompt is likely to share: where its prompt processing ended (one token
   before the prompt's end: the last token goes in with the first decode
-  step), the last prefill chunk's end, and where it started from; the end of
-  the answer is the entry's own state. A prompt resumes from the entry's own
+  step), where a chat's system prompt ends (prefill stops there), the last
+  prefill chunk's end, and where it started from; the end of the answer is
+  the entry's own state. A prompt resumes from the entry's own
   state when it extends all of it, else from the nearest checkpoint at or
   before the shared prefix. An entry carries its predecessors' checkpoints
-  (at most ``MAX_CHECKPOINTS``, the earliest dropped first) and counts their
+  (at most ``MAX_CHECKPOINTS``: the first and the latest) and counts their
   bytes.
 
 mlx-lm's ``LRUPromptCache`` (used by ``mlx_lm.server``) was the model for
@@ -83,7 +84,7 @@ log = logging.getLogger("mlx_worker.prompt_cache")
 DEFAULT_ENTRIES = 16
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the byte budget
 DEFAULT_KEEP = 4  # mlx-lm's own: the first tokens a rotating cache never evicts
-MAX_CHECKPOINTS = 8  # per entry (a conversation): the earliest positions go first
+MAX_CHECKPOINTS = 8  # per entry (a conversation): the first and the latest are kept
 
 
 # ------------------------------------------------------------ building caches
@@ -121,6 +122,21 @@ def keep_for(lm, params, tokens: list[int]) -> int:
         if n_system:
             keep = max(keep, _system_tokens(lm, params, n_system, tokens))
     return max(0, min(keep, lm.max_kv_size // 2))
+
+
+def system_end(lm, params, tokens: list[int]) -> int:
+    """Where a chat's leading system/developer messages end in its tokens (0:
+    none, or nothing after them): other conversations with the same system
+    prompt share that prefix, so a stateful cache checkpoints it."""
+    messages = getattr(params, "messages", None)
+    if not messages or lm.vision is not None:
+        return 0
+    n_system = 0
+    while n_system < len(messages) and messages[n_system].role in ("system", "developer"):
+        n_system += 1
+    if not n_system or n_system == len(messages):
+        return 0
+    return _system_tokens(lm, params, n_system, tokens)
 
 
 def _system_tokens(lm, params, n_system: int, tokens: list[int]) -> int:
@@ -264,6 +280,7 @@ class Lease:
         self._stateful = checkpoints.needs_checkpoints(cache) and window is None
         self._checkpoints: list[Checkpoint] = list(inherited or [])  # from the entry it started from
         self._chunk_end: Optional[Checkpoint] = None  # the last prefill chunk's end
+        self._marks: list[int] = []  # positions prefill stops at for a checkpoint (a system prompt's end)
         if self._stateful and cached > 0 and all(cp.pos != cached for cp in self._checkpoints):
             self._add(checkpoints.take(cache, cached))  # where it resumed: a turn's end
         self._open = True
@@ -272,6 +289,20 @@ class Lease:
     def reused_bytes(self) -> int:
         """Bytes of KV this request continues in place: already allocated."""
         return self._taken.nbytes if self._taken is not None else 0
+
+    @property
+    def stateful(self) -> bool:
+        """Whether this request's cache keeps checkpoints."""
+        return self._stateful
+
+    def mark(self, pos: int) -> None:
+        """Ask for a checkpoint at ``pos`` (prefill ends a chunk there)."""
+        if self._stateful and self.cached < pos < self.n_prompt - 1:
+            self._marks.append(pos)
+
+    def next_stop(self, processed: int) -> Optional[int]:
+        """The next position prefill must stop at, if any."""
+        return min((m for m in self._marks if m > processed), default=None)
 
     def progress(self, cache: list, processed: int) -> None:
         """Called after each prefill chunk: takes the checkpoints (see module
@@ -287,8 +318,10 @@ class Lease:
                 self._snapshot = checkpoints.take(cache, processed)
             return
         cp = checkpoints.take(cache, processed)
-        if processed == self.n_prompt - 1:
-            self._add(cp)  # the prompt's end: resent, regenerated and the next turn resume here
+        if processed == self.n_prompt - 1 or processed in self._marks:
+            # The prompt's end: resent, regenerated and the next turn resume
+            # here; a system prompt's end: other conversations start here.
+            self._add(cp)
         else:
             self._chunk_end = cp
         self.store._saw_checkpoint(cp.nbytes)
@@ -351,10 +384,12 @@ def _entry_nbytes(cache: list, cps: list[Checkpoint]) -> int:
 
 def _latest(found: list[Checkpoint], upto: int) -> list[Checkpoint]:
     """The checkpoints an entry keeps: one per position within its tokens,
-    at most MAX_CHECKPOINTS, the earliest dropped first (the latest turns
-    are the ones a chat edits, regenerates and continues)."""
+    at most MAX_CHECKPOINTS: the first (usually the system prompt's end,
+    which other conversations share) and the latest (the turns a chat
+    edits, regenerates and continues); the second earliest goes first."""
     by_pos = {cp.pos: cp for cp in found if 0 < cp.pos <= upto}
-    return [by_pos[p] for p in sorted(by_pos)][-MAX_CHECKPOINTS:]
+    kept = [by_pos[p] for p in sorted(by_pos)]
+    return kept if len(kept) <= MAX_CHECKPOINTS else kept[:1] + kept[-(MAX_CHECKPOINTS - 1):]
 
 
 def _cut_plain(cache: list, n: int) -> None:

@@ -156,9 +156,10 @@ def test_speculative_pairs_refuse_these_caches(w):
 
 
 def test_checkpoint_bytes_are_counted(fresh_worker):
-    """A recurrent model's entry after one request: its own state plus the
-    prompt-end checkpoint, both in the store's bytes. The state's size comes
-    from mlx-lm's own cache for the same folder."""
+    """A recurrent model's entry after one chat request: its own state plus
+    two checkpoints (where the system prompt ends, where the prompt ends),
+    all in the store's bytes. The state's size comes from mlx-lm's own cache
+    for the same folder."""
     import mlx.core as mx
     from mlx_lm import load
 
@@ -171,5 +172,31 @@ def test_checkpoint_bytes_are_counted(fresh_worker):
     run(fresh_worker, "ssm", chat(), seed=1)
     stored = fresh_worker.status().models[0].prompt_cache
     assert stored.entries == 1
-    assert (stored.checkpoints, stored.checkpoint_bytes) == (1, state)
-    assert stored.bytes == 2 * state
+    assert (stored.checkpoints, stored.checkpoint_bytes) == (2, 2 * state)
+    assert stored.bytes == 3 * state
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-next", "tiny-olmo3", "tiny-jamba"])
+def test_shared_system_prompt_and_third_turn(w, name):
+    """Another conversation with the same system prompt resumes where the
+    system prompt ends (prefill stops there for a checkpoint); a third turn
+    resumes after the second."""
+    w.load(str(ensure_model(name)), model_id=name)
+    try:
+        system = chat()[:1]
+        n_sys = len(w.tokenize(model_id=name, messages=system, add_generation_prompt=False).tokens)
+        first = run(w, name, chat(), seed=1)[0]
+        other = system + [{"role": "user", "content": "A different question about the weather in spring."}]
+        result = run(w, name, other, seed=2)
+        assert result[0].usage.cached_tokens == n_sys
+        same_as_cold(w, name, other, 2, result)
+
+        turn2 = chat(first.text)
+        second = run(w, name, turn2, seed=3)[0]
+        turn3 = turn2 + [{"role": "assistant", "content": second.text},
+                         {"role": "user", "content": "Thanks. One last check of the totals?"}]
+        third = run(w, name, turn3, seed=4)
+        assert third[0].usage.cached_tokens >= second.usage.prompt_tokens - 1
+        same_as_cold(w, name, turn3, 4, third)
+    finally:
+        w.unload(name)
