@@ -200,3 +200,30 @@ def test_shared_system_prompt_and_third_turn(w, name):
         same_as_cold(w, name, turn3, 4, third)
     finally:
         w.unload(name)
+
+
+@pytest.mark.parametrize("name,dtype", [("tiny-qwen3-5-bf16", "bf16"), ("tiny-qwen3-5-q4", "quantized"),
+                                        ("tiny-gemma3-w8-bf16", "bf16"), ("tiny-gemma3-w8-q4", "quantized")])
+def test_numerics_per_dtype(w, name, dtype):
+    """bf16 and 4-bit conversions: the same prompt again and turn 2 resume
+    from checkpoints, within the spec's tolerance of a cold run."""
+    from numerics import assert_same_output
+
+    w.load(str(ensure_model(name)), model_id=name)
+    try:
+        n1 = len(w.tokenize(model_id=name, messages=chat()).tokens)
+
+        def greedy(messages, **params):
+            stream = w.generate(model_id=name, messages=messages, temperature=0, max_tokens=8, top_logprobs=3,
+                                **params)
+            result = stream.wait()
+            return result, [e for e in stream.events if isinstance(e, protocol.TokenEvent) and e.tokens]
+
+        first = greedy(chat())
+        for messages in (chat(), chat(first[0].text)):
+            cached = greedy(messages)
+            assert cached[0].usage.cached_tokens >= 0.9 * n1, cached[0].usage
+            cold = greedy(messages, prompt_cache=False)
+            assert_same_output(dtype, cached[0], cold[0], cached[1], cold[1])
+    finally:
+        w.unload(name)
