@@ -120,7 +120,8 @@ def test_concurrent_turns_reuse_checkpoints(w, name):
         w.unload(name)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen3-5", "tiny-gpt-oss", "tiny-falcon-h1"])
+@pytest.mark.parametrize("name", ["tiny-qwen3-5", pytest.param("tiny-gpt-oss", marks=pytest.mark.heavy),
+                                  pytest.param("tiny-falcon-h1", marks=pytest.mark.heavy)])
 def test_cache_file_keeps_checkpoints(tmp_path, name):
     """cache_save writes the checkpoints with the state; a fresh worker that
     loads the file resumes both the same prompt and its next turn."""
