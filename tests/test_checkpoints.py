@@ -228,3 +228,26 @@ def test_numerics_per_dtype(w, name, dtype):
             assert_same_output(dtype, cached[0], cold[0], cached[1], cold[1])
     finally:
         w.unload(name)
+
+
+def test_cache_file_with_a_bad_checkpoint_table_is_refused(tmp_path):
+    """A file whose checkpoint table doesn't fit its tokens or layers is a
+    cache-file error (-32009); the worker keeps serving."""
+    import mlx.core as mx
+
+    from mlx_worker.client import RpcError
+
+    path = ensure_model("tiny-qwen3-5")
+    good = tmp_path / "good.safetensors"
+    with spawn() as w:
+        w.load(str(path), model_id="m")
+        w.call("cache_save", {"model_id": "m", "path": str(good), "messages": chat()})
+        arrays, meta = mx.load(str(good), return_metadata=True)
+        for i, table in enumerate(['[[99999, [0]]]', '[[5, [1]]]', 'not json']):
+            bad = tmp_path / f"bad{i}.safetensors"
+            assert "0.checkpoints" in meta  # mlx-lm flattens [metadata, classes, scalars]
+            mx.save_safetensors(str(bad), arrays, {**meta, "0.checkpoints": table})
+            with pytest.raises(RpcError) as refused:
+                w.call("cache_load", {"model_id": "m", "path": str(bad)})
+            assert refused.value.code == -32009 and "checkpoint" in refused.value.message
+        assert run(w, "m", chat(), seed=1)[0].usage.cached_tokens > 0  # the saved entry is still there
