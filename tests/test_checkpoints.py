@@ -251,3 +251,43 @@ def test_cache_file_with_a_bad_checkpoint_table_is_refused(tmp_path):
                 w.call("cache_load", {"model_id": "m", "path": str(bad)})
             assert refused.value.code == -32009 and "checkpoint" in refused.value.message
         assert run(w, "m", chat(), seed=1)[0].usage.cached_tokens > 0  # the saved entry is still there
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-5", "tiny-gemma3-w8"])
+def test_long_prompt_edited_near_its_end_resumes_at_a_chunk_end(w, name):
+    """A prompt longer than one prefill chunk (default 512) keeps a
+    checkpoint where its last chunk ended; editing its end resumes there.
+    Chunks start where the system prompt ends (a checkpoint of its own)."""
+    w.load(str(ensure_model(name)), model_id=name)
+    try:
+        system = chat()[:1]
+        n_sys = len(w.tokenize(model_id=name, messages=system, add_generation_prompt=False).tokens)
+        long_text = " ".join(f"item {i} costs {i * 7 % 100} units" for i in range(40))
+        first = system + [{"role": "user", "content": long_text + " What is the total?"}]
+        edited = system + [{"role": "user", "content": long_text + " Which item is the cheapest?"}]
+        n = len(w.tokenize(model_id=name, messages=first).tokens)
+        assert n_sys + 512 + 10 < n < n_sys + 1024  # one full chunk after the system prompt, then the rest
+        run(w, name, first, seed=1)
+        result = run(w, name, edited, seed=2)
+        assert result[0].usage.cached_tokens == n_sys + 512
+        same_as_cold(w, name, edited, 2, result)
+    finally:
+        w.unload(name)
+
+
+def test_window_checkpoint_holds_one_window(fresh_worker):
+    """A sliding-window checkpoint copies each window layer's last
+    ``sliding_window`` tokens of KV (not the prefill buffer, which holds the
+    whole chunk): its bytes follow from config.json."""
+    import json
+
+    path = ensure_model("tiny-gemma3-w8")
+    cfg = json.loads((path / "config.json").read_text())
+    pattern = cfg["sliding_window_pattern"]
+    window_layers = sum(1 for i in range(cfg["num_hidden_layers"]) if i % pattern != pattern - 1)
+    per_checkpoint = window_layers * cfg["sliding_window"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+    fresh_worker.load(str(path), model_id="win")
+    run(fresh_worker, "win", chat(), seed=1)
+    stored = fresh_worker.status().models[0].prompt_cache
+    assert stored.checkpoints == 2  # the system prompt's end, the prompt's end
+    assert stored.checkpoint_bytes == 2 * per_checkpoint
