@@ -287,8 +287,11 @@ class Lease:
 
     @property
     def reused_bytes(self) -> int:
-        """Bytes of KV this request continues in place: already allocated."""
-        return self._taken.nbytes if self._taken is not None else 0
+        """Bytes of KV this request continues in place: already allocated
+        (its checkpoints stay allocated beside it: not counted)."""
+        if self._taken is None:
+            return 0
+        return self._taken.nbytes - sum(cp.nbytes for cp in self._taken.checkpoints)
 
     @property
     def stateful(self) -> bool:

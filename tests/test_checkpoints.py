@@ -24,6 +24,7 @@ import pytest
 from conftest import ensure_model, spawn
 from fixtures.hybrid import ARCHS
 from mlx_worker import protocol
+from numerics import assert_same_output
 
 SYSTEM = ("You are a careful assistant. Answer in full sentences, cite the numbers you use, "
           "and say when you are unsure. ") * 3
@@ -208,8 +209,6 @@ def test_shared_system_prompt_and_third_turn(w, name):
 def test_numerics_per_dtype(w, name, dtype):
     """bf16 and 4-bit conversions: the same prompt again and turn 2 resume
     from checkpoints, within the spec's tolerance of a cold run."""
-    from numerics import assert_same_output
-
     w.load(str(ensure_model(name)), model_id=name)
     try:
         n1 = len(w.tokenize(model_id=name, messages=chat()).tokens)
