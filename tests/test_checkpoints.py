@@ -12,7 +12,13 @@ the chat), and checks:
   reuse >= 90 % of the turn-1 prompt (``usage.cached_tokens``);
 * every cached run's tokens equal a cold run's (``prompt_cache: false``),
   and, the fixtures being float32, each token's logprob within 1e-4
-  (the spec's *Numerics per dtype*).
+  (the spec's *Numerics per dtype*; bf16 and 4-bit conversions within
+  theirs).
+
+Also: concurrent turns, a shared system prompt, a third turn, a long prompt
+edited near its end, a cancel during prompt processing, cache files with
+checkpoints (and a corrupt checkpoint table), the bytes a checkpoint costs,
+and speculative decoding's refusal of these caches.
 """
 
 from __future__ import annotations
@@ -290,3 +296,27 @@ def test_window_checkpoint_holds_one_window(fresh_worker):
     stored = fresh_worker.status().models[0].prompt_cache
     assert stored.checkpoints == 2  # the system prompt's end, the prompt's end
     assert stored.checkpoint_bytes == 2 * per_checkpoint
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-5", "tiny-mamba2"])
+def test_cancel_during_prompt_processing_keeps_the_chunks(w, name):
+    """Cancelled between prefill chunks: the state at the last chunk is kept
+    (it is exactly that position's), so a retry resumes there."""
+    w.load(str(ensure_model(name)), model_id=name)
+    try:
+        text = " ".join(f"line {i}: the value is {i * 13 % 97}." for i in range(40))
+        messages = [{"role": "user", "content": text}]
+        n = len(w.tokenize(model_id=name, messages=messages).tokens)
+        stream = w.generate(model_id=name, messages=messages, max_tokens=4, prefill_step_size=64)
+        for event in stream:
+            if isinstance(event, protocol.ProgressEvent) and event.processed >= 128:
+                stream.cancel()
+                break
+        result = stream.wait()
+        assert result.stop_reason == "cancelled"
+        retry = run(w, name, messages, seed=1, prefill_step_size=64)
+        assert 128 <= retry[0].usage.cached_tokens < n - 1
+        assert retry[0].usage.cached_tokens % 64 == 0
+        same_as_cold(w, name, messages, 1, retry)
+    finally:
+        w.unload(name)
