@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -112,10 +111,9 @@ def _copy(c):
     if type(c).__name__ == "RotatingKVCache" and hasattr(c, "_temporal_order"):
         return _copy_window(c)
     out = copy.deepcopy(c)
-    for name in ("cache",):  # ArraysCache and kin: fresh buffers (they may be views of a larger one)
-        arrays = getattr(out, name, None)
-        if isinstance(arrays, list):
-            setattr(out, name, [mx.array(a) if isinstance(a, mx.array) else a for a in arrays])
+    arrays = getattr(out, "cache", None)  # ArraysCache and kin: fresh buffers (a state may be a view)
+    if isinstance(arrays, list):
+        out.cache = [mx.array(a) if isinstance(a, mx.array) else a for a in arrays]
     return out
 
 
@@ -139,11 +137,3 @@ def _copy_window(c):
     mx.eval(out.keys, out.values)
     return out
 
-
-def at_position(cache: list) -> Optional[int]:
-    """Tokens the cache has seen, from any layer that counts them."""
-    for c in leaves(cache):
-        offset = getattr(c, "offset", None)
-        if isinstance(offset, int):
-            return offset
-    return None

@@ -23,8 +23,6 @@ and speculative decoding's refusal of these caches.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from conftest import ensure_model, spawn
