@@ -11,6 +11,14 @@ turn 1 then turn 2 the same way. TTFT is measured by the client: request sent
 → first token event (worker) / first streamed ``data:`` chunk (server, with
 ``max_tokens: 1``). Rounds alternate; medians are compared. Target: cached ÷
 cold ≤ 0.03. Both processes use the same BLAS (mlx_worker/blas.py).
+
+    python bench/prompt_cache.py --checkpoints [--history 2000] [--rounds 3]
+
+compares, on tiny fixtures, the plain KV model with a hybrid (Gated DeltaNet)
+and a sliding-window one, whose caches can't be cut back and are served by
+checkpoints: the same rounds, turn-2 TTFT cached ÷ cold (target ≤ 0.1), and
+the checkpoints' bytes per conversation (status after one conversation's
+two turns on a fresh store; ``--checkpoint-models`` picks the fixtures).
 """
 
 from __future__ import annotations
@@ -68,6 +76,63 @@ def server_ttft(server, messages) -> float:
     return first - start
 
 
+# ------------------------------------------------------------- checkpoints
+
+CHECKPOINT_MODELS = "tiny-llama,tiny-qwen3-5,tiny-gemma3-w8"
+
+
+def one_model(client, name: str, history_tokens: int, rounds: int) -> dict:
+    """Turn-2 TTFT cached and cold, and what one conversation's checkpoints cost."""
+    client.load(str(ensure_model(name)), model_id=name)
+    try:
+        history = history_chat_for(client, name, history_tokens)
+        turn1, turn2 = rounds_chats(history, -1)
+        worker_ttft(client, turn1, model_id=name)  # one conversation on a fresh store
+        worker_ttft(client, turn2, model_id=name)
+        store = next(m for m in client.status().models if m.model_id == name).prompt_cache
+        cached, cold, info = [], [], {}
+        for k in range(rounds):
+            turn1, turn2 = rounds_chats(history, k)
+            worker_ttft(client, turn1, model_id=name)
+            t, info = worker_ttft(client, turn2, model_id=name)
+            cached.append(t)
+            t, _ = worker_ttft(client, turn2, model_id=name, prompt_cache=False)
+            cold.append(t)
+    finally:
+        client.unload(name)
+    return {"model": name, **info, "cached_ms": median(cached) * 1000, "cold_ms": median(cold) * 1000,
+            "ratio": median(cached) / median(cold), "checkpoints": store.checkpoints,
+            "checkpoint_bytes": store.checkpoint_bytes, "bytes": store.bytes, "entries": store.entries}
+
+
+def history_chat_for(client, model_id: str, target_tokens: int) -> list[dict]:
+    class Named:  # history_chat's client, tokenizing with this model
+        def tokenize(self, **kw):
+            return client.tokenize(model_id=model_id, **kw)
+
+    return history_chat(Named(), target_tokens)
+
+
+def checkpoints_main(args) -> None:
+    client = spawn()
+    rows = []
+    try:
+        for name in args.checkpoint_models.split(","):
+            rows.append(one_model(client, name, args.history, args.rounds))
+    finally:
+        client.close()
+    print(f"turn 2 = turn 1 + a short answer + a new message; median of {args.rounds} rounds; "
+          "checkpoint figures after one conversation (2 turns) on a fresh store\n")
+    print("| fixture | turn-2 prompt | cached | cold ms | cached ms | cached ÷ cold | checkpoints | "
+          "checkpoint bytes | store bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['prompt']} | {r['cached']} | {r['cold_ms']:.1f} | {r['cached_ms']:.1f} | "
+              f"{r['ratio']:.4f} | {r['checkpoints']} | {r['checkpoint_bytes']:,} | {r['bytes']:,} |")
+    report("prompt_cache_checkpoints", {f"{r['model']}_cached_over_cold": r["ratio"] for r in rows}
+           | {f"{r['model']}_checkpoint_bytes": r["checkpoint_bytes"] for r in rows})
+
+
 # -------------------------------------------------------------------------- main
 
 
@@ -77,7 +142,13 @@ def main() -> None:
     p.add_argument("--history", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-server", action="store_true", help="skip the mlx_lm.server comparison")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="plain vs hybrid vs sliding-window fixtures: TTFT ratio and checkpoint bytes")
+    p.add_argument("--checkpoint-models", default=CHECKPOINT_MODELS)
     args = p.parse_args()
+    if args.checkpoints:
+        checkpoints_main(args)
+        return
     path = str(ensure_model(args.model))
     client = spawn()
     client.load(path)

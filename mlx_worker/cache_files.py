@@ -20,7 +20,7 @@ from typing import Optional
 
 import msgspec
 
-from . import errors, files, protocol
+from . import checkpoints, errors, files, protocol
 from .errors import WorkerError, invalid_params
 from .model_checks import safetensors_header
 from .prompt import prepare
@@ -113,10 +113,12 @@ def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveRes
     }
     from mlx_lm.models.cache import save_prompt_cache
 
+    layers, metadata["checkpoints"] = checkpoint_layers(entry)
+    metadata["final"] = "1" if entry.final else ""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
     _unlink(tmp)  # never write into whatever sits there (a FIFO would block the writer)
     try:
-        save_prompt_cache(str(tmp), compact(entry.cache), metadata)
+        save_prompt_cache(str(tmp), compact(entry.cache) + layers, metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as exc:
         _unlink(tmp)
@@ -208,25 +210,30 @@ def _load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     if _decode_key(path, meta.get("key"), lm.vocab_size) != key:
         raise _invalid(path, "its token list changed while it was read")
     keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
+    n_layers = len(make_cache(lm, keep))
+    cache, extra = cache[:n_layers], cache[n_layers:]
     try:
         problem = _layout_problem(lm, cache, keep, len(key))
     except Exception as exc:  # state a hostile file shaped so that checking it fails
         problem = f"its cache state can't be read ({type(exc).__name__}: {exc})"
+    cps = _read_checkpoints(path, meta.get("checkpoints"), cache, extra, len(key)) if not problem else []
     if problem:
         raise _invalid(path, problem)
     import mlx.core as mx
 
-    mx.eval([c.state for c in cache])
+    mx.eval([c.state for c in cache] + [c.state for cp in cps for c in cp.layers if c is not None])
     window = cache_window(cache)
     entry = Entry(
         key=key,
         n_prompt=len(key),
         cache=cache,
-        nbytes=cache_nbytes(cache),
+        nbytes=cache_nbytes(cache) + sum(cp.nbytes for cp in cps),
         exact_only=not can_trim_prompt_cache(cache),
         window=window,
         step=_int_or(meta.get("step"), None) if window is not None else None,
         keep=keep,
+        checkpoints=cps,
+        final=meta.get("final", "1") == "1",
     )
     if not store.add(entry):
         raise _too_big(store, entry.nbytes)
@@ -271,6 +278,45 @@ def _too_big(store, nbytes: int) -> WorkerError:
         f"the cache needs {nbytes} bytes; this model's prompt cache holds at most "
         f"{store.max_bytes} (load the model with a larger prompt_cache_bytes)",
     )
+
+
+def checkpoint_layers(entry: Entry) -> tuple[list, str]:
+    """An entry's checkpoints for a file: their copied layers (appended after
+    the cache's own) and, as metadata, each one's position and which of the
+    cache's layers those copies stand for."""
+    layers, table = [], []
+    for cp in entry.checkpoints:
+        which = [i for i, c in enumerate(cp.layers) if c is not None]
+        layers.extend(cp.layers[i] for i in which)
+        table.append([cp.pos, which])
+    return layers, msgspec.json.encode(table).decode()
+
+
+def _read_checkpoints(path: Path, raw, cache: list, extra: list, n_tokens: int) -> list:
+    if not raw:
+        if extra:
+            raise _invalid(path, f"it holds {len(extra)} layers more than this model has")
+        return []
+    try:
+        table = msgspec.json.decode(raw, type=list[tuple[int, list[int]]])
+    except msgspec.DecodeError:
+        raise _invalid(path, "its checkpoint table is corrupt") from None
+    own = checkpoints.leaves(cache)
+    fresh = iter(extra)
+    out = []
+    for pos, which in table:
+        if not 0 < pos <= n_tokens or any(not 0 <= i < len(own) for i in which):
+            raise _invalid(path, f"its checkpoint at {pos} doesn't fit its {n_tokens} tokens")
+        layers: list = [None] * len(own)
+        for i in which:
+            layer = next(fresh, None)
+            if layer is None or type(layer) is not type(own[i]):
+                raise _invalid(path, f"its checkpoint at {pos} doesn't match the cache's layers")
+            layers[i] = layer
+        out.append(checkpoints.Checkpoint(pos, layers, sum(checkpoints.layer_nbytes(c) for c in layers if c is not None)))
+    if next(fresh, None) is not None:
+        raise _invalid(path, "it holds layers no checkpoint names")
+    return out
 
 
 def _decode_key(path: Path, raw, vocab_size: int) -> list:

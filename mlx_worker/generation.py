@@ -156,6 +156,8 @@ class Generation:
         if params.prompt_cache and store is not None:
             self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
             self.cache, self.cached = self.lease.cache, self.lease.cached
+            if self.lease.stateful:
+                self.lease.mark(prompt_cache.system_end(lm, params, self.prompt.tokens))
             self.lease.cache = None  # the request owns it now (it may move into a batch)
         elif self.draft is not None:
             self.cache, self.cached = self.draft.new_cache(), 0
@@ -197,6 +199,9 @@ class Generation:
         does; not while other streams decode (their next step would have to
         allocate its buffers afresh)."""
         n = min(n, self.to_prefill)
+        stop = self.lease.next_stop(self.processed) if self.lease is not None else None
+        if stop is not None:  # a checkpoint is wanted there (prompt_cache.Lease.mark)
+            n = min(n, stop - self.processed)
         if n <= 0:
             return
         start = self.processed - self.cached  # into the uncached part

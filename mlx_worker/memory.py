@@ -130,6 +130,14 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
     # (prompt_cache.Lease.progress): a second copy of up to a window of KV.
     window = lm.max_kv_size or _positive_int(cfg, "sliding_window")
     snapshot = 2 * layers * kv_heads * head_dim * itemsize * min(kv_tokens, window) if window else 0
+    # A model's own windows and recurrent layers keep checkpoints instead
+    # (checkpoints.py): a few per request, sized by the largest its store
+    # has seen (recurrent state has no size in config.json).
+    if not lm.max_kv_size:
+        from .checkpoints import PER_REQUEST
+
+        measured = getattr(getattr(lm, "prompt_cache", None), "checkpoint_nbytes", 0) or 0
+        snapshot = max(snapshot, measured) * PER_REQUEST
 
     chunk = max(1, min(prefill_step, n_prompt))
     # One layer's temporaries at a time (MLX frees buffers as soon as their

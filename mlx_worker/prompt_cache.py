@@ -19,8 +19,20 @@ Rules that keep the output identical to an uncached run:
   beyond it only at a prefill chunk boundary (a multiple of the prefill step)
   reached by the same chunking. A request that wraps the window stores a
   snapshot taken at its last such boundary instead of its final state.
-* Recurrent state (ArraysCache layers) can't be trimmed: an entry is reused
-  only by a prompt that extends all of its tokens.
+  (This is ``max_kv_size``'s window, which keeps its first tokens.)
+* A model's own sliding windows (``keep`` 0) give the same result however
+  the prompt is chunked (up to rounding), as does recurrent state; neither
+  can be cut back. An entry of such a model keeps **checkpoints**
+  (checkpoints.py): copies of those layers' state at the positions a later
+  prompt is likely to share: where its prompt processing ended (one token
+  before the prompt's end: the last token goes in with the first decode
+  step), where a chat's system prompt ends (prefill stops there), the last
+  prefill chunk's end, and where it started from; the end of the answer is
+  the entry's own state. A prompt resumes from the entry's own
+  state when it extends all of it, else from the nearest checkpoint at or
+  before the shared prefix. An entry carries its predecessors' checkpoints
+  (at most ``MAX_CHECKPOINTS``: the first and the latest) and counts their
+  bytes.
 
 mlx-lm's ``LRUPromptCache`` (used by ``mlx_lm.server``) was the model for
 this; it isn't used directly because it can't express the windowed rules
@@ -46,7 +58,7 @@ import copy
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from mlx_lm.models.cache import (
@@ -61,7 +73,8 @@ from mlx_lm.models.cache import (
 
 import msgspec
 
-from . import protocol
+from . import checkpoints, protocol
+from .checkpoints import Checkpoint
 from .errors import WorkerError
 from .kv_quant import quantize_layers
 from .prompt import encode_text, render_chat
@@ -71,6 +84,7 @@ log = logging.getLogger("mlx_worker.prompt_cache")
 DEFAULT_ENTRIES = 16
 DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the byte budget
 DEFAULT_KEEP = 4  # mlx-lm's own: the first tokens a rotating cache never evicts
+MAX_CHECKPOINTS = 8  # per entry (a conversation): the first and the latest are kept
 
 
 # ------------------------------------------------------------ building caches
@@ -110,6 +124,21 @@ def keep_for(lm, params, tokens: list[int]) -> int:
     return max(0, min(keep, lm.max_kv_size // 2))
 
 
+def system_end(lm, params, tokens: list[int]) -> int:
+    """Where a chat's leading system/developer messages end in its tokens (0:
+    none, or nothing after them): other conversations with the same system
+    prompt share that prefix, so a stateful cache checkpoints it."""
+    messages = getattr(params, "messages", None)
+    if not messages or lm.vision is not None:
+        return 0
+    n_system = 0
+    while n_system < len(messages) and messages[n_system].role in ("system", "developer"):
+        n_system += 1
+    if not n_system or n_system == len(messages):
+        return 0
+    return _system_tokens(lm, params, n_system, tokens)
+
+
 def _system_tokens(lm, params, n_system: int, tokens: list[int]) -> int:
     head = msgspec.structs.replace(params, messages=params.messages[:n_system], add_generation_prompt=False)
     try:
@@ -140,8 +169,11 @@ def cache_offset(cache: list) -> Optional[int]:
 
 
 def cache_window(cache: list) -> Optional[int]:
-    """The smallest rotating window among the layers; None if none rotates."""
-    sizes = [c.max_size for c in _layers(cache) if isinstance(c, RotatingKVCache)]
+    """The smallest rotating window that keeps leading tokens (``max_kv_size``'s):
+    once wrapped, its results depend on the prefill chunking. None if no
+    layer has one (a model's own sliding windows keep nothing: any
+    chunking gives their result, so checkpoints serve them)."""
+    sizes = [c.max_size for c in _layers(cache) if isinstance(c, RotatingKVCache) and c.keep > 0]
     return min(sizes) if sizes else None
 
 
@@ -207,6 +239,24 @@ class Entry:
     window: Optional[int]  # smallest rotating window, None if nothing rotates
     step: Optional[int]  # windowed: the prefill step that produced this state
     keep: int  # the rotating caches' keep
+    # Untrimmable state at earlier positions of key, by position (checkpoints.py).
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    final: bool = True  # the state is at len(key) (False: only checkpoints are usable)
+
+    def state_at(self, pos: int) -> list:
+        """A fresh cache holding key[:pos], from the entry's own state or the
+        checkpoint at ``pos``; the entry is not changed."""
+        if pos == len(self.key) and self.final:
+            return compact(copy.deepcopy(self.cache))
+        for cp in self.checkpoints:
+            if cp.pos == pos:
+                return checkpoints.restore(self.cache, cp)
+        cache = copy.deepcopy(self.cache)
+        trim_prompt_cache(cache, len(self.key) - pos)
+        return compact(cache)  # the first write then copies only the shared prefix
+
+    def checkpoints_upto(self, pos: int) -> list[Checkpoint]:
+        return [cp for cp in self.checkpoints if cp.pos <= pos]
 
 
 class Lease:
@@ -216,33 +266,72 @@ class Lease:
     of requests can hold leases at once."""
 
     def __init__(self, store: "PromptCacheStore", cache: list, cached: int, step: int, keep: int,
-                 window: Optional[int], taken: Optional[Entry]):
+                 window: Optional[int], taken: Optional[Entry], n_prompt: int = 0,
+                 inherited: Optional[list[Checkpoint]] = None):
         self.store = store
         self.cache = cache
         self.cached = cached
         self.step = step
         self.keep = keep
         self.window = window
+        self.n_prompt = n_prompt
         self._taken = taken  # the entry this request continues in place (no copy)
         self.source: Optional[Entry] = None  # the entry it copied from, if any
-        self._snapshot: Optional[tuple[int, list]] = None
+        self._snapshot: Optional[Checkpoint] = None  # max_kv_size: the last reusable chunk boundary
+        self._stateful = checkpoints.needs_checkpoints(cache) and window is None
+        self._checkpoints: list[Checkpoint] = list(inherited or [])  # from the entry it started from
+        self._chunk_end: Optional[Checkpoint] = None  # the last prefill chunk's end
+        self._marks: list[int] = []  # positions prefill stops at for a checkpoint (a system prompt's end)
+        if self._stateful and cached > 0 and all(cp.pos != cached for cp in self._checkpoints):
+            self._add(checkpoints.take(cache, cached))  # where it resumed: a turn's end
         self._open = True
 
     @property
     def reused_bytes(self) -> int:
-        """Bytes of KV this request continues in place: already allocated."""
-        return self._taken.nbytes if self._taken is not None else 0
+        """Bytes of KV this request continues in place: already allocated
+        (its checkpoints stay allocated beside it: not counted)."""
+        if self._taken is None:
+            return 0
+        return self._taken.nbytes - sum(cp.nbytes for cp in self._taken.checkpoints)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether this request's cache keeps checkpoints."""
+        return self._stateful
+
+    def mark(self, pos: int) -> None:
+        """Ask for a checkpoint at ``pos`` (prefill ends a chunk there)."""
+        if self._stateful and self.cached < pos < self.n_prompt - 1:
+            self._marks.append(pos)
+
+    def next_stop(self, processed: int) -> Optional[int]:
+        """The next position prefill must stop at, if any."""
+        return min((m for m in self._marks if m > processed), default=None)
 
     def progress(self, cache: list, processed: int) -> None:
-        """Called after each prefill chunk. A windowed cache keeps a snapshot
-        of the last state an uncached run would share (see module doc); its
-        bytes are part of the request's admission (memory.generate_need)."""
-        if self.window is None or processed <= 0:
+        """Called after each prefill chunk: takes the checkpoints (see module
+        doc); their bytes are part of the request's admission
+        (memory.generate_need)."""
+        if processed <= 0 or not (self._stateful or self.window is not None):
             return
-        if cache_offset(cache) != processed:  # past the prompt (first token fed)
+        offset = cache_offset(cache)
+        if offset is not None and offset != processed:  # past the prompt (first token fed)
             return
-        if processed < self.window or processed % self.step == 0:
-            self._snapshot = (processed, copy.deepcopy(cache))
+        if self.window is not None:  # max_kv_size: only where an uncached run shares the state
+            if processed < self.window or processed % self.step == 0:
+                self._snapshot = checkpoints.take(cache, processed)
+            return
+        cp = checkpoints.take(cache, processed)
+        if processed == self.n_prompt - 1 or processed in self._marks:
+            # The prompt's end: resent, regenerated and the next turn resume
+            # here; a system prompt's end: other conversations start here.
+            self._add(cp)
+        else:
+            self._chunk_end = cp
+        self.store._saw_checkpoint(cp.nbytes)
+
+    def _add(self, cp: Checkpoint) -> None:
+        self._checkpoints = [c for c in self._checkpoints if c.pos != cp.pos] + [cp]
 
     def commit(self, prompt, cache: list, fed_back: list[int], stop_reason: str) -> Optional[Entry]:
         """Store the cache a request leaves: its prompt plus every sampled
@@ -256,7 +345,9 @@ class Lease:
         self.store._return_lent(self)
         self._taken = None
         snapshot, self._snapshot = self._snapshot, None
-        return self.store._insert(self, prompt, cache, fed_back, stop_reason, snapshot)
+        found = self._checkpoints + ([self._chunk_end] if self._chunk_end is not None else [])
+        self._checkpoints, self._chunk_end = [], None
+        return self.store._insert(self, prompt, cache, fed_back, stop_reason, snapshot, found)
 
     def abort(self, poisoned: bool = False) -> None:
         """The request failed: put back the entry it took, cut to what it
@@ -268,6 +359,7 @@ class Lease:
         self._open = False
         self.store._return_lent(self)
         taken, self._taken, self._snapshot = self._taken, None, None
+        held, self._checkpoints, self._chunk_end = self._checkpoints, [], None
         source, self.source = self.source, None
         if poisoned:
             if source is not None and any(e is source for e in self.store._entries):
@@ -278,22 +370,50 @@ class Lease:
         if taken is None:
             return
         try:
-            self._put_back(taken)
+            self._put_back(taken, held)
         except Exception:  # never raises: the failed request's answer must go out
             log.exception("prompt cache: a failed request's entry could not be put back; dropped")
 
-    def _put_back(self, taken) -> None:
+    def _put_back(self, taken: Entry, held: list[Checkpoint]) -> None:
         offset = cache_offset(taken.cache)
-        if offset is not None and offset > self.cached:
+        at_start = next((cp for cp in held if cp.pos == self.cached), None)
+        if at_start is not None:  # rebuilt from where it resumed
+            taken.cache = checkpoints.restore(taken.cache, at_start)
+        elif offset is not None and offset > self.cached:
             if not can_trim_prompt_cache(taken.cache):
                 log.info("prompt cache: a failed request's untrimmable state is dropped")
                 return
             trim_prompt_cache(taken.cache, offset - self.cached)
         taken.key = taken.key[: self.cached]
         taken.n_prompt = min(taken.n_prompt, self.cached)
-        taken.nbytes = cache_nbytes(taken.cache)
+        taken.checkpoints = [cp for cp in held if cp.pos < self.cached]
+        taken.final = True
+        taken.nbytes = _entry_nbytes(taken.cache, taken.checkpoints)
         if taken.key:
             self.store.add(taken)
+
+
+def _entry_nbytes(cache: list, cps: list[Checkpoint]) -> int:
+    return cache_nbytes(cache) + sum(cp.nbytes for cp in cps)
+
+
+def _latest(found: list[Checkpoint], upto: int) -> list[Checkpoint]:
+    """The checkpoints an entry keeps: one per position within its tokens,
+    at most MAX_CHECKPOINTS: the first (usually the system prompt's end,
+    which other conversations share) and the latest (the turns a chat
+    edits, regenerates and continues); the second earliest goes first."""
+    by_pos = {cp.pos: cp for cp in found if 0 < cp.pos <= upto}
+    kept = [by_pos[p] for p in sorted(by_pos)]
+    return kept if len(kept) <= MAX_CHECKPOINTS else kept[:1] + kept[-(MAX_CHECKPOINTS - 1):]
+
+
+def _cut_plain(cache: list, n: int) -> None:
+    """Cut ``n`` tokens off the layers that can be cut (the rest are left as they are)."""
+    if n <= 0:
+        return
+    for c in checkpoints.leaves(cache):
+        if not checkpoints.needs_checkpoints([c]) and c.offset >= n:
+            c.trim(n)
 
 
 class PromptCacheStore:
@@ -307,6 +427,7 @@ class PromptCacheStore:
         self._entries: list[Entry] = []
         self._bytes = 0
         self._lock = threading.Lock()
+        self.checkpoint_nbytes = 0  # the largest checkpoint taken: admission counts a request's few
         # Entries taken by a running request (its next turn), with its lease:
         # other requests sharing their prefix still start from a copy.
         self._lent: list[tuple[Entry, Lease]] = []
@@ -331,36 +452,39 @@ class PromptCacheStore:
             cache = self._new_cache(keep)
             if self._entries:
                 log.info("prompt cache miss (%d tokens): %s", n, reason)
-            return Lease(self, cache, 0, step, keep, cache_window(cache), None)
+            return Lease(self, cache, 0, step, keep, cache_window(cache), None, n)
         taken = None
-        if best_m > best.n_prompt:
+        continues = best_m == len(best.key) and best.final  # the entry's own state, not a checkpoint
+        if best_m > best.n_prompt and (continues or not best.exact_only):
             self._remove(best)  # the request continues that conversation: take it, no copy
             cache = best.cache
             trim_prompt_cache(cache, len(best.key) - best_m)
             taken = best
-            lease = Lease(self, cache, best_m, step, keep, best.window, taken)
-            if not best.exact_only and best.window is None:
-                self._lent.append((best, lease))
-            log.debug("prompt cache hit: %d of %d tokens (taken)", best_m, n)
-            return lease
         else:
             self._touch(best)
-            cache = copy.deepcopy(best.cache)
-            trim_prompt_cache(cache, len(best.key) - best_m)
-            cache = compact(cache)  # the first write then copies only the shared prefix
-        log.debug("prompt cache hit: %d of %d tokens", best_m, n)
-        lease = Lease(self, cache, best_m, step, keep, best.window, taken)
-        lease.source = None if taken is not None else best
+            cache = best.state_at(best_m)
+        log.debug("prompt cache hit: %d of %d tokens%s", best_m, n, " (taken)" if taken is not None else "")
+        lease = Lease(self, cache, best_m, step, keep, best.window, taken, n, best.checkpoints_upto(best_m))
+        if taken is None:
+            lease.source = best
+        elif not best.exact_only and best.window is None and not checkpoints.needs_checkpoints(cache):
+            self._lent.append((best, lease))  # plain KV only: its prefix can be copied and trimmed
         return lease
 
+    def _saw_checkpoint(self, nbytes: int) -> None:
+        self.checkpoint_nbytes = max(self.checkpoint_nbytes, nbytes)
+
     def _insert(self, lease: Lease, prompt, cache: list, fed_back: list[int], stop_reason: str,
-                snapshot: Optional[tuple[int, list]]) -> Optional[Entry]:
+                snapshot: Optional[Checkpoint], found: list[Checkpoint]) -> Optional[Entry]:
         key = list(prompt.cache_key) + list(fed_back)
         offset = cache_offset(cache)
+        final = True
         if offset is None:
             if stop_reason == "cancelled":  # can't tell what the state holds
-                log.info("prompt cache: not storing a cancelled recurrent state")
-                return None
+                if not found:
+                    log.info("prompt cache: not storing a cancelled recurrent state")
+                    return None
+                final, key = False, key[: max(cp.pos for cp in found)]
             offset = len(key)
         trimmable = can_trim_prompt_cache(cache)
         if offset > len(key) and trimmable:
@@ -374,35 +498,37 @@ class PromptCacheStore:
             if snapshot is None:
                 log.info("prompt cache: window of %d wrapped and no reusable snapshot; not stored", window)
                 return None
-            offset, cache = snapshot
+            offset, cache = snapshot.pos, checkpoints.restore(cache, snapshot)
             trimmable = can_trim_prompt_cache(cache)
+            found = []
         elif offset > len(key):
-            log.info("prompt cache: untrimmable state past the known tokens; not stored")
-            return None
+            if not found:
+                log.info("prompt cache: untrimmable state past the known tokens; not stored")
+                return None
+            _cut_plain(cache, offset - len(key))  # only the checkpoints are usable
+            final, offset = False, len(key)
         if offset <= 0:
             return None
+        key = key[:offset]
+        kept = _latest(found, offset) if window is None else []
+        if not final:
+            key = key[: max(cp.pos for cp in kept)] if kept else []
+            _cut_plain(cache, offset - len(key))
+            if not key:
+                return None
         entry = Entry(
-            key=key[:offset],
-            n_prompt=min(offset, len(prompt.cache_key)),
+            key=key,
+            n_prompt=min(len(key), len(prompt.cache_key)),
             cache=cache,
-            nbytes=cache_nbytes(cache),
+            nbytes=_entry_nbytes(cache, kept),
             exact_only=not trimmable,
             window=window,
             step=step,
             keep=lease.keep,
+            checkpoints=kept,
+            final=final,
         )
         return entry if self.add(entry) else None
-
-    def evict_lru(self, nbytes: int) -> int:
-        """Drop least recently used entries until ``nbytes`` are freed (or
-        none is left); the bytes freed. Admission calls this before refusing."""
-        freed = 0
-        with self._lock:
-            while self._entries and freed < nbytes:
-                old = self._entries.pop(0)
-                self._bytes -= old.nbytes
-                freed += old.nbytes
-        return freed
 
     def _from_lent(self, key: list, step: int, keep: int, stored: int) -> Optional[Lease]:
         """A copy of a taken entry's prefix, when it serves ``key`` better
@@ -422,10 +548,21 @@ class PromptCacheStore:
         offset = cache_offset(cache)
         trim_prompt_cache(cache, (offset if offset is not None else best_m) - best_m)
         log.debug("prompt cache hit: %d of %d tokens (from a running request's prefix)", best_m, len(key))
-        return Lease(self, compact(cache), best_m, step, keep, None, None)
+        return Lease(self, compact(cache), best_m, step, keep, None, None, len(key))
 
     def _return_lent(self, lease: Lease) -> None:
         self._lent = [(e, l) for e, l in self._lent if l is not lease]
+
+    def evict_lru(self, nbytes: int) -> int:
+        """Drop least recently used entries until ``nbytes`` are freed (or
+        none is left); the bytes freed. Admission calls this before refusing."""
+        freed = 0
+        with self._lock:
+            while self._entries and freed < nbytes:
+                old = self._entries.pop(0)
+                self._bytes -= old.nbytes
+                freed += old.nbytes
+        return freed
 
     # ----------------------------------------------------------- the rest
 
@@ -435,10 +572,11 @@ class PromptCacheStore:
             log.info("prompt cache: entry of %d bytes exceeds the budget of %d; not stored",
                      entry.nbytes, self.max_bytes)
             return False
+        positions = {cp.pos for cp in entry.checkpoints}
         for old in list(self._entries):
-            redundant = old.key == entry.key or (
-                not entry.exact_only
-                and len(old.key) < len(entry.key)
+            redundant = old.key == entry.key and entry.final or (
+                len(old.key) < len(entry.key)
+                and (not entry.exact_only or len(old.key) in positions)
                 and entry.key[: len(old.key)] == old.key
                 and (old.window is None or old.keep == entry.keep)
             )
@@ -465,6 +603,8 @@ class PromptCacheStore:
                 bytes=self._bytes,
                 max_bytes=self.max_bytes,
                 max_entries=self.max_entries,
+                checkpoints=sum(len(e.checkpoints) for e in self._entries),
+                checkpoint_bytes=sum(cp.nbytes for e in self._entries for cp in e.checkpoints),
             )
 
     def _usable(self, entry: Entry, key: list, step: int, keep: int) -> tuple[int, str]:
@@ -476,12 +616,16 @@ class PromptCacheStore:
         if entry.window is not None and entry.keep != keep:
             return 0, f"rotating cache kept {entry.keep} leading tokens; this prompt keeps {keep}"
         if entry.exact_only:
-            if c < len(entry.key):
-                return 0, (f"the stored state can't be trimmed (recurrent or wrapped window); "
-                           f"it covers {len(entry.key)} tokens, the prompt shares {c}")
             if entry.step is not None and entry.step != step:
                 return 0, f"the stored state was prefilled in steps of {entry.step}, this request uses {step}"
-            return len(entry.key), ""
+            if c >= len(entry.key) and entry.final:
+                return len(entry.key), ""
+            near = max((cp.pos for cp in entry.checkpoints if cp.pos <= c), default=0)
+            if near == 0:
+                return 0, (f"the stored state can't be trimmed (recurrent or wrapped window); "
+                           f"it covers {len(entry.key)} tokens, the prompt shares {c}, and no "
+                           f"checkpoint lies within them")
+            return near, ""
         if entry.window is not None and n > entry.window:
             # The uncached run wraps the window: reuse only at its chunk boundaries.
             aligned = c // step * step

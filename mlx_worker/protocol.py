@@ -566,6 +566,10 @@ class PromptCacheStatus(Out):
     # bounded by max_bytes/max_entries): their entries and bytes, summed.
     pair_entries: int = 0
     pair_bytes: int = 0
+    # Checkpoints of untrimmable state (recurrent layers, sliding windows)
+    # the entries hold, and their bytes (part of `bytes`).
+    checkpoints: int = 0
+    checkpoint_bytes: int = 0
 
 
 class ModelStatus(Out):

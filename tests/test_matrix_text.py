@@ -139,8 +139,6 @@ def test_cached_equals_uncached(fx):
 def test_cached_chat_turn_equals_uncached(fx):
     """The next chat turn, rendered from messages (the answer re-tokenized)."""
     name, dtype, _, w, _, _ = fx
-    if name == "tiny-mamba":
-        pytest.skip("recurrent state is reused only by prompts extending all of its tokens")
     first = w.generate(model_id="m", messages=CHAT, max_tokens=12, temperature=0, prefill_step_size=16).wait()
     turn = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then what?"}]
     params = dict(messages=turn, max_tokens=16, temperature=0, ignore_eos=True, top_logprobs=2, prefill_step_size=16)
@@ -153,8 +151,6 @@ def test_cached_chat_turn_equals_uncached(fx):
 @pytest.mark.heavy
 def test_prefill_chunking_within_the_dtype_tolerance(fx):
     name, dtype, _, w, prompts, expected = fx
-    if name == "tiny-gemma3":
-        pytest.skip("the prompt wraps the 16-token window: chunking is part of the result (see Rotating caches)")
     params = dict(tokens=prompts["chat"], max_tokens=16, temperature=0, ignore_eos=True, top_logprobs=2,
                   prompt_cache=False)
     whole, whole_events = run(w, **params)

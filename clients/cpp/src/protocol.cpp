@@ -789,6 +789,8 @@ void from_json(const nlohmann::json& j, MemoryStatus& v) {
 void to_json(nlohmann::json& j, const PromptCacheStatus& v) {
   j = nlohmann::json::object();
   j["bytes"] = v.bytes;
+  if (v.checkpoint_bytes) j["checkpoint_bytes"] = *v.checkpoint_bytes;
+  if (v.checkpoints) j["checkpoints"] = *v.checkpoints;
   j["entries"] = v.entries;
   j["max_bytes"] = v.max_bytes;
   j["max_entries"] = v.max_entries;
@@ -797,6 +799,10 @@ void to_json(nlohmann::json& j, const PromptCacheStatus& v) {
 }
 void from_json(const nlohmann::json& j, PromptCacheStatus& v) {
   j.at("bytes").get_to(v.bytes);
+  if (auto it = j.find("checkpoint_bytes"); it != j.end() && !it->is_null()) v.checkpoint_bytes = it->get<std::int64_t>();
+  else v.checkpoint_bytes.reset();
+  if (auto it = j.find("checkpoints"); it != j.end() && !it->is_null()) v.checkpoints = it->get<std::int64_t>();
+  else v.checkpoints.reset();
   j.at("entries").get_to(v.entries);
   j.at("max_bytes").get_to(v.max_bytes);
   j.at("max_entries").get_to(v.max_entries);

@@ -531,6 +531,8 @@ void from_json(const nlohmann::json& j, MemoryStatus& v);
 
 struct PromptCacheStatus {
   std::int64_t bytes{};
+  std::optional<std::int64_t> checkpoint_bytes;  // default 0
+  std::optional<std::int64_t> checkpoints;  // default 0
   std::int64_t entries{};
   std::int64_t max_bytes{};
   std::int64_t max_entries{};

@@ -354,6 +354,8 @@ export interface ModelStatus {
 }
 export interface PromptCacheStatus {
   bytes: number;
+  checkpoint_bytes?: number;
+  checkpoints?: number;
   entries: number;
   max_bytes: number;
   max_entries: number;
