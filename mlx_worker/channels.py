@@ -52,10 +52,10 @@ def transitions_for(tokenizer) -> dict:
     # A stray closing marker (or a second opening one) is still a marker:
     # it must not leak into the text of a channel.
     if getattr(tokenizer, "has_thinking", False):
-        transitions["normal"].append((tokenizer.think_end, "normal"))
+        transitions.setdefault("normal", []).append((tokenizer.think_end, "normal"))
         transitions["reasoning"].append((tokenizer.think_start, "reasoning"))
     if getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_call_end:
-        transitions["normal"].append((tokenizer.tool_call_end, "normal"))
+        transitions.setdefault("normal", []).append((tokenizer.tool_call_end, "normal"))
         if "reasoning" in transitions:
             transitions["reasoning"].append((tokenizer.tool_call_end, "reasoning"))
     for marker in getattr(tokenizer, "structural_markers", ()) or ():
@@ -102,6 +102,8 @@ class ChannelSplitter:
     calls: list = field(default_factory=list)
     texts: dict = field(default_factory=lambda: {"content": "", "reasoning": ""})
     _marker_tokens_seen: dict = field(default_factory=dict)  # marker -> its tokens whose text is still to come
+    lead: Optional[str] = None  # a format without a start marker: an output beginning so is a call
+    _lead_text: str = ""
 
     @classmethod
     def for_model(cls, tokenizer, prompt_tokens: Sequence[int]) -> "ChannelSplitter":
@@ -116,6 +118,9 @@ class ChannelSplitter:
                     splitter.call_markers[text] = ids[0]
         if initial == "tool":
             splitter.calls.append(CallText())
+        fmt = getattr(tokenizer, "tool_format", None)
+        if fmt is not None and fmt.lead and initial == "normal":
+            splitter.lead = fmt.lead
         return splitter
 
     @property
@@ -139,6 +144,17 @@ class ChannelSplitter:
                 self._marker_tokens_seen[marker] = self._marker_tokens_seen.get(marker, 0) + 1
         if not text:
             return []
+        if self.lead is not None:
+            # Held until the output's start says whether it begins a call.
+            self._lead_text += text
+            held = self._lead_text
+            if held.startswith(self.lead):
+                self.state = self.machine.make_state("tool")
+                self.calls.append(CallText())
+            elif self.lead.startswith(held):
+                return []
+            self.lead, self._lead_text = None, ""
+            text = held
         raw = self.state[3] + text
         self.state, segments = TextStateMachine.split(self.state, text)
         out = self._pieces(raw, segments)
@@ -148,6 +164,9 @@ class ChannelSplitter:
 
     def finish(self) -> list[Piece]:
         """Release held text (the output is over)."""
+        if self.lead is not None and self._lead_text:
+            held, self.lead, self._lead_text = self._lead_text, None, ""
+            return self.push(held) + self.finish()
         self.state, held, name = TextStateMachine.flush(self.state)
         return self._pieces(held, [(name, held)]) if held else []
 

@@ -256,11 +256,12 @@ class LoadResult(Out):
     already_loaded: bool = False
     kv_bits: Union[int, None] = None
     kv_group_size: Union[int, None] = None
-    # The family's tool-call format (mlx-lm's parser name, e.g. "json_tools",
-    # "mistral") and reasoning markers, as detected from the tokenizer.
+    # The family's tool-call format (e.g. "json_tools", "mistral", "harmony";
+    # the spec's family table) and reasoning markers, as detected from the tokenizer.
     tool_call_format: Union[str, None] = None
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
+    chat_template_names: Union[list[str], None] = None  # a named template list (`default`, `tool_use`, ...)
     parallel: Union[ParallelStatus, None] = None  # a distributed load's ranks
 
 
