@@ -127,7 +127,8 @@ class Format:
         args = call["arguments"]
         if self.args_as_string and not isinstance(args, str):
             args = json.dumps(args, ensure_ascii=False)
-        return {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": args}}
+        out = {"type": "function", "function": {"name": call["name"], "arguments": args}}
+        return {"id": call["id"], **out} if call.get("id") is not None else out
 
     # helpers for subclasses ------------------------------------------------
 
@@ -165,20 +166,22 @@ def mlx_parse(module: str, text: str, tools) -> list[dict]:
 def string_value(schema: dict, forbid: str = "<") -> str:
     """Lark for a raw (unquoted) string argument that XML-style formats
     write: an enum's values, else text without ``forbid`` within maxLength."""
+    if "const" in schema:
+        return lit(str(schema["const"])) or '""'
     if "enum" in schema:
         return "(" + " | ".join(lit(str(e)) or '""' for e in schema["enum"]) + ")"
     hi = schema.get("maxLength")
     lo = schema.get("minLength", 0)
-    cls = "[^" + "".join("\\" + c if c in "]\\^-" else c for c in forbid) + "]"
+    cls = "[^" + "".join({"\n": "\\n", "]": "\\]", "\\": "\\\\", "^": "\\^", "-": "\\-"}.get(c, c) for c in forbid) + "]"
     return f"/{cls}{{{lo},{hi}}}/" if hi is not None else f"/{cls}{{{lo},}}/"
 
 
 def is_raw_string(schema: dict) -> bool:
-    return schema.get("type") == "string" or (
+    return schema.get("type") == "string" or isinstance(schema.get("const"), str) or (
         "enum" in schema and all(isinstance(e, str) for e in schema["enum"]))
 
 
-def xml_params(tools: list[dict], i: int, param) -> list[str]:
+def xml_params(tools: list[dict], i: int, param, forbid: str = "<") -> list[str]:
     """``params_i``: each property of tool i in schema order (required ones
     always, others optional), ``param(name, value_rule)`` around each."""
     schema = schema_of(tools[i])
@@ -187,7 +190,7 @@ def xml_params(tools: list[dict], i: int, param) -> list[str]:
     parts, lines = [], []
     for j, (key, sub) in enumerate(props.items()):
         rule = f"v_{i}_{j}"
-        lines.append(f"{rule}: " + (string_value(sub) if is_raw_string(sub) else json_rule(sub)))
+        lines.append(f"{rule}: " + (string_value(sub, forbid) if is_raw_string(sub) else json_rule(sub)))
         item = param(key, rule)
         parts.append(item if key in required else f"({item})?")
     lines.append(f"params_{i}: " + (" ".join(parts) if parts else '""'))

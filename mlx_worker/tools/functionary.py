@@ -17,6 +17,7 @@ class FunctionaryV32(Format):
     open_text = ">>>"
     none_needs_grammar = True
     args_as_string = True
+    after_call = "end"
     trigger_doc = "the generation prompt's `>>>`: the first recipient is grammar (`all` = text)"
 
     def detect(self, template, vocab):

@@ -57,7 +57,7 @@ class Harmony(Format):
         }
 
     def parse(self, text, tools):
-        m = _CALL.match(text.strip())
+        m = _CALL.search(text.strip())
         if m is None:
             raise ValueError(f"not a harmony call: {text!r}")
         return [{"name": m.group(1), "arguments": json.loads(m.group(2).removesuffix("<|call|>"))}]

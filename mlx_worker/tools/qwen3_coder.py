@@ -1,6 +1,7 @@
 """Qwen3-Coder XML calls (mlx-lm ``qwen3_coder``):
 ``<tool_call>\\n<function=N>\\n<parameter=K>\\nV\\n</parameter>\\n</function>\\n</tool_call>``.
-String values are raw text; other values as the template writes them
+String values are raw text (one line when forced: the value's end is a
+newline); other values as the template writes them
 (``value | string``; the grammar writes JSON, which the parser reads)."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Qwen3Coder(Format):
         for i, t in enumerate(tools):
             lines.append(f"tool_{i}: {lit(t['function']['name'] + '>' + chr(10))} params_{i}")
             lines += xml_params(tools, i, lambda k, r: f"{lit('<parameter=' + k + '>' + chr(10))} {r} "
-                                                      f"{lit(chr(10) + '</parameter>' + chr(10))}")
+                                                      f"{lit(chr(10) + '</parameter>' + chr(10))}", forbid="<\n")
         return lines
 
     def parse(self, text, tools):
