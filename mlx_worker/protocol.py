@@ -378,6 +378,7 @@ class GenerateParams(PromptParams):
     prefill_step_size: Union[StepSize, None] = None
     constraint: Union[Constraint, None] = None
     tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True  # false: at most one call in the output (OpenAI's field)
     # Speculative decoding: a loaded model over the same tokenizer proposes
     # num_draft_tokens tokens per step and this model verifies them. None: the
     # load's defaults; num_draft_tokens 0 turns a load's default draft off.

@@ -110,9 +110,11 @@ class Format:
     def detect(self, template: str, vocab: dict) -> bool:
         raise NotImplementedError
 
-    def rules(self, v: Vocab, tools: list[dict], mode: str) -> list[str]:
-        """Lark lines; rule ``start`` is one call from its start marker.
-        ``mode``: auto | call (required) | none (formats whose "none" is a grammar)."""
+    def rules(self, v: Vocab, tools: list[dict], mode: str, parallel: bool = True) -> list[str]:
+        """Lark lines; rule ``start`` is one call from its start marker (a
+        section or list of calls where the format groups them; one call
+        without ``parallel``). ``mode``: auto | call (required) | none
+        (formats whose "none" is a grammar)."""
         raise NotImplementedError
 
     def parse(self, text: str, tools: Optional[list[dict]]) -> list[dict]:

@@ -20,11 +20,12 @@ class CommandR(Format):
     def detect(self, template, vocab):
         return "<|START_ACTION|>" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         head = lambda name: lit('", "tool_name": "' + name + '", "parameters": ')  # noqa: E731
         sep = lit("," + chr(10) + "    ")
-        return [f"start: {v.m(self.start)} {lit('[' + chr(10) + '    ')} call ({sep} call)* {lit(chr(10) + ']')} {v.m(self.end)}",
-                "call: " + lit('{"tool_call_id": "') + " /[0-9]+/ tools"] + [
+        more = f"({sep} call)* " if parallel else ""
+        return [f"start: {v.m(self.start)} {lit('[' + chr(10) + '    ')} call {more}{lit(chr(10) + ']')} {v.m(self.end)}",
+                "call: " + lit('{"tool_call_id": "') + " /[0-9]{1,2}/ tools"] + [
             line.replace("call: ", "tools: ", 1) if line.startswith("call: ") else line
             for line in self.alternatives(tools, lambda i, name, args: f"{head(name)} {args} {lit('}')}")]
 

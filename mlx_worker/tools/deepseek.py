@@ -10,12 +10,14 @@ import regex as re
 
 from .base import Format
 
-_CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)
+_CALL = re.compile(r"(?:<｜tool▁call▁begin｜>)?(.*?)<｜tool▁sep｜>(.*?)(?:<｜tool▁call▁end｜>|$)", re.DOTALL)
 
 
 class DeepSeekV31(Format):
     name = "deepseek_v31"
     start, end = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    channel_start, channel_end = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"  # each call its tool_call_index
+    structural = (start, end)
     think = ("<think>", "</think>")
     args_as_string = True
     after_call = "end"
@@ -24,8 +26,8 @@ class DeepSeekV31(Format):
     def detect(self, template, vocab):
         return "<｜tool▁calls▁begin｜>" in template and "<｜tool▁sep｜>" in template
 
-    def rules(self, v, tools, mode):
-        return [f"start: {v.m(self.start)} call+ {v.m(self.end)}"] + self.alternatives(
+    def rules(self, v, tools, mode, parallel=True):
+        return [f"start: {v.m(self.start)} call" + ("+" if parallel else "") + f" {v.m(self.end)}"] + self.alternatives(
             tools, lambda i, name, args: f"{v.m('<｜tool▁call▁begin｜>')} {json.dumps(name)} "
                                           f"{v.m('<｜tool▁sep｜>')} {args} {v.m('<｜tool▁call▁end｜>')}")
 

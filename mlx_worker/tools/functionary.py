@@ -23,7 +23,7 @@ class FunctionaryV32(Format):
     def detect(self, template, vocab):
         return ">>>all" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         text = lit("all" + chr(10))
         call = "call" if tools else None
         body = {"none": text, "call": call, "auto": f"{call} | {text}" if call else text}[mode]

@@ -18,7 +18,7 @@ class FunctionGemma(Format):
     def detect(self, template, vocab):
         return "<start_function_call>" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         lines = [f"start: {v.m(self.start)} {lit('call:')} call {v.m(self.end)}",
                  "call: " + " | ".join(f"tool_{i}" for i in range(len(tools)))]
         for i, t in enumerate(tools):

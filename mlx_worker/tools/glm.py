@@ -17,7 +17,7 @@ class Glm47(Format):
     def detect(self, template, vocab):
         return "<arg_key>" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         lines = [f"start: {v.m(self.start)} call {v.m(self.end)}",
                  "call: " + " | ".join(f"tool_{i}" for i in range(len(tools)))]
         for i, t in enumerate(tools):

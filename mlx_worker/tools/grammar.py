@@ -79,7 +79,7 @@ def processor_for(lm, params: protocol.GenerateParams):
         except WorkerError as exc:
             raise _refuse(exc.message, f"params.tools[{i}].function.parameters") from None
     v = Vocab(tok)
-    lark = call_grammar(fmt, v, tool_dicts(tools), "call" if mode == "required" else "auto")
+    lark = call_grammar(fmt, v, tool_dicts(tools), "call" if mode == "required" else "auto", params.parallel_tool_calls)
     compiled = _compile(lm, lark)
     from .processor import ToolCallProcessor
 
@@ -87,13 +87,19 @@ def processor_for(lm, params: protocol.GenerateParams):
     return ToolCallProcessor(
         compiled.program, compiled.info, trigger,
         first="call_only" if mode == "required" else "free",
-        after_call=fmt.after_call, opens=_opens(tok, fmt),
+        after_call=fmt.after_call if params.parallel_tool_calls else _single(fmt.after_call),
+        opens=_opens(tok, fmt),
     )
 
 
-def call_grammar(fmt, v: Vocab, tools: list[dict], mode: str = "auto") -> str:
+def call_grammar(fmt, v: Vocab, tools: list[dict], mode: str = "auto", parallel: bool = True) -> str:
     """One call (or call section), start marker included, in the format's syntax."""
-    return "%llguidance {}\n" + "\n".join(fmt.rules(v, tools, mode)) + "\n"
+    return "%llguidance {}\n" + "\n".join(fmt.rules(v, tools, mode, parallel)) + "\n"
+
+
+def _single(after_call: str) -> str:
+    """parallel_tool_calls false: no second call after the first."""
+    return {"free": "no_call", "call_or_end": "end"}.get(after_call, after_call)
 
 
 def _compile(lm, lark: str):

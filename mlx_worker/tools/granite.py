@@ -17,9 +17,9 @@ class Granite(Format):
     def detect(self, template, vocab):
         return "<|tool_call|>" in template and "<|start_of_role|>" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         head = lambda name: lit('{"name": "' + name + '", "arguments": ')  # noqa: E731
-        return [f'start: {v.m(self.start)} "[" call (", " call)* "]"'] + self.alternatives(
+        return [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + f'"]"'] + self.alternatives(
             tools, lambda i, name, args: f"{head(name)} {args} {lit('}')}")
 
     def parse(self, text, tools):

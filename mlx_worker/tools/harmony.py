@@ -32,7 +32,7 @@ class Harmony(Format):
     def detect(self, template, vocab):
         return "<|channel|>" in template and "<|start|>" in template and "<|call|>" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         msg = f"{v.m('<|channel|>')} (" + " | ".join(lit(c) for c in CHANNELS) + f") {v.m('<|message|>')}"
         call = (f"{lit(' to=functions.')} call") if tools else None
         header = {"none": msg, "call": call, "auto": f"{call} | {msg}" if call else msg}[mode]

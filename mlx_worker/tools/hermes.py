@@ -16,7 +16,7 @@ class Hermes(Format):
     def detect(self, template, vocab):
         return "<tool_call>" in template and "tool_call.name" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         head = lambda name: lit('\n{"name": "' + name + '", "arguments": ')  # noqa: E731
         return [f"start: {v.m(self.start)} call {lit(chr(10))} {v.m(self.end)}"] + self.alternatives(
             tools, lambda i, name, args: f"{head(name)} {args} {lit('}')}")

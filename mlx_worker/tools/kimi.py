@@ -1,20 +1,25 @@
-"""Kimi-K2 (mlx-lm ``kimi_k2``): one section of calls,
+"""Kimi-K2: one section of calls,
 ``<|tool_calls_section_begin|><|tool_call_begin|>functions.N:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>...<|tool_calls_section_end|>``.
-The call's id is the template's own ``functions.N:IDX``."""
+Each call is its own channel call (``tool_call_index``); its id is the
+template's own ``functions.N:IDX``. (mlx-lm's ``kimi_k2`` parser reads a
+whole section; the channel gives one call at a time, parsed here.)"""
 
 from __future__ import annotations
 
+import json
+
 import regex as re
 
-from .base import Format, lit, mlx_parse
+from .base import Format, lit
 
-_ID = re.compile(r"<\|tool_call_begin\|>\s*([^<]+?)\s*<\|tool_call_argument_begin\|>")
+_CALL = re.compile(r"\s*(functions\.)?([\w.-]+):(\d+)\s*<\|tool_call_argument_begin\|>(.*)$", re.DOTALL)
 
 
 class KimiK2(Format):
     name = "kimi_k2"
-    parser = "kimi_k2"
     start, end = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+    channel_start, channel_end = "<|tool_call_begin|>", "<|tool_call_end|>"
+    structural = (start, end)
     think = ("<think>", "</think>")
     trigger_doc = "`<|tool_calls_section_begin|>` token (a section holds several calls)"
     id_doc = "`functions.NAME:INDEX` (the template's own)"
@@ -22,13 +27,14 @@ class KimiK2(Format):
     def detect(self, template, vocab):
         return "<|tool_calls_section_begin|>" in template
 
-    def rules(self, v, tools, mode):
-        return [f"start: {v.m(self.start)} call+ {v.m(self.end)}"] + self.alternatives(
-            tools, lambda i, name, args: f"{v.m('<|tool_call_begin|>')} {lit('functions.' + name + ':')} /[0-9]+/ "
+    def rules(self, v, tools, mode, parallel=True):
+        return [f"start: {v.m(self.start)} call" + ("+" if parallel else "") + f" {v.m(self.end)}"] + self.alternatives(
+            tools, lambda i, name, args: f"{v.m('<|tool_call_begin|>')} {lit('functions.' + name + ':')} /[0-9]{{1,2}}/ "
                                           f"{v.m('<|tool_call_argument_begin|>')} {args} {v.m('<|tool_call_end|>')}")
 
     def parse(self, text, tools):
-        calls = mlx_parse(self.parser, text, tools)
-        for call, ident in zip(calls, _ID.findall(text)):
-            call["id"] = ident
-        return calls
+        m = _CALL.match(text.removeprefix(self.channel_start).removesuffix(self.channel_end))
+        if m is None:
+            raise ValueError(f"not a Kimi-K2 call: {text!r}")
+        name, index, args = m.group(2), m.group(3), m.group(4).strip()
+        return [{"name": name, "arguments": json.loads(args), "id": f"functions.{name}:{index}"}]

@@ -24,7 +24,7 @@ class Llama3(Format):
     def detect(self, template, vocab):
         return '"parameters": ' in template and "<|start_header_id|>" in template and "ipython" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         return ["start: call"] + self.alternatives(
             tools, lambda i, name, args: f"{lit(LEAD + name + chr(34) + ', ' + chr(34) + 'parameters' + chr(34) + ': ')} {args} {lit('}')}")
 

@@ -16,8 +16,8 @@ class MinimaxM2(Format):
     def detect(self, template, vocab):
         return "<minimax:tool_call>" in template
 
-    def rules(self, v, tools, mode):
-        lines = [f"start: {v.m(self.start)} {lit(chr(10))} call+ {v.m(self.end)}",
+    def rules(self, v, tools, mode, parallel=True):
+        lines = [f"start: {v.m(self.start)} {lit(chr(10))} call{'+' if parallel else ''} {v.m(self.end)}",
                  "call: " + " | ".join(f"tool_{i}" for i in range(len(tools)))]
         for i, t in enumerate(tools):
             lines.append(f"tool_{i}: {lit('<invoke name=' + chr(34) + t['function']['name'] + chr(34) + '>' + chr(10))} "

@@ -41,7 +41,7 @@ class Mistral(Format):
             return Mistral("call_id")
         return self
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         start = f"start: {v.m(self.start)} call"
         if self.form == "call_id":
             body = lambda i, name, args: f"{lit(name)} {v.m('[CALL_ID]')} {ID} {v.m('[ARGS]')} {args}"  # noqa: E731
@@ -74,8 +74,8 @@ class MistralList(Mistral):
     def __init__(self):
         super().__init__("list")
 
-    def rules(self, v, tools, mode):
-        lines = [f'start: {v.m(self.start)} "[" call (", " call)* "]"']
+    def rules(self, v, tools, mode, parallel=True):
+        lines = [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + f'"]"']
         head = lambda name: lit('{"name": "' + name + '", "arguments": ')  # noqa: E731
         tail = lit(', "id": "') + f" {ID} " + lit('"}')
         return lines + self.alternatives(tools, lambda i, name, args: f"{head(name)} {args} {tail}")

@@ -130,7 +130,12 @@ class ToolCallProcessor(MatcherProcessor):
         return mx.where(mx.where(started, self._start_of_call, base), logits, mask.NEG_INF)
 
     def _call_mask(self, logits: mx.array) -> mx.array:
-        self._fill(self.m, False)  # EOS never inside a call
+        # EOS never ends a call; an EOS token the call's syntax itself needs
+        # (harmony's <|call|>) is allowed while the call is not complete.
+        if not self.m.fill(self._ptr, self._nbytes):
+            raise self._failure(self.m.error())
+        if self.m.accepting():
+            mask.set_bits(self.words, self.eos, False)
         allowed = mask.unpack(self.words, self.vocab)
         if not allowed.any():
             if not self.m.accepting():
@@ -146,7 +151,7 @@ class ToolCallProcessor(MatcherProcessor):
             self._consume(token)
 
     def _consume(self, token: int) -> None:
-        if token in self.eos or not self.m.consume(token):
+        if not self.m.consume(token):
             why = self.m.error() if token not in self.eos else "EOS inside a tool call"
             raise self._failure(f"token {token} was refused inside a tool call: {why}")
 
@@ -165,7 +170,11 @@ class ToolCallProcessor(MatcherProcessor):
             return None
         if mode not in self._bases:
             allowed = np.zeros(self.vocab, dtype=np.bool_)
-            if mode != "end" and self.trigger is not None:
+            if mode == "no_call":
+                allowed[:] = True
+                if self.trigger is not None:
+                    allowed[self.trigger] = False
+            elif mode != "end" and self.trigger is not None:
                 allowed[self.trigger] = True
             if mode in ("call_or_end", "end"):
                 allowed[[e for e in self.eos if e < self.vocab]] = True

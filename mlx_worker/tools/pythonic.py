@@ -17,8 +17,8 @@ class Pythonic(Format):
         return "<|tool_call_start|>" in template or "<|tool_list_start|>" in template or (
             "<|tool_call_start|>" in vocab and "<|tool_call_end|>" in vocab)
 
-    def rules(self, v, tools, mode):
-        lines = [f'start: {v.m(self.start)} "[" call (", " call)* "]" {v.m(self.end)}',
+    def rules(self, v, tools, mode, parallel=True):
+        lines = [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + f'"]" {v.m(self.end)}',
                  "call: " + " | ".join(f"tool_{i}" for i in range(len(tools)))]
         for i, t in enumerate(tools):
             schema = schema_of(t)

@@ -18,7 +18,7 @@ class Qwen3Coder(Format):
     def detect(self, template, vocab):
         return "<tool_call>\\n<function=" in template or "<tool_call>\n<function=" in template
 
-    def rules(self, v, tools, mode):
+    def rules(self, v, tools, mode, parallel=True):
         lines = [f"start: {v.m(self.start)} {lit(chr(10) + '<function=')} call {lit('</function>' + chr(10))} {v.m(self.end)}",
                  "call: " + " | ".join(f"tool_{i}" for i in range(len(tools)))]
         for i, t in enumerate(tools):
