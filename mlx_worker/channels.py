@@ -70,6 +70,8 @@ def initial_state(tokenizer, prompt_tokens: Sequence[int]) -> str:
     (a template that starts ``<think>`` in the generation prompt); "tool"
     when the prompt ends with a call's start marker (a host that prefills it)."""
     start = getattr(tokenizer, "tool_call_start_tokens", None) if getattr(tokenizer, "has_tool_calling", False) else None
+    if getattr(tokenizer, "response_initial_state", None):  # the format's own start (its prompt ends in a header)
+        start = None
     if start and len(prompt_tokens) >= len(start) and tuple(prompt_tokens[-len(start):]) == tuple(start):
         return "tool"
     state = "normal"
@@ -103,6 +105,7 @@ class ChannelSplitter:
     texts: dict = field(default_factory=lambda: {"content": "", "reasoning": ""})
     _marker_tokens_seen: dict = field(default_factory=dict)  # marker -> its tokens whose text is still to come
     lead: Optional[str] = None  # a format without a start marker: an output beginning so is a call
+    text_lead: Optional[str] = None  # ... or: an output beginning so is text, any other output a call
     _lead_text: str = ""
 
     @classmethod
@@ -121,6 +124,8 @@ class ChannelSplitter:
         fmt = getattr(tokenizer, "tool_format", None)
         if fmt is not None and fmt.lead and initial == "normal":
             splitter.lead = fmt.lead
+        if fmt is not None and getattr(fmt, "text_lead", None) and initial == "header":
+            splitter.lead, splitter.text_lead = fmt.text_lead, fmt.text_lead
         return splitter
 
     @property
@@ -148,11 +153,12 @@ class ChannelSplitter:
             # Held until the output's start says whether it begins a call.
             self._lead_text += text
             held = self._lead_text
-            if held.startswith(self.lead):
+            starts = held.startswith(self.lead)
+            if not starts and self.lead.startswith(held):
+                return []
+            if starts != bool(self.text_lead):  # a call
                 self.state = self.machine.make_state("tool")
                 self.calls.append(CallText())
-            elif self.lead.startswith(held):
-                return []
             self.lead, self._lead_text = None, ""
             text = held
         raw = self.state[3] + text

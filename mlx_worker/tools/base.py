@@ -86,6 +86,7 @@ class Format:
     end: Optional[str] = None  # its end marker; None: a call ends at EOS
     think: Optional[tuple[str, str]] = None  # reasoning markers the family adds
     lead: Optional[str] = None  # no start marker: a call is an output that begins so
+    text_lead: Optional[str] = None  # no start marker: text is an output that begins so, a call any other
     after_call = "free"  # after a call: free | call_or_end (only another call or EOS) | end (EOS)
     parallel = True  # several calls in one turn
     args_as_string = False  # the template concatenates `arguments`: pass JSON text

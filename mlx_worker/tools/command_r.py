@@ -23,9 +23,11 @@ class CommandR(Format):
     def rules(self, v, tools, mode, parallel=True):
         head = lambda name: lit('", "tool_name": "' + name + '", "parameters": ')  # noqa: E731
         sep = lit("," + chr(10) + "    ")
-        more = f"({sep} call)* " if parallel else ""
-        return [f"start: {v.m(self.start)} {lit('[' + chr(10) + '    ')} call {more}{lit(chr(10) + ']')} {v.m(self.end)}",
-                "call: " + lit('{"tool_call_id": "') + " /[0-9]{1,2}/ tools"] + [
+        # The template numbers the calls of a turn 0, 1, ...
+        more = f"({sep} later)* " if parallel else ""
+        return [f"start: {v.m(self.start)} {lit('[' + chr(10) + '    ')} first {more}{lit(chr(10) + ']')} {v.m(self.end)}",
+                "first: " + lit('{"tool_call_id": "0') + " tools",
+                "later: " + lit('{"tool_call_id": "') + " /[1-9][0-9]?/ tools"] + [
             line.replace("call: ", "tools: ", 1) if line.startswith("call: ") else line
             for line in self.alternatives(tools, lambda i, name, args: f"{head(name)} {args} {lit('}')}")]
 

@@ -32,9 +32,11 @@ class FunctionaryV32(Format):
             lines += self.alternatives(tools, lambda i, name, args: f"{lit(name + chr(10))} {args}")
         return lines
 
+    text_lead = "all\n"  # the output starts with it: text; with anything else: a call
+
     def response_format(self):
-        return {"initial_state": "tool",
-                "transitions": {"tool": [("all\n", "normal"), (">>>", "tool")], "normal": [(">>>", "tool")]}}
+        return {"initial_state": "header",
+                "transitions": {"header": [("all\n", "normal")], "tool": [(">>>", "tool")], "normal": [(">>>", "tool")]}}
 
     def parse(self, text, tools):
         name, _, args = text.strip().partition("\n")

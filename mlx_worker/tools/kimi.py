@@ -10,7 +10,7 @@ import json
 
 import regex as re
 
-from .base import Format, lit
+from .base import Format, json_rule, lit, schema_of
 
 _CALL = re.compile(r"\s*(functions\.)?([\w.-]+):(\d+)\s*<\|tool_call_argument_begin\|>(.*)$", re.DOTALL)
 
@@ -28,9 +28,17 @@ class KimiK2(Format):
         return "<|tool_calls_section_begin|>" in template
 
     def rules(self, v, tools, mode, parallel=True):
-        return [f"start: {v.m(self.start)} call" + ("+" if parallel else "") + f" {v.m(self.end)}"] + self.alternatives(
-            tools, lambda i, name, args: f"{v.m('<|tool_call_begin|>')} {lit('functions.' + name + ':')} /[0-9]{{1,2}}/ "
-                                          f"{v.m('<|tool_call_argument_begin|>')} {args} {v.m('<|tool_call_end|>')}")
+        # The template numbers the calls of a turn 0, 1, ... (the id's index).
+        lines = [f"start: {v.m(self.start)} first" + (" later*" if parallel else "") + f" {v.m(self.end)}",
+                 "first: " + " | ".join(f"first_{i}" for i in range(len(tools))),
+                 "later: " + " | ".join(f"later_{i}" for i in range(len(tools)))]
+        for i, t in enumerate(tools):
+            head = f"{v.m('<|tool_call_begin|>')} {lit('functions.' + t['function']['name'] + ':')}"
+            tail = f"{v.m('<|tool_call_argument_begin|>')} args_{i} {v.m('<|tool_call_end|>')}"
+            lines.append(f'first_{i}: {head} "0" {tail}')
+            lines.append(f"later_{i}: {head} /[1-9][0-9]?/ {tail}")
+            lines.append(f"args_{i}: " + json_rule(schema_of(t)))
+        return lines
 
     def parse(self, text, tools):
         m = _CALL.match(text.removeprefix(self.channel_start).removesuffix(self.channel_end))
