@@ -1,4 +1,4 @@
-"""Tool calls for 17 families (issue 20), each on a tiny model with the
+"""Tool calls for 20 families (issue 20), each on a tiny model with the
 family's real chat template (vendored from llama.cpp's models/templates/,
 fixtures/templates/PROVENANCE.json) and its real marker tokens.
 
@@ -51,9 +51,12 @@ FAMILIES = {
     "qwen3-real": ("tiny-qwen3-real-tools", "json_tools", HEX, "<tool_call>"),
     "mistral-nemo": ("tiny-mistral-nemo-tools", "mistral", r"[A-Za-z0-9]{9}", "[TOOL_CALLS]"),
     "mistral-small32": ("tiny-mistral-small32-tools", "mistral", r"[A-Za-z0-9]{9}", "[TOOL_CALLS]"),
+    "minimax-m2": ("tiny-minimax-m2-tools", "minimax_m2", HEX, "<minimax:tool_call>"),
+    "gemma4": ("tiny-gemma4-tools", "gemma4", HEX, "<|tool_call>"),
+    "lfm2": ("tiny-lfm2-tools", "lfm2_json", HEX, "<|tool_call_start|>"),
 }
 EOS_TEXT = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "</s>", "<｜end▁of▁sentence｜>", "<|END_OF_TURN_TOKEN|>",
-            "<|end_of_text|>", "<|return|>", "<|endoftext|>", "<|user|>", "<|observation|>"]
+            "<|end_of_text|>", "<|return|>", "<|endoftext|>", "<|user|>", "<|observation|>", "[e~[", "<turn|>"]
 
 WEATHER = {
     "type": "object",
@@ -105,7 +108,7 @@ def fw(paths):
 
 def run(w, family, **params):
     params.setdefault("messages", ASK)
-    params.setdefault("max_tokens", 160)
+    params.setdefault("max_tokens", 200)
     stream = w.generate(model_id=family, **params)
     events = [e for e in stream if isinstance(e, protocol.TokenEvent)]
     return stream.result, events
@@ -181,7 +184,9 @@ def test_forced_calls_are_valid(fw, family, choice):
             assert {e.tool_call_index for e in events if e.channel == "tool_call"} == {0}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# MiniMax's section is one channel call holding every <invoke>: the random
+# model doesn't close it within a test's budget, so nothing is complete.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "minimax-m2"])
 def test_several_calls_in_one_turn(fw, family):
     """Where the format allows several calls, the random model writes calls
     until max_tokens: every complete one valid, only the last cut short."""
@@ -231,8 +236,15 @@ def rendered_call(family, path):
         assistant.pop("content")
     prefix = hf.apply_chat_template(ASK, tools=TOOLS, tokenize=False, add_generation_prompt=True)
     full = hf.apply_chat_template(ASK + [assistant], tools=TOOLS, tokenize=False, add_generation_prompt=False)
-    assert full.startswith(prefix), (prefix[-80:], full[len(prefix) - 80:])
-    text = full[len(prefix):]
+    # The turn as the template renders it after the common part (a generation
+    # prompt may open a thinking block the rendered turn leaves out).
+    common = len(prefix)
+    while not full.startswith(prefix[:common]):
+        common -= 1
+    if common < len(prefix):  # back to a line start: never inside a marker
+        common = prefix.rfind("\n", 0, common) + 1
+    assert common > len(prefix) - 40, (prefix[-80:], full[common - 80:])
+    text = full[common:]
     cut = min([i for i in (text.find(e) for e in EOS_TEXT) if i >= 0] + [len(text)])
     return hf, text[:cut]
 
@@ -240,7 +252,8 @@ def rendered_call(family, path):
 def call_segment(fmt, text):
     """From the call's start (its marker; the output's start for formats without one)."""
     start = fmt.start if fmt.start and not fmt.open_text else None
-    return text[text.index(start):] if start else text
+    text = text[text.index(start):] if start else text
+    return text[:text.rindex(fmt.end) + len(fmt.end)] if fmt.end else text
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -265,6 +278,13 @@ def test_round_trip_grammar_accepts_the_template_rendering(paths, family):
         assert matcher.is_accepting(), segment
 
 
+# After these end markers the output is free again (what the template renders next is not the call's).
+FAMILIES_END = {f: e for f, e in {"lfm2": "<|tool_call_end|>", "hermes3": "</tool_call>", "hermes2pro": "</tool_call>",
+                                  "qwen25": "</tool_call>", "qwen3-real": "</tool_call>", "qwen3-coder": "</tool_call>",
+                                  "glm46": "</tool_call>", "gemma4": "<tool_call|>",
+                                  "minimax-m2": "</minimax:tool_call>"}.items()}
+
+
 def normalise_ids(text):
     return re.sub(r"(\[CALL_ID\]|\"id\": \"|functions\.get_weather:)[A-Za-z0-9]+", r"\1ID", text)
 
@@ -280,6 +300,8 @@ def test_round_trip_forced_call_is_the_template_rendering(fw, paths, family):
     fmt_start = FAMILIES[family][3] if family not in ("llama31", "llama32", "llama33", "gpt-oss", "functionary-v32") else None
     expected = text[text.index(fmt_start):] if fmt_start else text
     expected = expected.removesuffix("<|call|>")  # an EOS token: not in `text`
+    end = FAMILIES_END.get(family)
+    expected = expected[:expected.rindex(end) + len(end)] if end and end in expected else expected
     assert normalise_ids(result.text).startswith(normalise_ids(expected)), (result.text, expected)
 
 

@@ -13,6 +13,7 @@ class FunctionGemma(Format):
     parser = "function_gemma"
     start, end = "<start_function_call>", "<end_function_call>"
     escape = "<escape>"
+    sorted_keys = False  # the template writes arguments in key order (dictsort)
     trigger_doc = "`<start_function_call>` token"
 
     def detect(self, template, vocab):
@@ -25,7 +26,8 @@ class FunctionGemma(Format):
             schema = schema_of(t)
             req = set(schema.get("required") or [])
             parts = []
-            for j, (k, sub) in enumerate((schema.get("properties") or {}).items()):
+            props = (schema.get("properties") or {}).items()
+            for j, (k, sub) in enumerate(sorted(props) if self.sorted_keys else props):
                 if k not in req:
                     continue
                 value = (f"{v.m(self.escape)} v_{i}_{j} {v.m(self.escape)}" if is_raw_string(sub) else f"v_{i}_{j}")
@@ -44,6 +46,7 @@ class Gemma4(FunctionGemma):
     parser = "gemma4"
     start, end = "<|tool_call>", "<tool_call|>"
     escape = '<|"|>'
+    sorted_keys = True
     trigger_doc = "`<|tool_call>` token"
 
     def detect(self, template, vocab):

@@ -5,6 +5,7 @@ written as JSON, which Python reads except for booleans and null."""
 from __future__ import annotations
 
 from .base import Format, json_rule, lit, mlx_parse, schema_of
+from .hermes import Hermes
 
 
 class Pythonic(Format):
@@ -16,6 +17,11 @@ class Pythonic(Format):
     def detect(self, template, vocab):
         return "<|tool_call_start|>" in template or "<|tool_list_start|>" in template or (
             "<|tool_call_start|>" in vocab and "<|tool_call_end|>" in vocab)
+
+    def specialise(self, template):
+        if '<|tool_call_start|>\n{"name": "' in template or "<|tool_call_start|>\\n{\"name\": \"" in template:
+            return Lfm2Json()
+        return self
 
     def rules(self, v, tools, mode, parallel=True):
         lines = [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + f'"]" {v.m(self.end)}',
@@ -33,3 +39,15 @@ class Pythonic(Format):
 
     def parse(self, text, tools):
         return mlx_parse(self.parser, text, tools)
+
+
+class Lfm2Json(Hermes):
+    """LFM2 templates that render JSON calls between the pythonic markers:
+    ``<|tool_call_start|>\\n{"name": "N", "arguments": A}\\n<|tool_call_end|>``."""
+
+    name = "lfm2_json"
+    start, end = "<|tool_call_start|>", "<|tool_call_end|>"
+    trigger_doc = "`<|tool_call_start|>` token"
+
+    def detect(self, template, vocab):
+        return False  # reached through Pythonic.specialise
