@@ -169,6 +169,7 @@ def test_reasoning_effort_reaches_the_harmony_template(fw):
 # ------------------------------------------------------------ generation
 
 
+@pytest.mark.heavy  # 240 generations; the round-trip and resend tests force a call per family too
 @pytest.mark.parametrize("choice", ["required", "named"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forced_calls_are_valid(fw, family, choice):

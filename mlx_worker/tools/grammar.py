@@ -165,12 +165,14 @@ def _forbid(tokens: list[int]):
 
 def _forbid_first(tokens: list[int]):
     """No call at the start of the output (a format without a start marker)."""
-    state = {"step": 0}
+    prompt: dict = {}
 
     def processor(ids: mx.array, logits: mx.array) -> mx.array:
-        if state["step"] == 0 and tokens:
+        # The first call sees the prompt; the output's first token is the
+        # one sampled from logits over exactly that many tokens.
+        length = prompt.setdefault("length", ids.shape[-1])
+        if ids.shape[-1] <= length and tokens:
             logits[..., tokens] = -float("inf")
-        state["step"] += 1
         return logits
 
     return processor
