@@ -322,3 +322,35 @@ def test_resend_renders_with_the_workers_ids(fw, paths, family):
     expected = hf.apply_chat_template(reference, tools=TOOLS, tokenize=False, add_generation_prompt=True)
     assert got.prompt == expected
     assert "sunny" in got.prompt
+
+
+# Formats with no vendored template: the grammar accepts the syntax as the
+# mlx-lm parser's docs write it, and the parser reads the call back
+# (in-process, with a fixture tokenizer; the markers are literals there
+# where the vocabulary lacks them).
+WRITTEN = {
+    "pythonic": ("tiny-lfm2-tools",
+                 '<|tool_call_start|>[get_weather(city="Paris", days=3, unit="celsius")]<|tool_call_end|>'),
+    "function_gemma": ("tiny-gemma4-tools", "<start_function_call>call:get_weather{city:<escape>Paris<escape>,days:3,"
+                                            "unit:<escape>celsius<escape>}<end_function_call>"),
+}
+
+
+@pytest.mark.parametrize("name", WRITTEN)
+def test_formats_without_a_vendored_template(name):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlx_worker.tools import formats
+    from mlx_worker.tools.base import Vocab
+    from mlx_worker.tools.grammar import call_grammar
+
+    fixture, text = WRITTEN[name]
+    path = ensure_model(fixture)
+    hf = AutoTokenizer.from_pretrained(str(path))
+    fmt = next(f for f in formats.FORMATS if f.name == name)
+    lark = call_grammar(fmt, Vocab(load_tokenizer(Path(path))), copy.deepcopy(TOOLS), "call")
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(hf), llguidance.LLMatcher.grammar_from_lark(lark))
+    assert matcher.consume_tokens(hf.encode(text, add_special_tokens=False)), matcher.get_error()
+    assert matcher.is_accepting()
+    body = text.removeprefix(fmt.start).removesuffix(fmt.end)
+    assert [(c["name"], c["arguments"]) for c in fmt.parse(body, TOOLS)] == [(CALL["name"], CALL["arguments"])]
