@@ -354,3 +354,23 @@ def test_formats_without_a_vendored_template(name):
     assert matcher.is_accepting()
     body = text.removeprefix(fmt.start).removesuffix(fmt.end)
     assert [(c["name"], c["arguments"]) for c in fmt.parse(body, TOOLS)] == [(CALL["name"], CALL["arguments"])]
+
+
+def test_harmony_recipient_after_the_channel(paths):
+    """gpt-oss also writes the recipient after the channel (OpenAI's harmony
+    guide): the grammar allows it and the parser reads it."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlx_worker.tools import formats
+    from mlx_worker.tools.base import Vocab
+    from mlx_worker.tools.grammar import call_grammar
+
+    hf = AutoTokenizer.from_pretrained(paths["gpt-oss"])
+    fmt = formats.install(load_tokenizer(Path(paths["gpt-oss"])))
+    body = 'functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "days": 3, "unit": "celsius"}<|call|>'
+    text = "<|channel|>commentary to=" + body
+    lark = call_grammar(fmt, Vocab(load_tokenizer(Path(paths["gpt-oss"]))), copy.deepcopy(TOOLS), "call")
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(hf), llguidance.LLMatcher.grammar_from_lark(lark))
+    assert matcher.consume_tokens(hf.encode(text, add_special_tokens=False)), matcher.get_error()
+    assert matcher.is_accepting()
+    assert [(c["name"], c["arguments"]) for c in fmt.parse(body, TOOLS)] == [(CALL["name"], CALL["arguments"])]

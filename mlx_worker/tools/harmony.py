@@ -34,20 +34,26 @@ class Harmony(Format):
 
     def rules(self, v, tools, mode, parallel=True):
         msg = f"{v.m('<|channel|>')} (" + " | ".join(lit(c) for c in CHANNELS) + f") {v.m('<|message|>')}"
-        call = (f"{lit(' to=functions.')} call") if tools else None
+        # The recipient in the role (as the template renders a call) or after
+        # the channel (as OpenAI's harmony guide shows it).
+        call = (f"{lit(' to=functions.')} call | {v.m('<|channel|>')} {lit('commentary to=functions.')} call_after_channel"
+                if tools else None)
         header = {"none": msg, "call": call, "auto": f"{call} | {msg}" if call else msg}[mode]
         lines = [f"start: ({v.m(self.start)} {lit('assistant')})? header", f"header: {header}"]
         if tools:
             lines += self.alternatives(
                 tools, lambda i, name, args: f"{lit(name)} {v.m('<|channel|>')} {lit('commentary json')} "
                                               f"{v.m('<|message|>')} {args} {v.m('<|call|>')}")
+            lines.append("call_after_channel: " + " | ".join(f"after_{i}" for i in range(len(tools))))
+            lines += [f"after_{i}: {lit(t['function']['name'])} ({lit(' ')} {v.m('<|constrain|>')} {lit('json')})? "
+                      f"{v.m('<|message|>')} args_{i} {v.m('<|call|>')}" for i, t in enumerate(tools)]
         return lines
 
     def response_format(self):
         return {
             "initial_state": "header",
             "transitions": {
-                "header": [(" to=", "tool")] + [(f"<|channel|>{c}<|message|>", "reasoning" if c == "analysis" else "normal")
+                "header": [(" to=", "tool"), ("<|channel|>commentary to=", "tool")] + [(f"<|channel|>{c}<|message|>", "reasoning" if c == "analysis" else "normal")
                                                  for c in CHANNELS],
                 "reasoning": [("<|end|>", "between")],
                 "normal": [("<|end|>", "between"), ("<|return|>", "between")],
