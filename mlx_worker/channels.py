@@ -15,6 +15,11 @@ tokens (``<tool_cal`` + ``l>``) is text of the channel it is in. The tool
 grammar and ``tool_choice: "none"`` act on those tokens, so a spelled marker
 must not open a call that skipped them, nor close one inside its arguments.
 
+The markers are the call format's (``mlx_worker.tools`` sets them on the
+wrapper, with ``response_transitions`` for formats such as harmony); a format
+without a start marker (Llama 3.x's bare JSON) has a lead instead: the
+output's start is held until it shows whether it begins a call.
+
 The state machine strips markers; they are put back here as "marker" pieces
 so that every piece of text is accounted for: the concatenation of all
 pieces is the raw text, and the pieces of one channel concatenate to that

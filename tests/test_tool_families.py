@@ -374,3 +374,19 @@ def test_harmony_recipient_after_the_channel(paths):
     assert matcher.consume_tokens(hf.encode(text, add_special_tokens=False)), matcher.get_error()
     assert matcher.is_accepting()
     assert [(c["name"], c["arguments"]) for c in fmt.parse(body, TOOLS)] == [(CALL["name"], CALL["arguments"])]
+
+
+def test_llama_builtin_calls_open_at_the_python_tag(fw):
+    """Llama 3.1's built-in tools: `<|python_tag|>` opens a call (not forced
+    by the grammar: the JSON form is); its text is parsed as `name.call(...)`."""
+    from mlx_worker.tools.llama3 import Llama3
+
+    assert len(fw.tokenize(model_id="llama31", text="<|python_tag|>", add_special_tokens=False).tokens) == 1
+    prompt = fw.tokenize(model_id="llama31", messages=ASK).prompt + "<|python_tag|>"  # a host that prefills the tag
+    stream = fw.generate(model_id="llama31", prompt=prompt, seed=0, temperature=1.0, max_tokens=8, ignore_eos=True)
+    events = [e for e in stream if isinstance(e, protocol.TokenEvent)]
+    result = stream.result
+    assert {(e.channel, e.tool_call_index) for e in events} == {("tool_call", 0)}
+    assert [c.reason for c in result.invalid_tool_calls] == ["incomplete"]  # cut by max_tokens
+    assert Llama3().parse('brave_search.call(query="weather in Paris")', None) == [
+        {"name": "brave_search", "arguments": {"query": "weather in Paris"}}]
