@@ -2,6 +2,12 @@
 template (tiny-qwen3-tools-32k).
 
     python bench/tools.py [--tokens 200] [--rounds 12]
+    python bench/tools.py --per-format [--tokens 100] [--rounds 6]
+
+``--per-format``: no tools vs ``auto`` on each tool-call format's fixture
+(the vendored family templates, tiny models with 1k vocabularies), one row
+per family: tokens/s of each, the ratio (target ≥ 0.95) and the auto
+processor's own work per token.
 
 Same prompt (a chat rendered with the tools), seed and length on every side;
 EOS is banned with logit_bias so each run decodes the same count. Runs
@@ -76,7 +82,8 @@ def grammar_cost_us(lm, prompt: str, outputs: list[list[int]]) -> list[float]:
 
     import mlx.core as mx
 
-    from mlx_worker import protocol, tool_grammar
+    from mlx_worker import protocol
+    from mlx_worker.tools import grammar as tool_grammar
 
     params = msgspec.convert({"prompt": prompt, "tools": TOOLS}, protocol.GenerateParams)
     logits = mx.random.normal((1, lm.vocab_size))
@@ -98,13 +105,64 @@ def grammar_cost_us(lm, prompt: str, outputs: list[list[int]]) -> list[float]:
     return out
 
 
+PER_FORMAT = {  # family -> fixture (tests/test_tool_families.py)
+    f: f"tiny-{f}-tools" for f in ("llama31", "llama32", "gpt-oss", "deepseek-v31", "functionary-v32", "granite33",
+                                   "command-r7b", "qwen3-coder", "glm46", "kimi-k2", "hermes3", "qwen25", "qwen3-real",
+                                   "mistral-nemo", "mistral-small32")
+}
+
+
+def per_format(args) -> None:
+    """No tools vs auto on every format's fixture: tokens/s ratio per format."""
+    import msgspec
+
+    from mlx_worker import protocol
+    from mlx_worker.models import ModelRegistry
+    from mlx_worker.prompt import render_chat
+
+    registry = ModelRegistry()
+    figures = {}
+    print(f"  {'family':16} {'format':16} {'no tools':>9} {'auto':>9}  ratio (median)  best   "
+          "processor p50 us  share of a step")
+    for family, fixture in PER_FORMAT.items():
+        registry.load(protocol.LoadParams(model=str(ensure_model(fixture)), model_id=family))
+        lm = registry.get(family)
+        prompt = render_chat(lm, msgspec.convert({"messages": MESSAGES, "tools": TOOLS}, protocol.TokenizeParams))
+        for v in ("no_tools", "auto"):
+            run_once(lm, prompt, 10, v, 0, [])
+        rates: dict = {"no_tools": [], "auto": []}
+        outputs = []
+        for r in range(args.rounds):
+            for v in (("no_tools", "auto") if r % 2 else ("auto", "no_tools")):
+                result = run_once(lm, prompt, args.tokens, v, r, [])
+                rates[v].append(result.timings.generation_tps)
+                if v == "auto":
+                    outputs.append(result.tokens)
+        cost = grammar_cost_us(lm, prompt, outputs[:2])
+        base, auto = median(rates["no_tools"]), median(rates["auto"])
+        best = max(rates["auto"]) / max(rates["no_tools"])
+        fmt = lm.tokenizer.tool_format.name
+        share = percentile(cost, 50) * 1e-6 * max(rates["no_tools"])  # of the fastest no-tools step
+        print(f"  {family:16} {fmt:16} {base:9.1f} {auto:9.1f}  {auto / base:8.3f}  {best:12.3f}  "
+              f"{percentile(cost, 50):10.1f}  {share:12.2%}")
+        figures[f"{family}_auto_over_no_tools"] = auto / base
+        figures[f"{family}_processor_share_of_step"] = share
+        figures[f"{family}_auto_best_ratio"] = best
+        registry.unload(family)
+    report("tools_per_format", figures)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=12)  # a multiple of 3: each order equally often
     p.add_argument("--model", default="tiny-qwen3-tools-32k")
+    p.add_argument("--per-format", action="store_true")
     args = p.parse_args()
     blas = bind_blas_like_the_worker()
+    if args.per_format:
+        print(f"BLAS {blas or 'reference'}; {args.tokens} tokens x {args.rounds} rounds per side")
+        return per_format(args)
     import msgspec
 
     from mlx_worker import protocol

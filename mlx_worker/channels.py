@@ -15,6 +15,11 @@ tokens (``<tool_cal`` + ``l>``) is text of the channel it is in. The tool
 grammar and ``tool_choice: "none"`` act on those tokens, so a spelled marker
 must not open a call that skipped them, nor close one inside its arguments.
 
+The markers are the call format's (``mlx_worker.tools`` sets them on the
+wrapper, with ``response_transitions`` for formats such as harmony); a format
+without a start marker (Llama 3.x's bare JSON) has a lead instead: the
+output's start is held until it shows whether it begins a call.
+
 The state machine strips markers; they are put back here as "marker" pieces
 so that every piece of text is accounted for: the concatenation of all
 pieces is the raw text, and the pieces of one channel concatenate to that
@@ -52,10 +57,10 @@ def transitions_for(tokenizer) -> dict:
     # A stray closing marker (or a second opening one) is still a marker:
     # it must not leak into the text of a channel.
     if getattr(tokenizer, "has_thinking", False):
-        transitions["normal"].append((tokenizer.think_end, "normal"))
+        transitions.setdefault("normal", []).append((tokenizer.think_end, "normal"))
         transitions["reasoning"].append((tokenizer.think_start, "reasoning"))
     if getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_call_end:
-        transitions["normal"].append((tokenizer.tool_call_end, "normal"))
+        transitions.setdefault("normal", []).append((tokenizer.tool_call_end, "normal"))
         if "reasoning" in transitions:
             transitions["reasoning"].append((tokenizer.tool_call_end, "reasoning"))
     for marker in getattr(tokenizer, "structural_markers", ()) or ():
@@ -70,6 +75,8 @@ def initial_state(tokenizer, prompt_tokens: Sequence[int]) -> str:
     (a template that starts ``<think>`` in the generation prompt); "tool"
     when the prompt ends with a call's start marker (a host that prefills it)."""
     start = getattr(tokenizer, "tool_call_start_tokens", None) if getattr(tokenizer, "has_tool_calling", False) else None
+    if getattr(tokenizer, "response_initial_state", None):  # the format's own start (its prompt ends in a header)
+        start = None
     if start and len(prompt_tokens) >= len(start) and tuple(prompt_tokens[-len(start):]) == tuple(start):
         return "tool"
     state = "normal"
@@ -102,6 +109,9 @@ class ChannelSplitter:
     calls: list = field(default_factory=list)
     texts: dict = field(default_factory=lambda: {"content": "", "reasoning": ""})
     _marker_tokens_seen: dict = field(default_factory=dict)  # marker -> its tokens whose text is still to come
+    lead: Optional[str] = None  # a format without a start marker: an output beginning so is a call
+    text_lead: Optional[str] = None  # ... or: an output beginning so is text, any other output a call
+    _lead_text: str = ""
 
     @classmethod
     def for_model(cls, tokenizer, prompt_tokens: Sequence[int]) -> "ChannelSplitter":
@@ -116,6 +126,11 @@ class ChannelSplitter:
                     splitter.call_markers[text] = ids[0]
         if initial == "tool":
             splitter.calls.append(CallText())
+        fmt = getattr(tokenizer, "tool_format", None)
+        if fmt is not None and fmt.lead and initial == "normal":
+            splitter.lead = fmt.lead
+        if fmt is not None and getattr(fmt, "text_lead", None) and initial == "header":
+            splitter.lead, splitter.text_lead = fmt.text_lead, fmt.text_lead
         return splitter
 
     @property
@@ -139,6 +154,18 @@ class ChannelSplitter:
                 self._marker_tokens_seen[marker] = self._marker_tokens_seen.get(marker, 0) + 1
         if not text:
             return []
+        if self.lead is not None:
+            # Held until the output's start says whether it begins a call.
+            self._lead_text += text
+            held = self._lead_text
+            starts = held.startswith(self.lead)
+            if not starts and self.lead.startswith(held):
+                return []
+            if starts != bool(self.text_lead):  # a call
+                self.state = self.machine.make_state("tool")
+                self.calls.append(CallText())
+            self.lead, self._lead_text = None, ""
+            text = held
         raw = self.state[3] + text
         self.state, segments = TextStateMachine.split(self.state, text)
         out = self._pieces(raw, segments)
@@ -148,6 +175,9 @@ class ChannelSplitter:
 
     def finish(self) -> list[Piece]:
         """Release held text (the output is over)."""
+        if self.lead is not None and self._lead_text:
+            held, self.lead, self._lead_text = self._lead_text, None, ""
+            return self.push(held) + self.finish()
         self.state, held, name = TextStateMachine.flush(self.state)
         return self._pieces(held, [(name, held)]) if held else []
 

@@ -31,7 +31,9 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import errors, memory, prompt_bounds, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
+from . import errors, memory, prompt_bounds, prompt_cache, protocol, sampling, speculative
+from .tools import calls as tool_calls
+from .tools import grammar as tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
 from .loaded import LoadedModel

@@ -322,12 +322,16 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
 def _channel_info(tokenizer) -> dict:
     """The model family's tool-call format and reasoning markers, as mlx-lm's
     TokenizerWrapper detected them."""
-    from .tool_grammar import family_of, syntax_for  # late: it imports MLX
+    from .tools import formats  # late: it imports MLX
 
     out: dict = {}
-    if getattr(tokenizer, "has_tool_calling", False):
-        out["tool_call_format"] = family_of(tokenizer)
-        out["tool_grammar"] = syntax_for(tokenizer) is not None
+    fmt = formats.format_of(tokenizer)
+    if fmt is not None:
+        out["tool_call_format"] = fmt.name
+        out["tool_grammar"] = True
+    names = formats.template_names(getattr(tokenizer, "_tokenizer", tokenizer))
+    if names:
+        out["chat_template_names"] = names
     if getattr(tokenizer, "has_thinking", False):
         out["reasoning_markers"] = [tokenizer.think_start, tokenizer.think_end]
     return out
@@ -367,7 +371,9 @@ def _load_text_model(
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
     from .markers import extend_thinking
+    from .tools.formats import install
 
+    install(tokenizer)
     extend_thinking(tokenizer)
     return new_loaded_model(path, "text", model, tokenizer, config)
 

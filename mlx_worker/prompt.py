@@ -97,7 +97,24 @@ def render_chat(lm: LoadedModel, params: Any) -> str:
     # parts the host sent, as transformers passes them: a template may trim
     # or separate parts, so joining them here would render differently.
     messages = [message_dict(m) for m in params.messages]
+    fmt = getattr(lm.tokenizer, "tool_format", None)
+    if fmt is not None:
+        for m in messages:
+            if m.get("tool_calls"):
+                m["tool_calls"] = [template_call(fmt, c) for c in m["tool_calls"]]
     return apply_template(lm.hf_tokenizer, messages, params, lm.model_id)
+
+
+def template_call(fmt: Any, call: dict) -> dict:
+    """A call the host sends back, as the family's template reads it: the
+    worker's own ``{id, name, arguments}`` becomes the OpenAI shape, and
+    arguments become JSON text where the template concatenates them."""
+    if "function" not in call and isinstance(call.get("name"), str):
+        call = fmt.render_call({"id": call.get("id"), "name": call["name"], "arguments": call.get("arguments", {})})
+    elif fmt.args_as_string and isinstance(call.get("function"), dict) and not isinstance(call["function"].get("arguments"), str):
+        call = fmt.render_call({"id": call.get("id"), "name": call["function"].get("name"),
+                                "arguments": call["function"].get("arguments", {})})
+    return call
 
 
 def encode_text(lm: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
@@ -115,7 +132,7 @@ def check_token_ids(lm: LoadedModel, tokens: list[int], field_name: str) -> None
 
 def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.TokenizeResult:
     source = one_source(params, ("text", "messages"))
-    from .tool_grammar import check_tools  # late: it imports MLX
+    from .tools.grammar import check_tools  # late: it imports MLX
 
     check_tools(params.tools)
     if source == "messages" and lm.vision is not None:

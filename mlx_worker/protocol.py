@@ -264,11 +264,12 @@ class LoadResult(Out):
     already_loaded: bool = False
     kv_bits: Union[int, None] = None
     kv_group_size: Union[int, None] = None
-    # The family's tool-call format (mlx-lm's parser name, e.g. "json_tools",
-    # "mistral") and reasoning markers, as detected from the tokenizer.
+    # The family's tool-call format (e.g. "json_tools", "mistral", "harmony";
+    # the spec's family table) and reasoning markers, as detected from the tokenizer.
     tool_call_format: Union[str, None] = None
     tool_grammar: bool = False  # calls can be constrained for this format
     reasoning_markers: Union[list[str], None] = None
+    chat_template_names: Union[list[str], None] = None  # a named template list (`default`, `tool_use`, ...)
     parallel: Union[ParallelStatus, None] = None  # a distributed load's ranks
     # Embedding models: the vector size and how hidden states are pooled.
     embedding_dimensions: Union[int, None] = None
@@ -388,6 +389,7 @@ class GenerateParams(PromptParams):
     prefill_step_size: Union[StepSize, None] = None
     constraint: Union[Constraint, None] = None
     tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True  # false: at most one call in the output (OpenAI's field)
     # Speculative decoding: a loaded model over the same tokenizer proposes
     # num_draft_tokens tokens per step and this model verifies them. None: the
     # load's defaults; num_draft_tokens 0 turns a load's default draft off.

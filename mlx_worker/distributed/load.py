@@ -91,7 +91,9 @@ def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) 
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
     from ..markers import extend_thinking
+    from ..tools.formats import install
 
+    install(tokenizer)
     extend_thinking(tokenizer)
     wrapped = DistributedModel(ring, model_id, model, len(model.layers))
     loaded = new_loaded_model(path, "text", wrapped, tokenizer, config)

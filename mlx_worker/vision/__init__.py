@@ -79,6 +79,9 @@ def load_vision_model(
         eos_token_ids=eos,
         **tool_parser_options(hf_tokenizer),
     )
+    from ..tools.formats import install
+
+    install(tokenizer)
     extend_thinking(tokenizer)
 
     model_type = str(config.get("model_type", ""))

@@ -402,6 +402,7 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.min_p) j["min_p"] = *v.min_p;
   if (v.model_id) j["model_id"] = *v.model_id;
   if (v.num_draft_tokens) j["num_draft_tokens"] = *v.num_draft_tokens;
+  if (v.parallel_tool_calls) j["parallel_tool_calls"] = *v.parallel_tool_calls;
   if (v.prefill_step_size) j["prefill_step_size"] = *v.prefill_step_size;
   if (v.presence_penalty) j["presence_penalty"] = *v.presence_penalty;
   if (v.prompt) j["prompt"] = *v.prompt;
@@ -462,6 +463,8 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.model_id.reset();
   if (auto it = j.find("num_draft_tokens"); it != j.end() && !it->is_null()) v.num_draft_tokens = it->get<std::int64_t>();
   else v.num_draft_tokens.reset();
+  if (auto it = j.find("parallel_tool_calls"); it != j.end() && !it->is_null()) v.parallel_tool_calls = it->get<bool>();
+  else v.parallel_tool_calls.reset();
   if (auto it = j.find("prefill_step_size"); it != j.end() && !it->is_null()) v.prefill_step_size = it->get<std::int64_t>();
   else v.prefill_step_size.reset();
   if (auto it = j.find("presence_penalty"); it != j.end() && !it->is_null()) v.presence_penalty = it->get<double>();
@@ -720,6 +723,7 @@ void from_json(const nlohmann::json& j, ParallelStatus& v) {
 void to_json(nlohmann::json& j, const LoadResult& v) {
   j = nlohmann::json::object();
   if (v.already_loaded) j["already_loaded"] = *v.already_loaded;
+  if (v.chat_template_names) j["chat_template_names"] = *v.chat_template_names;
   if (v.context_length) j["context_length"] = *v.context_length;
   if (v.embedding_dimensions) j["embedding_dimensions"] = *v.embedding_dimensions;
   j["eos_token_ids"] = v.eos_token_ids;
@@ -741,6 +745,8 @@ void to_json(nlohmann::json& j, const LoadResult& v) {
 void from_json(const nlohmann::json& j, LoadResult& v) {
   if (auto it = j.find("already_loaded"); it != j.end() && !it->is_null()) v.already_loaded = it->get<bool>();
   else v.already_loaded.reset();
+  if (auto it = j.find("chat_template_names"); it != j.end() && !it->is_null()) v.chat_template_names = it->get<std::vector<std::string>>();
+  else v.chat_template_names.reset();
   if (auto it = j.find("context_length"); it != j.end() && !it->is_null()) v.context_length = it->get<std::int64_t>();
   else v.context_length.reset();
   if (auto it = j.find("embedding_dimensions"); it != j.end() && !it->is_null()) v.embedding_dimensions = it->get<std::int64_t>();

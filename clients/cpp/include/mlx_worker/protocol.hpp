@@ -355,6 +355,7 @@ struct GenerateParams {
   std::optional<double> min_p;  // default 0.0
   std::optional<std::string> model_id;
   std::optional<std::int64_t> num_draft_tokens;
+  std::optional<bool> parallel_tool_calls;  // default true
   std::optional<std::int64_t> prefill_step_size;
   std::optional<double> presence_penalty;  // default 0.0
   std::optional<std::string> prompt;
@@ -498,6 +499,7 @@ void from_json(const nlohmann::json& j, ParallelStatus& v);
 
 struct LoadResult {
   std::optional<bool> already_loaded;  // default false
+  std::optional<std::vector<std::string>> chat_template_names;
   std::optional<std::int64_t> context_length;
   std::optional<std::int64_t> embedding_dimensions;
   std::vector<std::int64_t> eos_token_ids{};

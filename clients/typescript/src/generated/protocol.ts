@@ -166,6 +166,7 @@ export interface GenerateParams {
   min_p?: number;
   model_id?: string | null;
   num_draft_tokens?: number | null;
+  parallel_tool_calls?: boolean;
   prefill_step_size?: number | null;
   presence_penalty?: number;
   prompt?: string | null;
@@ -307,6 +308,7 @@ export interface LoadProgressEvent {
 }
 export interface LoadResult {
   already_loaded?: boolean;
+  chat_template_names?: string[] | null;
   context_length: number | null;
   embedding_dimensions?: number | null;
   eos_token_ids: number[];

@@ -1,22 +1,20 @@
 """The text of each tool call -> ``ToolCall`` (parsed) or ``InvalidToolCall``.
 
-Parsing is the family's own parser from ``mlx_lm/tool_parsers`` (the one
-mlx-lm's ``TokenizerWrapper.tool_parser`` picked for the model). A call that
-the output cut short is never parsed: it is reported as incomplete.
+Parsing is the format's parser (``mlx_worker.tools``; mlx-lm's own from
+``mlx_lm/tool_parsers`` where it has one). A call that the output cut short
+is never parsed: it is reported as incomplete. Ids are in the family's
+format (a Mistral template accepts only 9 alphanumerics).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
-from . import protocol
-from .channels import CallText
-
-
-def new_id() -> str:
-    return "call_" + os.urandom(12).hex()
+from .. import protocol
+from ..channels import CallText
+from . import formats
+from .base import new_call_id
 
 
 def collect(
@@ -30,7 +28,10 @@ def collect(
     ended it."""
     parsed: list[protocol.ToolCall] = []
     invalid: list[protocol.InvalidToolCall] = []
-    ends_without_marker = not getattr(tokenizer, "tool_call_end", None)
+    fmt = formats.format_of(tokenizer)
+    new_id = fmt.new_id if fmt is not None else new_call_id
+    ends_without_marker = not getattr(tokenizer, "tool_call_end", None) or (fmt is not None and fmt.eos_ends_call)
+    calls = [c for c in calls if c.text.strip() or not c.closed]  # a header closed with no call in it
     for i, call in enumerate(calls):
         last = i == len(calls) - 1
         complete = call.closed or (last and ends_without_marker and ended_by_eos)
@@ -41,7 +42,7 @@ def collect(
             ))
             continue
         try:
-            result: Any = tokenizer.tool_parser(call.text, tools)
+            result: Any = fmt.parse(call.text, tools) if fmt is not None else tokenizer.tool_parser(call.text, tools)
         except Exception as exc:  # each parser raises its own errors (ValueError, JSONDecodeError, ...)
             invalid.append(protocol.InvalidToolCall(
                 id=new_id(), text=call.text, reason="unparsable", error=f"{type(exc).__name__}: {exc}"

@@ -25,31 +25,37 @@ import numpy as np
 
 import mlx.core as mx
 
-from .constraints import mask
-from .constraints.processor import MatcherProcessor
+from ..constraints import mask
+from ..constraints.processor import MatcherProcessor
 
 
 class ToolCallProcessor(MatcherProcessor):
     what = "tool-call generation"
     field = "params.tools"
 
-    def __init__(self, program, info, trigger: int, first: str, after_call: str):
-        """``first``/``after_call``: the free mode at the start and after a
+    def __init__(self, program, info, trigger, first: str, after_call: str, opens=None):
+        """``trigger``: the start marker's token, or None for a format without
+        one (a call is an output whose first token the grammar accepts).
+        ``first``/``after_call``: the free mode at the start and after a
         call: "free" (anything), "call_only" (the start marker), "call_or_end"
-        (the start marker or EOS)."""
+        (the start marker or EOS), "end" (EOS). ``opens(prompt_tokens)``: True
+        when the prompt ends where the grammar begins (the family's generation
+        prompt ends inside a message header)."""
         super().__init__(info)
         self.program = program
         self.info = info
         self.trigger = trigger
         self.after_call = after_call
+        self.opens = opens
         self.mode = first
         self.m = None  # the matcher of the call being written
         self.known: list[int] = []  # generated tokens known on the CPU
         self.observed = 0
         self.steps = 0  # processor calls so far
-        self._start_of_call = self._first_call_mask()
-        self._not_start_of_call = mx.logical_not(self._start_of_call)
         self._bases: dict = {}
+        if trigger is not None:
+            self._start_of_call = self._first_call_mask()
+            self._not_start_of_call = mx.logical_not(self._start_of_call)
 
     # ------------------------------------------------------------ protocol
 
@@ -70,10 +76,31 @@ class ToolCallProcessor(MatcherProcessor):
         if step == 0:
             # Only the prompt: a prompt that ends with the start marker
             # opens a call the output must complete.
+            if self.opens is not None and self.opens(tokens):
+                self._open_call([])
+                return self._call_mask(logits)
+            if self.trigger is None:
+                if self.mode == "call_only":
+                    self._open_call([])
+                    return self._call_mask(logits)
+                return logits
             if int(tokens[-1].item()) == self.trigger:
                 self._open_call()
                 return self._call_mask(logits)
             return self._free_mask(tokens, logits, device_select=False)
+        if self.trigger is None and self.m is None:
+            # No start marker: the first token decides (the grammar accepts
+            # it: a call; anything else: free text to the end).
+            if step == 1 and self.mode == "free":
+                first = int(tokens[-1].item())
+                m = self.program.matcher()
+                if first not in self.eos and m.consume(first):
+                    self.known = [first]
+                    self.m = m
+                    return self._call_mask(logits)
+                self.mode = "done"
+            base = self._base(self.mode)
+            return logits if base is None else mx.where(base, logits, mask.NEG_INF)
         if self.m is None:
             if len(self.known) < step - 1:  # not observed (a caller without observe): read them
                 self.known = [int(t) for t in np.asarray(tokens[tokens.shape[-1] - (step - 1) - 1 : -1])]
@@ -103,7 +130,12 @@ class ToolCallProcessor(MatcherProcessor):
         return mx.where(mx.where(started, self._start_of_call, base), logits, mask.NEG_INF)
 
     def _call_mask(self, logits: mx.array) -> mx.array:
-        self._fill(self.m, False)  # EOS never inside a call
+        # EOS never ends a call; an EOS token the call's syntax itself needs
+        # (harmony's <|call|>) is allowed while the call is not complete.
+        if not self.m.fill(self._ptr, self._nbytes):
+            raise self._failure(self.m.error())
+        if self.m.accepting():
+            mask.set_bits(self.words, self.eos, False)
         allowed = mask.unpack(self.words, self.vocab)
         if not allowed.any():
             if not self.m.accepting():
@@ -113,12 +145,13 @@ class ToolCallProcessor(MatcherProcessor):
             return logits if base is None else mx.where(base, logits, mask.NEG_INF)
         return mx.where(mx.array(allowed), logits, mask.NEG_INF)
 
-    def _open_call(self) -> None:
+    def _open_call(self, prefix=None) -> None:
         self.m = self.program.matcher()
-        self._consume(self.trigger)
+        for token in ([self.trigger] if prefix is None else prefix):
+            self._consume(token)
 
     def _consume(self, token: int) -> None:
-        if token in self.eos or not self.m.consume(token):
+        if not self.m.consume(token):
             why = self.m.error() if token not in self.eos else "EOS inside a tool call"
             raise self._failure(f"token {token} was refused inside a tool call: {why}")
 
@@ -133,12 +166,17 @@ class ToolCallProcessor(MatcherProcessor):
 
     def _base(self, mode: str):
         """None for "free" (no mask), else the allowed tokens as an mx array."""
-        if mode == "free":
+        if mode in ("free", "done"):
             return None
         if mode not in self._bases:
             allowed = np.zeros(self.vocab, dtype=np.bool_)
-            allowed[self.trigger] = True
-            if mode == "call_or_end":
+            if mode == "no_call":
+                allowed[:] = True
+                if self.trigger is not None:
+                    allowed[self.trigger] = False
+            elif mode != "end" and self.trigger is not None:
+                allowed[self.trigger] = True
+            if mode in ("call_or_end", "end"):
                 allowed[[e for e in self.eos if e < self.vocab]] = True
             self._bases[mode] = mx.array(allowed)
         return self._bases[mode]
