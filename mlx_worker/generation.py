@@ -69,7 +69,10 @@ class Generation:
         self.lease: Optional[prompt_cache.Lease] = None
         self.constraint = None
         self.stored: Optional[prompt_cache.Entry] = None  # what finish left in the store
+        self.need_parts: dict = {}
         self.need = 0  # bytes admitted for this request (memory.py's estimate)
+        self.memory_base: Optional[int] = None  # bytes in use when it arrived (or was admitted)
+        self.memory_estimate: Optional[int] = None  # base + need: its expected peak
         # Decoding state.
         self.generated: list[int] = []  # returned tokens (no terminating EOS)
         self.fed_back: list[int] = []  # every sampled token, EOS included: they are in the KV cache
@@ -125,9 +128,11 @@ class Generation:
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
         if self.draft is not None:
-            draft_need, _ = memory.generate_need(self.draft.lm, self.n_prompt, self.max_tokens, self.step_size)
-            self.need += draft_need
-            self.need_parts = {**self.need_parts, "draft": draft_need}
+            # Both caches are held; the two models' chunks run one after the other.
+            draft_need, draft_parts = memory.generate_need(self.draft.lm, self.n_prompt, self.max_tokens, self.step_size)
+            kv = self.need_parts["kv_cache"] + draft_parts["kv_cache"]
+            self.need = kv + max(self.need - self.need_parts["kv_cache"], draft_need - draft_parts["kv_cache"])
+            self.need_parts = {**self.need_parts, "kv_cache": kv, "draft": draft_need}
 
     def _check_cancel(self) -> None:
         if self.should_stop():
@@ -335,6 +340,7 @@ class Generation:
             stop_string=stream.stop_string,
             stop_token=self.stop_token,
             constraint_complete=complete,
+            memory_estimate=self.memory_estimate,
         )
 
     def _send_pieces(self, pieces, tokens: list[int], logprobs) -> None:

@@ -15,15 +15,14 @@ needs *before* starting it, and refuses with -32005 what would not fit:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
 from . import errors, protocol
 from .errors import WorkerError
-from .model_checks import text_config
 
 _worker_limit: Optional[int] = None  # --memory-limit
 
@@ -63,87 +62,60 @@ def rss_bytes() -> int:
         return 0
 
 
+# Running requests' admission figures, for `status` (read on the reader thread).
+_requests: dict = {}
+_requests_lock = threading.Lock()
+
+
+def track(request_id, model_id: str, estimate: int, need: int) -> int:
+    """A request admitted with an expected peak of ``estimate`` bytes
+    (``need`` of them its own); returns the estimate."""
+    with _requests_lock:
+        _requests[_key(request_id)] = (request_id, model_id, estimate, max(0, need))
+    return estimate
+
+
+def untrack(request_id) -> None:
+    with _requests_lock:
+        _requests.pop(_key(request_id), None)
+
+
+def _key(request_id):
+    return (type(request_id).__name__, request_id)
+
+
 def memory_status() -> protocol.MemoryStatus:
     import mlx.core as mx
 
+    peak = mx.get_peak_memory()
+    with _requests_lock:
+        running = list(_requests.values())
     return protocol.MemoryStatus(
         active=mx.get_active_memory(),
-        peak=mx.get_peak_memory(),
+        peak=peak,
         cache=mx.get_cache_memory(),
         rss=rss_bytes(),
         limit=worker_limit(),
+        requests=[protocol.RequestMemory(id=r, model_id=m, estimate=e, need=n, peak=peak) for r, m, e, n in running],
     )
 
 
 # ------------------------------------------------------------------ estimates
 
 
-def _positive_int(cfg: dict, *keys: str) -> Optional[int]:
-    for key in keys:
-        value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _float_itemsize(model: Any) -> int:
-    """Bytes per element of the model's activations (its float weights' dtype)."""
-    try:
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
-        for _, p in tree_flatten(model.parameters()):
-            if isinstance(p, mx.array) and mx.issubdtype(p.dtype, mx.floating):
-                return p.dtype.size
-    except Exception:
-        pass
-    return 4
-
-
 def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tuple[int, dict]:
-    """Bytes a generation needs beyond what is already allocated: the KV
-    cache for prompt + max_tokens, plus the largest prefill chunk's
-    activations. An estimate from config.json, on the generous side."""
-    import mlx.core as mx
+    """Bytes a generation needs beyond what is already allocated
+    (memory_model.py), plus the prompt cache's snapshot of a windowed cache."""
+    from . import memory_model
 
-    cfg = text_config(lm.config)
-    layers = _positive_int(cfg, "num_hidden_layers", "n_layer", "num_layers") or 0
-    hidden = _positive_int(cfg, "hidden_size", "n_embd", "d_model") or 0
-    heads = _positive_int(cfg, "num_attention_heads", "n_head") or 1
-    kv_heads = _positive_int(cfg, "num_key_value_heads") or heads
-    head_dim = _positive_int(cfg, "head_dim") or (hidden // heads if hidden else 0)
-    inter = _positive_int(cfg, "intermediate_size", "n_inner") or 4 * hidden
-    itemsize = lm.extra.get("itemsize") or _float_itemsize(lm.model)
-    lm.extra["itemsize"] = itemsize
-
-    total = n_prompt + max_tokens
-    kv_tokens = min(total, lm.max_kv_size) if lm.max_kv_size else total
-    kv_tokens = math.ceil(kv_tokens / KV_STEP) * KV_STEP
-    # A quantized cache (kv_bits) holds packed bits plus a scale and a bias per group.
-    quant = getattr(lm, "kv_quant", None)
-    element = quant.element_bytes(itemsize) if quant is not None else itemsize
-    kv = int(2 * layers * kv_heads * head_dim * element * kv_tokens)
-
-    growth = kv // layers if layers else 0  # a layer's cache is copied as it grows
-    # A windowed cache (max_kv_size, sliding-window layers) keeps a snapshot
-    # of its state during prompt processing for the prompt cache
-    # (prompt_cache.Lease.progress): a second copy of up to a window of KV.
-    window = lm.max_kv_size or _positive_int(cfg, "sliding_window")
-    snapshot = 2 * layers * kv_heads * head_dim * itemsize * min(kv_tokens, window) if window else 0
-
-    chunk = max(1, min(prefill_step, n_prompt))
-    # One layer's temporaries at a time (MLX frees buffers as soon as their
-    # last consumer ran): hidden states and projections, the MLP, and on CPU
-    # the attention scores and mask, which the GPU backends' fused attention
-    # never materializes. Fitted to peaks measured on CPU (within ~10 %).
-    acts = chunk * (8 * hidden + 4 * inter) * itemsize
-    if mx.default_device().type != mx.DeviceType.gpu:
-        acts += (heads + 1) * chunk * min(total, kv_tokens) * 4
-    logits = 4 * lm.vocab_size * 4  # fp32 logits, log-probs, sampling copies
-    need = int((kv + growth + snapshot + acts + logits) * 1.1)
-    parts = {"kv_cache": kv, "activations": acts, "kv_tokens": kv_tokens}
-    if snapshot:
+    need, parts = memory_model.generate_need(lm, n_prompt, max_tokens, prefill_step)
+    lay = memory_model.layout(lm)
+    if any(layer[0] == "window" for layer in lay.layers) and lm.prompt_cache is not None:
+        # prompt_cache.Lease.progress keeps a copy of the state at the last
+        # reusable chunk boundary: a second copy of the cache as it was then.
+        snapshot = memory_model.cache_bytes(lay, max(0, n_prompt - 1), prefill_step, False)
         parts["snapshot"] = snapshot
+        need += snapshot
     return need, parts
 
 

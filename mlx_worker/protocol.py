@@ -453,6 +453,9 @@ class GenerateResult(Out):
     # (false when max_tokens, a stop string or cancel cut the output short).
     constraint_complete: Union[bool, UnsetType] = UNSET
     invalid_tool_calls: list[InvalidToolCall] = []
+    # The peak memory (bytes) the worker expected for this request when it
+    # admitted it: memory in use then + its estimated need ("Memory").
+    memory_estimate: Union[int, None] = None
 
 
 # ------------------------------------------------------ prompt cache files
@@ -536,12 +539,23 @@ class QueueStatus(Out):
     running: list[RequestId]
 
 
+class RequestMemory(Out):
+    """A running request's memory: what admission expected next to what MLX measured."""
+
+    id: RequestId
+    model_id: str
+    estimate: int  # expected peak: memory in use at admission + need
+    need: int  # the estimate's own part (KV to max_tokens, prefill temporaries, …)
+    peak: int  # MLX's peak since the worker was last idle (shared by concurrent requests)
+
+
 class MemoryStatus(Out):
     active: int
     peak: int
     cache: int
     rss: int
     limit: Union[int, None] = None
+    requests: list[RequestMemory] = []  # every admitted, running request
 
 
 class StatusResult(Out):

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 import mlx.core as mx
 
-from . import errors, memory
+from . import errors, memory, memory_model
 from .batch import DecodeGroup, prefill_together
 from .errors import WorkerError
 from .generation import Generation
@@ -45,7 +45,11 @@ Done = Callable[[Generation, object], None]
 class Scheduler:
     def __init__(self, done: Done, all_stores: Callable[[], Iterable] = tuple,
                  beside: "Scheduler | None" = None):
-        self.done = done
+        def finished(gen: Generation, outcome: object) -> None:
+            memory.untrack(gen.request_id)
+            done(gen, outcome)
+
+        self.done = finished
         self.all_stores = all_stores  # every loaded model's prompt-cache stores, pair stores too
         # run_alone: the main scheduler, whose requests are paused meanwhile
         # but still hold (and may still need) their memory.
@@ -76,6 +80,7 @@ class Scheduler:
         """Prepare and admit a new request (or answer it: error, cancelled)."""
         if not self.busy() and not (self.beside and self.beside.busy()):
             mx.reset_peak_memory()  # never mid-batch: the running requests report the peak
+        gen.memory_base = mx.get_active_memory()
         try:
             gen.prepare()
             gen.open()
@@ -92,6 +97,7 @@ class Scheduler:
                 # starve a big one), unless it can never fit at all.
                 self._never_fits(gen)
                 self.waiting.append(gen)
+                gen.memory_base = None  # measured again when admitted
                 return False
             fits = self._fits(gen)
         except WorkerError as exc:
@@ -103,6 +109,7 @@ class Scheduler:
         if first:
             log.info("request waits for memory: %d bytes", gen.need)
             self.waiting.append(gen)
+            gen.memory_base = None  # measured again when admitted
         return False
 
     def _never_fits(self, gen: Generation) -> None:
@@ -119,22 +126,62 @@ class Scheduler:
         lm = gen.lm
         own = [g for g in self.running() if g is not gen]
         others = own + (self.beside.running() if self.beside else [])
-        outstanding = sum(g.need for g in others)
         model_out = sum(g.need for g in others if g.lm is lm)
         limit = memory.worker_limit()
         model_limit = getattr(lm, "memory_limit", None)
         for attempt in range(2):
-            available = limit - mx.get_active_memory() - outstanding
-            model_ok = not model_limit or lm.memory_bytes + model_out + need <= model_limit
-            if need <= available and model_ok:
+            estimate = self.estimate(gen)
+            # the model's own limit holds its weights, its prompt-cache entries and its requests
+            model_over = (lm.memory_bytes + _model_store_bytes(lm) + model_out + need - model_limit
+                          if model_limit else 0)
+            if estimate <= limit and model_over <= 0:
                 return True
-            if attempt == 0 and self._evict(gen, need - available):
+            if attempt == 0 and (self._evict(gen, estimate - limit) if estimate > limit
+                                 else _evict_model(lm, model_over)):
                 continue
             break
         if own:
             return False  # wait: running requests will free memory
         # (beside paused requests it can't wait: they don't run meanwhile)
+        available = limit - (estimate - need)
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
+
+    def estimate(self, gen: Generation) -> int:
+        """The peak expected with ``gen`` running beside the admitted
+        requests: what is resident (active memory less what the running
+        requests' caches hold now), every request's KV up to its
+        max_tokens, a batch's padding, and the largest one's temporaries
+        (prefill chunks run one at a time)."""
+        others = [g for g in self.running() if g is not gen]
+        if self.beside:
+            others += self.beside.running()
+        resident = mx.get_active_memory() - self._held() - (self.beside._held() if self.beside else 0)
+        gens = others + [gen]
+        kv = sum(g.need_parts.get("kv_cache", 0) for g in gens)
+        temporaries = max(g.need - g.need_parts.get("kv_cache", 0) for g in gens)
+        if gen.batchable and gen.to_prefill > 0:
+            # prompts of one model prefill together (_prefill_one), each
+            # padded to the longest chunk: their temporaries add up
+            together = [g for g in gens if g.lm is gen.lm and g.batchable and g.to_prefill > 0]
+            temporaries = max(temporaries, min(len(together), MAX_PREFILL_ROWS) * max(
+                g.need - g.need_parts.get("kv_cache", 0) for g in together))
+        padding, merge = self._padding(gen, others)
+        return max(0, resident) + kv + padding + max(temporaries, merge) - gen.reused_bytes
+
+    def _held(self) -> int:
+        """Bytes the running requests' caches hold now (between steps)."""
+        total = 0
+        for g in self.prefilling:
+            total += _nbytes(g.cache)
+        for group in list(self.groups.values()) + self.solo:
+            total += _nbytes(group.cache)
+        return total
+
+    def _padding(self, gen: Generation, others: list) -> tuple[int, int]:
+        if not gen.batchable:
+            return 0, 0
+        rows = [(g.n_prompt, g.max_tokens) for g in others + [gen] if g.lm is gen.lm and g.batchable]
+        return memory_model.padded(gen.lm, rows)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
         """Evict oldest-first: first from the stores no admitted request
@@ -153,6 +200,10 @@ class Scheduler:
         return freed > 0
 
     def _start(self, gen: Generation) -> None:
+        estimate = self.estimate(gen)
+        if gen.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
+            estimate = max(estimate, gen.memory_base + max(0, gen.need - gen.reused_bytes))
+        gen.memory_estimate = memory.track(gen.request_id, gen.lm.model_id, estimate, gen.need - gen.reused_bytes)
         if gen.to_prefill > 0:
             self.prefilling.append(gen)
         else:
@@ -353,6 +404,38 @@ def _stores(gens: list[Generation]):
             if store is not None and id(store) not in seen:
                 seen.add(id(store))
                 yield store
+
+
+def _model_stores(lm) -> list:
+    from .speculative import pair_stores
+
+    return [s for s in [lm.prompt_cache, *pair_stores(lm)] if s is not None]
+
+
+def _model_store_bytes(lm) -> int:
+    return sum(s.status().bytes for s in _model_stores(lm))
+
+
+def _evict_model(lm, nbytes: int) -> bool:
+    freed = 0
+    for store in _model_stores(lm):
+        if freed >= nbytes:
+            break
+        freed += store.evict_lru(nbytes - freed)
+    if freed:
+        mx.clear_cache()
+    return freed > 0
+
+
+def _nbytes(cache) -> int:
+    if not cache:
+        return 0
+    from .prompt_cache import cache_nbytes
+
+    try:
+        return cache_nbytes(cache)
+    except Exception:
+        return 0
 
 
 def _abort(gen: Generation) -> None:

@@ -178,6 +178,8 @@ class Draft:
     def prefill(self, tokens: mx.array, cache: list) -> None:
         """The same prompt tokens through both models."""
         self.target.model(tokens[None], cache=cache[: self.n_target])
+        # one model's chunk at a time: their temporaries never add up (memory_model.py)
+        mx.eval([c.state for c in cache[: self.n_target]])
         self.lm.model(tokens[None], cache=cache[self.n_target :])
 
     def group(self, gen) -> "SpeculativeGroup":
