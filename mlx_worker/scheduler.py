@@ -162,7 +162,7 @@ class Scheduler:
         if gen.batchable and gen.to_prefill > 0:
             # prompts of one model prefill together (_prefill_one), each
             # padded to the longest chunk: their temporaries add up
-            together = [g for g in gens if g.lm is gen.lm and g.batchable and g.to_prefill > 0]
+            together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0 and g.batchable]
             temporaries = max(temporaries, min(len(together), MAX_PREFILL_ROWS) * max(
                 g.need - g.need_parts.get("kv_cache", 0) for g in together))
         padding, merge = self._padding(gen, others)
@@ -177,10 +177,15 @@ class Scheduler:
             total += _nbytes(group.cache)
         return total
 
+    def _batchable(self, g: Generation) -> bool:
+        if g.cache is None:  # in a decode group, which owns its KV
+            return any(g in group.rows for group in self.groups.values())
+        return g.batchable
+
     def _padding(self, gen: Generation, others: list) -> tuple[int, int]:
         if not gen.batchable:
             return 0, 0
-        rows = [(g.n_prompt, g.max_tokens) for g in others + [gen] if g.lm is gen.lm and g.batchable]
+        rows = [(g.n_prompt, g.max_tokens) for g in others + [gen] if g.lm is gen.lm and self._batchable(g)]
         return memory_model.padded(gen.lm, rows)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
