@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-limit", type=_positive_int, default=None,
                    help="memory limit in bytes: MLX's allocator limit, and loads or requests estimated "
                         "to exceed it get an out-of-memory error (default: MLX's own limit)")
+    p.add_argument("--prompt-cache-bytes", type=_positive_int, default=None,
+                   help="one byte budget for every model's prompt-cache entries (default: a quarter of RAM)")
     return p.parse_args(argv)
 
 
@@ -104,6 +106,10 @@ def main(argv=None) -> int:
     from . import memory
 
     memory.set_worker_limit(args.memory_limit)
+    if args.prompt_cache_bytes:
+        from . import cache_budget
+
+        cache_budget.set_max_bytes(args.prompt_cache_bytes)
 
     config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
                     blas=blas_path, memory_limit=args.memory_limit)

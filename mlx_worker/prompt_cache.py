@@ -68,8 +68,9 @@ from .prompt import encode_text, render_chat
 
 log = logging.getLogger("mlx_worker.prompt_cache")
 
-DEFAULT_ENTRIES = 16
-DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the byte budget
+# The entry count is an option (load's prompt_cache_entries); bytes bind
+# (cache_budget.py: one LRU across every store).
+DEFAULT_ENTRIES = 4096
 DEFAULT_KEEP = 4  # mlx-lm's own: the first tokens a rotating cache never evicts
 
 
@@ -207,6 +208,7 @@ class Entry:
     window: Optional[int]  # smallest rotating window, None if nothing rotates
     step: Optional[int]  # windowed: the prefill step that produced this state
     keep: int  # the rotating caches' keep
+    used: int = 0  # worker-wide use count (cache_budget.py): the LRU order across stores
 
 
 class Lease:
@@ -288,9 +290,10 @@ class PromptCacheStore:
     """Entries in LRU order (oldest first), bounded by count and bytes.
     Used on the compute thread; ``status`` may be read from any thread."""
 
-    def __init__(self, max_bytes: int, max_entries: int, new_cache: Callable[[int], list]):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: Optional[int], max_entries: int, new_cache: Callable[[int], list]):
+        self.own_max_bytes = max_bytes  # load's prompt_cache_bytes; None: the worker's budget
         self.max_entries = max_entries
+        self.budget = None  # cache_budget.CacheBudget, set by attach
         self._new_cache = new_cache
         self._entries: list[Entry] = []
         self._bytes = 0
@@ -368,6 +371,18 @@ class PromptCacheStore:
         )
         return entry if self.add(entry) else None
 
+    @property
+    def max_bytes(self) -> int:
+        if self.budget is None:
+            return self.own_max_bytes or 0
+        if self.own_max_bytes is None:
+            return self.budget.max_bytes
+        return min(self.own_max_bytes, self.budget.max_bytes)
+
+    def oldest_use(self) -> Optional[int]:
+        with self._lock:
+            return self._entries[0].used if self._entries else None
+
     def evict_lru(self, nbytes: int) -> int:
         """Drop least recently used entries until ``nbytes`` are freed (or
         none is left); the bytes freed. Admission calls this before refusing."""
@@ -396,12 +411,17 @@ class PromptCacheStore:
             )
             if redundant:  # the new entry serves everything the old one did
                 self._remove(old)
+        if self.budget is not None:
+            entry.used = self.budget.use()
+        max_bytes = self.max_bytes
         with self._lock:
             self._entries.append(entry)
             self._bytes += entry.nbytes
-            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            while len(self._entries) > self.max_entries or self._bytes > max_bytes:
                 evicted = self._entries.pop(0)
                 self._bytes -= evicted.nbytes
+        if self.budget is not None:
+            self.budget.enforce()
         return True
 
     def clear(self) -> None:
@@ -448,6 +468,8 @@ class PromptCacheStore:
             self._bytes -= entry.nbytes
 
     def _touch(self, entry: Entry) -> None:
+        if self.budget is not None:
+            entry.used = self.budget.use()
         with self._lock:
             self._entries = [e for e in self._entries if e is not entry]
             self._entries.append(entry)
@@ -473,10 +495,12 @@ def total_memory() -> int:
 
 def create_store(lm, params: protocol.LoadParams) -> Optional[PromptCacheStore]:
     """The store for a freshly loaded model; None when the host disabled it."""
+    from . import cache_budget
+
     max_bytes = params.prompt_cache_bytes
-    if max_bytes is None:
-        max_bytes = int(total_memory() * DEFAULT_MEMORY_FRACTION)
     max_entries = DEFAULT_ENTRIES if params.prompt_cache_entries is None else params.prompt_cache_entries
     if max_bytes == 0 or max_entries == 0:
         return None
-    return PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
+    store = PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
+    cache_budget.budget().attach(store)
+    return store

@@ -189,16 +189,14 @@ class Scheduler:
         return memory_model.padded(gen.lm, rows)
 
     def _evict(self, gen: Generation, nbytes: int) -> bool:
-        """Evict oldest-first: first from the stores no admitted request
-        uses (other models', idle draft pairs'), then from those in use."""
-        freed = 0
-        busy = list(_stores([gen] + self.running() + (self.beside.running() if self.beside else [])))
-        held = {id(s) for s in busy}
-        idle = [s for s in self.all_stores() if s is not None and id(s) not in held]
-        for store in idle + busy:
-            if freed >= nbytes:
-                break
-            freed += store.evict_lru(nbytes - freed)
+        """Evict oldest-first across the stores (cache_budget.py): first from
+        those no admitted request uses (other models', idle draft pairs'),
+        then from all."""
+        from .cache_budget import budget
+
+        busy = {id(s) for s in _stores([gen] + self.running() + (self.beside.running() if self.beside else []))}
+        idle = [s for s in self.all_stores() if s is not None and id(s) not in busy]
+        freed = budget().evict(nbytes, first=idle)
         if freed:
             mx.clear_cache()
             log.info("prompt cache: evicted %d bytes to admit a request", freed)

@@ -115,14 +115,16 @@ def _per_draft(lm: LoadedModel, name: str, draft: LoadedModel) -> dict:
 def _pair_store(lm: LoadedModel, draft: LoadedModel):
     """The prompt-cache store of a (target, draft) pair: entries hold both
     models' caches, so a hit continues both. Same limits as the target's own
-    store; none when the target's prompt cache is off."""
+    store, in the worker's one budget; none when the target's prompt cache is off."""
     base = lm.prompt_cache
     if base is None:
         return None
     held = _per_draft(lm, "draft_stores", draft)
     if "store" not in held:
-        held["store"] = prompt_cache.PromptCacheStore(base.max_bytes, base.max_entries,
+        held["store"] = prompt_cache.PromptCacheStore(base.own_max_bytes, base.max_entries,
                                                       lambda keep: new_cache(lm, draft))
+        if base.budget is not None:  # one budget with every other store (cache_budget.py)
+            base.budget.attach(held["store"])
     return held["store"]
 
 
