@@ -165,6 +165,11 @@ class Handlers:
         check_token_ids(lm, job.params.tokens, "params.tokens")
         return protocol.DetokenizeResult(text=lm.decode(job.params.tokens))
 
+    def set_limits(self, job: Job) -> protocol.SetLimitsResult:
+        from . import memory
+
+        return memory.set_limits(job.params, self.models.snapshot())
+
     def cache_save(self, job: Job) -> protocol.CacheSaveResult:
         lm = self.models.get(job.params.model_id)
         _no_cache_files(lm)

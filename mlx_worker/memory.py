@@ -84,7 +84,61 @@ def _key(request_id):
     return (type(request_id).__name__, request_id)
 
 
-def memory_status() -> protocol.MemoryStatus:
+_buffer_cache_limit: Optional[int] = None  # set_limits' buffer_cache_bytes
+_wired_limit: Optional[int] = None
+
+
+def pools(models: list) -> protocol.MemoryPools:
+    import mlx.core as mx
+
+    from .cache_budget import budget
+
+    b = budget()
+    with _requests_lock:
+        requests = sum(n for _, _, _, n in _requests.values())
+    return protocol.MemoryPools(
+        weights=sum(m.memory_bytes for m in models),
+        requests=requests,
+        prompt_cache=b.bytes(),
+        prompt_cache_entries=b.entries(),
+        prompt_cache_limit=b.max_bytes,
+        buffer_cache=mx.get_cache_memory(),
+        buffer_cache_limit=_buffer_cache_limit,
+        wired_limit=_wired_limit,
+    )
+
+
+def set_limits(params: protocol.SetLimitsParams, models: list) -> protocol.SetLimitsResult:
+    """``set_limits``: each given limit takes effect now (the next admission
+    sees it); a smaller prompt-cache budget evicts oldest-first at once."""
+    global _buffer_cache_limit, _wired_limit
+    import mlx.core as mx
+
+    from . import cache_budget
+
+    evicted = 0
+    applied = False
+    if params.wired_limit is not None:
+        if mx.metal.is_available():
+            # Policy (spec, "Memory limits"): never above the device's
+            # recommended working set; wiring keeps the models' pages resident.
+            cap = mx.device_info().get("max_recommended_working_set_size") or params.wired_limit
+            mx.set_wired_limit(min(params.wired_limit, int(cap)))
+            _wired_limit, applied = min(params.wired_limit, int(cap)), True
+    if params.memory_limit is not None:
+        set_worker_limit(params.memory_limit)
+    if params.buffer_cache_bytes is not None:
+        mx.set_cache_limit(params.buffer_cache_bytes)
+        _buffer_cache_limit = params.buffer_cache_bytes
+    if params.prompt_cache_bytes is not None:
+        evicted = cache_budget.set_max_bytes(params.prompt_cache_bytes)
+        if evicted:
+            mx.clear_cache()
+    return protocol.SetLimitsResult(limit=worker_limit(), pools=pools(models), evicted_bytes=evicted,
+                                    wired_limit_applied=applied)
+
+
+def memory_status(models: Optional[list] = None) -> protocol.MemoryStatus:
     import mlx.core as mx
 
     peak = mx.get_peak_memory()
@@ -97,6 +151,7 @@ def memory_status() -> protocol.MemoryStatus:
         rss=rss_bytes(),
         limit=worker_limit(),
         requests=[protocol.RequestMemory(id=r, model_id=m, estimate=e, need=n, peak=peak) for r, m, e, n in running],
+        pools=pools(models or []),
     )
 
 

@@ -549,6 +549,33 @@ class RequestMemory(Out):
     peak: int  # MLX's peak since the worker was last idle (shared by concurrent requests)
 
 
+class MemoryPools(Out):
+    """Where the memory goes, and each pool's limit (set_limits)."""
+
+    weights: int  # every loaded model's
+    requests: int  # running requests' estimated needs (KV to max_tokens, temporaries)
+    prompt_cache: int  # every store's entries, pair stores included
+    prompt_cache_entries: int
+    prompt_cache_limit: int  # the one budget of all stores (--prompt-cache-bytes, set_limits)
+    buffer_cache: int  # MLX's cache of freed buffers
+    buffer_cache_limit: Union[int, None] = None  # None: MLX's default (the memory limit)
+    wired_limit: Union[int, None] = None  # Metal only; None: not set / not available
+
+
+class SetLimitsParams(Params):
+    memory_limit: Union[PositiveCount, None] = None  # the worker's limit (as --memory-limit)
+    prompt_cache_bytes: Union[Count, None] = None  # the one prompt-cache budget; 0 empties every store
+    buffer_cache_bytes: Union[Count, None] = None  # mx.set_cache_limit
+    wired_limit: Union[Count, None] = None  # macOS/Metal: mx.set_wired_limit; 0 unwires
+
+
+class SetLimitsResult(Out):
+    limit: int
+    pools: MemoryPools
+    evicted_bytes: int = 0  # prompt-cache entries the new budget pushed out
+    wired_limit_applied: bool = False  # false where there is no Metal device
+
+
 class MemoryStatus(Out):
     active: int
     peak: int
@@ -556,6 +583,7 @@ class MemoryStatus(Out):
     rss: int
     limit: Union[int, None] = None
     requests: list[RequestMemory] = []  # every admitted, running request
+    pools: Union[MemoryPools, None] = None
 
 
 class StatusResult(Out):
@@ -617,6 +645,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "generate": (GenerateParams, GenerateResult),
     "cache_save": (CacheSaveParams, CacheSaveResult),
     "cache_load": (CacheLoadParams, CacheLoadResult),
+    "set_limits": (SetLimitsParams, SetLimitsResult),
     "cancel": (CancelParams, CancelResult),
     "status": (StatusParams, StatusResult),
     "shutdown": (ShutdownParams, ShutdownResult),

@@ -210,7 +210,7 @@ class Worker:
                 max_pending=self.config.max_pending,
                 running=running,
             ),
-            memory=memory_status(),
+            memory=memory_status(models),
             uptime_s=round(time.monotonic() - self.started, 3),
             distributed=_distributed(),
         )

@@ -74,12 +74,16 @@ struct LoadParams;
 struct LoadProgressEvent;
 struct ParallelStatus;
 struct LoadResult;
+struct MemoryPools;
+struct RequestMemory;
 struct MemoryStatus;
 struct PromptCacheStatus;
 struct ModelStatus;
 struct ProgressEvent;
 struct QueueStatus;
 struct ReadyEvent;
+struct SetLimitsParams;
+struct SetLimitsResult;
 struct ShutdownParams;
 struct ShutdownResult;
 struct StatusParams;
@@ -381,6 +385,7 @@ struct GenerateResult {
   std::optional<bool> constraint_complete;
   std::string content{};
   std::optional<std::vector<InvalidToolCall>> invalid_tool_calls;
+  std::optional<std::int64_t> memory_estimate;
   std::string model_id{};
   std::int64_t peak_memory{};
   std::string reasoning{};
@@ -474,11 +479,38 @@ struct LoadResult {
 void to_json(nlohmann::json& j, const LoadResult& v);
 void from_json(const nlohmann::json& j, LoadResult& v);
 
+// Where the memory goes, and each pool's limit (set_limits).
+struct MemoryPools {
+  std::int64_t buffer_cache{};
+  std::optional<std::int64_t> buffer_cache_limit;
+  std::int64_t prompt_cache{};
+  std::int64_t prompt_cache_entries{};
+  std::int64_t prompt_cache_limit{};
+  std::int64_t requests{};
+  std::int64_t weights{};
+  std::optional<std::int64_t> wired_limit;
+};
+void to_json(nlohmann::json& j, const MemoryPools& v);
+void from_json(const nlohmann::json& j, MemoryPools& v);
+
+// A running request's memory: what admission expected next to what MLX measured.
+struct RequestMemory {
+  std::int64_t estimate{};
+  RequestId id{};
+  std::string model_id{};
+  std::int64_t need{};
+  std::int64_t peak{};
+};
+void to_json(nlohmann::json& j, const RequestMemory& v);
+void from_json(const nlohmann::json& j, RequestMemory& v);
+
 struct MemoryStatus {
   std::int64_t active{};
   std::int64_t cache{};
   std::optional<std::int64_t> limit;
   std::int64_t peak{};
+  std::optional<MemoryPools> pools;
+  std::optional<std::vector<RequestMemory>> requests;
   std::int64_t rss{};
 };
 void to_json(nlohmann::json& j, const MemoryStatus& v);
@@ -539,6 +571,24 @@ struct ReadyEvent {
 };
 void to_json(nlohmann::json& j, const ReadyEvent& v);
 void from_json(const nlohmann::json& j, ReadyEvent& v);
+
+struct SetLimitsParams {
+  std::optional<std::int64_t> buffer_cache_bytes;
+  std::optional<std::int64_t> memory_limit;
+  std::optional<std::int64_t> prompt_cache_bytes;
+  std::optional<std::int64_t> wired_limit;
+};
+void to_json(nlohmann::json& j, const SetLimitsParams& v);
+void from_json(const nlohmann::json& j, SetLimitsParams& v);
+
+struct SetLimitsResult {
+  std::optional<std::int64_t> evicted_bytes;  // default 0
+  std::int64_t limit{};
+  MemoryPools pools{};
+  std::optional<bool> wired_limit_applied;  // default false
+};
+void to_json(nlohmann::json& j, const SetLimitsResult& v);
+void from_json(const nlohmann::json& j, SetLimitsResult& v);
 
 struct ShutdownParams {
 };
@@ -658,6 +708,11 @@ template <>
 struct Method<LoadParams> {
   static constexpr const char* name = "load";
   using Result = LoadResult;
+};
+template <>
+struct Method<SetLimitsParams> {
+  static constexpr const char* name = "set_limits";
+  using Result = SetLimitsResult;
 };
 template <>
 struct Method<ShutdownParams> {
