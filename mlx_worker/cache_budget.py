@@ -26,6 +26,7 @@ class CacheBudget:
         self._stores: "weakref.WeakSet" = weakref.WeakSet()
         self._uses = itertools.count(1)
         self._lock = threading.Lock()
+        self.hits = 0  # requests that continued from an entry in RAM
 
     def attach(self, store) -> None:
         store.budget = self

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import errors, memory, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
+from . import cache_budget, cache_disk, errors, memory, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
 from .loaded import LoadedModel
@@ -147,6 +147,12 @@ class Generation:
         store = lm.prompt_cache if self.draft is None else self.draft.store
         if params.prompt_cache and store is not None:
             self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
+            if cache_disk.restore(lm, store, self.prompt.cache_key, self.lease.cached):
+                # The disk tier had a longer prefix: now in the store, fetched as any entry.
+                self.lease.abort()
+                self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
+            if self.lease.cached:
+                cache_budget.budget().hits += 1
             self.cache, self.cached = self.lease.cache, self.lease.cached
             self.lease.cache = None  # the request owns it now (it may move into a batch)
         elif self.draft is not None:

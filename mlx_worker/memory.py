@@ -102,6 +102,7 @@ def pools(models: list) -> protocol.MemoryPools:
         prompt_cache=b.bytes(),
         prompt_cache_entries=b.entries(),
         prompt_cache_limit=b.max_bytes,
+        prompt_cache_hits=b.hits,
         buffer_cache=mx.get_cache_memory(),
         buffer_cache_limit=_buffer_cache_limit,
         wired_limit=_wired_limit,

@@ -294,6 +294,7 @@ class PromptCacheStore:
         self.own_max_bytes = max_bytes  # load's prompt_cache_bytes; None: the worker's budget
         self.max_entries = max_entries
         self.budget = None  # cache_budget.CacheBudget, set by attach
+        self.on_evict: Optional[Callable[[Entry], None]] = None  # cache_disk.py: evicted entries go to disk
         self._new_cache = new_cache
         self._entries: list[Entry] = []
         self._bytes = 0
@@ -387,12 +388,24 @@ class PromptCacheStore:
         """Drop least recently used entries until ``nbytes`` are freed (or
         none is left); the bytes freed. Admission calls this before refusing."""
         freed = 0
+        gone = []
         with self._lock:
             while self._entries and freed < nbytes:
                 old = self._entries.pop(0)
                 self._bytes -= old.nbytes
                 freed += old.nbytes
+                gone.append(old)
+        self._evicted(gone)
         return freed
+
+    def _evicted(self, gone: list) -> None:
+        if self.on_evict is not None:
+            for entry in gone:
+                self.on_evict(entry)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries)
 
     # ----------------------------------------------------------- the rest
 
@@ -414,12 +427,15 @@ class PromptCacheStore:
         if self.budget is not None:
             entry.used = self.budget.use()
         max_bytes = self.max_bytes
+        gone = []
         with self._lock:
             self._entries.append(entry)
             self._bytes += entry.nbytes
             while len(self._entries) > self.max_entries or self._bytes > max_bytes:
                 evicted = self._entries.pop(0)
                 self._bytes -= evicted.nbytes
+                gone.append(evicted)
+        self._evicted(gone)
         if self.budget is not None:
             self.budget.enforce()
         return True

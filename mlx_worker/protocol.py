@@ -241,6 +241,10 @@ class LoadParams(Params):
     draft_model_id: Union[str, None] = None
     num_draft_tokens: Union[NumDraftTokens, None] = None
     parallel: Union[ParallelParams, None] = None
+    # The prompt cache's disk tier ("Prompt cache on disk"): a folder and its byte budget;
+    # None = the worker's --cache-dir / --cache-dir-bytes (default: no disk tier).
+    cache_dir: Union[str, None] = None
+    cache_dir_bytes: Union[Count, None] = None
 
 
 class LoadResult(Out):
@@ -549,6 +553,16 @@ class RequestMemory(Out):
     peak: int  # MLX's peak since the worker was last idle (shared by concurrent requests)
 
 
+class DiskCacheStatus(Out):
+    folder: str
+    entries: int  # files in the folder (every worker's that shares it)
+    bytes: int
+    max_bytes: int
+    hits: int  # entries restored from disk by this worker
+    writes: int  # entries this worker wrote
+    removed: int  # corrupt, foreign or truncated files ignored and removed
+
+
 class MemoryPools(Out):
     """Where the memory goes, and each pool's limit (set_limits)."""
 
@@ -557,6 +571,7 @@ class MemoryPools(Out):
     prompt_cache: int  # every store's entries, pair stores included
     prompt_cache_entries: int
     prompt_cache_limit: int  # the one budget of all stores (--prompt-cache-bytes, set_limits)
+    prompt_cache_hits: int  # requests that continued from a RAM entry
     buffer_cache: int  # MLX's cache of freed buffers
     buffer_cache_limit: Union[int, None] = None  # None: MLX's default (the memory limit)
     wired_limit: Union[int, None] = None  # Metal only; None: not set / not available
@@ -592,6 +607,7 @@ class StatusResult(Out):
     memory: MemoryStatus
     uptime_s: float
     distributed: Union[DistributedCapabilities, None] = None
+    disk_cache: list[DiskCacheStatus] = []  # the prompt cache's disk tiers (one per folder)
 
 
 class ShutdownParams(Params):

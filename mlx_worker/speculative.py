@@ -35,7 +35,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream, speculative_generate_step
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
-from . import errors, prompt_cache, sampling
+from . import cache_disk, errors, prompt_cache, sampling
 from .errors import WorkerError
 from .loaded import LoadedModel
 
@@ -125,6 +125,8 @@ def _pair_store(lm: LoadedModel, draft: LoadedModel):
                                                       lambda keep: new_cache(lm, draft))
         if base.budget is not None:  # one budget with every other store (cache_budget.py)
             base.budget.attach(held["store"])
+        held["store"].draft_lm = draft  # part of its disk namespace (cache_disk.py)
+        cache_disk.attach(lm, held["store"], getattr(base, "disk", None))
     return held["store"]
 
 
