@@ -2,6 +2,7 @@
 and vs ``mlx_lm.server`` (its own prompt cache), same model, same messages.
 
     python bench/prompt_cache.py [--model small-llama] [--history 2000] [--rounds 3] [--no-server]
+    python bench/prompt_cache.py --disk [--model small-llama] [--history 4000] [--conversations 32] [--ram-for 4]
 
 Turn 1 is a chat with about ``--history`` tokens ending in a user message;
 turn 2 appends a short assistant reply and a new user message (about 32 new
@@ -68,6 +69,116 @@ def server_ttft(server, messages) -> float:
     return first - start
 
 
+# ---------------------------------------------------------------- disk tier
+
+
+def conversation(client, i: int, target_tokens: int) -> list[dict]:
+    """Conversation i: its own first message (no prefix shared with the others)."""
+    chat = history_chat(client, target_tokens)
+    chat[0] = {"role": "system", "content": f"Conversation {i}. " + chat[0]["content"]}
+    return chat
+
+
+def disk_restart(path: str, history: int) -> dict:
+    """Turn 1 in one worker, shut down; turn 2 in a new worker: restored from
+    disk vs recomputed (``prompt_cache: false``), same process."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mlx-worker-kv-")
+    a = spawn("--cache-dir", folder)
+    try:
+        a.load(path)
+        chat = history_chat(a, history)
+        turn1, turn2 = rounds_chats(chat, 0)
+        worker_ttft(a, turn1)
+    finally:
+        a.close()  # writes the entry
+    b = spawn("--cache-dir", folder)
+    try:
+        b.load(path)
+        worker_ttft(b, [{"role": "user", "content": "warm up"}])  # a new process's first-call costs
+        restored, info = worker_ttft(b, turn2)
+        cold, _ = worker_ttft(b, turn2, prompt_cache=False)
+    finally:
+        b.close()
+    return {"restored_ms": restored * 1000, "cold_ms": cold * 1000, "prompt": info["prompt"],
+            "cached": info["cached"], "restart_over_cold": restored / cold, "restore_speedup": cold / restored}
+
+
+def disk_cycling(path: str, history: int, conversations: int, ram_for: int, rounds: int) -> dict:
+    """``conversations`` chats visited in turn, a RAM budget for ``ram_for``
+    of them: hit rate and TTFT without and with the disk tier (rounds after
+    the first; the first is cold in both)."""
+    import tempfile
+
+    probe = spawn()
+    try:
+        probe.load(path)
+        chats = [conversation(probe, i, history) for i in range(conversations)]
+        worker_ttft(probe, chats[0])
+        entry = probe.status().memory.pools.prompt_cache
+    finally:
+        probe.close()
+    out = {}
+    for mode in ("ram", "ram+disk"):
+        flags = ["--prompt-cache-bytes", str(int(entry * ram_for * 1.1))]
+        if mode == "ram+disk":
+            flags += ["--cache-dir", tempfile.mkdtemp(prefix="mlx-worker-kv-")]
+        w = spawn(*flags)
+        times, hits = [], 0
+        try:
+            w.load(path)
+            for r in range(rounds):
+                for i, chat in enumerate(chats):
+                    turn = chat[:-1] + [{"role": "user", "content": f"Round {r}. " + chat[-1]["content"]}] if r else chat
+                    t, info = worker_ttft(w, turn)
+                    if r:
+                        times.append(t)
+                        hits += info["cached"] >= 0.5 * info["prompt"]
+        finally:
+            w.close()
+        out[mode] = {"hit_rate": hits / len(times), "ttft_ms": median(times) * 1000}
+    return out
+
+
+def write_svg(path, rows: list[tuple[str, float]], title: str) -> None:
+    """A bar chart without plotting libraries."""
+    top = max(v for _, v in rows) or 1.0
+    bars = "".join(
+        f'<rect x="{20 + i * 120}" y="{220 - 180 * v / top:.1f}" width="80" height="{180 * v / top:.1f}" fill="#4a7"/>'
+        f'<text x="{60 + i * 120}" y="240" text-anchor="middle" font-size="12">{name}</text>'
+        f'<text x="{60 + i * 120}" y="{214 - 180 * v / top:.1f}" text-anchor="middle" font-size="12">{v:.0f}</text>'
+        for i, (name, v) in enumerate(rows))
+    path.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="{40 + 120 * len(rows)}" height="260">'
+                    f'<text x="10" y="16" font-size="13">{title}</text>{bars}</svg>\n')
+
+
+def disk_main(args) -> None:
+    from common import RESULTS
+
+    path = str(ensure_model(args.model))
+    restart = disk_restart(path, args.history)
+    cycling = disk_cycling(path, args.history, args.conversations, args.ram_for, args.rounds)
+    print(f"model {args.model}; {restart['prompt']} prompt tokens, {restart['cached']} restored from disk\n")
+    print("| after a restart: next-turn time to first token | ms | ratio |")
+    print("|---|---:|---:|")
+    print(f"| recomputed (`prompt_cache: false`) | {restart['cold_ms']:.1f} | 1 |")
+    print(f"| restored from disk | {restart['restored_ms']:.1f} | {restart['restart_over_cold']:.3f} of cold "
+          f"(target ≤ 0.1; {restart['restore_speedup']:.1f} × faster, target ≥ 5) |")
+    print(f"\n{args.conversations} conversations × ~{args.history} tokens, cycling, RAM budget for {args.ram_for}:\n")
+    print("| tiers | hit rate | median TTFT ms |")
+    print("|---|---:|---:|")
+    for mode, f in cycling.items():
+        print(f"| {mode} | {f['hit_rate']:.2f} | {f['ttft_ms']:.1f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_svg(RESULTS / "prompt_cache_disk.svg", [(m, f["ttft_ms"]) for m, f in cycling.items()],
+              f"median TTFT (ms), {args.conversations} conversations cycling, RAM for {args.ram_for}")
+    report("prompt_cache_disk", {"restart_over_cold": restart["restart_over_cold"],
+                                 "restore_speedup": restart["restore_speedup"],
+                                 **{f"{m}_hit_rate": f["hit_rate"] for m, f in cycling.items()},
+                                 **{f"{m}_ttft_ms": f["ttft_ms"] for m, f in cycling.items()}})
+
+
 # -------------------------------------------------------------------------- main
 
 
@@ -77,7 +188,13 @@ def main() -> None:
     p.add_argument("--history", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-server", action="store_true", help="skip the mlx_lm.server comparison")
+    p.add_argument("--disk", action="store_true", help="the disk tier: restart, restore, cycling conversations")
+    p.add_argument("--conversations", type=int, default=32)
+    p.add_argument("--ram-for", type=int, default=4)
     args = p.parse_args()
+    if args.disk:
+        disk_main(args)
+        return
     path = str(ensure_model(args.model))
     client = spawn()
     client.load(path)

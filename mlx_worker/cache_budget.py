@@ -27,6 +27,9 @@ class CacheBudget:
         self._uses = itertools.count(1)
         self._lock = threading.Lock()
         self.hits = 0  # requests that continued from an entry in RAM
+        # bytes MLX holds over the worker's memory limit (memory.py sets it):
+        # entries go first when weights + requests + entries exceed it
+        self.over_limit = lambda: 0
 
     def attach(self, store) -> None:
         store.budget = self
@@ -48,7 +51,7 @@ class CacheBudget:
 
     def enforce(self) -> int:
         """Evict globally oldest entries until the stores fit ``max_bytes``."""
-        over = self.bytes() - self.max_bytes
+        over = max(self.bytes() - self.max_bytes, self.over_limit())
         return self.evict(over) if over > 0 else 0
 
     def evict(self, nbytes: int, first: Optional[list] = None) -> int:

@@ -38,6 +38,9 @@ log = logging.getLogger("mlx_worker.cache_disk")
 SUFFIX = ".safetensors"
 DEFAULT_FRACTION_OF_FREE = 0.1  # of the folder's free space when first used
 DEFAULT_MAX = 16 << 30
+# Write-rate bound for evictions (SSD wear under churn): beyond it an evicted
+# entry is dropped, not written. Unload and shutdown write everything.
+MAX_SPILLS_PER_MINUTE = 60
 
 
 @dataclass
@@ -55,7 +58,8 @@ class DiskTier:
             st = os.statvfs(folder)
             max_bytes = min(DEFAULT_MAX, int(st.f_bavail * st.f_frsize * DEFAULT_FRACTION_OF_FREE))
         self.max_bytes = max_bytes
-        self.hits = self.writes = self.removed = 0
+        self.hits = self.writes = self.removed = self.dropped = 0
+        self._spills: list[float] = []  # times of recent eviction writes
         self._index: dict[str, list[_File]] = {}  # namespace -> its files (read lazily)
         self._lock = threading.Lock()
 
@@ -76,6 +80,20 @@ class DiskTier:
         return hashlib.sha256(blob).hexdigest()[:24]
 
     # ------------------------------------------------------------ writing
+
+    def spill(self, lm, store, entry) -> bool:
+        """An entry evicted from RAM: written unless the write rate is over its bound."""
+        import time
+
+        now = time.monotonic()
+        self._spills = [t for t in self._spills if now - t < 60.0]
+        if len(self._spills) >= MAX_SPILLS_PER_MINUTE:
+            self.dropped += 1
+            return False
+        written = self.write(lm, store, entry)
+        if written:
+            self._spills.append(now)
+        return written
 
     def write(self, lm, store, entry) -> bool:
         """Write ``entry`` unless it is on disk already; never raises (a full
@@ -321,7 +339,7 @@ def attach(lm, store, tier: Optional[DiskTier]) -> None:
     def spill(entry) -> None:
         model = ref()
         if model is not None:
-            tier.write(model, store, entry)
+            tier.spill(model, store, entry)
 
     store.on_evict = spill
 

@@ -38,6 +38,9 @@ def set_worker_limit(limit: Optional[int]) -> None:
     _worker_limit = limit or None
     if _worker_limit:
         mx.set_memory_limit(_worker_limit)
+    from .cache_budget import budget
+
+    budget().over_limit = lambda: mx.get_active_memory() - worker_limit()
 
 
 def worker_limit() -> int:
@@ -128,6 +131,7 @@ def set_limits(params: protocol.SetLimitsParams, models: list) -> protocol.SetLi
             _wired_limit, applied = min(params.wired_limit, int(cap)), True
     if params.memory_limit is not None:
         set_worker_limit(params.memory_limit)
+        evicted += cache_budget.budget().enforce()  # entries go first when the limit shrinks
     if params.buffer_cache_bytes is not None:
         mx.set_cache_limit(params.buffer_cache_bytes)
         _buffer_cache_limit = params.buffer_cache_bytes

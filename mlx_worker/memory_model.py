@@ -29,6 +29,7 @@ from .model_checks import text_config
 
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 MARGIN = 1.04
+FIXED = 256 << 10  # per request: token buffers, sampling state, small arrays (measured ~100-200 KiB)
 # Bytes of a layer's projection/MLP temporaries per chunk token, in units of
 # (hidden, intermediate) × itemsize; fitted (fp32 and bf16 differ: bf16
 # matmuls and norms keep some fp32 temporaries on CPU).
@@ -253,7 +254,7 @@ def generate_need(lm, n_prompt: int, max_tokens: int, step: int, cached: int = 0
     logits = 6 * lay.vocab * 4  # logits, log-probs, sampling temporaries (fp32)
     decode = final + growth + logits + chunk_bytes(lay, 1, total)
     parts = {"kv_cache": int(final * MARGIN), "prefill": prefill, "decode": decode, "kv_tokens": total_kv}
-    need = max(prefill, decode)
+    need = max(prefill, decode) + FIXED
     if lm.vision is not None:
         embeds = n_prompt * lay.hidden * lay.itemsize
         parts["embeddings"] = embeds

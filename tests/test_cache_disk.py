@@ -106,3 +106,25 @@ def test_two_workers_share_a_folder_and_ram_evictions_spill(tiny_model, tmp_path
         a.close()
         b.close()
     assert not list(folder.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_load_option_and_unload_writes(tiny_model, tmp_path):
+    import pytest
+
+    from mlx_worker.client import RpcError
+
+    folder = tmp_path / "per-model"
+    w = spawn()
+    try:
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_text("x")
+        with pytest.raises(RpcError) as e:
+            w.load(tiny_model, model_id="m", cache_dir=str(not_a_dir))
+        assert e.value.code == -32602 and e.value.data["field"] == "params.cache_dir"
+        w.load(tiny_model, model_id="m", cache_dir=str(folder), cache_dir_bytes=64 << 20)
+        w.generate(model_id="m", messages=conversation(4), max_tokens=4, temperature=0).wait()
+        assert files(folder) == [] and w.status().disk_cache[0].max_bytes == 64 << 20
+        w.unload("m")  # every entry is written at unload
+        assert len(files(folder)) == 1 and w.status().disk_cache[0].writes == 1
+    finally:
+        w.close()

@@ -51,6 +51,14 @@ def test_one_lru_across_models_and_set_limits(tiny_model):
         with pytest.raises(RpcError) as e:
             w.set_limits(prompt_cache_bytes=-1)
         assert e.value.code == -32602 and e.value.data["field"] == "params.prompt_cache_bytes"
+        # A memory limit that weights + entries exceed: the entries go (one budget).
+        w.set_limits(memory_limit=8 << 30, prompt_cache_bytes=64 << 20)
+        w.generate(model_id="b", tokens=prompt(600, 5), max_tokens=4, ignore_eos=True).wait()
+        held = w.status().memory
+        assert held.pools.prompt_cache_entries == 2
+        result = w.set_limits(memory_limit=held.active - held.pools.prompt_cache // 4)
+        assert result.evicted_bytes > 0 and result.pools.prompt_cache_entries < 2
+        w.set_limits(memory_limit=8 << 30)
         # 0 empties every store; the worker keeps serving.
         assert w.set_limits(prompt_cache_bytes=0).pools.prompt_cache == 0
         assert len(w.generate(model_id="a", tokens=prompt(50, 4), max_tokens=3, ignore_eos=True).wait().tokens) == 3

@@ -261,6 +261,26 @@ void from_json(const nlohmann::json& j, DetokenizeResult& v) {
   j.at("text").get_to(v.text);
 }
 
+void to_json(nlohmann::json& j, const DiskCacheStatus& v) {
+  j = nlohmann::json::object();
+  j["bytes"] = v.bytes;
+  j["entries"] = v.entries;
+  j["folder"] = v.folder;
+  j["hits"] = v.hits;
+  j["max_bytes"] = v.max_bytes;
+  j["removed"] = v.removed;
+  j["writes"] = v.writes;
+}
+void from_json(const nlohmann::json& j, DiskCacheStatus& v) {
+  j.at("bytes").get_to(v.bytes);
+  j.at("entries").get_to(v.entries);
+  j.at("folder").get_to(v.folder);
+  j.at("hits").get_to(v.hits);
+  j.at("max_bytes").get_to(v.max_bytes);
+  j.at("removed").get_to(v.removed);
+  j.at("writes").get_to(v.writes);
+}
+
 void to_json(nlohmann::json& j, const ErrorObject& v) {
   j = nlohmann::json::object();
   j["code"] = v.code;
@@ -559,6 +579,8 @@ void from_json(const nlohmann::json& j, ParallelParams& v) {
 
 void to_json(nlohmann::json& j, const LoadParams& v) {
   j = nlohmann::json::object();
+  if (v.cache_dir) j["cache_dir"] = *v.cache_dir;
+  if (v.cache_dir_bytes) j["cache_dir_bytes"] = *v.cache_dir_bytes;
   if (v.chat_template) j["chat_template"] = *v.chat_template;
   if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
   if (v.image_cache_bytes) j["image_cache_bytes"] = *v.image_cache_bytes;
@@ -579,6 +601,10 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
   if (v.trust_remote_code) j["trust_remote_code"] = *v.trust_remote_code;
 }
 void from_json(const nlohmann::json& j, LoadParams& v) {
+  if (auto it = j.find("cache_dir"); it != j.end() && !it->is_null()) v.cache_dir = it->get<std::string>();
+  else v.cache_dir.reset();
+  if (auto it = j.find("cache_dir_bytes"); it != j.end() && !it->is_null()) v.cache_dir_bytes = it->get<std::int64_t>();
+  else v.cache_dir_bytes.reset();
   if (auto it = j.find("chat_template"); it != j.end() && !it->is_null()) v.chat_template = it->get<std::string>();
   else v.chat_template.reset();
   if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
@@ -698,6 +724,7 @@ void to_json(nlohmann::json& j, const MemoryPools& v) {
   if (v.buffer_cache_limit) j["buffer_cache_limit"] = *v.buffer_cache_limit;
   j["prompt_cache"] = v.prompt_cache;
   j["prompt_cache_entries"] = v.prompt_cache_entries;
+  j["prompt_cache_hits"] = v.prompt_cache_hits;
   j["prompt_cache_limit"] = v.prompt_cache_limit;
   j["requests"] = v.requests;
   j["weights"] = v.weights;
@@ -709,6 +736,7 @@ void from_json(const nlohmann::json& j, MemoryPools& v) {
   else v.buffer_cache_limit.reset();
   j.at("prompt_cache").get_to(v.prompt_cache);
   j.at("prompt_cache_entries").get_to(v.prompt_cache_entries);
+  j.at("prompt_cache_hits").get_to(v.prompt_cache_hits);
   j.at("prompt_cache_limit").get_to(v.prompt_cache_limit);
   j.at("requests").get_to(v.requests);
   j.at("weights").get_to(v.weights);
@@ -918,6 +946,7 @@ void from_json(const nlohmann::json& j, StatusParams& v) {
 
 void to_json(nlohmann::json& j, const StatusResult& v) {
   j = nlohmann::json::object();
+  if (v.disk_cache) j["disk_cache"] = *v.disk_cache;
   if (v.distributed) j["distributed"] = *v.distributed;
   j["memory"] = v.memory;
   j["models"] = v.models;
@@ -925,6 +954,8 @@ void to_json(nlohmann::json& j, const StatusResult& v) {
   j["uptime_s"] = v.uptime_s;
 }
 void from_json(const nlohmann::json& j, StatusResult& v) {
+  if (auto it = j.find("disk_cache"); it != j.end() && !it->is_null()) v.disk_cache = it->get<std::vector<DiskCacheStatus>>();
+  else v.disk_cache.reset();
   if (auto it = j.find("distributed"); it != j.end() && !it->is_null()) v.distributed = it->get<DistributedCapabilities>();
   else v.distributed.reset();
   j.at("memory").get_to(v.memory);

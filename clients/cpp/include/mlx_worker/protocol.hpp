@@ -57,6 +57,7 @@ struct Capabilities;
 struct ChoiceConstraint;
 struct DetokenizeParams;
 struct DetokenizeResult;
+struct DiskCacheStatus;
 struct ErrorObject;
 struct GrammarConstraint;
 struct JsonSchemaConstraint;
@@ -249,6 +250,18 @@ struct DetokenizeResult {
 void to_json(nlohmann::json& j, const DetokenizeResult& v);
 void from_json(const nlohmann::json& j, DetokenizeResult& v);
 
+struct DiskCacheStatus {
+  std::int64_t bytes{};
+  std::int64_t entries{};
+  std::string folder{};
+  std::int64_t hits{};
+  std::int64_t max_bytes{};
+  std::int64_t removed{};
+  std::int64_t writes{};
+};
+void to_json(nlohmann::json& j, const DiskCacheStatus& v);
+void from_json(const nlohmann::json& j, DiskCacheStatus& v);
+
 struct ErrorObject {
   std::int64_t code{};
   std::optional<nlohmann::json> data;
@@ -415,6 +428,8 @@ void to_json(nlohmann::json& j, const ParallelParams& v);
 void from_json(const nlohmann::json& j, ParallelParams& v);
 
 struct LoadParams {
+  std::optional<std::string> cache_dir;
+  std::optional<std::int64_t> cache_dir_bytes;
   std::optional<std::string> chat_template;
   std::optional<std::string> draft_model_id;
   std::optional<std::int64_t> image_cache_bytes;
@@ -485,6 +500,7 @@ struct MemoryPools {
   std::optional<std::int64_t> buffer_cache_limit;
   std::int64_t prompt_cache{};
   std::int64_t prompt_cache_entries{};
+  std::int64_t prompt_cache_hits{};
   std::int64_t prompt_cache_limit{};
   std::int64_t requests{};
   std::int64_t weights{};
@@ -607,6 +623,7 @@ void to_json(nlohmann::json& j, const StatusParams& v);
 void from_json(const nlohmann::json& j, StatusParams& v);
 
 struct StatusResult {
+  std::optional<std::vector<DiskCacheStatus>> disk_cache;
   std::optional<DistributedCapabilities> distributed;
   MemoryStatus memory{};
   std::vector<ModelStatus> models{};
