@@ -31,7 +31,7 @@ from typing import Optional
 
 import msgspec
 
-from . import protocol
+from . import faults, protocol
 
 log = logging.getLogger("mlx_worker.cache_disk")
 
@@ -123,6 +123,7 @@ class DiskTier:
         }
         tmp = self.folder / f".{stem}{os.getpid()}-{os.urandom(4).hex()}.tmp{SUFFIX}"
         try:
+            faults.hit("spill")
             save_prompt_cache(str(tmp), compact(entry.cache), metadata)
             digest = _file_sha(tmp)
             path = self.folder / f"{stem}{digest[:16]}{SUFFIX}"
@@ -366,6 +367,7 @@ def restore(lm, store, key: list, have: int) -> bool:
         f = tier.best(lm, store, key, have)
         if f is None:
             return False
+        faults.hit("restore")  # an allocation failure here ends the request (-32005)
         entry = tier.read(lm, store, f)
         if entry is not None:
             return store.add(entry)

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import cache_budget, cache_disk, errors, memory, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
+from . import cache_budget, cache_disk, errors, faults, memory, prompt_cache, protocol, sampling, speculative, tool_calls, tool_grammar
 from .channels import ChannelSplitter
 from .errors import WorkerError
 from .loaded import LoadedModel
@@ -197,6 +197,7 @@ class Generation:
         n = min(n, self.to_prefill)
         if n <= 0:
             return
+        faults.hit("prefill")
         start = self.processed - self.cached  # into the uncached part
         tokens = mx.array(self.prompt.tokens[self.processed : self.processed + n], dtype=mx.uint32)
         self.begin()
@@ -250,6 +251,7 @@ class Generation:
     def sample(self, logits: mx.array, fed: mx.array) -> tuple[mx.array, mx.array]:
         """This request's next token from its row of logits (1, vocab); ``fed``
         is the token the step fed (lazy). Returns (token (1,), logprobs (vocab,))."""
+        faults.hit("decode")
         if self.processors:
             self.history = mx.concatenate([self.history, fed.astype(self.history.dtype)])
             for p in self.processors:

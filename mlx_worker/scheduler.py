@@ -85,7 +85,7 @@ class Scheduler:
             gen.prepare()
             gen.open()
         except BaseException as exc:
-            self._fail(gen, exc)
+            self._fail(gen, _memory_error(exc, gen))
             return
         self._admit_or_wait(gen, first=True)
 
@@ -321,7 +321,7 @@ class Scheduler:
         except BaseException as exc:
             self._in_hand = []
             for g in together:
-                self._fail(g, _memory_error(exc))
+                self._fail(g, _memory_error(exc, g))
             return
         dt = time.perf_counter() - t0
         done = sum(g.processed - b for g, b in zip(together, before))
@@ -357,7 +357,7 @@ class Scheduler:
             if isinstance(outcome, str):
                 self._finish(gen, outcome, cache)
             else:
-                self._fail(gen, _memory_error(outcome))
+                self._fail(gen, _memory_error(outcome, gen))
 
     def _finish(self, gen: Generation, reason: str, cache) -> None:
         try:
@@ -448,9 +448,11 @@ def _abort(gen: Generation) -> None:
         log.exception("giving back a failed request's resources failed")
 
 
-def _memory_error(exc: BaseException) -> BaseException:
+def _memory_error(exc: BaseException, gen: Generation) -> BaseException:
+    """An allocation failure ends this request only: -32005 with what it streamed."""
     if isinstance(exc, MemoryError):
-        return WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}")
+        return WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}",
+                           {"text": "".join(gen.text_parts), "tokens": list(gen.generated)})
     return exc
 
 
