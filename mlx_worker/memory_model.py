@@ -13,7 +13,9 @@ admission neither refuses work that fits nor lets through work that doesn't
   does not), the causal mask, the keys and values broadcast over the query
   heads, and the layer's projections and MLP, all at the chunk's length;
 - decoding: one layer's cache copied as it grows a step, and the logits;
-- vision: the prompt's input embeddings and the vision tower's attention.
+- vision: the prompt's input embeddings (the vision tower runs before the
+  prefill, on a few hundred patches: smaller than a chunk's temporaries on
+  the fixtures; not modeled separately).
 
 The constants are fitted to peaks measured with ``mx.get_peak_memory`` on
 CPU (mlx 0.32) and round up; ``MARGIN`` covers allocator rounding.
@@ -232,8 +234,7 @@ def padded(lm, rows: list[tuple[int, int]]) -> tuple[int, int]:
     return int(per_token * max(0, len(rows) * length - own) * MARGIN), int(per_token * len(rows) * length * MARGIN)
 
 
-def generate_need(lm, n_prompt: int, max_tokens: int, step: int, cached: int = 0,
-                  images: int = 0) -> tuple[int, dict]:
+def generate_need(lm, n_prompt: int, max_tokens: int, step: int, cached: int = 0) -> tuple[int, dict]:
     """Bytes a generation adds to the memory in use when it starts: the
     larger of its prefill peak and its decode peak."""
     lay = layout(lm)
