@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import mlx.core as mx
 
 from . import errors, memory, memory_model
+from . import paused as paused_kv
 from .batch import DecodeGroup, prefill_together
 from .errors import WorkerError
 from .generation import Generation
@@ -61,9 +62,12 @@ class Scheduler:
         self._step_s = 0.0  # decode step time (moving average)
         self._chunk = 64
         self._in_hand: list[Generation] = []
+        # Preempted (paused.py): (generation, its KV on disk, batchable), oldest first.
+        self.paused: list[tuple[Generation, object, bool]] = []
+        self._admissions = 0
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.solo or any(self.groups.values()))
+        return bool(self.waiting or self.prefilling or self.solo or any(self.groups.values()) or self.paused)
 
     def decoding(self) -> int:
         return sum(len(g) for g in self.groups.values()) + len(self.solo)
@@ -203,6 +207,8 @@ class Scheduler:
         return freed > 0
 
     def _start(self, gen: Generation) -> None:
+        self._admissions += 1
+        gen.admitted = self._admissions
         estimate = self.estimate(gen)
         if gen.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
             estimate = max(estimate, gen.memory_base + max(0, gen.need - gen.reused_bytes))
@@ -246,8 +252,12 @@ class Scheduler:
     # --------------------------------------------------------------- step
 
     def step(self) -> None:
+        if self.paused:
+            self._resume_paused()
         if self.waiting:
             self._retry_waiting()
+        if self.decoding() > 1:
+            self._preempt()
         if self.prefilling:
             self._prefill_one()
         t0 = time.perf_counter()
@@ -379,11 +389,15 @@ class Scheduler:
         """A bug in the scheduler itself: every request it holds ends with
         the error (a cancelled one with its cancelled result); it starts over."""
         gens, seen = [], set()
-        for gen in self._in_hand + self.running() + list(self.waiting):  # in hand: popped, not handed on
+        for _, saved, _ in self.paused:
+            saved.drop()
+        held = self._in_hand + self.running() + list(self.waiting) + [p[0] for p in self.paused]
+        for gen in held:  # in hand: popped, not handed on
             if id(gen) not in seen:
                 seen.add(id(gen))
                 gens.append(gen)
         self._in_hand = []
+        self.paused.clear()
         self.waiting.clear()
         self.prefilling.clear()
         self.groups.clear()
@@ -394,10 +408,83 @@ class Scheduler:
             except BaseException:  # one answer that fails must not cost the others theirs
                 log.exception("could not answer a request the scheduler held")
 
+    # --------------------------------------------------------- preemption
+
+    def _kv_estimate(self, also: Generation | None = None) -> int:
+        """Resident memory + the running requests' KV to their max_tokens
+        (no temporaries: what must fit for them all to finish)."""
+        gens = self.running() + ([also] if also is not None else [])
+        resident = mx.get_active_memory() - self._held()
+        return max(0, resident) + sum(g.need_parts.get("kv_cache", 0) for g in gens)
+
+    def _preempt(self) -> None:
+        """The decoding requests' KV outgrew the limit: pause the youngest
+        (its KV written to the disk tier's folder) until it fits again. Only
+        with a disk tier: a pause that kept the KV in memory would free nothing."""
+        limit = memory.worker_limit()
+        while self.decoding() > 1 and self._kv_estimate() > limit:
+            rows = [(g, group) for group in list(self.groups.values()) + self.solo
+                    if isinstance(group, DecodeGroup) for g in group.rows]  # not a speculative group
+            if not rows:
+                return
+            gen, group = max(rows, key=lambda r: getattr(r[0], "admitted", 0))
+            folder = _pause_folder(gen)
+            if folder is None:
+                return
+            batchable = group.batchable
+            cache, y, lp = group.pause(gen)
+            try:
+                saved = paused_kv.stash(folder, cache, y, lp)
+            except OSError:
+                log.warning("could not pause a request (its KV could not be written); it goes on")
+                group.resume(gen, cache, y, lp)
+                return
+            del cache
+            if not group.rows:
+                self._drop_group(group)
+            mx.clear_cache()
+            self.paused.append((gen, saved, batchable))
+            log.info("paused request %r: %d bytes of KV written out", gen.request_id, saved.nbytes)
+
+    def _drop_group(self, group: DecodeGroup) -> None:
+        if group in self.solo:
+            self.solo.remove(group)
+        for key, g in list(self.groups.items()):
+            if g is group:
+                del self.groups[key]
+
+    def _resume_paused(self) -> None:
+        """Resume the paused requests, oldest first, as soon as each fits
+        (or nothing else runs); a cancelled one ends with its output so far."""
+        limit = memory.worker_limit()
+        while self.paused:
+            gen, saved, batchable = self.paused[0]
+            if gen.should_stop() or not self.running() or self._kv_estimate(gen) <= limit:
+                self.paused.pop(0)
+                try:
+                    cache, y, lp = saved.restore()
+                except BaseException as exc:
+                    saved.drop()
+                    self._fail(gen, _memory_error(exc, gen))
+                    continue
+                if gen.should_stop():
+                    self._finish(gen, "cancelled", cache)
+                    continue
+                if batchable:
+                    group = self.groups.setdefault(id(gen.lm.model), DecodeGroup(gen.lm.model, True))
+                else:
+                    group = DecodeGroup(gen.lm.model, False)
+                    self.solo.append(group)
+                group.resume(gen, cache, y, lp)
+                log.info("resumed request %r", gen.request_id)
+            else:
+                return
+
     # ------------------------------------------------------------ unload
 
     def holds(self, lm) -> bool:
-        return any(g.lm is lm or g.draft_lm is lm for g in self.running() + list(self.waiting))
+        return any(g.lm is lm or g.draft_lm is lm
+                   for g in self.running() + list(self.waiting) + [p[0] for p in self.paused])
 
 
 def _stores(gens: list[Generation]):
@@ -407,6 +494,14 @@ def _stores(gens: list[Generation]):
             if store is not None and id(store) not in seen:
                 seen.add(id(store))
                 yield store
+
+
+def _pause_folder(gen: Generation):
+    """Where a paused request's KV goes: its model's disk tier, else the worker's."""
+    from .cache_disk import tier_for
+
+    tier = getattr(gen.lm.prompt_cache, "disk", None) or tier_for(None, None)
+    return tier.folder if tier is not None else None
 
 
 def _model_stores(lm) -> list:
