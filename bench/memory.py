@@ -75,21 +75,30 @@ def run_case(label, fixture, load_opts, params, draft):
             "need_ratio": (r.memory_estimate - base) / max(1, r.peak_memory - base)}
 
 
-def run_batch():
-    """Two requests of different lengths decoding in one batch (left padding)."""
-    w = spawn()
-    try:
-        w.load(str(ensure_model("tiny-llama")), model_id="m", prompt_cache_entries=0)
-        w.generate(model_id="m", tokens=tokens(64), max_tokens=2, ignore_eos=True, prompt_cache=False).wait()
-        base = w.status().memory.active
-        streams = [w.generate(model_id="m", tokens=tokens(n, salt=n), max_tokens=m, ignore_eos=True,
-                              temperature=0, prompt_cache=False, prefill_step_size=512)
-                   for n, m in ((1200, 200), (200, 400))]
-        results = [s.wait() for s in streams]
-    finally:
-        w.close()
-    estimate = max(r.memory_estimate for r in results)
-    peak = max(r.peak_memory for r in results)
+def run_batch(repeats: int = 3):
+    """Two requests of different lengths decoding in one batch (left padding).
+    Their peak depends on timing (whether the second prompt arrives in time
+    to be prefilled together with a chunk of the first, padded to it), so the
+    case runs ``repeats`` times and the estimate is held against the largest
+    peak: admission has to cover the worst interleaving."""
+    estimate, peak, base = 0, 0, 0
+    for _ in range(repeats):
+        w = spawn()
+        try:
+            w.load(str(ensure_model("tiny-llama")), model_id="m", prompt_cache_entries=0)
+            w.generate(model_id="m", tokens=tokens(64), max_tokens=2, ignore_eos=True, prompt_cache=False).wait()
+            base = w.status().memory.active
+            streams = [w.generate(model_id="m", tokens=tokens(n, salt=n), max_tokens=m, ignore_eos=True,
+                                  temperature=0, prompt_cache=False, prefill_step_size=512)
+                       for n, m in ((1200, 200), (200, 400))]
+            results = [s.wait() for s in streams]
+        finally:
+            w.close()
+        peaks = [r.peak_memory for r in results]
+        print(f"  batch run: estimate {max(r.memory_estimate for r in results) / MiB:.2f} MiB, "
+              f"peak {max(peaks) / MiB:.2f} MiB")
+        estimate = max(estimate, max(r.memory_estimate for r in results))
+        peak = max(peak, max(peaks))
     return {"label": "batch with padding", "estimate": estimate, "peak": peak, "base": base,
             "ratio": estimate / peak, "need_ratio": (estimate - base) / max(1, peak - base)}
 
