@@ -39,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-limit", type=_positive_int, default=None,
                    help="memory limit in bytes: MLX's allocator limit, and loads or requests estimated "
                         "to exceed it get an out-of-memory error (default: MLX's own limit)")
+    p.add_argument("--prompt-cache-bytes", type=_positive_int, default=None,
+                   help="one byte budget for every model's prompt-cache entries (default: a quarter of RAM)")
+    p.add_argument("--cache-dir", default=None,
+                   help="the prompt cache's disk tier: entries evicted from RAM, and all of them at unload "
+                        "and shutdown, are written here and restored on a later prefix match (default: none)")
+    p.add_argument("--cache-dir-bytes", type=_positive_int, default=None,
+                   help="the disk tier's byte budget (default: 10 %% of the folder's free space, at most 16 GiB)")
     return p.parse_args(argv)
 
 
@@ -107,6 +114,13 @@ def main(argv=None) -> int:
     from . import memory
 
     memory.set_worker_limit(args.memory_limit)
+    from . import cache_disk
+
+    cache_disk.configure(args.cache_dir, args.cache_dir_bytes)
+    if args.prompt_cache_bytes:
+        from . import cache_budget
+
+        cache_budget.set_max_bytes(args.prompt_cache_bytes)
 
     config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
                     blas=blas_path, memory_limit=args.memory_limit)

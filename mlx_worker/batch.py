@@ -84,6 +84,32 @@ class DecodeGroup:
                 for layer in self.cache:
                     layer.filter(index)
 
+    # ------------------------------------------------------ pause, resume
+
+    def pause(self, gen: Generation) -> tuple[list, mx.array, Optional[mx.array]]:
+        """Take a row out between steps (preemption): its own cache, the
+        token the next step would feed it (sampled, not yet read) and that
+        token's logprobs, all evaluated."""
+        i = self.rows.index(gen)
+        cache = self.own_cache(i)
+        y, lp = self.y[i : i + 1], self.logprobs[i]
+        mx.eval([c.state for c in cache], y, *([lp] if lp is not None else []))
+        self.leave([i])
+        return cache, y, lp
+
+    def resume(self, gen: Generation, cache: list, y: mx.array, lp: Optional[mx.array]) -> None:
+        """A paused row comes back: as ``join``, with its pending token."""
+        if not self.rows:
+            self.cache, self.y = cache, y
+        else:
+            if len(self.rows) == 1:
+                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
+            for layer, c in zip(self.cache, cache):
+                layer.extend(BatchKVCache.merge([c]))
+            self.y = mx.concatenate([self.y, y.astype(self.y.dtype)])
+        self.rows.append(gen)
+        self.logprobs.append(lp)
+
     # ---------------------------------------------------------------- step
 
     def step(self) -> list[tuple[Generation, object, Optional[list]]]:

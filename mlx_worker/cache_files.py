@@ -101,24 +101,13 @@ def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveRes
         )
     if not all(isinstance(t, (int, str)) for t in entry.key):
         raise invalid_params("params.messages", "this prompt's cache key can't be written to a file")
-    metadata = {
-        "format": FORMAT,
-        "model_path": lm.path,
-        **model_identity(lm),
-        "key": msgspec.json.encode(entry.key).decode(),
-        "step": "" if entry.step is None else str(entry.step),
-        "keep": str(entry.keep),
-        "max_kv_size": "" if not lm.max_kv_size else str(lm.max_kv_size),
-        **_kv_meta(lm),
-    }
     from mlx_lm.models.cache import save_prompt_cache
 
-    layers, metadata["checkpoints"] = checkpoint_layers(entry)
-    metadata["final"] = "1" if entry.final else ""
+    layers, metadata = file_contents(lm, entry)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
     _unlink(tmp)  # never write into whatever sits there (a FIFO would block the writer)
     try:
-        save_prompt_cache(str(tmp), compact(entry.cache) + layers, metadata)
+        save_prompt_cache(str(tmp), layers, metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError, ValueError) as exc:
         _unlink(tmp)
@@ -200,7 +189,7 @@ def _load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     key = _decode_key(path, meta.get("key"), lm.vocab_size)
     _check_room(store, sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in header.items()
                            if n != "__metadata__"))
-    from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache
+    from mlx_lm.models.cache import load_prompt_cache
 
     try:
         cache, meta = load_prompt_cache(str(path), return_metadata=True)
@@ -209,32 +198,7 @@ def _load(lm, params: protocol.CacheLoadParams) -> protocol.CacheLoadResult:
     _check_identity(lm, path, meta)
     if _decode_key(path, meta.get("key"), lm.vocab_size) != key:
         raise _invalid(path, "its token list changed while it was read")
-    keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
-    n_layers = len(make_cache(lm, keep))
-    cache, extra = cache[:n_layers], cache[n_layers:]
-    try:
-        problem = _layout_problem(lm, cache, keep, len(key))
-    except Exception as exc:  # state a hostile file shaped so that checking it fails
-        problem = f"its cache state can't be read ({type(exc).__name__}: {exc})"
-    cps = _read_checkpoints(path, meta.get("checkpoints"), cache, extra, len(key)) if not problem else []
-    if problem:
-        raise _invalid(path, problem)
-    import mlx.core as mx
-
-    mx.eval([c.state for c in cache] + [c.state for cp in cps for c in cp.layers if c is not None])
-    window = cache_window(cache)
-    entry = Entry(
-        key=key,
-        n_prompt=len(key),
-        cache=cache,
-        nbytes=cache_nbytes(cache) + sum(cp.nbytes for cp in cps),
-        exact_only=not can_trim_prompt_cache(cache),
-        window=window,
-        step=_int_or(meta.get("step"), None) if window is not None else None,
-        keep=keep,
-        checkpoints=cps,
-        final=meta.get("final", "1") == "1",
-    )
+    entry = file_entry(lm, path, cache, meta, key, len(key))
     if not store.add(entry):
         raise _too_big(store, entry.nbytes)
     return protocol.CacheLoadResult(model_id=lm.model_id, path=str(path.resolve()), tokens=len(key),
@@ -277,6 +241,60 @@ def _too_big(store, nbytes: int) -> WorkerError:
         errors.OUT_OF_MEMORY,
         f"the cache needs {nbytes} bytes; this model's prompt cache holds at most "
         f"{store.max_bytes} (load the model with a larger prompt_cache_bytes)",
+    )
+
+
+def file_contents(lm, entry: Entry) -> tuple[list, dict]:
+    """What a file holds for ``entry`` (cache_save, the disk tier): the
+    cache's layers, then its checkpoints' copies, and the metadata that
+    names the model, the key and the checkpoints."""
+    layers, table = checkpoint_layers(entry)
+    metadata = {
+        "format": FORMAT,
+        "model_path": lm.path,
+        **model_identity(lm),
+        "key": msgspec.json.encode(entry.key).decode(),
+        "n_prompt": str(entry.n_prompt),
+        "step": "" if entry.step is None else str(entry.step),
+        "keep": str(entry.keep),
+        "max_kv_size": "" if not lm.max_kv_size else str(lm.max_kv_size),
+        **_kv_meta(lm),
+        "checkpoints": table,
+        "final": "1" if entry.final else "",
+    }
+    return compact(entry.cache) + layers, metadata
+
+
+def file_entry(lm, path: Path, cache: list, meta: dict, key: list, n_prompt: int) -> Entry:
+    """The entry a file's layers and metadata describe, checked against the
+    model as loaded (-32009 naming the file when they don't fit it)."""
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    keep = _int_or(meta.get("keep"), DEFAULT_KEEP)
+    n_layers = len(make_cache(lm, keep))
+    cache, extra = cache[:n_layers], cache[n_layers:]
+    try:
+        problem = _layout_problem(lm, cache, keep, len(key))
+    except Exception as exc:  # state a hostile file shaped so that checking it fails
+        problem = f"its cache state can't be read ({type(exc).__name__}: {exc})"
+    if problem:
+        raise _invalid(path, problem)
+    cps = _read_checkpoints(path, meta.get("checkpoints"), cache, extra, len(key))
+    import mlx.core as mx
+
+    mx.eval([c.state for c in cache] + [c.state for cp in cps for c in cp.layers if c is not None])
+    window = cache_window(cache)
+    return Entry(
+        key=key,
+        n_prompt=min(n_prompt, len(key)),
+        cache=cache,
+        nbytes=cache_nbytes(cache) + sum(cp.nbytes for cp in cps),
+        exact_only=not can_trim_prompt_cache(cache),
+        window=window,
+        step=_int_or(meta.get("step"), None) if window is not None else None,
+        keep=keep,
+        checkpoints=cps,
+        final=meta.get("final", "1") == "1",
     )
 
 

@@ -245,6 +245,9 @@ class WorkerClient:
     def cancel(self, rid: Any) -> bool:
         return self.call("cancel", {"id": rid})["cancelled"]
 
+    def set_limits(self, **params: Any) -> protocol.SetLimitsResult:
+        return msgspec.convert(self.call("set_limits", params), protocol.SetLimitsResult)
+
     def status(self) -> protocol.StatusResult:
         return msgspec.convert(self.call("status", {}), protocol.StatusResult)
 

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import errors, memory, prompt_bounds, prompt_cache, protocol, sampling, speculative
+from . import cache_budget, cache_disk, errors, faults, memory, prompt_bounds, prompt_cache, protocol, sampling, speculative
 from .tools import calls as tool_calls
 from .tools import grammar as tool_grammar
 from .channels import ChannelSplitter
@@ -72,7 +72,10 @@ class Generation:
         self.prompt: Optional[PreparedPrompt] = None
         self.constraint = None
         self.stored: Optional[prompt_cache.Entry] = None  # what finish left in the store
+        self.need_parts: dict = {}
         self.need = 0  # bytes admitted for this request (memory.py's estimate)
+        self.memory_base: Optional[int] = None  # bytes in use when it arrived (or was admitted)
+        self.memory_estimate: Optional[int] = None  # base + need: its expected peak
         # Decoding state.
         self.generated: list[int] = []  # returned tokens (no terminating EOS)
         self.fed_back: list[int] = []  # every sampled token, EOS included: they are in the KV cache
@@ -127,9 +130,11 @@ class Generation:
         self.want_logprobs = params.logprobs or params.top_logprobs > 0
         self.need, self.need_parts = memory.generate_need(lm, self.n_prompt, self.max_tokens, self.step_size)
         if self.draft is not None:
-            draft_need, _ = memory.generate_need(self.draft.lm, self.n_prompt, self.max_tokens, self.step_size)
-            self.need += draft_need
-            self.need_parts = {**self.need_parts, "draft": draft_need}
+            # Both caches are held; the two models' chunks run one after the other.
+            draft_need, draft_parts = memory.generate_need(self.draft.lm, self.n_prompt, self.max_tokens, self.step_size)
+            kv = self.need_parts["kv_cache"] + draft_parts["kv_cache"]
+            self.need = kv + max(self.need - self.need_parts["kv_cache"], draft_need - draft_parts["kv_cache"])
+            self.need_parts = {**self.need_parts, "kv_cache": kv, "draft": draft_need}
 
     def prepare_prompt(self) -> None:
         """The prompt's tokens (templates, tokenizing): touches no MLX state,
@@ -157,6 +162,12 @@ class Generation:
         store = lm.prompt_cache if self.draft is None else self.draft.store
         if params.prompt_cache and store is not None:
             self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
+            if cache_disk.restore(lm, store, self.prompt.cache_key, self.lease.cached):
+                # The disk tier had a longer prefix: now in the store, fetched as any entry.
+                self.lease.abort()
+                self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
+            if self.lease.cached:
+                cache_budget.budget().hits += 1
             self.cache, self.cached = self.lease.cache, self.lease.cached
             if self.lease.stateful:
                 self.lease.mark(prompt_cache.system_end(lm, params, self.prompt.tokens))
@@ -206,6 +217,7 @@ class Generation:
             n = min(n, stop - self.processed)
         if n <= 0:
             return
+        faults.hit("prefill")
         start = self.processed - self.cached  # into the uncached part
         tokens = mx.array(self.prompt.tokens[self.processed : self.processed + n], dtype=mx.uint32)
         self.begin()
@@ -259,6 +271,7 @@ class Generation:
     def sample(self, logits: mx.array, fed: mx.array) -> tuple[mx.array, mx.array]:
         """This request's next token from its row of logits (1, vocab); ``fed``
         is the token the step fed (lazy). Returns (token (1,), logprobs (vocab,))."""
+        faults.hit("decode")
         if self.processors:
             self.history = mx.concatenate([self.history, fed.astype(self.history.dtype)])
             for p in self.processors:
@@ -356,6 +369,7 @@ class Generation:
             stop_string=stream.stop_string,
             stop_token=self.stop_token,
             constraint_complete=complete,
+            memory_estimate=self.memory_estimate,
         )
 
     def _send_pieces(self, pieces, tokens: list[int], logprobs) -> None:

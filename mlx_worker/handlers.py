@@ -252,6 +252,20 @@ class Handlers:
         check_token_ids(lm, job.params.tokens, "params.tokens")
         return protocol.DetokenizeResult(text=lm.decode(job.params.tokens))
 
+    def close(self) -> None:
+        """The worker stops: every prompt-cache entry goes to its disk tier."""
+        from .cache_disk import spill_all
+
+        for lm in self.models.snapshot():
+            written = spill_all(lm, [lm.prompt_cache, *speculative.pair_stores(lm)])
+            if written:
+                log.info("prompt cache: %d entries of %s written to disk", written, lm.model_id)
+
+    def set_limits(self, job: Job) -> protocol.SetLimitsResult:
+        from . import memory
+
+        return memory.set_limits(job.params, self.models.snapshot())
+
     def cache_save(self, job: Job) -> protocol.CacheSaveResult:
         lm = self.models.get(job.params.model_id)
         _no_cache_files(lm)

@@ -15,15 +15,14 @@ needs *before* starting it, and refuses with -32005 what would not fit:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from . import errors, protocol
 from .errors import WorkerError
-from .model_checks import text_config
 
 _worker_limit: Optional[int] = None  # --memory-limit
 
@@ -39,6 +38,9 @@ def set_worker_limit(limit: Optional[int]) -> None:
     _worker_limit = limit or None
     if _worker_limit:
         mx.set_memory_limit(_worker_limit)
+    from .cache_budget import budget
+
+    budget().over_limit = lambda: mx.get_active_memory() - worker_limit()
 
 
 def worker_limit() -> int:
@@ -63,95 +65,133 @@ def rss_bytes() -> int:
         return 0
 
 
-def memory_status() -> protocol.MemoryStatus:
+# Running requests' admission figures, for `status` (read on the reader thread).
+_requests: dict = {}
+_requests_lock = threading.Lock()
+
+
+def track(request_id, model_id: str, estimate: int, need: int) -> int:
+    """A request admitted with an expected peak of ``estimate`` bytes
+    (``need`` of them its own); returns the estimate."""
+    with _requests_lock:
+        _requests[_key(request_id)] = (request_id, model_id, estimate, max(0, need))
+    return estimate
+
+
+def untrack(request_id) -> None:
+    with _requests_lock:
+        _requests.pop(_key(request_id), None)
+
+
+def _key(request_id):
+    return (type(request_id).__name__, request_id)
+
+
+_buffer_cache_limit: Optional[int] = None  # set_limits' buffer_cache_bytes
+_wired_limit: Optional[int] = None
+
+
+def pools(models: list) -> protocol.MemoryPools:
     import mlx.core as mx
 
+    from .cache_budget import budget
+
+    b = budget()
+    with _requests_lock:
+        requests = sum(n for _, _, _, n in _requests.values())
+    return protocol.MemoryPools(
+        weights=sum(m.memory_bytes for m in models),
+        requests=requests,
+        prompt_cache=b.bytes(),
+        prompt_cache_entries=b.entries(),
+        prompt_cache_limit=b.max_bytes,
+        prompt_cache_hits=b.hits,
+        buffer_cache=mx.get_cache_memory(),
+        buffer_cache_limit=_buffer_cache_limit,
+        wired_limit=_wired_limit,
+    )
+
+
+def set_limits(params: protocol.SetLimitsParams, models: list) -> protocol.SetLimitsResult:
+    """``set_limits``: each given limit takes effect now (the next admission
+    sees it); a smaller prompt-cache budget evicts oldest-first at once."""
+    global _buffer_cache_limit, _wired_limit
+    import mlx.core as mx
+
+    from . import cache_budget
+
+    evicted = 0
+    applied = False
+    if params.wired_limit is not None:
+        if mx.metal.is_available():
+            # Policy (spec, "Memory limits"): never above the device's
+            # recommended working set; wiring keeps the models' pages resident.
+            cap = mx.device_info().get("max_recommended_working_set_size") or params.wired_limit
+            mx.set_wired_limit(min(params.wired_limit, int(cap)))
+            _wired_limit, applied = min(params.wired_limit, int(cap)), True
+    if params.memory_limit is not None:
+        set_worker_limit(params.memory_limit)
+        evicted += cache_budget.budget().enforce()  # entries go first when the limit shrinks
+    if params.buffer_cache_bytes is not None:
+        mx.set_cache_limit(params.buffer_cache_bytes)
+        _buffer_cache_limit = params.buffer_cache_bytes
+    if params.prompt_cache_bytes is not None:
+        evicted = cache_budget.set_max_bytes(params.prompt_cache_bytes)
+        if evicted:
+            mx.clear_cache()
+    return protocol.SetLimitsResult(limit=worker_limit(), pools=pools(models), evicted_bytes=evicted,
+                                    wired_limit_applied=applied)
+
+
+def memory_status(models: Optional[list] = None) -> protocol.MemoryStatus:
+    import mlx.core as mx
+
+    peak = mx.get_peak_memory()
+    with _requests_lock:
+        running = list(_requests.values())
     return protocol.MemoryStatus(
         active=mx.get_active_memory(),
-        peak=mx.get_peak_memory(),
+        peak=peak,
         cache=mx.get_cache_memory(),
         rss=rss_bytes(),
         limit=worker_limit(),
+        requests=[protocol.RequestMemory(id=r, model_id=m, estimate=e, need=n, peak=peak) for r, m, e, n in running],
+        pools=pools(models or []),
     )
 
 
 # ------------------------------------------------------------------ estimates
 
 
-def _positive_int(cfg: dict, *keys: str) -> Optional[int]:
-    for key in keys:
-        value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _float_itemsize(model: Any) -> int:
-    """Bytes per element of the model's activations (its float weights' dtype)."""
-    try:
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
-        for _, p in tree_flatten(model.parameters()):
-            if isinstance(p, mx.array) and mx.issubdtype(p.dtype, mx.floating):
-                return p.dtype.size
-    except Exception:
-        pass
-    return 4
-
-
 def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tuple[int, dict]:
-    """Bytes a generation needs beyond what is already allocated: the KV
-    cache for prompt + max_tokens, plus the largest prefill chunk's
-    activations. An estimate from config.json, on the generous side."""
-    import mlx.core as mx
+    """Bytes a generation needs beyond what is already allocated
+    (memory_model.py), plus the prompt cache's copies of untrimmable state
+    (a max_kv_size snapshot, or checkpoints)."""
+    from . import memory_model
 
-    cfg = text_config(lm.config)
-    layers = _positive_int(cfg, "num_hidden_layers", "n_layer", "num_layers") or 0
-    hidden = _positive_int(cfg, "hidden_size", "n_embd", "d_model") or 0
-    heads = _positive_int(cfg, "num_attention_heads", "n_head") or 1
-    kv_heads = _positive_int(cfg, "num_key_value_heads") or heads
-    head_dim = _positive_int(cfg, "head_dim") or (hidden // heads if hidden else 0)
-    inter = _positive_int(cfg, "intermediate_size", "n_inner") or 4 * hidden
-    itemsize = lm.extra.get("itemsize") or _float_itemsize(lm.model)
-    lm.extra["itemsize"] = itemsize
-
-    total = n_prompt + max_tokens
-    kv_tokens = min(total, lm.max_kv_size) if lm.max_kv_size else total
-    kv_tokens = math.ceil(kv_tokens / KV_STEP) * KV_STEP
-    # A quantized cache (kv_bits) holds packed bits plus a scale and a bias per group.
-    quant = getattr(lm, "kv_quant", None)
-    element = quant.element_bytes(itemsize) if quant is not None else itemsize
-    kv = int(2 * layers * kv_heads * head_dim * element * kv_tokens)
-
-    growth = kv // layers if layers else 0  # a layer's cache is copied as it grows
-    # A windowed cache (max_kv_size, sliding-window layers) keeps a snapshot
-    # of its state during prompt processing for the prompt cache
-    # (prompt_cache.Lease.progress): a second copy of up to a window of KV.
-    window = lm.max_kv_size or _positive_int(cfg, "sliding_window")
-    snapshot = 2 * layers * kv_heads * head_dim * itemsize * min(kv_tokens, window) if window else 0
-    # A model's own windows and recurrent layers keep checkpoints instead
-    # (checkpoints.py): a few per request, sized by the largest its store
-    # has seen (recurrent state has no size in config.json).
-    if not lm.max_kv_size:
+    need, parts = memory_model.generate_need(lm, n_prompt, max_tokens, prefill_step)
+    store = getattr(lm, "prompt_cache", None)
+    if store is None:
+        return need, parts
+    lay = memory_model.layout(lm)
+    windows = [layer[1] for layer in lay.layers if layer[0] == "window"]
+    if lm.max_kv_size:
+        # prompt_cache.Lease.progress keeps a copy of the state at the last
+        # reusable chunk boundary: a second copy of the cache as it was then.
+        snapshot = memory_model.cache_bytes(lay, max(0, n_prompt - 1), prefill_step, False) if windows else 0
+    else:
+        # A model's own windows and recurrent layers keep checkpoints while
+        # the request runs (checkpoints.py): copies of those layers only, a
+        # few per request, at least the size its store has seen.
         from .checkpoints import PER_REQUEST
 
-        measured = getattr(getattr(lm, "prompt_cache", None), "checkpoint_nbytes", 0) or 0
-        snapshot = max(snapshot, measured) * PER_REQUEST
-
-    chunk = max(1, min(prefill_step, n_prompt))
-    # One layer's temporaries at a time (MLX frees buffers as soon as their
-    # last consumer ran): hidden states and projections, the MLP, and on CPU
-    # the attention scores and mask, which the GPU backends' fused attention
-    # never materializes. Fitted to peaks measured on CPU (within ~10 %).
-    acts = chunk * (8 * hidden + 4 * inter) * itemsize
-    if mx.default_device().type != mx.DeviceType.gpu:
-        acts += (heads + 1) * chunk * min(total, kv_tokens) * 4
-    logits = 4 * lm.vocab_size * 4  # fp32 logits, log-probs, sampling copies
-    need = int((kv + growth + snapshot + acts + logits) * 1.1)
-    parts = {"kv_cache": kv, "activations": acts, "kv_tokens": kv_tokens}
+        kv = lay.kv_token_bytes(lay.itemsize)
+        one = sum(kv * min(size + prefill_step - 1, n_prompt) for size in windows)
+        one += sum(layer[1] for layer in lay.layers if layer[0] == "state")
+        snapshot = int(max(one, getattr(store, "checkpoint_nbytes", 0) or 0)) * PER_REQUEST
     if snapshot:
         parts["snapshot"] = snapshot
+        need += snapshot
     return need, parts
 
 

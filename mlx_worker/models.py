@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import embeddings, errors, files, protocol, prompt_cache, speculative
+from . import cache_disk, embeddings, errors, files, protocol, prompt_cache, speculative
 from . import memory as memory_budget
 from .errors import WorkerError
 from .kv_quant import from_load as kv_quant_of_load
@@ -107,6 +107,7 @@ class ModelRegistry:
         if params.parallel is not None:
             _check_parallel(path, params, config)
         memory_budget.admit_load(path, params.memory_limit)
+        disk = _disk_tier(params)
         progress.report("checks", 1, 1)
         start = time.perf_counter()
         import mlx.core as mx
@@ -163,6 +164,7 @@ class ModelRegistry:
                 _release()
                 raise failure
         loaded.prompt_cache = prompt_cache.create_store(loaded, params) if loaded.kind != "embedding" else None
+        cache_disk.attach(loaded, loaded.prompt_cache, disk)
         self._models[model_id] = loaded
         elapsed = (time.perf_counter() - start) * 1000
         log.info("loaded %s (%s) in %.0f ms", model_id, loaded.kind, elapsed)
@@ -178,6 +180,7 @@ class ModelRegistry:
         unloaded_id = model.model_id
         del self._models[unloaded_id]
         if model.prompt_cache is not None:
+            cache_disk.spill_all(model, [model.prompt_cache, *speculative.pair_stores(model)])
             model.prompt_cache.clear()
         speculative.forget(model, self._models.values())
         if "parallel" in model.extra:
@@ -187,6 +190,13 @@ class ModelRegistry:
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
+
+
+def _disk_tier(params: protocol.LoadParams):
+    try:
+        return cache_disk.tier_for(params.cache_dir, params.cache_dir_bytes)
+    except OSError as exc:
+        raise errors.invalid_params("params.cache_dir", f"cannot use it as the prompt cache's folder: {exc}") from None
 
 
 def _release_shards(loaded: Optional[LoadedModel]) -> None:

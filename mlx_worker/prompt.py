@@ -132,7 +132,7 @@ def check_token_ids(lm: LoadedModel, tokens: list[int], field_name: str) -> None
 
 def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.TokenizeResult:
     source = one_source(params, ("text", "messages"))
-    from .tools.grammar import check_tools  # late: it imports MLX
+    from .tools.checks import check_tools
 
     check_tools(params.tools)
     if source == "messages" and lm.vision is not None:

@@ -81,8 +81,9 @@ from .prompt import encode_text, render_chat
 
 log = logging.getLogger("mlx_worker.prompt_cache")
 
-DEFAULT_ENTRIES = 16
-DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for the byte budget
+# The entry count is an option (load's prompt_cache_entries); bytes bind
+# (cache_budget.py: one LRU across every store).
+DEFAULT_ENTRIES = 4096
 DEFAULT_KEEP = 4  # mlx-lm's own: the first tokens a rotating cache never evicts
 MAX_CHECKPOINTS = 8  # per entry (a conversation): the first and the latest are kept
 
@@ -242,6 +243,7 @@ class Entry:
     # Untrimmable state at earlier positions of key, by position (checkpoints.py).
     checkpoints: list[Checkpoint] = field(default_factory=list)
     final: bool = True  # the state is at len(key) (False: only checkpoints are usable)
+    used: int = 0  # worker-wide use count (cache_budget.py): the LRU order across stores
 
     def state_at(self, pos: int) -> list:
         """A fresh cache holding key[:pos], from the entry's own state or the
@@ -420,9 +422,11 @@ class PromptCacheStore:
     """Entries in LRU order (oldest first), bounded by count and bytes.
     Used on the compute thread; ``status`` may be read from any thread."""
 
-    def __init__(self, max_bytes: int, max_entries: int, new_cache: Callable[[int], list]):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: Optional[int], max_entries: int, new_cache: Callable[[int], list]):
+        self.own_max_bytes = max_bytes  # load's prompt_cache_bytes; None: the worker's budget
         self.max_entries = max_entries
+        self.budget = None  # cache_budget.CacheBudget, set by attach
+        self.on_evict: Optional[Callable[[Entry], None]] = None  # cache_disk.py: evicted entries go to disk
         self._new_cache = new_cache
         self._entries: list[Entry] = []
         self._bytes = 0
@@ -553,16 +557,40 @@ class PromptCacheStore:
     def _return_lent(self, lease: Lease) -> None:
         self._lent = [(e, l) for e, l in self._lent if l is not lease]
 
+    @property
+    def max_bytes(self) -> int:
+        if self.budget is None:
+            return self.own_max_bytes or 0
+        if self.own_max_bytes is None:
+            return self.budget.max_bytes
+        return min(self.own_max_bytes, self.budget.max_bytes)
+
+    def oldest_use(self) -> Optional[int]:
+        with self._lock:
+            return self._entries[0].used if self._entries else None
+
     def evict_lru(self, nbytes: int) -> int:
         """Drop least recently used entries until ``nbytes`` are freed (or
         none is left); the bytes freed. Admission calls this before refusing."""
         freed = 0
+        gone = []
         with self._lock:
             while self._entries and freed < nbytes:
                 old = self._entries.pop(0)
                 self._bytes -= old.nbytes
                 freed += old.nbytes
+                gone.append(old)
+        self._evicted(gone)
         return freed
+
+    def _evicted(self, gone: list) -> None:
+        if self.on_evict is not None:
+            for entry in gone:
+                self.on_evict(entry)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries)
 
     # ----------------------------------------------------------- the rest
 
@@ -582,12 +610,20 @@ class PromptCacheStore:
             )
             if redundant:  # the new entry serves everything the old one did
                 self._remove(old)
+        if self.budget is not None:
+            entry.used = self.budget.use()
+        max_bytes = self.max_bytes
+        gone = []
         with self._lock:
             self._entries.append(entry)
             self._bytes += entry.nbytes
-            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            while len(self._entries) > self.max_entries or self._bytes > max_bytes:
                 evicted = self._entries.pop(0)
                 self._bytes -= evicted.nbytes
+                gone.append(evicted)
+        self._evicted(gone)
+        if self.budget is not None:
+            self.budget.enforce()
         return True
 
     def clear(self) -> None:
@@ -641,6 +677,8 @@ class PromptCacheStore:
             self._bytes -= entry.nbytes
 
     def _touch(self, entry: Entry) -> None:
+        if self.budget is not None:
+            entry.used = self.budget.use()
         with self._lock:
             self._entries = [e for e in self._entries if e is not entry]
             self._entries.append(entry)
@@ -666,10 +704,12 @@ def total_memory() -> int:
 
 def create_store(lm, params: protocol.LoadParams) -> Optional[PromptCacheStore]:
     """The store for a freshly loaded model; None when the host disabled it."""
+    from . import cache_budget
+
     max_bytes = params.prompt_cache_bytes
-    if max_bytes is None:
-        max_bytes = int(total_memory() * DEFAULT_MEMORY_FRACTION)
     max_entries = DEFAULT_ENTRIES if params.prompt_cache_entries is None else params.prompt_cache_entries
     if max_bytes == 0 or max_entries == 0:
         return None
-    return PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
+    store = PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
+    cache_budget.budget().attach(store)
+    return store

@@ -247,6 +247,11 @@ class LoadParams(Params):
     # the folder (sentence-transformers files, an encoder architecture).
     embedding: Union[bool, None] = None
 
+    # The prompt cache's disk tier ("Prompt cache on disk"): a folder and its byte budget;
+    # None = the worker's --cache-dir / --cache-dir-bytes (default: no disk tier).
+    cache_dir: Union[str, None] = None
+    cache_dir_bytes: Union[Count, None] = None
+
 
 ModelKind = Literal["text", "vision", "embedding"]
 
@@ -484,6 +489,9 @@ class GenerateResult(Out):
     # (false when max_tokens, a stop string or cancel cut the output short).
     constraint_complete: Union[bool, UnsetType] = UNSET
     invalid_tool_calls: list[InvalidToolCall] = []
+    # The peak memory (bytes) the worker expected for this request when it
+    # admitted it: memory in use then + its estimated need ("Memory").
+    memory_estimate: Union[int, None] = None
 
 
 # ------------------------------------------------------ prompt cache files
@@ -600,12 +608,62 @@ class QueueStatus(Out):
     waiting: list[RequestId]
 
 
+class RequestMemory(Out):
+    """A running request's memory: what admission expected next to what MLX measured."""
+
+    id: RequestId
+    model_id: str
+    estimate: int  # expected peak: memory in use at admission + need
+    need: int  # the estimate's own part (KV to max_tokens, prefill temporaries, …)
+    peak: int  # MLX's peak since the worker was last idle (shared by concurrent requests)
+
+
+class DiskCacheStatus(Out):
+    folder: str
+    entries: int  # files in the folder (every worker's that shares it)
+    bytes: int
+    max_bytes: int
+    hits: int  # entries restored from disk by this worker
+    writes: int  # entries this worker wrote
+    removed: int  # corrupt, foreign or truncated files ignored and removed
+
+
+class MemoryPools(Out):
+    """Where the memory goes, and each pool's limit (set_limits)."""
+
+    weights: int  # every loaded model's
+    requests: int  # running requests' estimated needs (KV to max_tokens, temporaries)
+    prompt_cache: int  # every store's entries, pair stores included
+    prompt_cache_entries: int
+    prompt_cache_limit: int  # the one budget of all stores (--prompt-cache-bytes, set_limits)
+    prompt_cache_hits: int  # requests that continued from a RAM entry
+    buffer_cache: int  # MLX's cache of freed buffers
+    buffer_cache_limit: Union[int, None] = None  # None: MLX's default (the memory limit)
+    wired_limit: Union[int, None] = None  # Metal only; None: not set / not available
+
+
+class SetLimitsParams(Params):
+    memory_limit: Union[PositiveCount, None] = None  # the worker's limit (as --memory-limit)
+    prompt_cache_bytes: Union[Count, None] = None  # the one prompt-cache budget; 0 empties every store
+    buffer_cache_bytes: Union[Count, None] = None  # mx.set_cache_limit
+    wired_limit: Union[Count, None] = None  # macOS/Metal: mx.set_wired_limit; 0 unwires
+
+
+class SetLimitsResult(Out):
+    limit: int
+    pools: MemoryPools
+    evicted_bytes: int = 0  # prompt-cache entries the new budget pushed out
+    wired_limit_applied: bool = False  # false where there is no Metal device
+
+
 class MemoryStatus(Out):
     active: int
     peak: int
     cache: int
     rss: int
     limit: Union[int, None] = None
+    requests: list[RequestMemory] = []  # every admitted, running request
+    pools: Union[MemoryPools, None] = None
 
 
 class StatusResult(Out):
@@ -614,6 +672,7 @@ class StatusResult(Out):
     memory: MemoryStatus
     uptime_s: float
     distributed: Union[DistributedCapabilities, None] = None
+    disk_cache: list[DiskCacheStatus] = []  # the prompt cache's disk tiers (one per folder)
 
 
 class ShutdownParams(Params):
@@ -668,6 +727,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "cache_save": (CacheSaveParams, CacheSaveResult),
     "cache_load": (CacheLoadParams, CacheLoadResult),
     "embed": (EmbedParams, EmbedResult),
+    "set_limits": (SetLimitsParams, SetLimitsResult),
     "cancel": (CancelParams, CancelResult),
     "status": (StatusParams, StatusResult),
     "shutdown": (ShutdownParams, ShutdownResult),

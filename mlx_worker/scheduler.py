@@ -27,7 +27,8 @@ from typing import Callable, Iterable
 
 import mlx.core as mx
 
-from . import errors, memory
+from . import errors, memory, memory_model
+from . import paused as paused_kv
 from .batch import DecodeGroup, prefill_together
 from .errors import WorkerError
 from .generation import Generation
@@ -45,7 +46,11 @@ Done = Callable[[Generation, object], None]
 class Scheduler:
     def __init__(self, done: Done, all_stores: Callable[[], Iterable] = tuple,
                  beside: "Scheduler | None" = None):
-        self.done = done
+        def finished(gen: Generation, outcome: object) -> None:
+            memory.untrack(gen.request_id)
+            done(gen, outcome)
+
+        self.done = finished
         self.all_stores = all_stores  # every loaded model's prompt-cache stores, pair stores too
         # run_alone: the main scheduler, whose requests are paused meanwhile
         # but still hold (and may still need) their memory.
@@ -57,9 +62,12 @@ class Scheduler:
         self._step_s = 0.0  # decode step time (moving average)
         self._chunk = 64
         self._in_hand: list[Generation] = []
+        # Preempted (paused.py): (generation, its KV on disk, batchable), oldest first.
+        self.paused: list[tuple[Generation, object, bool]] = []
+        self._admissions = 0
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.solo or any(self.groups.values()))
+        return bool(self.waiting or self.prefilling or self.solo or any(self.groups.values()) or self.paused)
 
     def decoding(self) -> int:
         return sum(len(g) for g in self.groups.values()) + len(self.solo)
@@ -76,11 +84,12 @@ class Scheduler:
         """Prepare and admit a new request (or answer it: error, cancelled)."""
         if not self.busy() and not (self.beside and self.beside.busy()):
             mx.reset_peak_memory()  # never mid-batch: the running requests report the peak
+        gen.memory_base = mx.get_active_memory()
         try:
             gen.prepare()
             gen.open()
         except BaseException as exc:
-            self._fail(gen, exc)
+            self._fail(gen, _memory_error(exc, gen))
             return
         self._admit_or_wait(gen, first=True)
 
@@ -107,6 +116,7 @@ class Scheduler:
 
     def _wait(self, gen: Generation) -> None:
         self.waiting.append(gen)
+        gen.memory_base = None  # measured again when admitted
         _mark_waiting(gen, True)
 
     def _never_fits(self, gen: Generation) -> None:
@@ -123,34 +133,77 @@ class Scheduler:
         lm = gen.lm
         own = [g for g in self.running() if g is not gen]
         others = own + (self.beside.running() if self.beside else [])
-        outstanding = sum(g.need for g in others)
         model_out = sum(g.need for g in others if g.lm is lm)
         limit = memory.worker_limit()
         model_limit = getattr(lm, "memory_limit", None)
         for attempt in range(2):
-            available = limit - mx.get_active_memory() - outstanding
-            model_ok = not model_limit or lm.memory_bytes + model_out + need <= model_limit
-            if need <= available and model_ok:
+            estimate = self.estimate(gen)
+            # the model's own limit holds its weights, its prompt-cache entries and its requests
+            model_over = (lm.memory_bytes + _model_store_bytes(lm) + model_out + need - model_limit
+                          if model_limit else 0)
+            if estimate <= limit and model_over <= 0:
                 return True
-            if attempt == 0 and self._evict(gen, need - available):
+            if attempt == 0 and (self._evict(gen, estimate - limit) if estimate > limit
+                                 else _evict_model(lm, model_over)):
                 continue
             break
         if own:
             return False  # wait: running requests will free memory
         # (beside paused requests it can't wait: they don't run meanwhile)
+        available = limit - (estimate - need)
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
 
+    def estimate(self, gen: Generation) -> int:
+        """The peak expected with ``gen`` running beside the admitted
+        requests: what is resident (active memory less what the running
+        requests' caches hold now), every request's KV up to its
+        max_tokens, a batch's padding, and the largest one's temporaries
+        (prefill chunks run one at a time)."""
+        others = [g for g in self.running() if g is not gen]
+        if self.beside:
+            others += self.beside.running()
+        resident = mx.get_active_memory() - self._held() - (self.beside._held() if self.beside else 0)
+        gens = others + [gen]
+        kv = sum(g.need_parts.get("kv_cache", 0) for g in gens)
+        temporaries = max(g.need - g.need_parts.get("kv_cache", 0) for g in gens)
+        if gen.batchable and gen.to_prefill > 0:
+            # prompts of one model prefill together (_prefill_one), each
+            # padded to the longest chunk: their temporaries add up
+            together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0 and g.batchable]
+            temporaries = max(temporaries, min(len(together), MAX_PREFILL_ROWS) * max(
+                g.need - g.need_parts.get("kv_cache", 0) for g in together))
+        padding, merge = self._padding(gen, others)
+        return max(0, resident) + kv + padding + max(temporaries, merge) - gen.reused_bytes
+
+    def _held(self) -> int:
+        """Bytes the running requests' caches hold now (between steps)."""
+        total = 0
+        for g in self.prefilling:
+            total += _nbytes(g.cache)
+        for group in list(self.groups.values()) + self.solo:
+            total += _nbytes(group.cache)
+        return total
+
+    def _batchable(self, g: Generation) -> bool:
+        if g.cache is None:  # in a decode group, which owns its KV
+            return any(g in group.rows for group in self.groups.values())
+        return g.batchable
+
+    def _padding(self, gen: Generation, others: list) -> tuple[int, int]:
+        if not gen.batchable:
+            return 0, 0
+        rows = [(g.n_prompt, g.max_tokens) for g in others + [gen] if g.lm is gen.lm and self._batchable(g)]
+        return memory_model.padded(gen.lm, rows)
+
     def _evict(self, gen: Generation, nbytes: int) -> bool:
-        """Evict oldest-first: first from the stores no admitted request
-        uses (other models', idle draft pairs'), then from those in use."""
-        freed = 0
-        busy = list(_stores([gen] + self.running() + (self.beside.running() if self.beside else [])))
-        held = {id(s) for s in busy}
-        idle = [s for s in self.all_stores() if s is not None and id(s) not in held]
-        for store in idle + busy:
-            if freed >= nbytes:
-                break
-            freed += store.evict_lru(nbytes - freed)
+        """Evict oldest-first across the stores (cache_budget.py): first from
+        those no admitted request uses (other models', idle draft pairs'),
+        then from all."""
+        from .cache_budget import budget
+
+        busy = {id(s) for s in _stores([gen] + self.running() + (self.beside.running() if self.beside else []))}
+        idle = [s for s in self.all_stores() if s is not None and id(s) not in busy]
+        freed = budget().evict(nbytes, first=idle)
         if freed:
             mx.clear_cache()
             log.info("prompt cache: evicted %d bytes to admit a request", freed)
@@ -158,6 +211,12 @@ class Scheduler:
 
     def _start(self, gen: Generation) -> None:
         _mark_waiting(gen, False)
+        self._admissions += 1
+        gen.admitted = self._admissions
+        estimate = self.estimate(gen)
+        if gen.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
+            estimate = max(estimate, gen.memory_base + max(0, gen.need - gen.reused_bytes))
+        gen.memory_estimate = memory.track(gen.request_id, gen.lm.model_id, estimate, gen.need - gen.reused_bytes)
         if gen.to_prefill > 0:
             self.prefilling.append(gen)
         else:
@@ -198,8 +257,12 @@ class Scheduler:
     # --------------------------------------------------------------- step
 
     def step(self) -> None:
+        if self.paused:
+            self._resume_paused()
         if self.waiting:
             self._retry_waiting()
+        if self.decoding() > 1:
+            self._preempt()
         if self.prefilling:
             self._prefill_one()
         t0 = time.perf_counter()
@@ -276,7 +339,7 @@ class Scheduler:
         except BaseException as exc:
             self._in_hand = []
             for g in together:
-                self._fail(g, _memory_error(exc))
+                self._fail(g, _memory_error(exc, g))
             return
         dt = time.perf_counter() - t0
         done = sum(g.processed - b for g, b in zip(together, before))
@@ -312,7 +375,7 @@ class Scheduler:
             if isinstance(outcome, str):
                 self._finish(gen, outcome, cache)
             else:
-                self._fail(gen, _memory_error(outcome))
+                self._fail(gen, _memory_error(outcome, gen))
 
     def _finish(self, gen: Generation, reason: str, cache) -> None:
         try:
@@ -334,11 +397,15 @@ class Scheduler:
         """A bug in the scheduler itself: every request it holds ends with
         the error (a cancelled one with its cancelled result); it starts over."""
         gens, seen = [], set()
-        for gen in self._in_hand + self.running() + list(self.waiting):  # in hand: popped, not handed on
+        for _, saved, _ in self.paused:
+            saved.drop()
+        held = self._in_hand + self.running() + list(self.waiting) + [p[0] for p in self.paused]
+        for gen in held:  # in hand: popped, not handed on
             if id(gen) not in seen:
                 seen.add(id(gen))
                 gens.append(gen)
         self._in_hand = []
+        self.paused.clear()
         self.waiting.clear()
         self.prefilling.clear()
         self.groups.clear()
@@ -349,10 +416,83 @@ class Scheduler:
             except BaseException:  # one answer that fails must not cost the others theirs
                 log.exception("could not answer a request the scheduler held")
 
+    # --------------------------------------------------------- preemption
+
+    def _kv_estimate(self, also: Generation | None = None) -> int:
+        """Resident memory + the running requests' KV to their max_tokens
+        (no temporaries: what must fit for them all to finish)."""
+        gens = self.running() + ([also] if also is not None else [])
+        resident = mx.get_active_memory() - self._held()
+        return max(0, resident) + sum(g.need_parts.get("kv_cache", 0) for g in gens)
+
+    def _preempt(self) -> None:
+        """The decoding requests' KV outgrew the limit: pause the youngest
+        (its KV written to the disk tier's folder) until it fits again. Only
+        with a disk tier: a pause that kept the KV in memory would free nothing."""
+        limit = memory.worker_limit()
+        while self.decoding() > 1 and self._kv_estimate() > limit:
+            rows = [(g, group) for group in list(self.groups.values()) + self.solo
+                    if isinstance(group, DecodeGroup) for g in group.rows]  # not a speculative group
+            if not rows:
+                return
+            gen, group = max(rows, key=lambda r: getattr(r[0], "admitted", 0))
+            folder = _pause_folder(gen)
+            if folder is None:
+                return
+            batchable = group.batchable
+            cache, y, lp = group.pause(gen)
+            try:
+                saved = paused_kv.stash(folder, cache, y, lp)
+            except OSError:
+                log.warning("could not pause a request (its KV could not be written); it goes on")
+                group.resume(gen, cache, y, lp)
+                return
+            del cache
+            if not group.rows:
+                self._drop_group(group)
+            mx.clear_cache()
+            self.paused.append((gen, saved, batchable))
+            log.info("paused request %r: %d bytes of KV written out", gen.request_id, saved.nbytes)
+
+    def _drop_group(self, group: DecodeGroup) -> None:
+        if group in self.solo:
+            self.solo.remove(group)
+        for key, g in list(self.groups.items()):
+            if g is group:
+                del self.groups[key]
+
+    def _resume_paused(self) -> None:
+        """Resume the paused requests, oldest first, as soon as each fits
+        (or nothing else runs); a cancelled one ends with its output so far."""
+        limit = memory.worker_limit()
+        while self.paused:
+            gen, saved, batchable = self.paused[0]
+            if gen.should_stop() or not self.running() or self._kv_estimate(gen) <= limit:
+                self.paused.pop(0)
+                try:
+                    cache, y, lp = saved.restore()
+                except BaseException as exc:
+                    saved.drop()
+                    self._fail(gen, _memory_error(exc, gen))
+                    continue
+                if gen.should_stop():
+                    self._finish(gen, "cancelled", cache)
+                    continue
+                if batchable:
+                    group = self.groups.setdefault(id(gen.lm.model), DecodeGroup(gen.lm.model, True))
+                else:
+                    group = DecodeGroup(gen.lm.model, False)
+                    self.solo.append(group)
+                group.resume(gen, cache, y, lp)
+                log.info("resumed request %r", gen.request_id)
+            else:
+                return
+
     # ------------------------------------------------------------ unload
 
     def holds(self, lm) -> bool:
-        return any(g.lm is lm or g.draft_lm is lm for g in self.running() + list(self.waiting))
+        return any(g.lm is lm or g.draft_lm is lm
+                   for g in self.running() + list(self.waiting) + [p[0] for p in self.paused])
 
 
 def _stores(gens: list[Generation]):
@@ -382,6 +522,46 @@ def _mark_waiting(gen: Generation, waiting: bool) -> None:
         job.waiting = waiting
 
 
+def _pause_folder(gen: Generation):
+    """Where a paused request's KV goes: its model's disk tier, else the worker's."""
+    from .cache_disk import tier_for
+
+    tier = getattr(gen.lm.prompt_cache, "disk", None) or tier_for(None, None)
+    return tier.folder if tier is not None else None
+
+
+def _model_stores(lm) -> list:
+    from .speculative import pair_stores
+
+    return [s for s in [lm.prompt_cache, *pair_stores(lm)] if s is not None]
+
+
+def _model_store_bytes(lm) -> int:
+    return sum(s.status().bytes for s in _model_stores(lm))
+
+
+def _evict_model(lm, nbytes: int) -> bool:
+    freed = 0
+    for store in _model_stores(lm):
+        if freed >= nbytes:
+            break
+        freed += store.evict_lru(nbytes - freed)
+    if freed:
+        mx.clear_cache()
+    return freed > 0
+
+
+def _nbytes(cache) -> int:
+    if not cache:
+        return 0
+    from .prompt_cache import cache_nbytes
+
+    try:
+        return cache_nbytes(cache)
+    except Exception:
+        return 0
+
+
 def _abort(gen: Generation) -> None:
     try:
         gen.abort()
@@ -389,9 +569,11 @@ def _abort(gen: Generation) -> None:
         log.exception("giving back a failed request's resources failed")
 
 
-def _memory_error(exc: BaseException) -> BaseException:
+def _memory_error(exc: BaseException, gen: Generation) -> BaseException:
+    """An allocation failure ends this request only: -32005 with what it streamed."""
     if isinstance(exc, MemoryError):
-        return WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}")
+        return WorkerError(errors.OUT_OF_MEMORY, f"out of memory during generation: {exc}",
+                           {"text": "".join(gen.text_parts), "tokens": list(gen.generated)})
     return exc
 
 

@@ -42,12 +42,15 @@ class Config:
     memory_limit: Optional[int] = None
 
 
+SPILL_WAIT_S = 20.0  # at shutdown: longest wait for the prompt cache's disk writes
+
 class Worker:
     def __init__(self, in_fd: int, out_fd: int, config: Config):
         self.config = config
         self.in_fd = in_fd
         self.started = time.monotonic()
         self.stopping = threading.Event()
+        self.compute_done = threading.Event()  # the compute thread ended (disk tier written)
         self.reader_idle = threading.Event()  # every line read so far is handled
         self.exit_code = 0
         self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
@@ -80,6 +83,10 @@ class Worker:
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
         self.table.answer_leftovers()
+        from .cache_disk import all_tiers
+
+        if all_tiers():  # entries still in RAM are written before the exit (bounded)
+            self.compute_done.wait(SPILL_WAIT_S)
         self.writer.flush(max(0.05, deadline - time.monotonic() + 0.2))
         return self.exit_code
 
@@ -198,6 +205,7 @@ class Worker:
     # ------------------------------------------------------------- status
 
     def status(self) -> protocol.StatusResult:
+        from .cache_disk import all_tiers
         from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []
@@ -211,9 +219,10 @@ class Worker:
                 running=running,
                 waiting=self.table.running_ids(waiting=True),
             ),
-            memory=memory_status(),
+            memory=memory_status(models),
             uptime_s=round(time.monotonic() - self.started, 3),
             distributed=_distributed(),
+            disk_cache=[t.status() for t in all_tiers()],
         )
 
     # -------------------------------------------------------------- compute
@@ -236,6 +245,11 @@ class Worker:
             job = self.table.take(wait=not busy)
             if job is None and not busy:
                 if self.stopping.is_set():
+                    try:  # the prompt cache's entries go to its disk tier (if any) before the exit
+                        getattr(handlers, "close", lambda: None)()
+                    except BaseException:
+                        log.exception("writing the prompt cache to disk at shutdown failed")
+                    self.compute_done.set()
                     return
                 continue
             if job is not None:

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
-from . import draft_rounds, errors, prompt_cache, sampling
+from . import cache_disk, draft_rounds, errors, prompt_cache, sampling
 from .errors import WorkerError
 from .loaded import LoadedModel
 
@@ -118,14 +118,18 @@ def _per_draft(lm: LoadedModel, name: str, draft: LoadedModel) -> dict:
 def _pair_store(lm: LoadedModel, draft: LoadedModel):
     """The prompt-cache store of a (target, draft) pair: entries hold both
     models' caches, so a hit continues both. Same limits as the target's own
-    store; none when the target's prompt cache is off."""
+    store, in the worker's one budget; none when the target's prompt cache is off."""
     base = lm.prompt_cache
     if base is None:
         return None
     held = _per_draft(lm, "draft_stores", draft)
     if "store" not in held:
-        held["store"] = prompt_cache.PromptCacheStore(base.max_bytes, base.max_entries,
+        held["store"] = prompt_cache.PromptCacheStore(base.own_max_bytes, base.max_entries,
                                                       lambda keep: new_cache(lm, draft))
+        if base.budget is not None:  # one budget with every other store (cache_budget.py)
+            base.budget.attach(held["store"])
+        held["store"].draft_lm = draft  # part of its disk namespace (cache_disk.py)
+        cache_disk.attach(lm, held["store"], getattr(base, "disk", None))
     return held["store"]
 
 
@@ -200,6 +204,8 @@ class Draft:
     def prefill(self, tokens: mx.array, cache: list) -> None:
         """The same prompt tokens through both models."""
         self.target.model(tokens[None], cache=cache[: self.n_target])
+        # one model's chunk at a time: their temporaries never add up (memory_model.py)
+        mx.eval([c.state for c in cache[: self.n_target]])
         self.lm.model(tokens[None], cache=cache[self.n_target :])
 
     def group(self, gen) -> "SpeculativeGroup":

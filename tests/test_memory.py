@@ -160,3 +160,32 @@ def test_bounded_soak_does_not_grow(fresh_worker, tiny_model):
           f"({stats.growth * 100:+.2f} %), active {stats.active_warm} -> {stats.active_end} bytes")
     assert stats.rss_end - stats.rss_warm <= max(0.05 * stats.rss_warm, 8 * MiB)
     assert stats.active_end <= stats.active_warm + MiB
+
+
+@pytest.mark.parametrize("fixture,options", [("tiny-llama", {}), ("tiny-gemma3", {}), ("tiny-llama-q4", {}),
+                                             ("tiny-llama", {"kv_bits": 8, "kv_group_size": 32})])
+def test_estimate_is_never_under_the_measured_peak(fixture, options):
+    """memory_estimate (memory in use at admission + the request's need) is
+    at least MLX's measured peak and close to it (bench/memory.py gives the
+    ratio per fixture kind); status shows it next to the peak while it runs."""
+    from fixtures.build import ensure_model
+
+    w = spawn()
+    try:
+        w.load(str(ensure_model(fixture)), model_id="m", prompt_cache_entries=0, **options)
+        for n_prompt, max_tokens, step in [(1200, 30, 512), (200, 300, 256)]:
+            tokens = [7 + (i * 7) % 900 for i in range(n_prompt)]
+            stream = w.generate(model_id="m", tokens=tokens, max_tokens=max_tokens, prefill_step_size=step,
+                                ignore_eos=True, temperature=0, prompt_cache=False)
+            seen = None
+            for event in stream:
+                if seen is None and event.__class__.__name__ == "TokenEvent":
+                    seen = w.status().memory.requests
+            result = stream.result
+            assert result.peak_memory <= result.memory_estimate <= 1.3 * result.peak_memory, (
+                fixture, n_prompt, result.memory_estimate, result.peak_memory)
+            assert seen and seen[0].estimate == result.memory_estimate and seen[0].model_id == "m"
+            assert 0 < seen[0].need < seen[0].estimate and seen[0].peak > 0
+        assert w.status().memory.requests == []
+    finally:
+        w.close()

@@ -261,6 +261,26 @@ void from_json(const nlohmann::json& j, DetokenizeResult& v) {
   j.at("text").get_to(v.text);
 }
 
+void to_json(nlohmann::json& j, const DiskCacheStatus& v) {
+  j = nlohmann::json::object();
+  j["bytes"] = v.bytes;
+  j["entries"] = v.entries;
+  j["folder"] = v.folder;
+  j["hits"] = v.hits;
+  j["max_bytes"] = v.max_bytes;
+  j["removed"] = v.removed;
+  j["writes"] = v.writes;
+}
+void from_json(const nlohmann::json& j, DiskCacheStatus& v) {
+  j.at("bytes").get_to(v.bytes);
+  j.at("entries").get_to(v.entries);
+  j.at("folder").get_to(v.folder);
+  j.at("hits").get_to(v.hits);
+  j.at("max_bytes").get_to(v.max_bytes);
+  j.at("removed").get_to(v.removed);
+  j.at("writes").get_to(v.writes);
+}
+
 void to_json(nlohmann::json& j, const EmbedParams& v) {
   j = nlohmann::json::object();
   if (v.dimensions) j["dimensions"] = *v.dimensions;
@@ -573,6 +593,7 @@ void to_json(nlohmann::json& j, const GenerateResult& v) {
   if (v.constraint_complete) j["constraint_complete"] = *v.constraint_complete;
   j["content"] = v.content;
   if (v.invalid_tool_calls) j["invalid_tool_calls"] = *v.invalid_tool_calls;
+  if (v.memory_estimate) j["memory_estimate"] = *v.memory_estimate;
   j["model_id"] = v.model_id;
   j["peak_memory"] = v.peak_memory;
   j["reasoning"] = v.reasoning;
@@ -592,6 +613,8 @@ void from_json(const nlohmann::json& j, GenerateResult& v) {
   j.at("content").get_to(v.content);
   if (auto it = j.find("invalid_tool_calls"); it != j.end() && !it->is_null()) v.invalid_tool_calls = it->get<std::vector<InvalidToolCall>>();
   else v.invalid_tool_calls.reset();
+  if (auto it = j.find("memory_estimate"); it != j.end() && !it->is_null()) v.memory_estimate = it->get<std::int64_t>();
+  else v.memory_estimate.reset();
   j.at("model_id").get_to(v.model_id);
   j.at("peak_memory").get_to(v.peak_memory);
   j.at("reasoning").get_to(v.reasoning);
@@ -630,6 +653,8 @@ void from_json(const nlohmann::json& j, ParallelParams& v) {
 
 void to_json(nlohmann::json& j, const LoadParams& v) {
   j = nlohmann::json::object();
+  if (v.cache_dir) j["cache_dir"] = *v.cache_dir;
+  if (v.cache_dir_bytes) j["cache_dir_bytes"] = *v.cache_dir_bytes;
   if (v.chat_template) j["chat_template"] = *v.chat_template;
   if (v.draft_model_id) j["draft_model_id"] = *v.draft_model_id;
   if (v.embedding) j["embedding"] = *v.embedding;
@@ -651,6 +676,10 @@ void to_json(nlohmann::json& j, const LoadParams& v) {
   if (v.trust_remote_code) j["trust_remote_code"] = *v.trust_remote_code;
 }
 void from_json(const nlohmann::json& j, LoadParams& v) {
+  if (auto it = j.find("cache_dir"); it != j.end() && !it->is_null()) v.cache_dir = it->get<std::string>();
+  else v.cache_dir.reset();
+  if (auto it = j.find("cache_dir_bytes"); it != j.end() && !it->is_null()) v.cache_dir_bytes = it->get<std::int64_t>();
+  else v.cache_dir_bytes.reset();
   if (auto it = j.find("chat_template"); it != j.end() && !it->is_null()) v.chat_template = it->get<std::string>();
   else v.chat_template.reset();
   if (auto it = j.find("draft_model_id"); it != j.end() && !it->is_null()) v.draft_model_id = it->get<std::string>();
@@ -775,12 +804,56 @@ void from_json(const nlohmann::json& j, LoadResult& v) {
   j.at("vocab_size").get_to(v.vocab_size);
 }
 
+void to_json(nlohmann::json& j, const MemoryPools& v) {
+  j = nlohmann::json::object();
+  j["buffer_cache"] = v.buffer_cache;
+  if (v.buffer_cache_limit) j["buffer_cache_limit"] = *v.buffer_cache_limit;
+  j["prompt_cache"] = v.prompt_cache;
+  j["prompt_cache_entries"] = v.prompt_cache_entries;
+  j["prompt_cache_hits"] = v.prompt_cache_hits;
+  j["prompt_cache_limit"] = v.prompt_cache_limit;
+  j["requests"] = v.requests;
+  j["weights"] = v.weights;
+  if (v.wired_limit) j["wired_limit"] = *v.wired_limit;
+}
+void from_json(const nlohmann::json& j, MemoryPools& v) {
+  j.at("buffer_cache").get_to(v.buffer_cache);
+  if (auto it = j.find("buffer_cache_limit"); it != j.end() && !it->is_null()) v.buffer_cache_limit = it->get<std::int64_t>();
+  else v.buffer_cache_limit.reset();
+  j.at("prompt_cache").get_to(v.prompt_cache);
+  j.at("prompt_cache_entries").get_to(v.prompt_cache_entries);
+  j.at("prompt_cache_hits").get_to(v.prompt_cache_hits);
+  j.at("prompt_cache_limit").get_to(v.prompt_cache_limit);
+  j.at("requests").get_to(v.requests);
+  j.at("weights").get_to(v.weights);
+  if (auto it = j.find("wired_limit"); it != j.end() && !it->is_null()) v.wired_limit = it->get<std::int64_t>();
+  else v.wired_limit.reset();
+}
+
+void to_json(nlohmann::json& j, const RequestMemory& v) {
+  j = nlohmann::json::object();
+  j["estimate"] = v.estimate;
+  j["id"] = v.id;
+  j["model_id"] = v.model_id;
+  j["need"] = v.need;
+  j["peak"] = v.peak;
+}
+void from_json(const nlohmann::json& j, RequestMemory& v) {
+  j.at("estimate").get_to(v.estimate);
+  j.at("id").get_to(v.id);
+  j.at("model_id").get_to(v.model_id);
+  j.at("need").get_to(v.need);
+  j.at("peak").get_to(v.peak);
+}
+
 void to_json(nlohmann::json& j, const MemoryStatus& v) {
   j = nlohmann::json::object();
   j["active"] = v.active;
   j["cache"] = v.cache;
   if (v.limit) j["limit"] = *v.limit;
   j["peak"] = v.peak;
+  if (v.pools) j["pools"] = *v.pools;
+  if (v.requests) j["requests"] = *v.requests;
   j["rss"] = v.rss;
 }
 void from_json(const nlohmann::json& j, MemoryStatus& v) {
@@ -789,6 +862,10 @@ void from_json(const nlohmann::json& j, MemoryStatus& v) {
   if (auto it = j.find("limit"); it != j.end() && !it->is_null()) v.limit = it->get<std::int64_t>();
   else v.limit.reset();
   j.at("peak").get_to(v.peak);
+  if (auto it = j.find("pools"); it != j.end() && !it->is_null()) v.pools = it->get<MemoryPools>();
+  else v.pools.reset();
+  if (auto it = j.find("requests"); it != j.end() && !it->is_null()) v.requests = it->get<std::vector<RequestMemory>>();
+  else v.requests.reset();
   j.at("rss").get_to(v.rss);
 }
 
@@ -901,6 +978,40 @@ void from_json(const nlohmann::json& j, ReadyEvent& v) {
   j.at("worker_version").get_to(v.worker_version);
 }
 
+void to_json(nlohmann::json& j, const SetLimitsParams& v) {
+  j = nlohmann::json::object();
+  if (v.buffer_cache_bytes) j["buffer_cache_bytes"] = *v.buffer_cache_bytes;
+  if (v.memory_limit) j["memory_limit"] = *v.memory_limit;
+  if (v.prompt_cache_bytes) j["prompt_cache_bytes"] = *v.prompt_cache_bytes;
+  if (v.wired_limit) j["wired_limit"] = *v.wired_limit;
+}
+void from_json(const nlohmann::json& j, SetLimitsParams& v) {
+  if (auto it = j.find("buffer_cache_bytes"); it != j.end() && !it->is_null()) v.buffer_cache_bytes = it->get<std::int64_t>();
+  else v.buffer_cache_bytes.reset();
+  if (auto it = j.find("memory_limit"); it != j.end() && !it->is_null()) v.memory_limit = it->get<std::int64_t>();
+  else v.memory_limit.reset();
+  if (auto it = j.find("prompt_cache_bytes"); it != j.end() && !it->is_null()) v.prompt_cache_bytes = it->get<std::int64_t>();
+  else v.prompt_cache_bytes.reset();
+  if (auto it = j.find("wired_limit"); it != j.end() && !it->is_null()) v.wired_limit = it->get<std::int64_t>();
+  else v.wired_limit.reset();
+}
+
+void to_json(nlohmann::json& j, const SetLimitsResult& v) {
+  j = nlohmann::json::object();
+  if (v.evicted_bytes) j["evicted_bytes"] = *v.evicted_bytes;
+  j["limit"] = v.limit;
+  j["pools"] = v.pools;
+  if (v.wired_limit_applied) j["wired_limit_applied"] = *v.wired_limit_applied;
+}
+void from_json(const nlohmann::json& j, SetLimitsResult& v) {
+  if (auto it = j.find("evicted_bytes"); it != j.end() && !it->is_null()) v.evicted_bytes = it->get<std::int64_t>();
+  else v.evicted_bytes.reset();
+  j.at("limit").get_to(v.limit);
+  j.at("pools").get_to(v.pools);
+  if (auto it = j.find("wired_limit_applied"); it != j.end() && !it->is_null()) v.wired_limit_applied = it->get<bool>();
+  else v.wired_limit_applied.reset();
+}
+
 void to_json(nlohmann::json& j, const ShutdownParams& v) {
   j = nlohmann::json::object();
   (void)v;
@@ -929,6 +1040,7 @@ void from_json(const nlohmann::json& j, StatusParams& v) {
 
 void to_json(nlohmann::json& j, const StatusResult& v) {
   j = nlohmann::json::object();
+  if (v.disk_cache) j["disk_cache"] = *v.disk_cache;
   if (v.distributed) j["distributed"] = *v.distributed;
   j["memory"] = v.memory;
   j["models"] = v.models;
@@ -936,6 +1048,8 @@ void to_json(nlohmann::json& j, const StatusResult& v) {
   j["uptime_s"] = v.uptime_s;
 }
 void from_json(const nlohmann::json& j, StatusResult& v) {
+  if (auto it = j.find("disk_cache"); it != j.end() && !it->is_null()) v.disk_cache = it->get<std::vector<DiskCacheStatus>>();
+  else v.disk_cache.reset();
   if (auto it = j.find("distributed"); it != j.end() && !it->is_null()) v.distributed = it->get<DistributedCapabilities>();
   else v.distributed.reset();
   j.at("memory").get_to(v.memory);

@@ -57,6 +57,7 @@ struct Capabilities;
 struct ChoiceConstraint;
 struct DetokenizeParams;
 struct DetokenizeResult;
+struct DiskCacheStatus;
 struct EmbedParams;
 struct EmbedUsage;
 struct EmbedResult;
@@ -77,12 +78,16 @@ struct LoadParams;
 struct LoadProgressEvent;
 struct ParallelStatus;
 struct LoadResult;
+struct MemoryPools;
+struct RequestMemory;
 struct MemoryStatus;
 struct PromptCacheStatus;
 struct ModelStatus;
 struct ProgressEvent;
 struct QueueStatus;
 struct ReadyEvent;
+struct SetLimitsParams;
+struct SetLimitsResult;
 struct ShutdownParams;
 struct ShutdownResult;
 struct StatusParams;
@@ -249,6 +254,18 @@ struct DetokenizeResult {
 };
 void to_json(nlohmann::json& j, const DetokenizeResult& v);
 void from_json(const nlohmann::json& j, DetokenizeResult& v);
+
+struct DiskCacheStatus {
+  std::int64_t bytes{};
+  std::int64_t entries{};
+  std::string folder{};
+  std::int64_t hits{};
+  std::int64_t max_bytes{};
+  std::int64_t removed{};
+  std::int64_t writes{};
+};
+void to_json(nlohmann::json& j, const DiskCacheStatus& v);
+void from_json(const nlohmann::json& j, DiskCacheStatus& v);
 
 // Vectors for one input or many: strings, or token ids (one list of
 // ids, or a list of them).
@@ -424,6 +441,7 @@ struct GenerateResult {
   std::optional<bool> constraint_complete;
   std::string content{};
   std::optional<std::vector<InvalidToolCall>> invalid_tool_calls;
+  std::optional<std::int64_t> memory_estimate;
   std::string model_id{};
   std::int64_t peak_memory{};
   std::string reasoning{};
@@ -453,6 +471,8 @@ void to_json(nlohmann::json& j, const ParallelParams& v);
 void from_json(const nlohmann::json& j, ParallelParams& v);
 
 struct LoadParams {
+  std::optional<std::string> cache_dir;
+  std::optional<std::int64_t> cache_dir_bytes;
   std::optional<std::string> chat_template;
   std::optional<std::string> draft_model_id;
   std::optional<bool> embedding;
@@ -521,11 +541,39 @@ struct LoadResult {
 void to_json(nlohmann::json& j, const LoadResult& v);
 void from_json(const nlohmann::json& j, LoadResult& v);
 
+// Where the memory goes, and each pool's limit (set_limits).
+struct MemoryPools {
+  std::int64_t buffer_cache{};
+  std::optional<std::int64_t> buffer_cache_limit;
+  std::int64_t prompt_cache{};
+  std::int64_t prompt_cache_entries{};
+  std::int64_t prompt_cache_hits{};
+  std::int64_t prompt_cache_limit{};
+  std::int64_t requests{};
+  std::int64_t weights{};
+  std::optional<std::int64_t> wired_limit;
+};
+void to_json(nlohmann::json& j, const MemoryPools& v);
+void from_json(const nlohmann::json& j, MemoryPools& v);
+
+// A running request's memory: what admission expected next to what MLX measured.
+struct RequestMemory {
+  std::int64_t estimate{};
+  RequestId id{};
+  std::string model_id{};
+  std::int64_t need{};
+  std::int64_t peak{};
+};
+void to_json(nlohmann::json& j, const RequestMemory& v);
+void from_json(const nlohmann::json& j, RequestMemory& v);
+
 struct MemoryStatus {
   std::int64_t active{};
   std::int64_t cache{};
   std::optional<std::int64_t> limit;
   std::int64_t peak{};
+  std::optional<MemoryPools> pools;
+  std::optional<std::vector<RequestMemory>> requests;
   std::int64_t rss{};
 };
 void to_json(nlohmann::json& j, const MemoryStatus& v);
@@ -590,6 +638,24 @@ struct ReadyEvent {
 void to_json(nlohmann::json& j, const ReadyEvent& v);
 void from_json(const nlohmann::json& j, ReadyEvent& v);
 
+struct SetLimitsParams {
+  std::optional<std::int64_t> buffer_cache_bytes;
+  std::optional<std::int64_t> memory_limit;
+  std::optional<std::int64_t> prompt_cache_bytes;
+  std::optional<std::int64_t> wired_limit;
+};
+void to_json(nlohmann::json& j, const SetLimitsParams& v);
+void from_json(const nlohmann::json& j, SetLimitsParams& v);
+
+struct SetLimitsResult {
+  std::optional<std::int64_t> evicted_bytes;  // default 0
+  std::int64_t limit{};
+  MemoryPools pools{};
+  std::optional<bool> wired_limit_applied;  // default false
+};
+void to_json(nlohmann::json& j, const SetLimitsResult& v);
+void from_json(const nlohmann::json& j, SetLimitsResult& v);
+
 struct ShutdownParams {
 };
 void to_json(nlohmann::json& j, const ShutdownParams& v);
@@ -607,6 +673,7 @@ void to_json(nlohmann::json& j, const StatusParams& v);
 void from_json(const nlohmann::json& j, StatusParams& v);
 
 struct StatusResult {
+  std::optional<std::vector<DiskCacheStatus>> disk_cache;
   std::optional<DistributedCapabilities> distributed;
   MemoryStatus memory{};
   std::vector<ModelStatus> models{};
@@ -713,6 +780,11 @@ template <>
 struct Method<LoadParams> {
   static constexpr const char* name = "load";
   using Result = LoadResult;
+};
+template <>
+struct Method<SetLimitsParams> {
+  static constexpr const char* name = "set_limits";
+  using Result = SetLimitsResult;
 };
 template <>
 struct Method<ShutdownParams> {

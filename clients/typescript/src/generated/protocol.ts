@@ -112,6 +112,15 @@ export interface DetokenizeParams {
 export interface DetokenizeResult {
   text: string;
 }
+export interface DiskCacheStatus {
+  bytes: number;
+  entries: number;
+  folder: string;
+  hits: number;
+  max_bytes: number;
+  removed: number;
+  writes: number;
+}
 /**
  * Vectors for one input or many: strings, or token ids (one list of
  * ids, or a list of them).
@@ -217,6 +226,7 @@ export interface GenerateResult {
   constraint_complete?: boolean;
   content: string;
   invalid_tool_calls?: InvalidToolCall[];
+  memory_estimate?: number | null;
   model_id: string;
   peak_memory: number;
   reasoning: string;
@@ -265,6 +275,8 @@ export interface Usage {
   prompt_tokens: number;
 }
 export interface LoadParams {
+  cache_dir?: string | null;
+  cache_dir_bytes?: number | null;
   chat_template?: string | null;
   draft_model_id?: string | null;
   embedding?: boolean | null;
@@ -334,12 +346,38 @@ export interface ParallelStatus {
   pids: number[];
   ranks: number;
 }
+/**
+ * Where the memory goes, and each pool's limit (set_limits).
+ */
+export interface MemoryPools {
+  buffer_cache: number;
+  buffer_cache_limit?: number | null;
+  prompt_cache: number;
+  prompt_cache_entries: number;
+  prompt_cache_hits: number;
+  prompt_cache_limit: number;
+  requests: number;
+  weights: number;
+  wired_limit?: number | null;
+}
 export interface MemoryStatus {
   active: number;
   cache: number;
   limit?: number | null;
   peak: number;
+  pools?: MemoryPools | null;
+  requests?: RequestMemory[];
   rss: number;
+}
+/**
+ * A running request's memory: what admission expected next to what MLX measured.
+ */
+export interface RequestMemory {
+  estimate: number;
+  id: number | string;
+  model_id: string;
+  need: number;
+  peak: number;
 }
 export interface ModelStatus {
   context_length: number | null;
@@ -385,12 +423,25 @@ export interface ReadyEvent {
   protocol_version: string;
   worker_version: string;
 }
+export interface SetLimitsParams {
+  buffer_cache_bytes?: number | null;
+  memory_limit?: number | null;
+  prompt_cache_bytes?: number | null;
+  wired_limit?: number | null;
+}
+export interface SetLimitsResult {
+  evicted_bytes?: number;
+  limit: number;
+  pools: MemoryPools;
+  wired_limit_applied?: boolean;
+}
 export interface ShutdownParams {}
 export interface ShutdownResult {
   shutting_down: boolean;
 }
 export interface StatusParams {}
 export interface StatusResult {
+  disk_cache?: DiskCacheStatus[];
   distributed?: DistributedCapabilities | null;
   memory: MemoryStatus;
   models: ModelStatus[];
@@ -450,6 +501,7 @@ export interface Methods {
   embed: { params: EmbedParams; result: EmbedResult };
   generate: { params: GenerateParams; result: GenerateResult };
   load: { params: LoadParams; result: LoadResult };
+  set_limits: { params: SetLimitsParams; result: SetLimitsResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
   status: { params: StatusParams; result: StatusResult };
   tokenize: { params: TokenizeParams; result: TokenizeResult };
@@ -457,7 +509,7 @@ export interface Methods {
 }
 
 export type MethodName = keyof Methods;
-export const METHOD_NAMES: readonly MethodName[] = ["cache_load","cache_save","cancel","detokenize","embed","generate","load","shutdown","status","tokenize","unload"];
+export const METHOD_NAMES: readonly MethodName[] = ["cache_load","cache_save","cancel","detokenize","embed","generate","load","set_limits","shutdown","status","tokenize","unload"];
 
 /** Every notification the worker sends: its params. */
 export interface Notifications {
@@ -498,7 +550,8 @@ export const INTEGER_PARAMS: { readonly [M in MethodName]: readonly string[] } =
   detokenize: ["tokens[]"],
   embed: ["dimensions","input[]"],
   generate: ["dry_allowed_length","dry_penalty_last_n","max_tokens","num_draft_tokens","prefill_step_size","repetition_context_size","seed","stop_token_ids[]","tokens[]","top_k","top_logprobs"],
-  load: ["image_cache_bytes","max_image_bytes","max_image_pixels","max_images","max_kv_size","memory_limit","num_draft_tokens","prefill_step_size","prompt_cache_bytes","prompt_cache_entries"],
+  load: ["cache_dir_bytes","image_cache_bytes","max_image_bytes","max_image_pixels","max_images","max_kv_size","memory_limit","num_draft_tokens","prefill_step_size","prompt_cache_bytes","prompt_cache_entries"],
+  set_limits: ["buffer_cache_bytes","memory_limit","prompt_cache_bytes","wired_limit"],
   shutdown: [],
   status: [],
   tokenize: [],

@@ -1,0 +1,34 @@
+"""Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,restore@1,spill@1"``
+makes the 2nd prefill chunk, the 3rd decode sample, the 1st disk restore
+fail as an allocation failure (MemoryError) and the 1st disk write as a full
+disk (ENOSPC). Unset (every real run): ``hit`` is one dict lookup."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+POINTS = ("prefill", "decode", "restore", "spill")
+
+
+def _parse(spec: str) -> dict[str, set[int]]:
+    plan: dict[str, set[int]] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        point, _, nth = item.partition("@")
+        if point in POINTS and nth.isdigit():
+            plan.setdefault(point, set()).add(int(nth))
+    return plan
+
+
+_plan = _parse(os.environ.get("MLX_WORKER_FAULTS", ""))
+_counts: dict[str, int] = {}
+
+
+def hit(point: str) -> None:
+    if point not in _plan:
+        return
+    _counts[point] = _counts.get(point, 0) + 1
+    if _counts[point] in _plan[point]:
+        if point == "spill":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        raise MemoryError(f"injected allocation failure in {point}")

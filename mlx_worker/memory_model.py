@@ -1,0 +1,263 @@
+"""What one generation adds to MLX's peak memory, term by term.
+
+The estimate follows what MLX allocates, not a rule of thumb, so that
+admission neither refuses work that fits nor lets through work that doesn't
+(bench/memory.py measures estimate ÷ peak per fixture kind):
+
+- the cache, per layer type and dtype: plain KV in 256-token steps, a
+  rotating window capped at window + chunk - 1 while prefilling, quantized KV
+  (packed bits + scales + biases), recurrent state at its own size;
+- the largest prefill chunk's temporaries, one layer at a time (MLX frees a
+  buffer once its last consumer ran): the attention scores in the compute
+  dtype (CPU and the fallback kernels materialize them; Metal's fused kernel
+  does not), the causal mask, the keys and values broadcast over the query
+  heads, and the layer's projections and MLP, all at the chunk's length;
+- decoding: one layer's cache copied as it grows a step, and the logits;
+- vision: the prompt's input embeddings (the vision tower runs before the
+  prefill, on a few hundred patches: smaller than a chunk's temporaries on
+  the fixtures; not modeled separately).
+
+The constants are fitted to peaks measured with ``mx.get_peak_memory`` on
+CPU (mlx 0.32) and round up; ``MARGIN`` covers allocator rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .model_checks import text_config
+
+KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
+MARGIN = 1.04
+FIXED = 256 << 10  # per request: token buffers, sampling state, small arrays (measured ~100-200 KiB)
+# Bytes of a layer's projection/MLP temporaries per chunk token, in units of
+# (hidden, intermediate) × itemsize; fitted (fp32 and bf16 differ: bf16
+# matmuls and norms keep some fp32 temporaries on CPU).
+LINEAR = {4: (8.0, 4.0), 2: (12.0, 6.0)}
+
+
+@dataclass
+class Layout:
+    """A model's shapes, read once per loaded model (cached in ``lm.extra``)."""
+
+    layers: list  # per layer: ("kv",) | ("window", size) | ("quant", element_bytes) | ("state", bytes)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    inter: int
+    vocab: int
+    itemsize: int
+    gpu: bool
+
+    def kv_token_bytes(self, element: float) -> float:
+        return 2 * self.kv_heads * self.head_dim * element
+
+
+def _positive_int(cfg: dict, *keys: str) -> Optional[int]:
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _float_itemsize(model: Any) -> int:
+    """Bytes per element of the model's activations (its float weights' dtype;
+    a quantized layer's scales are in it too)."""
+    try:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        for _, p in tree_flatten(model.parameters()):
+            if isinstance(p, mx.array) and mx.issubdtype(p.dtype, mx.floating):
+                return p.dtype.size
+    except Exception:
+        pass
+    return 4
+
+
+def layout(lm) -> Layout:
+    cached = lm.extra.get("memory_layout")
+    if cached is not None:
+        return cached
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
+
+    from .prompt_cache import make_cache
+
+    cfg = text_config(lm.config)
+    hidden = _positive_int(cfg, "hidden_size", "n_embd", "d_model") or 0
+    heads = _positive_int(cfg, "num_attention_heads", "n_head") or 1
+    kv_heads = _positive_int(cfg, "num_key_value_heads") or heads
+    head_dim = _positive_int(cfg, "head_dim") or (hidden // heads if hidden else 0)
+    inter = _positive_int(cfg, "intermediate_size", "n_inner") or 4 * hidden
+    itemsize = _float_itemsize(lm.model)
+    layers: list = []
+    try:
+        cache = make_cache(lm)
+    except Exception:
+        cache = []
+    for c in cache:
+        if isinstance(c, RotatingKVCache):
+            layers.append(("window", c.max_size))
+        elif isinstance(c, QuantizedKVCache):
+            layers.append(("quant", c.bits / 8 + 2 * itemsize / c.group_size))
+        elif isinstance(c, KVCache):
+            layers.append(("kv",))
+        elif isinstance(c, ArraysCache):
+            layers.append(("state", _state_bytes(lm, cfg, itemsize)))
+        else:
+            layers.append(("kv",))
+    if not layers:
+        n = _positive_int(cfg, "num_hidden_layers", "n_layer", "num_layers") or 0
+        layers = [("kv",)] * n
+    out = Layout(layers, heads, kv_heads, head_dim, hidden, inter, lm.vocab_size, itemsize,
+                 mx.default_device().type == mx.DeviceType.gpu)
+    lm.extra["memory_layout"] = out
+    return out
+
+
+def _state_bytes(lm, cfg: dict, itemsize: int) -> int:
+    """A recurrent layer's state: measured once from a one-token forward pass
+    (its size doesn't depend on the sequence length)."""
+    try:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        from mlx_lm.models.cache import ArraysCache
+
+        cache = lm.model.make_cache() if hasattr(lm.model, "make_cache") else None
+        if cache:
+            lm.model(mx.array([[0]], dtype=mx.uint32), cache=cache)
+            sizes = [sum(v.nbytes for _, v in tree_flatten(c.state) if isinstance(v, mx.array))
+                     for c in cache if isinstance(c, ArraysCache)]
+            if sizes:
+                return max(sizes)
+    except Exception:
+        pass
+    inter = _positive_int(cfg, "intermediate_size") or 2 * (_positive_int(cfg, "hidden_size") or 0)
+    return inter * ((_positive_int(cfg, "state_size") or 16) + (_positive_int(cfg, "conv_kernel") or 4)) * 4
+
+
+def cache_bytes(lay: Layout, tokens: int, chunk: int, decoding: bool) -> int:
+    """The cache holding ``tokens`` (while prefilling in ``chunk``s, or decoding)."""
+    total = 0.0
+    kv = lay.kv_token_bytes(lay.itemsize)
+    for layer in lay.layers:
+        kind = layer[0]
+        if kind == "kv":
+            total += kv * math.ceil(tokens / KV_STEP) * KV_STEP
+        elif kind == "window":
+            size = layer[1]
+            held = min(tokens, size if decoding else size + chunk - 1)
+            # a window not yet full grows in steps too while decoding
+            total += kv * (min(size, math.ceil(held / KV_STEP) * KV_STEP) if decoding else held)
+        elif kind == "quant":
+            total += lay.kv_token_bytes(layer[1]) * math.ceil(tokens / KV_STEP) * KV_STEP
+        else:
+            total += layer[1]
+    return int(total)
+
+
+def _attention(lay: Layout, c: int, keys: int, quant: bool) -> float:
+    """One attention layer's temporaries for a chunk of ``c`` queries over ``keys`` keys."""
+    if c <= 0:
+        return 0.0
+    out = 0.0
+    if c > 1:
+        out += c * keys  # the causal mask (bool)
+        if not lay.gpu or quant:
+            out += lay.heads * c * keys * lay.itemsize  # scores
+    if lay.kv_heads != lay.heads or quant:
+        out += 2 * lay.heads * keys * lay.head_dim * lay.itemsize  # K, V broadcast (or dequantized)
+    return out
+
+
+def chunk_bytes(lay: Layout, c: int, keys: int) -> int:
+    """The temporaries of one forward chunk of ``c`` tokens with ``keys`` keys after it."""
+    if not lay.layers:
+        return 0
+    a, b = LINEAR.get(lay.itemsize, LINEAR[4])
+    linear = c * (a * lay.hidden + b * lay.inter) * lay.itemsize
+    worst = 0.0
+    for kind in {layer[0] for layer in lay.layers}:
+        if kind == "state":
+            # a recurrent scan's per-token steps and outputs (mlx-lm's Mamba
+            # loops over the chunk; fitted)
+            worst = max(worst, 8 * c * lay.inter * lay.itemsize)
+            continue
+        if kind == "window":
+            size = min(layer[1] for layer in lay.layers if layer[0] == "window")
+            k = min(keys, size + c - 1)
+        else:
+            k = keys
+        worst = max(worst, _attention(lay, c, k, kind == "quant"))
+    return int(linear + worst)
+
+
+def chunks(n_prompt: int, cached: int, step: int) -> list[tuple[int, int]]:
+    """(chunk, keys after it) of the prefill's last two chunks: the largest
+    temporaries are in one of them (full chunks grow with their keys; the
+    last, shorter one has the most keys). The prompt's last token is fed by
+    the first decode step."""
+    todo = n_prompt - 1 - cached
+    if todo <= 0:
+        return []
+    step = max(1, step)
+    full, rest = divmod(todo, step)
+    out = []
+    if full:
+        out.append((step, cached + full * step))
+    if rest:
+        out.append((rest, n_prompt - 1))
+    return out
+
+
+def kv_token_bytes(lm) -> int:
+    """Bytes one more token adds to the plain KV layers (what a batch pads)."""
+    lay = layout(lm)
+    return int(sum(lay.kv_token_bytes(lay.itemsize) for layer in lay.layers if layer[0] == "kv"))
+
+
+def padded(lm, rows: list[tuple[int, int]]) -> tuple[int, int]:
+    """A decode batch of ``rows`` (prompt, max_tokens): the bytes it holds
+    over the rows' own caches (mlx-lm's BatchKVCache left-pads every row to
+    the longest prompt and grows them all together), and the copy a merge
+    makes (old and merged arrays alive together, between prefill chunks)."""
+    if len(rows) < 2:
+        return 0, 0
+    per_token = kv_token_bytes(lm)
+    length = math.ceil((max(p for p, _ in rows) + max(m for _, m in rows)) / KV_STEP) * KV_STEP
+    own = sum(math.ceil((p + m) / KV_STEP) * KV_STEP for p, m in rows)
+    return int(per_token * max(0, len(rows) * length - own) * MARGIN), int(per_token * len(rows) * length * MARGIN)
+
+
+def generate_need(lm, n_prompt: int, max_tokens: int, step: int, cached: int = 0) -> tuple[int, dict]:
+    """Bytes a generation adds to the memory in use when it starts: the
+    larger of its prefill peak and its decode peak."""
+    lay = layout(lm)
+    total = n_prompt + max_tokens
+    if lm.max_kv_size:
+        total_kv = min(total, lm.max_kv_size)
+    else:
+        total_kv = total
+    prefill = 0
+    for c, keys in chunks(n_prompt, cached, step):
+        prefill = max(prefill, cache_bytes(lay, keys, c, False) + chunk_bytes(lay, c, keys))
+    final = cache_bytes(lay, total, 1, True)
+    # A plain KV layer grows by concatenation: its old buffer and the grown
+    # one are both alive for a moment.
+    growth = 0
+    if any(layer[0] in ("kv", "quant") for layer in lay.layers):
+        growth = int(lay.kv_token_bytes(lay.itemsize) * math.ceil(total_kv / KV_STEP) * KV_STEP)
+    logits = 6 * lay.vocab * 4  # logits, log-probs, sampling temporaries (fp32)
+    decode = final + growth + logits + chunk_bytes(lay, 1, total)
+    parts = {"kv_cache": int(final * MARGIN), "prefill": prefill, "decode": decode, "kv_tokens": total_kv}
+    need = max(prefill, decode) + FIXED
+    if lm.vision is not None:
+        embeds = n_prompt * lay.hidden * lay.itemsize
+        parts["embeddings"] = embeds
+        need += embeds
+    return int(need * MARGIN), parts
