@@ -545,8 +545,9 @@ class PromptCacheStore:
         if best is None:
             return None
         cache = copy.deepcopy(best.cache)
-        offset = cache_offset(cache)
-        trim_prompt_cache(cache, (offset if offset is not None else best_m) - best_m)
+        for c in checkpoints.leaves(cache):  # each layer on its own: a paused draft's half lags the target's
+            if c.offset > best_m:
+                c.trim(c.offset - best_m)
         log.debug("prompt cache hit: %d of %d tokens (from a running request's prefix)", best_m, len(key))
         return Lease(self, compact(cache), best_m, step, keep, None, None, len(key))
 
