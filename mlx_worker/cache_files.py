@@ -406,6 +406,8 @@ def _shape_problem(lm, cache: list, keep: int) -> Optional[str]:
 
 def _describe(c) -> str:
     size = getattr(c, "max_size", None)
+    if size is not None and hasattr(c, "keep"):  # RotatingKVCache: the first tokens it never evicts too
+        size = f"{size}, keep {c.keep}"
     if size is None and hasattr(c, "bits"):  # QuantizedKVCache
         size = f"{c.bits} bits, group {c.group_size}"
     return type(c).__name__ + (f"({size})" if size is not None else "")

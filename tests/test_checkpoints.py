@@ -322,7 +322,7 @@ def test_cancel_during_prompt_processing_keeps_the_chunks(w, name):
 
 def test_cache_file_with_forged_checkpoint_layers_is_refused(tmp_path):
     """A checkpoint whose copied layers don't fit the model (a state of the
-    wrong shape, a window of another size or position) or whose table leaves
+    wrong shape, a window of another size, keep or position) or whose table leaves
     out a layer that can't be cut back (it would resume from the final
     state) is a cache-file error (-32009), as the cache's own layers are."""
     import json
@@ -331,14 +331,14 @@ def test_cache_file_with_forged_checkpoint_layers_is_refused(tmp_path):
 
     from mlx_worker.client import RpcError
 
-    def forged(w, name: str, good, cases) -> None:
+    def forged(w, name: str, good, cases, word: str = "checkpoint") -> None:
         arrays, meta = mx.load(str(good), return_metadata=True)
         for i, (changes, table) in enumerate(cases):
             bad = tmp_path / f"{name}-{i}.safetensors"
             mx.save_safetensors(str(bad), {**arrays, **changes}, {**meta, "0.checkpoints": table or meta["0.checkpoints"]})
             with pytest.raises(RpcError) as refused:
                 w.call("cache_load", {"model_id": name, "path": str(bad)})
-            assert refused.value.code == -32009 and "checkpoint" in refused.value.message, (i, refused.value)
+            assert refused.value.code == -32009 and word in refused.value.message, (i, refused.value)
         w.call("cache_load", {"model_id": name, "path": str(good)})  # the untouched file loads
 
     with spawn() as w:
@@ -354,6 +354,7 @@ def test_cache_file_with_forged_checkpoint_layers_is_refused(tmp_path):
                 omitted = json.dumps([[pos, which[:1]] for pos, which in table for _ in which])
                 forged(w, name, good, [({state: arrays[state][..., :8]}, None), ({}, omitted)])
             else:  # a window checkpoint (keys, values, offset, keep, max_size, _idx) of another size or position
-                forged(w, name, good, [({f"{first}.4": mx.array(64)}, None),
+                forged(w, name, good, [({f"{first}.4": mx.array(64)}, None), ({f"{first}.3": mx.array(2)}, None),
                                        ({f"{first}.2": mx.array(table[0][0] + 5)}, None)])
+                forged(w, name, good, [({"0.3": mx.array(2)}, None)], word="layout")  # the cache's own window's keep
             assert run(w, name, chat(), seed=1)[0].usage.cached_tokens > 0
