@@ -13,24 +13,13 @@ import time
 
 import pytest
 
-from harness import RawWorker
+from harness import RawWorker, error, ok
 from mlx_worker import errors
 
 QUICK = 15.0
 HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
 HUGE = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-def ok(reply: dict) -> dict:
-    assert "result" in reply, reply
-    return reply["result"]
-
-
-def error(reply: dict, code: int) -> dict:
-    assert "error" in reply, reply
-    assert reply["error"]["code"] == code, reply
-    return reply["error"]
 
 
 def model_copy(src: str, dst) -> str:

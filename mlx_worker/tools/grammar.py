@@ -15,7 +15,6 @@ call grammar is compiled and matched by the constraint machinery
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -25,27 +24,9 @@ from ..errors import WorkerError, invalid_params
 from ..prompt import tool_dicts
 from . import formats
 from .base import Vocab, schema_of
+from .checks import check_tools
 
 FIELD = "params.tools"
-
-
-def check_tools(tools: Optional[list[protocol.Tool]]) -> None:
-    """What every method taking ``tools`` refuses (-32602): a name given
-    twice, and ``parameters`` that are not an object schema (a call's
-    arguments are an object: a string or integer schema would make the
-    grammar write bare values where the family's syntax and the template
-    expect an object)."""
-    seen = set()
-    for i, t in enumerate(tools or []):
-        if t.function.name in seen:
-            raise invalid_params(f"params.tools[{i}].function.name", f"tool name {t.function.name!r} is given twice")
-        seen.add(t.function.name)
-        kind = (t.function.parameters or {}).get("type", "object")
-        if kind != "object" and kind != ["object"]:
-            raise invalid_params(
-                f"params.tools[{i}].function.parameters",
-                f"a tool's parameters must be an object schema (type \"object\"), not type {json.dumps(kind)}",
-            )
 
 
 def chosen_tools(params: protocol.GenerateParams) -> tuple[str, list[protocol.Tool]]:
