@@ -428,6 +428,7 @@ class PromptCacheStore:
         self._bytes = 0
         self._lock = threading.Lock()
         self.checkpoint_nbytes = 0  # the largest checkpoint taken: admission counts a request's few
+        self.stateful = False  # the model's entries keep checkpoints (Lease.stateful): set by create_store
         # Entries taken by a running request (its next turn), with its lease:
         # other requests sharing their prefix still start from a copy.
         self._lent: list[tuple[Entry, Lease]] = []
@@ -673,4 +674,7 @@ def create_store(lm, params: protocol.LoadParams) -> Optional[PromptCacheStore]:
     max_entries = DEFAULT_ENTRIES if params.prompt_cache_entries is None else params.prompt_cache_entries
     if max_bytes == 0 or max_entries == 0:
         return None
-    return PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
+    store = PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
+    probe = make_cache(lm)
+    store.stateful = checkpoints.needs_checkpoints(probe) and cache_window(probe) is None
+    return store
