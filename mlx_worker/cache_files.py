@@ -24,7 +24,7 @@ from . import checkpoints, errors, files, protocol
 from .errors import WorkerError, invalid_params
 from .model_checks import safetensors_header
 from .prompt import prepare
-from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_window, compact, make_cache
+from .prompt_cache import DEFAULT_KEEP, MAX_CHECKPOINTS, Entry, cache_nbytes, cache_window, compact, make_cache
 
 
 log = logging.getLogger("mlx_worker.cache_files")
@@ -279,7 +279,7 @@ def file_entry(lm, path: Path, cache: list, meta: dict, key: list, n_prompt: int
         problem = f"its cache state can't be read ({type(exc).__name__}: {exc})"
     if problem:
         raise _invalid(path, problem)
-    cps = _read_checkpoints(path, meta.get("checkpoints"), cache, extra, len(key))
+    cps = _read_checkpoints(lm, path, meta.get("checkpoints"), cache, extra, keep, len(key))
     import mlx.core as mx
 
     mx.eval([c.state for c in cache] + [c.state for cp in cps for c in cp.layers if c is not None])
@@ -310,7 +310,10 @@ def checkpoint_layers(entry: Entry) -> tuple[list, str]:
     return layers, msgspec.json.encode(table).decode()
 
 
-def _read_checkpoints(path: Path, raw, cache: list, extra: list, n_tokens: int) -> list:
+def _read_checkpoints(lm, path: Path, raw, cache: list, extra: list, keep: int, n_tokens: int) -> list:
+    """The file's checkpoints, each holding a copy of exactly the layers
+    that can't be cut back (a layer left out would resume from the final
+    state), checked as the cache's own layers are, at their position."""
     if not raw:
         if extra:
             raise _invalid(path, f"it holds {len(extra)} layers more than this model has")
@@ -319,19 +322,30 @@ def _read_checkpoints(path: Path, raw, cache: list, extra: list, n_tokens: int) 
         table = msgspec.json.decode(raw, type=list[tuple[int, list[int]]])
     except msgspec.DecodeError:
         raise _invalid(path, "its checkpoint table is corrupt") from None
+    if len(table) > MAX_CHECKPOINTS:
+        raise _invalid(path, f"its checkpoint table lists {len(table)} checkpoints; an entry keeps {MAX_CHECKPOINTS}")
     own = checkpoints.leaves(cache)
+    copied = [i for i, c in enumerate(own) if checkpoints.needs_checkpoints([c])]
     fresh = iter(extra)
     out = []
     for pos, which in table:
-        if not 0 < pos <= n_tokens or any(not 0 <= i < len(own) for i in which):
-            raise _invalid(path, f"its checkpoint at {pos} doesn't fit its {n_tokens} tokens")
+        if not 0 < pos <= n_tokens or which != copied:
+            raise _invalid(path, f"its checkpoint at {pos} doesn't fit its {n_tokens} tokens and "
+                                 f"the layers {copied} that can't be cut back")
         layers: list = [None] * len(own)
         for i in which:
             layer = next(fresh, None)
             if layer is None or type(layer) is not type(own[i]):
                 raise _invalid(path, f"its checkpoint at {pos} doesn't match the cache's layers")
             layers[i] = layer
-        out.append(checkpoints.Checkpoint(pos, layers, sum(checkpoints.layer_nbytes(c) for c in layers if c is not None)))
+        cp = checkpoints.Checkpoint(pos, layers, sum(checkpoints.layer_nbytes(c) for c in layers if c is not None))
+        try:
+            problem = _layout_problem(lm, checkpoints.restore(cache, cp), keep, pos)
+        except Exception as exc:  # state a hostile file shaped so that checking it fails
+            problem = f"its state can't be read ({type(exc).__name__}: {exc})"
+        if problem:
+            raise _invalid(path, f"its checkpoint at {pos} doesn't fit this model: {problem}")
+        out.append(cp)
     if next(fresh, None) is not None:
         raise _invalid(path, "it holds layers no checkpoint names")
     return out
@@ -410,6 +424,8 @@ def _shape_problem(lm, cache: list, keep: int) -> Optional[str]:
 
 def _describe(c) -> str:
     size = getattr(c, "max_size", None)
+    if size is not None and hasattr(c, "keep"):  # RotatingKVCache: the first tokens it never evicts too
+        size = f"{size}, keep {c.keep}"
     if size is None and hasattr(c, "bits"):  # QuantizedKVCache
         size = f"{c.bits} bits, group {c.group_size}"
     return type(c).__name__ + (f"({size})" if size is not None else "")

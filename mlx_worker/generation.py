@@ -70,6 +70,8 @@ class Generation:
         self.start = time.perf_counter()
         self.lease: Optional[prompt_cache.Lease] = None
         self.prompt: Optional[PreparedPrompt] = None
+        self.keep = prompt_cache.DEFAULT_KEEP  # the prompt cache's keep and system-prompt end (prepare_prompt)
+        self.system_end = 0
         self.constraint = None
         self.stored: Optional[prompt_cache.Entry] = None  # what finish left in the store
         self.need_parts: dict = {}
@@ -141,13 +143,19 @@ class Generation:
         so it may run off the compute thread (offload.py)."""
         sampling.validate(self.params, self.lm.vocab_size)
         self._check_cancel()
+        lm, params = self.lm, self.params
         try:
-            prompt = prepare(self.lm, self.params)
+            prompt = prepare(lm, params)
+            # The system messages rendered alone, for the prompt cache: template work too, so here.
+            keep = prompt_cache.keep_for(lm, params, prompt.tokens)
+            store = lm.prompt_cache
+            system_end = prompt_cache.system_end(lm, params, prompt.tokens) \
+                if params.prompt_cache and store is not None and store.stateful else 0
         except prompt_bounds.RenderStopped:
             raise Cancelled from None
         if not prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
             raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
-        self.prompt = prompt
+        self.prompt, self.keep, self.system_end = prompt, keep, system_end
 
     def _check_cancel(self) -> None:
         if self.should_stop():
@@ -158,7 +166,7 @@ class Generation:
     def open(self) -> None:
         """Take the prompt-cache lease: the cache to continue from."""
         lm, params = self.lm, self.params
-        keep = prompt_cache.keep_for(lm, params, self.prompt.tokens)
+        keep = self.keep
         store = lm.prompt_cache if self.draft is None else self.draft.store
         if params.prompt_cache and store is not None:
             self.lease = store.fetch(self.prompt.cache_key, step=self.step_size, keep=keep)
@@ -170,7 +178,7 @@ class Generation:
                 cache_budget.budget().hits += 1
             self.cache, self.cached = self.lease.cache, self.lease.cached
             if self.lease.stateful:
-                self.lease.mark(prompt_cache.system_end(lm, params, self.prompt.tokens))
+                self.lease.mark(self.system_end)
             self.lease.cache = None  # the request owns it now (it may move into a batch)
         elif self.draft is not None:
             self.cache, self.cached = self.draft.new_cache(), 0

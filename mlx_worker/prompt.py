@@ -15,6 +15,7 @@ import msgspec
 from . import errors, prompt_bounds, protocol
 from .errors import WorkerError, invalid_params
 from .loaded import LoadedModel
+from .tools.checks import check_tools
 
 
 @dataclass
@@ -132,8 +133,6 @@ def check_token_ids(lm: LoadedModel, tokens: list[int], field_name: str) -> None
 
 def tokenize(lm: LoadedModel, params: protocol.TokenizeParams) -> protocol.TokenizeResult:
     source = one_source(params, ("text", "messages"))
-    from .tools.checks import check_tools
-
     check_tools(params.tools)
     if source == "messages" and lm.vision is not None:
         prepared = lm.vision.prepare(lm, params)

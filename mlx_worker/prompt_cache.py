@@ -432,6 +432,7 @@ class PromptCacheStore:
         self._bytes = 0
         self._lock = threading.Lock()
         self.checkpoint_nbytes = 0  # the largest checkpoint taken: admission counts a request's few
+        self.stateful = False  # the model's entries keep checkpoints (Lease.stateful): set by create_store
         # Entries taken by a running request (its next turn), with its lease:
         # other requests sharing their prefix still start from a copy.
         self._lent: list[tuple[Entry, Lease]] = []
@@ -549,8 +550,9 @@ class PromptCacheStore:
         if best is None:
             return None
         cache = copy.deepcopy(best.cache)
-        offset = cache_offset(cache)
-        trim_prompt_cache(cache, (offset if offset is not None else best_m) - best_m)
+        for c in checkpoints.leaves(cache):  # each layer on its own: a paused draft's half lags the target's
+            if c.offset > best_m:
+                c.trim(c.offset - best_m)
         log.debug("prompt cache hit: %d of %d tokens (from a running request's prefix)", best_m, len(key))
         return Lease(self, compact(cache), best_m, step, keep, None, None, len(key))
 
@@ -712,4 +714,6 @@ def create_store(lm, params: protocol.LoadParams) -> Optional[PromptCacheStore]:
         return None
     store = PromptCacheStore(max_bytes, max_entries, lambda keep: make_cache(lm, keep))
     cache_budget.budget().attach(store)
+    probe = make_cache(lm)
+    store.stateful = checkpoints.needs_checkpoints(probe) and cache_window(probe) is None
     return store

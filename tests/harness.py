@@ -163,6 +163,18 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity
 
 
+def ok(reply: dict) -> dict:
+    """A reply's result (asserting it is one)."""
+    assert "result" in reply, reply
+    return reply["result"]
+
+
+def error(reply: dict, code: int) -> dict:
+    assert "error" in reply, reply
+    assert reply["error"]["code"] == code, reply
+    return reply["error"]
+
+
 def same_id(a: Any, b: Any) -> bool:
     # JSON ids: 1 and "1" differ, and a bool is never an int here.
     return type(a) is type(b) and a == b

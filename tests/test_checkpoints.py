@@ -318,3 +318,43 @@ def test_cancel_during_prompt_processing_keeps_the_chunks(w, name):
         same_as_cold(w, name, messages, 1, retry)
     finally:
         w.unload(name)
+
+
+def test_cache_file_with_forged_checkpoint_layers_is_refused(tmp_path):
+    """A checkpoint whose copied layers don't fit the model (a state of the
+    wrong shape, a window of another size, keep or position) or whose table leaves
+    out a layer that can't be cut back (it would resume from the final
+    state) is a cache-file error (-32009), as the cache's own layers are."""
+    import json
+
+    import mlx.core as mx
+
+    from mlx_worker.client import RpcError
+
+    def forged(w, name: str, good, cases, word: str = "checkpoint") -> None:
+        arrays, meta = mx.load(str(good), return_metadata=True)
+        for i, (changes, table) in enumerate(cases):
+            bad = tmp_path / f"{name}-{i}.safetensors"
+            mx.save_safetensors(str(bad), {**arrays, **changes}, {**meta, "0.checkpoints": table or meta["0.checkpoints"]})
+            with pytest.raises(RpcError) as refused:
+                w.call("cache_load", {"model_id": name, "path": str(bad)})
+            assert refused.value.code == -32009 and word in refused.value.message, (i, refused.value)
+        w.call("cache_load", {"model_id": name, "path": str(good)})  # the untouched file loads
+
+    with spawn() as w:
+        for name in ("tiny-qwen3-5", "tiny-gemma3-w8"):
+            w.load(str(ensure_model(name)), model_id=name)
+            good = tmp_path / f"{name}.safetensors"
+            w.call("cache_save", {"model_id": name, "path": str(good), "messages": chat()})
+            arrays, meta = mx.load(str(good), return_metadata=True)
+            table = json.loads(meta["0.checkpoints"])
+            first = len([k for k in meta if k.startswith("1.")]) - sum(len(which) for _, which in table)
+            if name == "tiny-qwen3-5":  # recurrent: an SSM state cut short; a recurrent layer left out
+                state = f"{first}.0.1"
+                omitted = json.dumps([[pos, which[:1]] for pos, which in table for _ in which])
+                forged(w, name, good, [({state: arrays[state][..., :8]}, None), ({}, omitted)])
+            else:  # a window checkpoint (keys, values, offset, keep, max_size, _idx) of another size or position
+                forged(w, name, good, [({f"{first}.4": mx.array(64)}, None), ({f"{first}.3": mx.array(2)}, None),
+                                       ({f"{first}.2": mx.array(table[0][0] + 5)}, None)])
+                forged(w, name, good, [({"0.3": mx.array(2)}, None)], word="layout")  # the cache's own window's keep
+            assert run(w, name, chat(), seed=1)[0].usage.cached_tokens > 0

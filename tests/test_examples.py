@@ -25,10 +25,14 @@ def matches(expected, actual, path="$") -> list[str]:
     if isinstance(expected, dict):
         if not isinstance(actual, dict):
             return [f"{path}: expected an object, got {actual!r}"]
-        problems = [f"{path}: unexpected keys {sorted(set(actual) - set(expected))}"] if set(actual) - set(expected) else []
+        # A key written "name?" may be absent (a field sent only sometimes, e.g. a race decides).
+        known = {k[:-1] if k.endswith("?") else k for k in expected}
+        problems = [f"{path}: unexpected keys {sorted(set(actual) - known)}"] if set(actual) - known else []
         for key, value in expected.items():
+            optional, key = key.endswith("?"), key.rstrip("?")
             if key not in actual:
-                problems.append(f"{path}.{key}: missing")
+                if not optional:
+                    problems.append(f"{path}.{key}: missing")
             else:
                 problems += matches(value, actual[key], f"{path}.{key}")
         return problems

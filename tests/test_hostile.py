@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT
 from fixtures.build import ensure_model
-from harness import RawWorker, exited_within
+from harness import RawWorker, error, exited_within, ok
 from mlx_worker import errors
 from vision_images import b64, jpg, noise, png, solid
 
@@ -59,17 +59,6 @@ def hw(tiny_model, vlm_path, fp16_model):
         assert "result" in reply, reply
     yield w
     w.close()
-
-
-def ok(reply: dict) -> dict:
-    assert "result" in reply, reply
-    return reply["result"]
-
-
-def error(reply: dict, code: int) -> dict:
-    assert "error" in reply, reply
-    assert reply["error"]["code"] == code, reply
-    return reply["error"]
 
 
 def serves(w: RawWorker) -> None:

@@ -13,24 +13,13 @@ import time
 
 import pytest
 
-from harness import RawWorker
+from harness import RawWorker, error, ok
 from mlx_worker import errors
 
 QUICK = 15.0
 HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
 HUGE = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-def ok(reply: dict) -> dict:
-    assert "result" in reply, reply
-    return reply["result"]
-
-
-def error(reply: dict, code: int) -> dict:
-    assert "error" in reply, reply
-    assert reply["error"]["code"] == code, reply
-    return reply["error"]
 
 
 def model_copy(src: str, dst) -> str:
@@ -528,3 +517,36 @@ def test_a_quantized_kv_prompt_beside_a_stream_stalls_it_for_a_chunk_only(hw, ti
     assert ok(hw.response("q", timeout=120))["tokens"] == alone["tokens"]
     stream.stop()
     ok(hw.call("unload", {"model_id": "q8"}))
+
+
+# ------------------------------------------ a checkpointed model's system-prompt render
+
+
+# Fast for the whole chat; the system messages alone (rendered for the
+# prompt cache's system-prompt checkpoint, add_generation_prompt false) never finish.
+SLOW_HEAD = ("{% if not add_generation_prompt %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+             "{% endfor %}{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_system_prompt_render_of_a_checkpointed_model_holds_nobody(hw):
+    """A hybrid model's prompt cache renders a chat's system messages alone
+    (where prefill stops for a checkpoint): that render is prompt work like
+    the whole chat's, so it is bounded the same way, off the compute thread
+    when slow and cancellable, never stalling the running streams."""
+    from fixtures.build import ensure_model
+
+    ok(hw.call("load", {"model": str(ensure_model("tiny-qwen3-5")), "model_id": "hybrid", "chat_template": SLOW_HEAD},
+               timeout=120))
+    try:
+        stream = Stream(hw)
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+        hw.request("generate", {"model_id": "hybrid", "messages": chat, "max_tokens": 2}, id="h")
+        time.sleep(0.5)
+        assert stream.moves(within=2.0)
+        assert ok(hw.call("cancel", {"id": "h"}, timeout=QUICK))["cancelled"] is True
+        assert ok(hw.response("h", timeout=3))["stop_reason"] == "cancelled"
+        stream.stop()
+    finally:
+        ok(hw.call("unload", {"model_id": "hybrid"}, timeout=QUICK))
+    serves(hw)

@@ -390,3 +390,21 @@ def test_llama_builtin_calls_open_at_the_python_tag(fw):
     assert [c.reason for c in result.invalid_tool_calls] == ["incomplete"]  # cut by max_tokens
     assert Llama3().parse('brave_search.call(query="weather in Paris")', None) == [
         {"name": "brave_search", "arguments": {"query": "weather in Paris"}}]
+
+
+def test_boolean_property_schemas(paths):
+    """A property whose schema is ``true`` (any value) or ``false`` (never
+    written) is valid JSON Schema: formats that write each argument on its
+    own (XML-style, Gemma 4) take them too, instead of failing inside the
+    worker (-32603)."""
+    loose = {"type": "object", "properties": {"city": {"type": "string", "const": "Paris"}, "note": True,
+                                              "never": False}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": loose}}]
+    with spawn() as w:
+        for family in ("qwen3-coder", "glm46", "minimax-m2", "gemma4"):
+            w.load(paths[family], model_id=family)
+            result, _ = run(w, family, tools=tools, tool_choice="required", max_tokens=60, temperature=0)
+            assert result.tool_calls or result.invalid_tool_calls, (family, result.text)
+            for call in result.tool_calls:
+                assert call.arguments["city"] == "Paris" and "never" not in call.arguments, (family, call)
+            w.unload(family)

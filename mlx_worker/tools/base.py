@@ -36,6 +36,14 @@ def schema_of(tool: dict) -> dict:
     return params if "type" in params else {**params, "type": "object"}
 
 
+def properties(schema: dict) -> list[tuple[str, dict]]:
+    """An object schema's properties as (name, schema), for formats that
+    write each argument on its own: a boolean schema ``true`` (any value)
+    as ``{}``; a property whose schema is ``false`` can't be written."""
+    props = schema.get("properties") or {}
+    return [(k, {} if sub is True else sub) for k, sub in props.items() if sub is not False]
+
+
 def json_rule(schema: Any) -> str:
     """``%json`` with the worker's JSON options (tight whitespace, strict)."""
     from ..constraints.llguidance_engine import JSON_OPTIONS, JSON_OVERRIDES
@@ -192,10 +200,9 @@ def xml_params(tools: list[dict], i: int, param, forbid: str = "<") -> list[str]
     """``params_i``: each property of tool i in schema order (required ones
     always, others optional), ``param(name, value_rule)`` around each."""
     schema = schema_of(tools[i])
-    props = schema.get("properties") or {}
     required = set(schema.get("required") or [])
     parts, lines = [], []
-    for j, (key, sub) in enumerate(props.items()):
+    for j, (key, sub) in enumerate(properties(schema)):
         rule = f"v_{i}_{j}"
         lines.append(f"{rule}: " + (string_value(sub, forbid) if is_raw_string(sub) else json_rule(sub)))
         item = param(key, rule)

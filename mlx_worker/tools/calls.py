@@ -8,13 +8,12 @@ format (a Mistral template accepts only 9 alphanumerics).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from .. import protocol
 from ..channels import CallText
 from . import formats
-from .base import new_call_id
+from .base import loads_args, new_call_id
 
 
 def collect(
@@ -55,12 +54,7 @@ def collect(
                     id=new_id(), text=call.text, reason="unparsable", error="the parser found no function name"
                 ))
                 continue
-            arguments = item.get("arguments", {})
-            if isinstance(arguments, str):  # some families write arguments as a JSON string
-                try:
-                    arguments = json.loads(arguments)
-                except (ValueError, RecursionError):
-                    pass
+            arguments = loads_args(item.get("arguments", {}))  # some families write arguments as a JSON string
             call_id = item.get("id") if isinstance(item.get("id"), str) else new_id()
             parsed.append(protocol.ToolCall(id=call_id, name=name, arguments=arguments))
     return parsed, invalid

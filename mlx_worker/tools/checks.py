@@ -1,5 +1,6 @@
-"""What every method taking ``tools`` checks before anything is rendered
-(generate, tokenize, cache_save): below the prompt layer, MLX-free."""
+"""The checks every method taking ``tools`` makes (generate, tokenize,
+cache_save), before any template sees them; no MLX, so prompt preparation
+imports it without loading the grammar machinery."""
 
 from __future__ import annotations
 

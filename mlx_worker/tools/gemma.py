@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .base import Format, is_raw_string, json_rule, lit, mlx_parse, schema_of, string_value
+from .base import Format, is_raw_string, json_rule, lit, mlx_parse, properties, schema_of, string_value
 
 
 class FunctionGemma(Format):
@@ -26,7 +26,7 @@ class FunctionGemma(Format):
             schema = schema_of(t)
             req = set(schema.get("required") or [])
             parts = []
-            props = (schema.get("properties") or {}).items()
+            props = properties(schema)
             for j, (k, sub) in enumerate(sorted(props) if self.sorted_keys else props):
                 if k not in req:
                     continue

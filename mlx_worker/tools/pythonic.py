@@ -4,7 +4,7 @@ written as JSON, which Python reads except for booleans and null."""
 
 from __future__ import annotations
 
-from .base import Format, json_rule, lit, mlx_parse, schema_of
+from .base import Format, json_rule, lit, mlx_parse, properties, schema_of
 from .hermes import Hermes
 
 
@@ -30,7 +30,7 @@ class Pythonic(Format):
             schema = schema_of(t)
             req = set(schema.get("required") or [])
             parts = []
-            for j, (k, sub) in enumerate((schema.get("properties") or {}).items()):
+            for j, (k, sub) in enumerate(properties(schema)):
                 lines.append(f"v_{i}_{j}: {json_rule(sub)}")
                 parts.append((k in req, f"{lit(k + '=')} v_{i}_{j}"))
             body = ' ", " '.join(p for _, p in parts if _) or '""'
