@@ -20,7 +20,8 @@ from mlx_worker import protocol
 from mlx_worker.client import WorkerClient
 
 
-def _cpu(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (Linux /proc)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -41,7 +42,7 @@ def once(path: str, cache: bool) -> tuple[float, float, float]:
     for event in client.generate(prompt="Hello", max_tokens=1, temperature=0):
         if isinstance(event, protocol.TokenEvent):
             first = time.perf_counter() - t0
-            cpu = _cpu(client.proc.pid)
+            cpu = cpu_seconds(client.proc.pid)
             break
     client.close()
     return ready, first, cpu

@@ -169,7 +169,7 @@ class DiskTier:
         doesn't hold what its name and metadata promise."""
         from mlx_lm.models.cache import load_prompt_cache
 
-        from .cache_files import FORMAT, IDENTITY_KEYS, _kv_meta, file_entry, model_identity
+        from .cache_files import _check_identity, file_entry
 
         ns = self.namespace(lm, store)
         problem = entry = None
@@ -178,19 +178,15 @@ class DiskTier:
                 problem = "checksum mismatch"
             else:
                 cache, meta = load_prompt_cache(str(f.path), return_metadata=True)
-                ident = model_identity(lm)
-                if meta.get("format") != FORMAT or any(meta.get(k) != ident[k] for k in IDENTITY_KEYS):
-                    problem = "another format or model"
-                elif {k: meta.get(k, "") for k in ("kv_bits", "kv_group_size")} != _kv_meta(lm):
-                    problem = "another KV configuration"
-                elif getattr(store, "draft_lm", None) is None:
+                _check_identity(lm, f.path, meta)  # cache_load's rule: format, model, KV configuration
+                if getattr(store, "draft_lm", None) is None:
                     entry = file_entry(lm, f.path, cache, meta, list(f.key), int(meta.get("n_prompt") or len(f.key)))
                 else:
                     entry = _pair_entry(cache, meta, list(f.key))
         except FileNotFoundError:  # another worker removed it meanwhile
             self._forget(ns, f)
             return None
-        except WorkerError as exc:  # file_entry: it doesn't fit the model as loaded
+        except WorkerError as exc:  # another model or KV configuration, or a layout that doesn't fit
             problem = exc.message
         except Exception as exc:
             problem = f"unreadable ({type(exc).__name__})"

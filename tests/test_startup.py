@@ -6,13 +6,15 @@ wall time, because the machine may be shared)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 
-from conftest import spawn, worker_env
+from conftest import ROOT, spawn, worker_env
 from mlx_worker import protocol
+
+sys.path.insert(0, str(ROOT / "bench"))
+from startup import cpu_seconds  # noqa: E402  (the benchmark's own measure)
 
 
 def first_token(model: str, **env) -> tuple[list[int], float]:
@@ -23,19 +25,10 @@ def first_token(model: str, **env) -> tuple[list[int], float]:
         for event in w.generate(prompt="Hello", max_tokens=1, temperature=0):
             if isinstance(event, protocol.TokenEvent):
                 tokens = event.tokens
-                cpu = _cpu(w.proc.pid)
+                cpu = cpu_seconds(w.proc.pid)
         return tokens, cpu
     finally:
         w.close()
-
-
-def _cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return float("nan")
 
 
 def tables(folder) -> list:
