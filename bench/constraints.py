@@ -5,7 +5,7 @@
 Prints, for each engine:
 
 - decode tokens/s constrained / unconstrained: the same generation loop
-  (``mlx_worker.scheduler.run``, in-process, no pipes), same prompt, seed
+  (``mlx_worker.engine.scheduler.run``, in-process, no pipes), same prompt, seed
   and length; runs alternate unconstrained / llguidance / outlines; the
   ratio of median tokens/s, and of the pooled per-token step time p25/p50
   (robust to other load on a shared machine);
@@ -60,7 +60,8 @@ def percentile(xs, q):
 def run_once(lm, n, engine=None, schema=DECODE_SCHEMA, seed=0, stamps=None):
     """One generation through the worker's generation loop; ``stamps`` gets
     the time of every token event."""
-    from mlx_worker import generation, protocol, scheduler
+    from mlx_worker.engine import generation, scheduler
+    from mlx_worker import protocol
 
     constraint = protocol.JsonSchemaConstraint(schema=schema, engine=engine) if engine else None
     params = protocol.GenerateParams(prompt=PROMPT, max_tokens=n, temperature=1.0, seed=seed,
@@ -178,7 +179,7 @@ def main() -> None:
     args = p.parse_args()
     blas = bind_blas_like_the_worker()
     from mlx_worker import protocol
-    from mlx_worker.models import ModelRegistry
+    from mlx_worker.models.registry import ModelRegistry
 
     registry = ModelRegistry()
     t0 = time.perf_counter()

@@ -57,7 +57,8 @@ def percentile(xs, q):
 def run_once(lm, prompt, n, variant, seed, stamps):
     import msgspec
 
-    from mlx_worker import generation, protocol, scheduler
+    from mlx_worker.engine import generation, scheduler
+    from mlx_worker import protocol
 
     extra: dict = {}
     if variant == "auto":
@@ -117,7 +118,7 @@ def per_format(args) -> None:
     import msgspec
 
     from mlx_worker import protocol
-    from mlx_worker.models import ModelRegistry
+    from mlx_worker.models.registry import ModelRegistry
     from mlx_worker.prompt import render_chat
 
     registry = ModelRegistry()
@@ -166,7 +167,7 @@ def main() -> None:
     import msgspec
 
     from mlx_worker import protocol
-    from mlx_worker.models import ModelRegistry
+    from mlx_worker.models.registry import ModelRegistry
     from mlx_worker.prompt import render_chat
 
     registry = ModelRegistry()

@@ -114,11 +114,11 @@ def main(argv=None) -> int:
     from . import memory
 
     memory.set_worker_limit(args.memory_limit)
-    from . import cache_disk
+    from .cache import disk as cache_disk
 
     cache_disk.configure(args.cache_dir, args.cache_dir_bytes)
     if args.prompt_cache_bytes:
-        from . import cache_budget
+        from .cache import budget as cache_budget
 
         cache_budget.set_max_bytes(args.prompt_cache_bytes)
 

@@ -23,9 +23,9 @@ from typing import Callable, Optional
 
 from . import errors, memory, protocol
 from .errors import WorkerError
-from .loaded import LoadedModel, new_loaded_model
-from .loading import LoadProgress, evaluate_weights
-from .model_checks import text_config
+from .models.loaded import LoadedModel, new_loaded_model
+from .models.loading import LoadProgress, evaluate_weights
+from .models.checks import text_config
 
 # Architectures that only encode: always embedding models.
 ENCODERS = {"bert", "modernbert", "xlm_roberta", "xlm-roberta", "nomic_bert", "roberta"}

@@ -61,9 +61,16 @@ def invalid_params(field: str, message: str) -> WorkerError:
     return WorkerError(INVALID_PARAMS, f"{message} - at `{field}`", {"field": field})
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The one test for an allocation failure (MLX raises RuntimeError with
+    the allocator's message; faults.py raises MemoryError)."""
+    text = (str(exc) or type(exc).__name__).lower()
+    return isinstance(exc, MemoryError) or ("memory" in text and ("alloc" in text or "limit" in text))
+
+
 def classify_exception(exc: BaseException) -> tuple[int, str]:
     """An unexpected exception -> (code, message); memory failures are OOM."""
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, MemoryError) or ("memory" in text.lower() and ("alloc" in text.lower() or "limit" in text.lower())):
+    if is_out_of_memory(exc):
         return OUT_OF_MEMORY, f"out of memory: {text}"
     return INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {text}"

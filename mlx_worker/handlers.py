@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import cache_files, embeddings, errors, generation, prompt_bounds, protocol, speculative
+from .cache import files as cache_files
+from . import embeddings, errors, prompt_bounds, protocol
+from .engine import generation, speculative
 from .errors import WorkerError
 from .jobs import Job, JobTable
-from .loading import LoadCancelled, LoadProgress
-from .models import ModelRegistry
+from .models.loading import LoadCancelled, LoadProgress
+from .models.registry import ModelRegistry
 from .offload import Offload, Task
 from .prompt import check_token_ids, tokenize
-from .scheduler import Scheduler, run_alone
+from .engine.scheduler import Scheduler, run_alone
 
 log = logging.getLogger("mlx_worker.handlers")
 
@@ -254,7 +256,7 @@ class Handlers:
 
     def close(self) -> None:
         """The worker stops: every prompt-cache entry goes to its disk tier."""
-        from .cache_disk import spill_all
+        from .cache.disk import spill_all
 
         for lm in self.models.snapshot():
             written = spill_all(lm, [lm.prompt_cache, *speculative.pair_stores(lm)])

@@ -38,7 +38,7 @@ def set_worker_limit(limit: Optional[int]) -> None:
     _worker_limit = limit or None
     if _worker_limit:
         mx.set_memory_limit(_worker_limit)
-    from .cache_budget import budget
+    from .cache.budget import budget
 
     budget().over_limit = lambda: mx.get_active_memory() - worker_limit()
 
@@ -94,7 +94,7 @@ _wired_limit: Optional[int] = None
 def pools(models: list) -> protocol.MemoryPools:
     import mlx.core as mx
 
-    from .cache_budget import budget
+    from .cache.budget import budget
 
     b = budget()
     with _requests_lock:
@@ -118,7 +118,7 @@ def set_limits(params: protocol.SetLimitsParams, models: list) -> protocol.SetLi
     global _buffer_cache_limit, _wired_limit
     import mlx.core as mx
 
-    from . import cache_budget
+    from .cache import budget as cache_budget
 
     evicted = 0
     applied = False
@@ -183,7 +183,7 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
         # A model's own windows and recurrent layers keep checkpoints while
         # the request runs (checkpoints.py): copies of those layers only, a
         # few per request, at least the size its store has seen.
-        from .checkpoints import PER_REQUEST
+        from .cache.checkpoints import PER_REQUEST
 
         kv = lay.kv_token_bytes(lay.itemsize)
         one = sum(kv * min(size + prefill_step - 1, n_prompt) for size in windows)

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .model_checks import text_config
+from .models.checks import text_config
 
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 MARGIN = 1.04
@@ -86,7 +86,7 @@ def layout(lm) -> Layout:
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, RotatingKVCache
 
-    from .prompt_cache import make_cache
+    from .cache.store import make_cache
 
     cfg = text_config(lm.config)
     hidden = _positive_int(cfg, "hidden_size", "n_embd", "d_model") or 0

@@ -14,7 +14,7 @@ import msgspec
 
 from . import errors, prompt_bounds, protocol
 from .errors import WorkerError, invalid_params
-from .loaded import LoadedModel
+from .models.loaded import LoadedModel
 from .tools.checks import check_tools
 
 

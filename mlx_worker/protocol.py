@@ -78,6 +78,14 @@ class ErrorResponse(Struct):
     jsonrpc: str = "2.0"
 
 
+def error_response(id: Union[int, str, None], code: int, message: str, data: Any = None) -> ErrorResponse:
+    """The one way an error reply is built (``data`` left out when None)."""
+    error = ErrorObject(code=code, message=message)
+    if data is not None:
+        error.data = data
+    return ErrorResponse(id=id, error=error)
+
+
 class Notification(Struct):
     method: str
     params: Any

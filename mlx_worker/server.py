@@ -83,7 +83,7 @@ class Worker:
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
         self.table.answer_leftovers()
-        from .cache_disk import all_tiers
+        from .cache.disk import all_tiers
 
         if all_tiers():  # entries still in RAM are written before the exit (bounded)
             self.compute_done.wait(SPILL_WAIT_S)
@@ -205,7 +205,7 @@ class Worker:
     # ------------------------------------------------------------- status
 
     def status(self) -> protocol.StatusResult:
-        from .cache_disk import all_tiers
+        from .cache.disk import all_tiers
         from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []

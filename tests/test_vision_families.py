@@ -100,7 +100,7 @@ def test_quantized_conversion_tokens_equal_mlx_vlm(worker, name):
 # worker keeps once it has prompt-cache checkpoints (mlx_worker/checkpoints.py,
 # issue 19's branch i19; with it merged this case passes).
 NEEDS_PROMPT_CHECKPOINTS = {"tiny-qwen3-5-vl"}
-HAS_CHECKPOINTS = importlib.util.find_spec("mlx_worker.checkpoints") is not None
+HAS_CHECKPOINTS = importlib.util.find_spec("mlx_worker.cache.checkpoints") is not None
 
 
 def test_second_turn_reuses_the_cache(fam, request):

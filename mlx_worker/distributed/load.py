@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .. import errors, protocol
 from ..errors import WorkerError
-from ..loaded import LoadedModel, new_loaded_model
-from ..model_checks import text_config
+from ..models.loaded import LoadedModel, new_loaded_model
+from ..models.checks import text_config
 from . import ring as rings
 from .mirror import DistributedModel
 
@@ -90,7 +90,7 @@ def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) 
     replies = _replies(ring)
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
-    from ..markers import extend_thinking
+    from ..tools.markers import extend_thinking
     from ..tools.formats import install
 
     install(tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .. import protocol
-from ..channels import CallText
+from .channels import CallText
 from . import formats
 from .base import loads_args, new_call_id
 

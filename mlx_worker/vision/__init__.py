@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 from .. import protocol
-from ..model_checks import text_config
-from ..loading import LoadProgress, evaluate_weights
-from ..loaded import LoadedModel, check_kv_layers, new_loaded_model
+from ..models.checks import text_config
+from ..models.loading import LoadProgress, evaluate_weights
+from ..models.loaded import LoadedModel, check_kv_layers, new_loaded_model
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
@@ -59,7 +59,7 @@ def load_vision_model(
     from mlx_vlm import load as mlx_vlm_load
     from mlx_vlm.prompt_utils import SINGLE_IMAGE_ONLY_MODELS
 
-    from ..markers import extend_thinking, tool_parser_options
+    from ..tools.markers import extend_thinking, tool_parser_options
 
     # Lazy: the model is built over unread weights, read below group by group.
     vlm, processor = progress.step(

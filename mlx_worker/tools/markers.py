@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-log = logging.getLogger("mlx_worker.markers")
+log = logging.getLogger("mlx_worker.tools.markers")
 
 EXTRA_THINK_MARKERS = [("[THINK]", "[/THINK]")]
 

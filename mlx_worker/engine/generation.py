@@ -31,16 +31,18 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import cache_budget, cache_disk, errors, faults, memory, prompt_bounds, prompt_cache, protocol, sampling, speculative
-from .tools import calls as tool_calls
-from .tools import grammar as tool_grammar
-from .channels import ChannelSplitter
-from .errors import WorkerError
-from .loaded import LoadedModel
-from .prompt import PreparedPrompt, prepare, tool_dicts
-from .textstream import TextStream
+from ..cache import budget as cache_budget, disk as cache_disk, store as prompt_cache
+from .. import errors, faults, memory, prompt_bounds, protocol, sampling
+from . import speculative
+from ..tools import calls as tool_calls
+from ..tools import grammar as tool_grammar
+from ..tools.channels import ChannelSplitter
+from ..errors import WorkerError
+from ..models.loaded import LoadedModel
+from ..prompt import PreparedPrompt, prepare, tool_dicts
+from ..textstream import TextStream
 
-log = logging.getLogger("mlx_worker.generation")
+log = logging.getLogger("mlx_worker.engine.generation")
 
 
 class Cancelled(Exception):
@@ -439,7 +441,7 @@ def _compile_constraint(lm: LoadedModel, params: protocol.GenerateParams):
     if params.constraint is None:
         return None
     try:
-        from . import constraints  # late: llguidance/outlines only when a request has a constraint
+        from .. import constraints  # late: llguidance/outlines only when a request has a constraint
     except ImportError:
         raise WorkerError(
             errors.CONSTRAINT_INVALID,

@@ -27,13 +27,13 @@ from typing import Callable, Iterable
 
 import mlx.core as mx
 
-from . import errors, memory, memory_model
+from .. import errors, memory, memory_model
 from . import paused as paused_kv
 from .batch import DecodeGroup, prefill_together
-from .errors import WorkerError
+from ..errors import WorkerError
 from .generation import Generation
 
-log = logging.getLogger("mlx_worker.scheduler")
+log = logging.getLogger("mlx_worker.engine.scheduler")
 
 MIN_CHUNK = 16
 MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
@@ -199,7 +199,7 @@ class Scheduler:
         """Evict oldest-first across the stores (cache_budget.py): first from
         those no admitted request uses (other models', idle draft pairs'),
         then from all."""
-        from .cache_budget import budget
+        from ..cache.budget import budget
 
         busy = {id(s) for s in _stores([gen] + self.running() + (self.beside.running() if self.beside else []))}
         idle = [s for s in self.all_stores() if s is not None and id(s) not in busy]
@@ -524,7 +524,7 @@ def _mark_waiting(gen: Generation, waiting: bool) -> None:
 
 def _pause_folder(gen: Generation):
     """Where a paused request's KV goes: its model's disk tier, else the worker's."""
-    from .cache_disk import tier_for
+    from ..cache.disk import tier_for
 
     tier = getattr(gen.lm.prompt_cache, "disk", None) or tier_for(None, None)
     return tier.folder if tier is not None else None
@@ -554,7 +554,7 @@ def _evict_model(lm, nbytes: int) -> bool:
 def _nbytes(cache) -> int:
     if not cache:
         return 0
-    from .prompt_cache import cache_nbytes
+    from ..cache.store import cache_nbytes
 
     try:
         return cache_nbytes(cache)

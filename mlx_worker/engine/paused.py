@@ -44,7 +44,7 @@ def stash(folder: Path, cache: list, y: mx.array, lp: Optional[mx.array]) -> Pau
     """Write ``cache`` out; raises OSError when it can't (the caller keeps it)."""
     from mlx_lm.models.cache import save_prompt_cache
 
-    from .prompt_cache import cache_nbytes
+    from ..cache.store import cache_nbytes
 
     path = folder / f".paused-{os.getpid()}-{os.urandom(6).hex()}.safetensors"
     try:

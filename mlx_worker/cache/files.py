@@ -20,14 +20,15 @@ from typing import Optional
 
 import msgspec
 
-from . import checkpoints, errors, files, protocol
-from .errors import WorkerError, invalid_params
-from .model_checks import safetensors_header
-from .prompt import prepare
-from .prompt_cache import DEFAULT_KEEP, MAX_CHECKPOINTS, Entry, cache_nbytes, cache_window, compact, make_cache
+from . import checkpoints
+from .. import errors, files, protocol
+from ..errors import WorkerError, invalid_params
+from ..models.checks import safetensors_header
+from ..prompt import prepare
+from .store import DEFAULT_KEEP, MAX_CHECKPOINTS, Entry, cache_nbytes, cache_window, compact, make_cache
 
 
-log = logging.getLogger("mlx_worker.cache_files")
+log = logging.getLogger("mlx_worker.cache.files")
 
 FORMAT = "mlx-worker-prompt-cache/1"
 IDENTITY_KEYS = ("config_sha256", "weights_fingerprint", "tokenizer_sha256")
@@ -228,7 +229,7 @@ def _check_room(store, nbytes: int) -> None:
         raise _too_big(store, nbytes)
     import mlx.core as mx
 
-    from .memory import refusal, worker_limit
+    from ..memory import refusal, worker_limit
 
     limit = worker_limit()
     available = limit - mx.get_active_memory()

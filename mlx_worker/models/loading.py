@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from . import errors, protocol
-from .errors import WorkerError
+from .. import errors, protocol
+from ..errors import WorkerError
 
 # A parameter's group: its name up to the first numbered child (layers.3, blocks.0).
 _NUMBERED = re.compile(r"^(.*?\.\d+)\.")

@@ -35,9 +35,11 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
 
-from . import cache_disk, draft_rounds, errors, prompt_cache, sampling
-from .errors import WorkerError
-from .loaded import LoadedModel
+from ..cache import disk as cache_disk, store as prompt_cache
+from . import draft_rounds
+from .. import errors, sampling
+from ..errors import WorkerError
+from ..models.loaded import LoadedModel
 
 DEFAULT_NUM_DRAFT_TOKENS = 3  # mlx_lm.server's default
 

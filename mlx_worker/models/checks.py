@@ -15,8 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from . import errors
-from .errors import WorkerError
+from .. import errors
+from ..errors import WorkerError
 
 
 def text_config(config: dict) -> dict:

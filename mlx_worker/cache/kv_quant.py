@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from . import errors, protocol
-from .model_checks import text_config
+from .. import errors, protocol
+from ..models.checks import text_config
 
 DEFAULT_GROUP_SIZE = 64  # mlx-lm's
 

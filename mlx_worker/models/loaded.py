@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import protocol
-from .kv_quant import check_layers
-from .model_checks import text_config
+from .. import protocol
+from ..cache.kv_quant import check_layers
+from .checks import text_config
 
 DEFAULT_PREFILL_STEP = 512
 

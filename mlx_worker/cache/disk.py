@@ -31,10 +31,10 @@ from typing import Optional
 
 import msgspec
 
-from . import faults, protocol
-from .errors import WorkerError
+from .. import faults, protocol
+from ..errors import WorkerError
 
-log = logging.getLogger("mlx_worker.cache_disk")
+log = logging.getLogger("mlx_worker.cache.disk")
 
 SUFFIX = ".safetensors"
 DEFAULT_FRACTION_OF_FREE = 0.1  # of the folder's free space when first used
@@ -67,7 +67,7 @@ class DiskTier:
     # ------------------------------------------------------------ naming
 
     def namespace(self, lm, store) -> str:
-        from .cache_files import _kv_meta, model_identity
+        from .files import _kv_meta, model_identity
 
         parts = {**model_identity(lm), **_kv_meta(lm), "max_kv_size": lm.max_kv_size or 0}
         draft = getattr(store, "draft_lm", None)
@@ -108,7 +108,7 @@ class DiskTier:
             return False
         from mlx_lm.models.cache import save_prompt_cache
 
-        from .cache_files import file_contents
+        from .files import file_contents
 
         tmp = self.folder / f".{stem}{os.getpid()}-{os.urandom(4).hex()}.tmp{SUFFIX}"
         try:
@@ -154,7 +154,7 @@ class DiskTier:
 
     def best(self, lm, store, key: list, have: int) -> Optional[_File]:
         """The file sharing the longest prefix with ``key`` beyond ``have`` tokens."""
-        from .prompt_cache import common_prefix
+        from .store import common_prefix
 
         ns = self.namespace(lm, store)
         best, best_m = None, have
@@ -169,7 +169,7 @@ class DiskTier:
         doesn't hold what its name and metadata promise."""
         from mlx_lm.models.cache import load_prompt_cache
 
-        from .cache_files import _check_identity, file_entry
+        from .files import _check_identity, file_entry
 
         ns = self.namespace(lm, store)
         problem = entry = None
@@ -315,7 +315,7 @@ def _pair_entry(cache: list, meta: dict, key: list):
     import mlx.core as mx
     from mlx_lm.models.cache import can_trim_prompt_cache
 
-    from .prompt_cache import DEFAULT_KEEP, Entry, cache_nbytes, cache_window
+    from .store import DEFAULT_KEEP, Entry, cache_nbytes, cache_window
 
     mx.eval([c.state for c in cache])
     window = cache_window(cache)

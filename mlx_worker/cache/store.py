@@ -73,13 +73,14 @@ from mlx_lm.models.cache import (
 
 import msgspec
 
-from . import checkpoints, protocol
+from . import checkpoints
+from .. import protocol
 from .checkpoints import Checkpoint
-from .errors import WorkerError
+from ..errors import WorkerError
 from .kv_quant import quantize_layers
-from .prompt import encode_text, render_chat
+from ..prompt import encode_text, render_chat
 
-log = logging.getLogger("mlx_worker.prompt_cache")
+log = logging.getLogger("mlx_worker.cache.store")
 
 # The entry count is an option (load's prompt_cache_entries); bytes bind
 # (cache_budget.py: one LRU across every store).
@@ -706,7 +707,7 @@ def total_memory() -> int:
 
 def create_store(lm, params: protocol.LoadParams) -> Optional[PromptCacheStore]:
     """The store for a freshly loaded model; None when the host disabled it."""
-    from . import cache_budget
+    from . import budget as cache_budget
 
     max_bytes = params.prompt_cache_bytes
     max_entries = DEFAULT_ENTRIES if params.prompt_cache_entries is None else params.prompt_cache_entries

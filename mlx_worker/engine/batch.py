@@ -30,7 +30,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .generation import Generation
 
-log = logging.getLogger("mlx_worker.batch")
+log = logging.getLogger("mlx_worker.engine.batch")
 
 
 class DecodeGroup:

@@ -10,16 +10,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import cache_disk, embeddings, errors, files, protocol, prompt_cache, speculative
-from . import memory as memory_budget
-from .errors import WorkerError
-from .kv_quant import from_load as kv_quant_of_load
+from ..cache import disk as cache_disk, store as prompt_cache
+from .. import embeddings, errors, files, protocol
+from ..engine import speculative
+from .. import memory as memory_budget
+from ..errors import WorkerError
+from ..cache.kv_quant import from_load as kv_quant_of_load
 from .loaded import LoadedModel, check_kv_layers, kv_fields, new_loaded_model
 from .loading import LoadProgress, evaluate_weights
-from .model_checks import check_folder, loads, template_problem
-from .vision import load_vision_model
+from .checks import check_folder, loads, template_problem
+from ..vision import load_vision_model
 
-log = logging.getLogger("mlx_worker.models")
+log = logging.getLogger("mlx_worker.models.registry")
 
 def read_config(path: Path) -> dict:
     config_path = path / "config.json"
@@ -116,7 +118,7 @@ class ModelRegistry:
         loaded = None
         try:
             if params.parallel is not None:
-                from .distributed import load as distributed  # late: only distributed loads start ranks
+                from ..distributed import load as distributed  # late: only distributed loads start ranks
 
                 loaded = distributed.load(path, config, params, model_id)
             elif as_embedding:
@@ -184,7 +186,7 @@ class ModelRegistry:
             model.prompt_cache.clear()
         speculative.forget(model, self._models.values())
         if "parallel" in model.extra:
-            from .distributed.load import release
+            from ..distributed.load import release
 
             release(model)
         del model
@@ -202,7 +204,7 @@ def _disk_tier(params: protocol.LoadParams):
 def _release_shards(loaded: Optional[LoadedModel]) -> None:
     """A distributed load refused after its shards loaded: the followers drop them too."""
     if loaded is not None and "parallel" in loaded.extra:
-        from .distributed import load as distributed
+        from ..distributed import load as distributed
 
         try:
             distributed.release(loaded)
@@ -233,7 +235,7 @@ def _check_parallel(path: Path, params: protocol.LoadParams, config: dict) -> No
     parallel = params.parallel
     if (parallel.ranks is None) == (parallel.hosts is None):
         raise errors.invalid_params("params.parallel", "give either ranks (processes on this machine) or hosts")
-    from .distributed.load import check
+    from ..distributed.load import check
 
     check(path, params, config)
 
@@ -332,7 +334,7 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
 def _channel_info(tokenizer) -> dict:
     """The model family's tool-call format and reasoning markers, as mlx-lm's
     TokenizerWrapper detected them."""
-    from .tools import formats  # late: it imports MLX
+    from ..tools import formats  # late: it imports MLX
 
     out: dict = {}
     fmt = formats.format_of(tokenizer)
@@ -380,8 +382,8 @@ def _load_text_model(
     evaluate_weights(model, progress)
     if params.chat_template is not None:
         tokenizer._tokenizer.chat_template = params.chat_template
-    from .markers import extend_thinking
-    from .tools.formats import install
+    from ..tools.markers import extend_thinking
+    from ..tools.formats import install
 
     install(tokenizer)
     extend_thinking(tokenizer)

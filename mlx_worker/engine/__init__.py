@@ -1,0 +1,1 @@
+"""The engine: requests from admission to their result, and every forward pass."""

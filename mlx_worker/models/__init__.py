@@ -1,0 +1,1 @@
+"""Models: the registry, the loaded-model record, loaders and folder checks."""
