@@ -93,7 +93,7 @@ class Lease:
     def _add(self, cp: Checkpoint) -> None:
         self._checkpoints = [c for c in self._checkpoints if c.pos != cp.pos] + [cp]
 
-    def commit(self, prompt, cache: list, fed_back: list[int], stop_reason: str) -> Optional[Entry]:
+    def commit(self, prompt, cache: list, sampled: list[int], stop_reason: str) -> Optional[Entry]:
         """Store the cache a request leaves: its prompt plus every sampled
         token fed back (a terminating EOS included: the next chat turn
         usually starts with it). Tokens past a cancel or a stop string stay in
@@ -102,12 +102,12 @@ class Lease:
         if not self._open:
             return None
         self._open = False
-        self.store.return_lent(self)
+        self.store.release(self)
         self._taken = None
         snapshot, self._snapshot = self._snapshot, None
         found = self._checkpoints + ([self._chunk_end] if self._chunk_end is not None else [])
         self._checkpoints, self._chunk_end = [], None
-        key = list(prompt.cache_key) + list(fed_back)
+        key = list(prompt.cache_key) + list(sampled)
         entry = entry_from_run(key, len(prompt.cache_key), cache, stop_reason, self.step, self.keep, snapshot, found)
         return entry if entry is not None and self.store.add(entry) else None
 
@@ -119,7 +119,7 @@ class Lease:
         if not self._open:
             return
         self._open = False
-        self.store.return_lent(self)
+        self.store.release(self)
         taken, self._taken, self._snapshot = self._taken, None, None
         held, self._checkpoints, self._chunk_end = self._checkpoints, [], None
         source, self.source = self.source, None

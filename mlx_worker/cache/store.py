@@ -52,7 +52,7 @@ class PromptCacheStore:
         self.stateful = False  # the model's entries keep checkpoints (Lease.stateful): set by create_store
         # Entries taken by a running request (its next turn), with its lease:
         # other requests sharing their prefix still start from a copy.
-        self._lent: list[tuple[Entry, Lease]] = []
+        self._taken_by: list[tuple[Entry, Lease]] = []
 
     # -------------------------------------------------------------- hooks
 
@@ -67,9 +67,9 @@ class PromptCacheStore:
                 best, best_m = entry, m
             elif m == 0 and why and best_m == 0:
                 reason = why
-        lent = self._from_lent(key, step, keep, best_m)
-        if lent is not None:
-            return lent
+        copied = self._copy_of_taken(key, step, keep, best_m)
+        if copied is not None:
+            return copied
         if best is None:
             cache = self._new_cache(keep)
             if self._entries:
@@ -90,19 +90,19 @@ class PromptCacheStore:
         if taken is None:
             lease.source = best
         elif not best.exact_only and best.window is None and not checkpoints.needs_checkpoints(cache):
-            self._lent.append((best, lease))  # plain KV only: its prefix can be copied and trimmed
+            self._taken_by.append((best, lease))  # plain KV only: its prefix can be copied and trimmed
         return lease
 
     def saw_checkpoint(self, nbytes: int) -> None:
         self.checkpoint_nbytes = max(self.checkpoint_nbytes, nbytes)
 
-    def _from_lent(self, key: list, step: int, keep: int, stored: int) -> Optional[Lease]:
+    def _copy_of_taken(self, key: list, step: int, keep: int, stored: int) -> Optional[Lease]:
         """A copy of a taken entry's prefix, when it serves ``key`` better
         than what is stored: the request that took it writes only past the
         tokens it reused (MLX copies a buffer another array still uses), so
         that prefix stays valid in its cache while it runs."""
         best, best_m = None, stored
-        for entry, lease in self._lent:
+        for entry, lease in self._taken_by:
             shared = Entry(key=entry.key[: lease.cached], n_prompt=lease.cached, cache=entry.cache, nbytes=0,
                            exact_only=False, window=None, step=None, keep=entry.keep)
             m, _ = usable(shared, key, step, keep)
@@ -117,8 +117,9 @@ class PromptCacheStore:
         log.debug("prompt cache hit: %d of %d tokens (from a running request's prefix)", best_m, len(key))
         return Lease(self, compact(cache), best_m, step, keep, None, None, len(key))
 
-    def return_lent(self, lease: Lease) -> None:
-        self._lent = [(e, l) for e, l in self._lent if l is not lease]
+    def release(self, lease: Lease) -> None:
+        """``lease`` ended: the entry it took is no longer a running request's."""
+        self._taken_by = [(e, l) for e, l in self._taken_by if l is not lease]
 
     @property
     def max_bytes(self) -> int:
@@ -193,7 +194,7 @@ class PromptCacheStore:
         with self._lock:
             self._entries.clear()
             self._bytes = 0
-        self._lent.clear()
+        self._taken_by.clear()
 
     def status(self) -> protocol.PromptCacheStatus:
         with self._lock:
