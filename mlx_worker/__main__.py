@@ -3,7 +3,7 @@
 Start-up order matters: stdout is protected first (so nothing but protocol
 lines can reach it), the BLAS is bound before mlx.core loads, and ``ready``
 is written before the heavy imports (mlx-lm, transformers), which then warm
-up on the compute thread.
+up on the compute thread. Spec: protocol/README.md § Lifecycle, § Worker flags.
 """
 
 from __future__ import annotations
@@ -76,6 +76,41 @@ def main(argv=None) -> int:
     from .transport import protect_stdout
 
     proto_fd = protect_stdout()
+    _configure_process(args)
+    parent = os.getppid()
+    stop = [lambda why: os._exit(0)]  # until the worker exists to stop cleanly
+    _die_with_parent(parent, lambda: stop[0]("parent process died"))
+    from . import blas
+
+    blas_path = blas.bind(args.blas)  # before mlx.core loads
+    if args.role == "follower":
+        from .distributed.follower import main as follower_main
+
+        os._exit(follower_main(proto_fd))
+    from .distributed import ring
+    from .server import Config, Worker
+
+    _configure_worker(args, blas_path)
+    config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
+                    blas=blas_path, memory_limit=args.memory_limit)
+    worker = Worker(0, proto_fd, config)
+    stop[0] = worker.stop
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: worker.stop("SIGINT"))
+    if os.getppid() != parent:  # the host died before the death signal was armed
+        return 0
+    worker.notify("ready", _ready_event(args, blas_path))
+    worker.start()
+    code = worker.wait()
+    ring.close()  # shutdown stops every rank
+    logging.shutdown()
+    # Skip interpreter teardown: MLX and tokenizer threads can make it slow,
+    # and the host expects exit within about a second of EOF.
+    os._exit(code)
+
+
+def _configure_process(args: argparse.Namespace) -> None:
+    """Logging (stderr only), offline Hugging Face, transformers' import table."""
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, args.log_level.upper()),
@@ -87,51 +122,30 @@ def main(argv=None) -> int:
     from . import import_cache
 
     import_cache.install()  # transformers' import table from disk (import_cache.py)
-    parent = os.getppid()
-    stop = [lambda why: os._exit(0)]  # until the worker exists to stop cleanly
-    _die_with_parent(parent, lambda: stop[0]("parent process died"))
-    if args.role == "follower":
-        from . import blas
 
-        blas.bind(args.blas)
-        from .distributed.follower import main as follower_main
 
-        os._exit(follower_main(proto_fd))
-
-    from . import blas
-
-    blas_path = blas.bind(args.blas)
-    import mlx.core as mx
-
-    from . import __version__, protocol
-    from .distributed.ring import BACKENDS
-    from .server import Config, Worker
-
-    if blas_path:
-        logging.getLogger("mlx_worker").info("BLAS: %s", blas_path)
-    else:
-        logging.getLogger("mlx_worker").info("BLAS: the one mlx was built with")
+def _configure_worker(args: argparse.Namespace, blas_path) -> None:
+    """The worker-wide limits the flags set: memory, the cache's disk tier and budget."""
+    log = logging.getLogger("mlx_worker")
+    log.info("BLAS: %s", blas_path or "the one mlx was built with")
     from . import memory
-
-    memory.set_worker_limit(args.memory_limit)
     from .cache import disk as cache_disk
 
+    memory.set_worker_limit(args.memory_limit)
     cache_disk.configure(args.cache_dir, args.cache_dir_bytes)
     if args.prompt_cache_bytes:
         from .cache import budget as cache_budget
 
         cache_budget.set_max_bytes(args.prompt_cache_bytes)
 
-    config = Config(max_line_bytes=args.max_line_bytes, max_pending=args.max_pending,
-                    blas=blas_path, memory_limit=args.memory_limit)
-    worker = Worker(0, proto_fd, config)
-    stop[0] = worker.stop
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop("SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: worker.stop("SIGINT"))
-    if os.getppid() != parent:  # the host died before the death signal was armed
-        return 0
 
-    worker.notify("ready", protocol.ReadyEvent(
+def _ready_event(args: argparse.Namespace, blas_path):
+    import mlx.core as mx
+
+    from . import __version__, protocol
+    from .distributed import ring
+
+    return protocol.ReadyEvent(
         protocol_version=protocol.PROTOCOL_VERSION,
         worker_version=__version__,
         mlx_version=mx.__version__,
@@ -144,18 +158,10 @@ def main(argv=None) -> int:
             constraint_engines=["llguidance", "outlines"],
             vision=True,
             blas=blas_path,
-            distributed=protocol.DistributedCapabilities(backends=list(BACKENDS)),
+            distributed=protocol.DistributedCapabilities(backends=list(ring.BACKENDS)),
         ),
         pid=os.getpid(),
-    ))
-    worker.start()
-    code = worker.wait()
-    if "mlx_worker.distributed.ring" in sys.modules:
-        sys.modules["mlx_worker.distributed.ring"].close()  # shutdown stops every rank
-    logging.shutdown()
-    # Skip interpreter teardown: MLX and tokenizer threads can make it slow,
-    # and the host expects exit within about a second of EOF.
-    os._exit(code)
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Bind an optimized BLAS under mlx-cpu before mlx.core loads (Linux only).
 
-The Linux mlx-cpu wheel resolves ``cblas_*`` against a reference BLAS. If an
-optimized OpenBLAS exporting the standard symbols is loaded into the global
-symbol scope first, MLX's matrix products use it instead: prompt processing
-measured ~17x faster on CPU, with identical greedy tokens. One ships inside
-the opencv-python wheel that mlx-vlm depends on. Off with ``--blas off`` or
-``MLX_WORKER_BLAS=off``; a path selects a specific library.
+The Linux mlx-cpu wheel resolves ``cblas_*`` against a reference BLAS; an
+OpenBLAS loaded into the global symbol scope first (one ships in the
+opencv-python wheel mlx-vlm depends on) serves MLX's matrix products instead,
+with identical greedy tokens. Off with ``--blas off`` or ``MLX_WORKER_BLAS=off``;
+a path selects a library. Spec: protocol/README.md § Worker flags.
 """
 
 from __future__ import annotations

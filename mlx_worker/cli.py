@@ -4,7 +4,7 @@
     python -m mlx_worker.cli generate MODEL "prompt"    # stream one completion
     python -m mlx_worker.cli chat MODEL                 # a chat REPL (reuses the prompt cache each turn)
 
-Text goes to stdout, statistics and wire traces to stderr.
+Text goes to stdout, statistics and wire traces to stderr. Spec: protocol/README.md § Host clients.
 """
 
 from __future__ import annotations

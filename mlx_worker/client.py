@@ -5,16 +5,7 @@
         for event in w.generate(prompt="Hello", max_tokens=20):
             ...  # ProgressEvent / TokenEvent, then the GenerateResult
 
-With tools (typed or as plain dicts), reading the stream by channel::
-
-        tool = protocol.Tool(function=protocol.ToolFunction(name="get_weather", parameters=schema))
-        stream = w.generate(messages=messages, tools=[tool], tool_choice="auto")
-        for event in stream:
-            ...  # event.channel: "content" | "reasoning" | "tool_call" | "marker"
-        stream.result.tool_calls  # [ToolCall(id, name, arguments)], valid against `schema`
-
-Results and events are decoded into the Structs of ``mlx_worker.protocol``.
-Errors come back as ``RpcError``. Safe to use from several threads.
+Structs of ``mlx_worker.protocol``; ``RpcError``; thread-safe. Spec: protocol/README.md § Host clients.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@ extend a sequence already seen in the context.
 
 A token that would make the context's suffix repeat an earlier sequence of
 ``n >= allowed_length`` tokens loses ``multiplier * base ** (n -
-allowed_length)`` from its logit. Sequence breakers (strings) cut how far back
-a repeat may reach and are never penalised themselves. Semantics and limits
-follow llama.cpp's ``llama_sampler_dry`` (ported there from koboldcpp).
+allowed_length)`` from its logit; sequence breakers cut how far back a repeat
+may reach. Follows llama.cpp's ``llama_sampler_dry``. Spec: protocol/README.md § XTC and DRY.
 """
 
 from __future__ import annotations

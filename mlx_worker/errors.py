@@ -1,4 +1,4 @@
-"""JSON-RPC error codes and the exception that carries them to the wire."""
+"""JSON-RPC error codes and the exception that carries them to the wire (Spec: protocol/README.md § Errors)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,restore@1,spill@1"``
 makes the 2nd prefill chunk, the 3rd decode sample, the 1st disk restore
 fail as an allocation failure (MemoryError) and the 1st disk write as a full
-disk (ENOSPC). Unset (every real run): ``hit`` is one dict lookup."""
+disk (ENOSPC). Unset (every real run): ``hit`` is one dict lookup.
+Spec: protocol/README.md § Reliability: limits, bad input, faults, memory.
+"""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """Paths a host names, and reading files without ever blocking on them.
 
-One rule for every path in a request (a model folder, an image, a prompt cache
-file): it must be absolute, and nothing is expanded (no ``~``, no working
-directory). Before anything opens a file it is checked with ``stat``; only a
-regular file is read, and it is opened non-blocking, so a FIFO, a device or a
-socket (``/dev/stdin`` is one of those) is refused rather than blocking the
-compute thread or reading the worker's own pipes.
-
-Callers turn a ``PathProblem`` into their method's error code.
+Every path in a request must be absolute, nothing is expanded; it is checked
+with ``stat`` before anything opens it, only a regular file is read, opened
+non-blocking (a FIFO, a device, ``/dev/stdin`` are refused). Callers turn a
+``PathProblem`` into their method's error code.
+Spec: protocol/README.md § Paths, numbers and logits.
 """
 
 from __future__ import annotations

@@ -281,6 +281,12 @@ class Handlers:
 
         return cache_files.save(lm, job.params, prefill)
 
+    def distributed_capabilities(self) -> protocol.DistributedCapabilities:
+        """For ``status`` (any thread): what ``load {parallel}`` can start, and this worker's group."""
+        from .distributed import ring
+
+        return ring.capabilities()
+
     def cache_load(self, job: Job) -> protocol.CacheLoadResult:
         lm = self.models.get(job.params.model_id)
         _no_cache_files(lm)

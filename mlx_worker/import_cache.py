@@ -1,14 +1,10 @@
 """A faster ``import transformers`` (it is on the way to the first token).
 
-transformers 5 builds its lazy-import table at every import by reading and
-scanning each of its ~3,400 model files, about half of what importing it
-costs. The table depends only on the installed files, so the worker keeps it
-on disk, keyed by transformers' version and its models folder's listing,
-and hands it back on the next start. Anything unexpected (another
-transformers, an unwritable cache folder, a damaged file) falls back to
-transformers' own scan.
-
-Must be installed before anything imports transformers (``install``).
+transformers builds its lazy-import table at every import by scanning its
+model files; the worker keeps that table on disk, keyed by transformers'
+version and its models folder's listing. Anything unexpected falls back to
+transformers' own scan. Install before anything imports transformers.
+Spec: protocol/README.md § Lifecycle.
 """
 
 from __future__ import annotations

@@ -218,13 +218,7 @@ class JobTable:
         self._answer(job, lambda: protocol.Response(id=job.id, result=result))
 
     def fail(self, job: Job, code: int, message: str, data: Any = None) -> None:
-        def make():
-            error = protocol.ErrorObject(code=code, message=message)
-            if data is not None:
-                error.data = data
-            return protocol.ErrorResponse(id=job.id, error=error)
-
-        self._answer(job, make)
+        self._answer(job, lambda: protocol.error_response(job.id, code, message, data))
 
     def finish_generate(self, job: Job, outcome: object) -> None:
         """A generate's end: a GenerateResult, or the exception it failed
@@ -279,7 +273,4 @@ def _error_response(job: Job, exc: BaseException) -> protocol.ErrorResponse:
         data = None
         if code == errors.INTERNAL_ERROR:
             log.error("%s failed", job.method, exc_info=exc)
-    error = protocol.ErrorObject(code=code, message=message)
-    if data is not None:
-        error.data = data
-    return protocol.ErrorResponse(id=job.id, error=error)
+    return protocol.error_response(job.id, code, message, data)

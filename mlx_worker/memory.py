@@ -1,16 +1,10 @@
 """Memory: figures for `status`, the memory limits, and admission checks.
 
-MLX's own limit (``mx.set_memory_limit``) is a guideline for its allocator,
-not a guard: on Metal it makes allocations wait for in-flight work and
-reuse the buffer cache before growing; on CPU it changes nothing, and an
-allocation the machine cannot satisfy crashes the process (or the kernel's
-OOM killer ends it). So the worker estimates what a load or a generation
-needs *before* starting it, and refuses with -32005 what would not fit:
-
-- the worker-wide limit: ``--memory-limit``, else MLX's default limit
-  (about 80 % of RAM on CPU; 1.5 × the recommended working set on Metal);
-- a model's own limit: ``load``'s ``memory_limit`` bounds that model's
-  weights plus what any one of its requests needs.
+MLX's own limit guides its allocator but guards nothing on CPU, so the
+worker estimates what a load or a generation needs *before* starting it and
+refuses with -32005 what would not fit the worker-wide limit
+(``--memory-limit``, else MLX's default) or a model's own ``memory_limit``.
+Spec: protocol/README.md § Memory limits.
 """
 
 from __future__ import annotations
@@ -193,20 +187,6 @@ def generate_need(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> tupl
         parts["snapshot"] = snapshot
         need += snapshot
     return need, parts
-
-
-def admit_generate(lm, n_prompt: int, max_tokens: int, prefill_step: int) -> None:
-    """Raise -32005 when the generation would not fit a memory limit."""
-    import mlx.core as mx
-
-    need, parts = generate_need(lm, n_prompt, max_tokens, prefill_step)
-    model_limit = getattr(lm, "memory_limit", None)
-    if model_limit and lm.memory_bytes + need > model_limit:
-        raise refusal("generate", need, model_limit - lm.memory_bytes, model_limit, "model", parts)
-    limit = worker_limit()
-    available = limit - mx.get_active_memory()
-    if need > available:
-        raise refusal("generate", need, available, limit, "worker", parts)
 
 
 def weights_bytes(path: Path) -> int:

@@ -1,24 +1,10 @@
 """What one generation adds to MLX's peak memory, term by term.
 
-The estimate follows what MLX allocates, not a rule of thumb, so that
-admission neither refuses work that fits nor lets through work that doesn't
-(bench/memory.py measures estimate ÷ peak per fixture kind):
-
-- the cache, per layer type and dtype: plain KV in 256-token steps, a
-  rotating window capped at window + chunk - 1 while prefilling, quantized KV
-  (packed bits + scales + biases), recurrent state at its own size;
-- the largest prefill chunk's temporaries, one layer at a time (MLX frees a
-  buffer once its last consumer ran): the attention scores in the compute
-  dtype (CPU and the fallback kernels materialize them; Metal's fused kernel
-  does not), the causal mask, the keys and values broadcast over the query
-  heads, and the layer's projections and MLP, all at the chunk's length;
-- decoding: one layer's cache copied as it grows a step, and the logits;
-- vision: the prompt's input embeddings (the vision tower runs before the
-  prefill, on a few hundred patches: smaller than a chunk's temporaries on
-  the fixtures; not modeled separately).
-
-The constants are fitted to peaks measured with ``mx.get_peak_memory`` on
-CPU (mlx 0.32) and round up; ``MARGIN`` covers allocator rounding.
+The estimate follows what MLX allocates: the cache per layer type and dtype,
+the largest prefill chunk's temporaries one layer at a time, decoding's
+growing copy and logits; constants fitted to measured peaks, rounded up.
+Spec: protocol/README.md § Memory limits; the terms and their measurements:
+bench/results/design-notes.md § layers, bench/memory.py.
 """
 
 from __future__ import annotations

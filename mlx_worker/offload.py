@@ -2,9 +2,8 @@
 
 A generate or tokenize whose template render or tokenization does not fit the
 compute thread's short budget (prompt_bounds.MustOffload) is redone here under
-the full bounds, one at a time in arrival order. The compute thread hands the
-outcomes on between two scheduler steps (``take_done``), so running streams
-keep decoding meanwhile. Tokenizers release the GIL while they encode.
+the full bounds, one at a time in arrival order; the compute thread hands the
+outcomes on between two scheduler steps. Spec: protocol/README.md § Ordering and concurrency.
 """
 
 from __future__ import annotations

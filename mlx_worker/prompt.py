@@ -3,6 +3,7 @@
 A prompt arrives as exactly one of ``prompt`` (text), ``tokens`` (ids) or
 ``messages`` (chat, rendered with the model's own template and that template's
 own defaults; options only through ``chat_template_kwargs``).
+Spec: protocol/README.md § `generate`, § Chat templates.
 """
 
 from __future__ import annotations

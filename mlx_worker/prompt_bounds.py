@@ -1,13 +1,10 @@
 """Bounds on preparing a prompt: a chat template's time and output, cancel,
 and what may run on the compute thread.
 
-A chat template is code from the model folder (or the host): one can loop
-for hours or build gigabytes of text. Rendering runs under a trace hook on
-its own thread that ends it at the deadline or at a cancel, and the compiled
-template's ``concat`` stops at ``MAX_RENDERED_CHARS``. On the compute thread
-(``inline``) the budget is short and big texts are not tokenized: that work
-raises ``MustOffload`` and is redone on the prompt thread (offload.py), so
-running streams never wait for it.
+A template render runs under a trace hook that ends it at the deadline or a
+cancel, and its output stops at ``MAX_RENDERED_CHARS``. On the compute thread
+the budget is short and big texts are not tokenized: ``MustOffload`` sends
+that work to the prompt thread (offload.py). Spec: protocol/README.md § Chat templates.
 """
 
 from __future__ import annotations

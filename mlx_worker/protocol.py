@@ -1,12 +1,9 @@
 """Every message on the wire, defined once.
 
 These Structs are the single source of truth for the protocol: the server
-decodes requests with them (msgspec reports the path of a bad field), the
-client decodes results with them, and ``protocol/schema.json`` is generated
-from them (``python -m mlx_worker.schema``).
-
-Field names given by the contract (methods, params, events, result fields) are
-fixed; new optional fields may be added freely.
+decodes requests with them, the client decodes results with them, and
+``protocol/schema.json`` is generated from them (``python -m mlx_worker.schema``).
+Contract names are fixed; new optional fields may be added. Spec: protocol/README.md is the prose.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Request params -> mlx-lm sampler and logits processors."""
+"""Request params -> mlx-lm sampler and logits processors (Spec: protocol/README.md § `generate`, § XTC and DRY)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,8 @@
     python -m mlx_worker.schema            # rewrite protocol/schema.json
     python -m mlx_worker.schema --check    # exit 1 if it is stale
 
-The file is JSON Schema (2020-12): one definition per message type under
-``$defs``, plus a map of methods to their params/result and of notifications
-to their params, so hosts can generate bindings or validate traffic.
+JSON Schema (2020-12): one definition per message type under ``$defs``, plus
+maps of methods and notifications to their types. Spec: protocol/README.md § Host clients.
 """
 
 from __future__ import annotations

@@ -1,25 +1,23 @@
-"""Requests in, responses out: validation, routing, the queue, cancel.
+"""Requests in, responses out: routing, the queue, cancel, ``status``.
 
-Three threads: the reader decodes stdin lines and answers what must not wait
-(``cancel``, ``status``, ``shutdown``, every validation error); the compute
-thread runs everything that touches MLX: jobs in arrival order, and the
-scheduler that steps every running generation together (scheduler.py); the
-job table (jobs.py) owns each request's lifecycle; the writer (transport.LineWriter) serializes output.
+The reader thread decodes stdin lines (request_lines.py) and answers what must
+not wait (``cancel``, ``status``, ``shutdown``, every validation error); the
+compute thread runs the methods layer (handlers.py) and its scheduler; the
+job table (jobs.py) owns each request's one answer; the writer
+(transport.LineWriter) serializes output. Spec: protocol/README.md § Framing, § Ordering and concurrency.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import msgspec
-
-from . import errors, protocol
+from . import errors, protocol, request_lines, token_merging
 from .jobs import Job, JobTable
+from .request_lines import Rejected
 from .transport import LineWriter, Oversized, read_lines
 
 log = logging.getLogger("mlx_worker.server")
@@ -29,10 +27,6 @@ BURST = 16
 
 # Answered on the reader thread, never queued behind a generation.
 IMMEDIATE = {"cancel", "status", "shutdown"}
-
-# After a top-level "id" key: a whole integer or string, then `,` or `}`.
-_ID_VALUE = re.compile(rb'\s*:\s*(-?\d{1,18}|"(?:[^"\\]|\\.){0,200}")\s*[,}]')
-
 
 @dataclass
 class Config:
@@ -53,9 +47,12 @@ class Worker:
         self.compute_done = threading.Event()  # the compute thread ended (disk tier written)
         self.reader_idle = threading.Event()  # every line read so far is handled
         self.exit_code = 0
-        self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
+        self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"),
+                                 coalesce=token_merging.coalesce)
         self.table = JobTable(self.writer.send, config.max_pending)
         self.models = None  # created on the compute thread (imports MLX libraries)
+        # The methods layer (handlers.py), once the compute thread created it.
+        self.methods: Any = _Unavailable(self.table, "the worker is starting")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -97,10 +94,7 @@ class Worker:
         self.writer.send(protocol.Response(id=id, result=result))
 
     def reply_error(self, id: Any, code: int, message: str, data: Any = None) -> None:
-        error = protocol.ErrorObject(code=code, message=message)
-        if data is not None:
-            error.data = data
-        self.writer.send(protocol.ErrorResponse(id=id, error=error))
+        self.writer.send(protocol.error_response(id, code, message, data))
 
     # -------------------------------------------------------------- reading
 
@@ -114,76 +108,31 @@ class Worker:
                     self.handle_line(line)
                 except Exception:  # a bug here must not end the reader
                     log.exception("failed to handle a line")
-                    rid = _id_at_head(line.head if isinstance(line, Oversized) else bytes(line))
+                    rid = request_lines.id_at_head(line.head if isinstance(line, Oversized) else bytes(line))
                     self.reply_error(rid, errors.INTERNAL_ERROR, "internal error handling this line")
         finally:
             self.reader_idle.set()
             self.stop("stdin closed")
 
     def handle_line(self, line: bytes | Oversized) -> None:
-        if isinstance(line, Oversized):
-            rid = _id_at_head(line.head)
-            self.reply_error(
-                rid,
-                errors.INVALID_REQUEST,
-                f"line of {line.size} bytes exceeds max_line_bytes ({self.config.max_line_bytes}); skipped",
-                {"max_line_bytes": self.config.max_line_bytes},
-            )
+        request = request_lines.decode(line, self.config.max_line_bytes)
+        if isinstance(request, Rejected):
+            if request.notification:
+                log.warning("dropping bad notification: %s", request.message)
+            else:
+                self.reply_error(request.id, request.code, request.message, request.data)
             return
-        if line.lstrip()[:1] == b"[":
-            self.reply_error(None, errors.INVALID_REQUEST, "JSON-RPC batches are not supported; send one request per line")
+        job = Job(request.id, request.method, request.params)
+        if not request.notification and self.table.in_flight(request.id):
+            self.reply_error(request.id, errors.INVALID_REQUEST, f"id {request.id!r} is already in flight", {"field": "id"})
             return
-        try:
-            # msgspec skips unknown keys without checking their UTF-8: check
-            # the whole line, so invalid bytes are an error wherever they are.
-            if not line.isascii():
-                line.decode("utf-8")
-            env = msgspec.json.decode(line, type=protocol.Envelope)
-        except msgspec.ValidationError as exc:
-            self.reply_error(None, errors.INVALID_REQUEST, f"invalid request: {exc}", _field_of(exc, ""))
+        if request.method in IMMEDIATE:
+            self._run_immediate(job, request.notification)
             return
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
-            self.reply_error(None, errors.PARSE_ERROR, f"parse error: {exc}")
-            return
-
-        is_notification = env.id is msgspec.UNSET
-        rid = None if is_notification else env.id
-        if env.jsonrpc != "2.0":
-            return self._reject(is_notification, rid, errors.INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"', {"field": "jsonrpc"})
-        if not isinstance(env.method, str):
-            return self._reject(is_notification, rid, errors.INVALID_REQUEST, 'invalid request: "method" must be a string', {"field": "method"})
-        types = protocol.METHODS.get(env.method)
-        if types is None:
-            return self._reject(is_notification, rid, errors.METHOD_NOT_FOUND, f"method not found: {env.method!r}", {"method": env.method})
-        try:
-            raw = env.params if env.params is not msgspec.UNSET else b"{}"
-            params = msgspec.json.decode(raw, type=types[0])
-        except msgspec.ValidationError as exc:
-            message = str(exc).replace("`$", "`params")
-            where = _field_of(exc, "params", raw)
-            if "key" in where:
-                message += f" (the key {where['key']!r})"
-            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {message}", where)
-        except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-            return self._reject(is_notification, rid, errors.INVALID_PARAMS, f"invalid params: {exc}", {"field": "params"})
-
-        job = Job(rid, env.method, params)
-        if not is_notification and self.table.in_flight(rid):
-            self.reply_error(rid, errors.INVALID_REQUEST, f"id {rid!r} is already in flight", {"field": "id"})
-            return
-        if env.method in IMMEDIATE:
-            self._run_immediate(job, is_notification)
-            return
-        if is_notification:
-            log.warning("ignoring %s sent as a notification (no id): it would have no reply", env.method)
+        if request.notification:
+            log.warning("ignoring %s sent as a notification (no id): it would have no reply", request.method)
             return
         self._enqueue(job)
-
-    def _reject(self, is_notification: bool, rid: Any, code: int, message: str, data: Any) -> None:
-        if is_notification:
-            log.warning("dropping bad notification: %s", message)
-        else:
-            self.reply_error(rid, code, message, data)
 
     def _enqueue(self, job: Job) -> None:
         refused = self.table.add(job)
@@ -221,7 +170,7 @@ class Worker:
             ),
             memory=memory_status(models),
             uptime_s=round(time.monotonic() - self.started, 3),
-            distributed=_distributed(),
+            distributed=self.methods.distributed_capabilities(),
             disk_cache=[t.status() for t in all_tiers()],
         )
 
@@ -238,7 +187,8 @@ class Worker:
             self.models = handlers.models
         except BaseException as exc:  # e.g. a broken install: answer, don't hang
             log.exception("the compute thread could not start")
-            handlers = _Broken(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
+            handlers = _Unavailable(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
+        self.methods = handlers
         taken = 0
         while True:
             busy = handlers.busy()
@@ -273,18 +223,8 @@ class Worker:
                         log.exception("could not end the requests the scheduler held")
 
 
-def _distributed():
-    import sys
-
-    if "mlx_worker.distributed.load" not in sys.modules:  # no distributed load yet: nothing to report
-        from .distributed.ring import BACKENDS
-
-        return protocol.DistributedCapabilities(backends=list(BACKENDS))
-    return sys.modules["mlx_worker.distributed.load"].capabilities()
-
-
-class _Broken:
-    """Stands in for the handlers when they could not be created."""
+class _Unavailable:
+    """Stands in for the methods layer until it exists, or when it could not be created."""
 
     def __init__(self, table: JobTable, why: str):
         self.table = table
@@ -299,65 +239,7 @@ class _Broken:
     def run(self, job: Job) -> None:
         self.table.fail(job, errors.INTERNAL_ERROR, self.why)
 
+    def distributed_capabilities(self) -> protocol.DistributedCapabilities:
+        from .distributed import ring  # no MLX: the backends this build can start, no group yet
 
-def _id_at_head(head: bytes) -> Any:
-    """The request's own ``id`` from the first bytes of an oversized line,
-    or None. Only a key of the top-level object counts: an "id" nested in
-    params (a tool call's, a schema's) must not be taken for it."""
-    depth, i, n = 0, 0, len(head)
-    while i < n:
-        c = head[i]
-        if c == 0x22:  # a string: skip it whole, escapes included
-            j = i + 1
-            while j < n and head[j] != 0x22:
-                j += 2 if head[j] == 0x5C else 1
-            if j >= n:
-                return None
-            if depth == 1 and head[i : j + 1] == b'"id"':
-                match = _ID_VALUE.match(head, j + 1)
-                if match:
-                    try:
-                        return msgspec.json.decode(match.group(1))
-                    except (msgspec.DecodeError, UnicodeDecodeError):
-                        return None
-            i = j + 1
-            continue
-        if c in (0x5B, 0x7B):
-            depth += 1
-        elif c in (0x5D, 0x7D):
-            depth -= 1
-        i += 1
-    return None
-
-
-def _field_of(exc: msgspec.ValidationError, root: str, raw: bytes = b"") -> dict:
-    # msgspec says "... - at `$.a.b[0]`" (or "at `key` in `$.a`" for a
-    # mapping's key); hosts get it as "params.a.b[0]". An unknown field and a
-    # bad mapping key are named themselves ("params.max_tokenz",
-    # "params.logit_bias.1_0"), so a host sees exactly what it got wrong.
-    text = str(exc)
-    match = re.search(r"`\$([^`]*)`$", text)
-    path = match.group(1) if match else ""
-    unknown = re.match(r"Object contains unknown field `([^`]*)`", text)
-    if unknown:
-        path += "." + unknown.group(1)
-    elif " - at `key` in `$" in text:
-        key = _bad_key(raw, path, text)
-        if key is not None:
-            return {"field": f"{root}{path}.{key}", "key": key}
-    return {"field": root + path if root else path.lstrip(".")}
-
-
-def _bad_key(raw: bytes, path: str, message: str) -> Optional[str]:
-    """The first key of the mapping at ``path`` that breaks the pattern
-    msgspec reports (its error names the mapping, not the key)."""
-    pattern = re.search(r"matching regex '([^']*)'", message)
-    try:
-        mapping = msgspec.json.decode(raw)
-        for part in filter(None, path.split(".")):
-            mapping = mapping[part]
-    except (msgspec.DecodeError, KeyError, TypeError):
-        return None
-    if not isinstance(mapping, dict) or pattern is None:
-        return None
-    return next((k for k in mapping if not re.search(pattern.group(1), k)), None)
+        return ring.capabilities()

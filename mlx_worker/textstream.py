@@ -1,18 +1,9 @@
 """Generated token ids -> the exact text to append, streamed.
 
-The text of a generation is decode(prompt + generated) - decode(prompt). It is
-produced incrementally by decoding a short window that starts inside the
-prompt's tail (so a first token's leading space survives, unlike mlx-lm's
-streaming detokenizer), holding back:
-
-- a trailing U+FFFD, which means an incomplete UTF-8 sequence that a later
-  token may complete (no event ever carries half a character); bytes that
-  can never complete are released as U+FFFD after at most 3 more tokens;
-- a suffix that could be the start of a stop string (it never leaks).
-
-Stop strings are matched on every complete character as soon as its token
-arrives, also while a later incomplete one is held back, so generation ends
-at the token that completes the stop string.
+The text is decode(prompt + generated) - decode(prompt), decoded from a window
+that starts inside the prompt's tail, holding back an incomplete UTF-8
+character and a possible stop string's start; a stop string ends generation
+at the token that completes it. Spec: protocol/README.md § Text.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Knows nothing of MLX or of methods. The reader splits stdin into lines without
 ever holding an oversized line whole; the writer owns a private duplicate of
 the original stdout, so nothing else in the process can write protocol bytes.
+Spec: protocol/README.md § Framing, § Stopping, signals and a misbehaving host.
 """
 
 from __future__ import annotations
@@ -135,15 +136,16 @@ class LineWriter:
     """Serializes every outgoing message onto the protocol fd, one per line.
 
     Messages are queued by any thread and written by one writer thread, in
-    order. When the host reads slower than tokens arrive, consecutive ``token``
-    events of the same request, channel and call are merged into one line
-    (never reordered or dropped; markers never merged), so a slow reader costs
-    the generation loop nothing.
+    order. What piled up while the host was slow to read goes through
+    ``coalesce`` first (the layer above decides which messages may merge:
+    token_merging.py), so a slow reader costs the generation loop nothing.
     """
 
-    def __init__(self, fd: int, on_broken: Callable[[], None]):
+    def __init__(self, fd: int, on_broken: Callable[[], None],
+                 coalesce: Callable[[list], list] = lambda batch: batch):
         self._fd = fd
         self._on_broken = on_broken
+        self._coalesce = coalesce
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._busy = False
@@ -190,7 +192,7 @@ class LineWriter:
                     return
                 continue
             try:
-                data = b"".join(self._encode(m) for m in _coalesce(batch))
+                data = b"".join(self._encode(m) for m in self._coalesce(batch))
                 self._write_all(data)
             except OSError as exc:
                 self._fail(exc)
@@ -210,12 +212,8 @@ class LineWriter:
             # with it every later reply). A reply still answers its request.
             log.error("could not encode a %s: %s", type(message).__name__, exc)
             if isinstance(message, (protocol.Response, protocol.ErrorResponse)):
-                fallback = protocol.ErrorResponse(
-                    id=message.id,
-                    error=protocol.ErrorObject(
-                        code=errors.INTERNAL_ERROR, message=f"internal error: the reply could not be encoded: {exc}"
-                    ),
-                )
+                fallback = protocol.error_response(
+                    message.id, errors.INTERNAL_ERROR, f"internal error: the reply could not be encoded: {exc}")
                 return self._encoder.encode(fallback) + b"\n"
             return b""
 
@@ -251,51 +249,3 @@ def reader_gone(fd: int) -> bool:
         return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in poller.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll() on this platform
         return False
-
-
-def _coalesce(batch: list) -> list:
-    """Merge runs of token events of one request, channel and call; keep
-    everything in order.
-
-    Each run is joined once (linear in its length): after a long stall the
-    batch can hold many thousands of events."""
-    out: list = []
-    run: list = []
-
-    def flush() -> None:
-        if len(run) == 1:
-            out.append(run[0])
-        elif run:
-            out.append(protocol.Notification("token", _merge([m.params for m in run])))
-        run.clear()
-
-    for message in batch:
-        if isinstance(message, protocol.Notification) and message.method == "token":
-            if run and not _same_stream(run[-1].params, message.params):
-                flush()
-            run.append(message)
-        else:
-            flush()
-            out.append(message)
-    flush()
-    return out
-
-
-def _same_stream(a: protocol.TokenEvent, b: protocol.TokenEvent) -> bool:
-    # Events merge only within one request's channel (and tool call); a
-    # marker event stays one marker ('</tool_call>', '<tool_call>': two events).
-    return (a.id == b.id and a.channel == b.channel and a.channel != "marker"
-            and a.tool_call_index == b.tool_call_index)
-
-
-def _merge(events: list) -> protocol.TokenEvent:
-    merged = protocol.TokenEvent(
-        id=events[0].id,
-        text="".join(e.text for e in events),
-        tokens=[t for e in events for t in e.tokens],
-        channel=events[0].channel,
-        tool_call_index=events[0].tool_call_index,
-    )
-    if any(e.logprobs is not msgspec.UNSET for e in events):
-        merged.logprobs = [lp for e in events if e.logprobs for lp in e.logprobs]
-    return merged

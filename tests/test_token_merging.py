@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from mlx_worker import protocol
-from mlx_worker.transport import _coalesce
+from mlx_worker.token_merging import coalesce
 
 
 def token(rid, i, logprobs=True):
@@ -27,7 +27,7 @@ def token(rid, i, logprobs=True):
 def merge_seconds(n: int) -> float:
     batch = [token("g", i) for i in range(n)]
     start = time.perf_counter()
-    out = _coalesce(batch)
+    out = coalesce(batch)
     elapsed = time.perf_counter() - start
     assert len(out) == 1 and out[0].params.tokens == list(range(n))
     return elapsed
@@ -44,7 +44,7 @@ def test_merging_keeps_order_and_content():
     reply = protocol.Response(id="t", result=protocol.CancelResult(cancelled=False))
     batch = [token("a", 0), token("a", 1), token("b", 2, logprobs=False), token("b", 3, logprobs=False),
              reply, token("a", 4), token("a", 5)]
-    out = _coalesce(batch)
+    out = coalesce(batch)
     assert [getattr(m, "method", None) for m in out] == ["token", "token", None, "token"]
     a, b, _, a2 = (m.params if m is not reply else m for m in out)
     assert (a.id, a.text, a.tokens, [lp.token for lp in a.logprobs]) == ("a", "<0><1>", [0, 1], [0, 1])

@@ -1,12 +1,10 @@
 """One byte budget for every prompt-cache store: one LRU across stores.
 
 Each store (a model's, each (target, draft) pair's) reports here when an
-entry goes in or is read; the budget stamps it with a worker-wide use count
-and, while the stores together hold more than ``max_bytes``, evicts the
-globally least recently used entry through that store's own ``evict_lru``
-(a store keeps its entries in LRU order, so the oldest overall is always
-the first of some store). A store's own byte and entry caps (load's
-``prompt_cache_bytes`` / ``prompt_cache_entries``) still apply within it.
+entry goes in or is read; while the stores together hold more than
+``max_bytes``, the globally least recently used entry is evicted through its
+own store's ``evict_lru``. A store's own caps still apply within it.
+Spec: protocol/README.md § Prompt cache, § Configuration (`load` params).
 """
 
 from __future__ import annotations

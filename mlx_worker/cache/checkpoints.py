@@ -1,14 +1,11 @@
 """Checkpoints: a cache's untrimmable state at one position, kept so that a
 later prompt sharing only part of a stored conversation can still resume.
 
-Plain KV layers can be cut back to any position, so a checkpoint never
-copies them: they are cut from the entry's own cache when the checkpoint is
-used. What can't be cut back is copied: a recurrent layer's state (DeltaNet,
-Mamba, short convolutions: ``ArraysCache`` and its kin) and a sliding
-window's KV (``RotatingKVCache``, only the last ``max_size`` tokens, in
-order). For a hybrid model a checkpoint is therefore the recurrent states
-at position P, and using it gives those states plus the full-attention KV
-trimmed to P.
+Plain KV layers are cut back when a checkpoint is used, never copied; what
+can't be cut back is copied (recurrent state, a sliding window's KV). For a
+hybrid model a checkpoint is the recurrent states at position P; using it
+gives them plus the full-attention KV trimmed to P.
+Spec: protocol/README.md § Rotating caches and other untrimmable state.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """The prompt cache's disk tier: entries leave RAM for a folder, and come back.
 
-An entry is written when it is evicted from RAM, and every entry at unload
-and at shutdown — never per turn, and once: its file name is its content
-address, so an entry already on disk is not written again. A file is
-``cache_files``' format (mlx-lm's ``save_prompt_cache``, safetensors, with
-the key and the model's identity in its metadata), named
-
-    <namespace>-<key hash>-<sha256 of the file, 16 hex>.safetensors
-
-where the namespace hashes the model's content identity and its KV
-configuration (kv_bits, group, max_kv_size, the draft of a pair store). It is
-written to a temporary name in the same folder and renamed (atomic: a reader
-never sees half a file; two workers writing the same entry write the same
-bytes). A file whose checksum, format, identity or layout doesn't match is
-ignored and removed; another namespace's files are left alone (another model,
-another worker). The folder holds at most ``max_bytes``: least recently
-used files (by mtime, refreshed on a hit) go first.
+Evicted entries, and every entry at unload and shutdown, are written once (a
+file's name is its content address; written to a temporary name, then
+renamed); a prompt whose prefix a file holds beyond what RAM gave reads it
+back, checked as ``cache_load`` checks a file. Spec: protocol/README.md
+§ Prompt cache on disk.
 """
 
 from __future__ import annotations
@@ -25,7 +14,6 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,35 +21,22 @@ import msgspec
 
 from .. import faults, protocol
 from ..errors import WorkerError
+from .disk_folder import SUFFIX, CacheFile, DiskFolder, file_sha, unlink
 
 log = logging.getLogger("mlx_worker.cache.disk")
 
-SUFFIX = ".safetensors"
-DEFAULT_FRACTION_OF_FREE = 0.1  # of the folder's free space when first used
-DEFAULT_MAX = 16 << 30
 # Write-rate bound for evictions (SSD wear under churn): beyond it an evicted
 # entry is dropped, not written. Unload and shutdown write everything.
 MAX_SPILLS_PER_MINUTE = 60
 
 
-@dataclass
-class _File:
-    path: Path
-    key: list
-    nbytes: int
-
-
 class DiskTier:
+    """Entries to and from files of one folder (``DiskFolder`` keeps its index)."""
+
     def __init__(self, folder: Path, max_bytes: Optional[int]):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        if max_bytes is None:
-            st = os.statvfs(folder)
-            max_bytes = min(DEFAULT_MAX, int(st.f_bavail * st.f_frsize * DEFAULT_FRACTION_OF_FREE))
-        self.max_bytes = max_bytes
-        self.hits = self.writes = self.removed = self.dropped = 0
+        self.folder = DiskFolder(folder, max_bytes)
+        self.hits = self.writes = self.dropped = 0
         self._spills: list[float] = []  # times of recent eviction writes
-        self._index: dict[str, list[_File]] = {}  # namespace -> its files (read lazily)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ naming
@@ -103,88 +78,58 @@ class DiskTier:
             return False
         ns = self.namespace(lm, store)
         stem = f"{ns}-{self._key_hash(entry)}-"
-        files = self._files(ns, lm, store)
+        files = self.folder.files(ns)
         if any(f.path.name.startswith(stem) and f.path.exists() for f in files):
             return False
         from mlx_lm.models.cache import save_prompt_cache
 
         from .files import file_contents
 
-        tmp = self.folder / f".{stem}{os.getpid()}-{os.urandom(4).hex()}.tmp{SUFFIX}"
+        tmp = self.folder.path / f".{stem}{os.getpid()}-{os.urandom(4).hex()}.tmp{SUFFIX}"
         try:
             faults.hit("spill")
             layers, metadata = file_contents(lm, entry)  # its checkpoints too (checkpoints.py)
             save_prompt_cache(str(tmp), layers, metadata)
-            digest = _file_sha(tmp)
-            path = self.folder / f"{stem}{digest[:16]}{SUFFIX}"
+            digest = file_sha(tmp)
+            path = self.folder.path / f"{stem}{digest[:16]}{SUFFIX}"
             os.replace(tmp, path)
         except Exception as exc:  # a full disk, a folder gone: this entry is dropped
-            log.warning("prompt cache: could not write an entry to %s: %s", self.folder, exc)
-            _unlink(tmp)
+            log.warning("prompt cache: could not write an entry to %s: %s", self.folder.path, exc)
+            unlink(tmp)
             return False
-        size = path.stat().st_size
         with self._lock:
             self.writes += 1
-            # a longer entry of the same conversation serves what a prefix did
-            for f in list(files):
-                if len(f.key) < len(entry.key) and entry.key[: len(f.key)] == f.key and not entry.exact_only:
-                    self._remove(ns, f)
-            self._index[ns].append(_File(path, list(entry.key), size))
-        self._trim()
+        # a longer entry of the same conversation serves what a prefix did
+        served = [f for f in list(files) if len(f.key) < len(entry.key) and entry.key[: len(f.key)] == f.key
+                  and not entry.exact_only]
+        self.folder.added(ns, CacheFile(path, list(entry.key), path.stat().st_size), served)
         return True
-
-    def _trim(self) -> None:
-        """Keep the folder under max_bytes: oldest files (mtime) first."""
-        try:
-            files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.glob(f"*{SUFFIX}")
-                     if not p.name.startswith(".")]
-        except OSError:
-            return
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.max_bytes:
-                break
-            _unlink(path)
-            total -= size
-            with self._lock:
-                for ns, entries in self._index.items():
-                    self._index[ns] = [f for f in entries if f.path != path]
 
     # ------------------------------------------------------------ reading
 
-    def best(self, lm, store, key: list, have: int) -> Optional[_File]:
+    def best(self, lm, store, key: list, have: int) -> Optional[CacheFile]:
         """The file sharing the longest prefix with ``key`` beyond ``have`` tokens."""
-        from .store import common_prefix
+        from .layers import common_prefix
 
-        ns = self.namespace(lm, store)
         best, best_m = None, have
-        for f in self._files(ns, lm, store):
+        for f in self.folder.files(self.namespace(lm, store)):
             m = common_prefix(f.key, key, len(key) - 1)
             if m > best_m:
                 best, best_m = f, m
         return best
 
-    def read(self, lm, store, f: _File):
+    def read(self, lm, store, f: CacheFile):
         """The entry in ``f``, checked; None (and the file removed) if it
         doesn't hold what its name and metadata promise."""
-        from mlx_lm.models.cache import load_prompt_cache
-
-        from .files import _check_identity, file_entry
-
         ns = self.namespace(lm, store)
-        problem = entry = None
+        entry = None
         try:
-            if _file_sha(f.path)[:16] != f.path.name[-len(SUFFIX) - 16 : -len(SUFFIX)]:
+            if file_sha(f.path)[:16] != f.path.name[-len(SUFFIX) - 16 : -len(SUFFIX)]:
                 problem = "checksum mismatch"
             else:
-                cache, meta = load_prompt_cache(str(f.path), return_metadata=True)
-                _check_identity(lm, f.path, meta)  # cache_load's rule: format, model, KV configuration
-                if getattr(store, "draft_lm", None) is None:
-                    entry = file_entry(lm, f.path, cache, meta, list(f.key), int(meta.get("n_prompt") or len(f.key)))
-                else:
-                    entry = _pair_entry(cache, meta, list(f.key))
+                entry, problem = _read_entry(lm, store, f), None
         except FileNotFoundError:  # another worker removed it meanwhile
-            self._forget(ns, f)
+            self.folder.forget(ns, f)
             return None
         except WorkerError as exc:  # another model or KV configuration, or a layout that doesn't fit
             problem = exc.message
@@ -192,8 +137,7 @@ class DiskTier:
             problem = f"unreadable ({type(exc).__name__})"
         if problem:
             log.warning("prompt cache: ignoring and removing %s: %s", f.path.name, problem)
-            with self._lock:
-                self._remove(ns, f)
+            self.folder.remove(ns, f)
             return None
         try:
             os.utime(f.path)  # recently used
@@ -203,80 +147,25 @@ class DiskTier:
             self.hits += 1
         return entry
 
-    # ------------------------------------------------------------ index
-
-    def _files(self, ns: str, lm, store) -> list[_File]:
-        with self._lock:
-            known = self._index.get(ns)
-        if known is not None:
-            return known
-        found = []
-        for path in sorted(self.folder.glob(f"{ns}-*{SUFFIX}")):
-            key = _header_key(path)
-            if key is None:
-                log.warning("prompt cache: ignoring and removing %s: not a readable cache file", path.name)
-                _unlink(path)
-                with self._lock:
-                    self.removed += 1
-                continue
-            try:
-                found.append(_File(path, key, path.stat().st_size))
-            except OSError:
-                continue
-        with self._lock:
-            self._index[ns] = found
-        return found
-
-    def _remove(self, ns: str, f: _File) -> None:
-        _unlink(f.path)
-        self.removed += 1
-        self._index[ns] = [x for x in self._index.get(ns, []) if x is not f]
-
-    def _forget(self, ns: str, f: _File) -> None:
-        with self._lock:
-            self._index[ns] = [x for x in self._index.get(ns, []) if x is not f]
-
     def status(self) -> protocol.DiskCacheStatus:
-        entries = nbytes = 0
-        try:
-            for p in self.folder.glob(f"*{SUFFIX}"):
-                if not p.name.startswith("."):
-                    entries += 1
-                    nbytes += p.stat().st_size
-        except OSError:
-            pass
-        return protocol.DiskCacheStatus(folder=str(self.folder), entries=entries, bytes=nbytes,
-                                        max_bytes=self.max_bytes, hits=self.hits, writes=self.writes,
-                                        removed=self.removed)
+        entries, nbytes = self.folder.usage()
+        return protocol.DiskCacheStatus(folder=str(self.folder.path), entries=entries, bytes=nbytes,
+                                        max_bytes=self.folder.max_bytes, hits=self.hits, writes=self.writes,
+                                        removed=self.folder.removed)
 
 
-def _header_key(path: Path) -> Optional[list]:
-    """The token key from a safetensors header's metadata, without reading the tensors."""
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 0 < n < 64 << 20:
-                return None
-            header = json.loads(fh.read(n))
-        key = json.loads(header["__metadata__"]["0.key"])  # save_prompt_cache flattens [metadata, …]
-        return key if isinstance(key, list) and key else None
-    except Exception:
-        return None
+def _read_entry(lm, store, f: CacheFile):
+    """The entry a file holds, checked as ``cache_load`` checks it (a
+    WorkerError says what doesn't match)."""
+    from mlx_lm.models.cache import load_prompt_cache
 
+    from .files import _check_identity, file_entry
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
+    cache, meta = load_prompt_cache(str(f.path), return_metadata=True)
+    _check_identity(lm, f.path, meta)  # cache_load's rule: format, model, KV configuration
+    if getattr(store, "draft_lm", None) is None:
+        return file_entry(lm, f.path, cache, meta, list(f.key), int(meta.get("n_prompt") or len(f.key)))
+    return _pair_entry(cache, meta, list(f.key))
 
 
 # ------------------------------------------------------------ the worker's tiers
@@ -301,7 +190,7 @@ def tier_for(folder: Optional[str], max_bytes: Optional[int]) -> Optional[DiskTi
     if tier is None:
         tier = _tiers[str(path)] = DiskTier(path, max_bytes)
     elif max_bytes is not None:
-        tier.max_bytes = max_bytes
+        tier.folder.max_bytes = max_bytes
     return tier
 
 
@@ -315,7 +204,8 @@ def _pair_entry(cache: list, meta: dict, key: list):
     import mlx.core as mx
     from mlx_lm.models.cache import can_trim_prompt_cache
 
-    from .store import DEFAULT_KEEP, Entry, cache_nbytes, cache_window
+    from .entry import Entry
+    from .layers import DEFAULT_KEEP, cache_nbytes, cache_window
 
     mx.eval([c.state for c in cache])
     window = cache_window(cache)

@@ -1,11 +1,10 @@
 """``cache_save`` / ``cache_load``: prompt caches on disk.
 
 A file is mlx-lm's ``save_prompt_cache`` format (safetensors) with metadata
-naming the model it belongs to and the exact tokens it holds. The model is
-identified by content, not by path (a folder may move): a hash of its
-config, of its tokenizer's vocabulary, and a fingerprint of its weight files.
-Anything that doesn't match is refused with -32009 before it can touch the
-store.
+naming the model (by content: config, vocabulary, a fingerprint of its weight
+files) and the exact tokens it holds. Anything that doesn't match is refused
+with -32009 before it can touch the store.
+Spec: protocol/README.md § `cache_save`, § `cache_load`.
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ from . import checkpoints
 from .. import errors, files, protocol
 from ..errors import WorkerError, invalid_params
 from ..models.checks import safetensors_header
-from ..prompt import prepare
-from .store import DEFAULT_KEEP, MAX_CHECKPOINTS, Entry, cache_nbytes, cache_window, compact, make_cache
+from .entry import MAX_CHECKPOINTS, Entry
+from .layers import DEFAULT_KEEP, cache_nbytes, cache_window, compact, make_cache
 
 
 log = logging.getLogger("mlx_worker.cache.files")
@@ -80,7 +79,8 @@ def _weights_fingerprint(folder: Path) -> str:
 
 def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveResult:
     """``prefill(generate_params)`` runs the prompt (what the store lacks) and
-    returns (result, the prompt-cache entry it left)."""
+    returns (result, the prompt-cache entry that very run left): the file
+    holds that entry, under its own key."""
     store = _store_of(lm)
     path = _target(params.path)
     gen = protocol.GenerateParams(
@@ -93,8 +93,7 @@ def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveRes
     result, entry = prefill(gen)
     if result.stop_reason == "cancelled":
         raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down; cache not saved")
-    key = prepare(lm, gen).cache_key
-    if entry is None or entry.key != key[: len(entry.key)]:
+    if entry is None:  # the entry is this run's own: its key is the prompt's, as far as it kept
         raise WorkerError(
             errors.OUT_OF_MEMORY,
             "the prompt's cache could not be kept in the store (larger than prompt_cache_bytes "

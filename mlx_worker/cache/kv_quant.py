@@ -1,10 +1,9 @@
 """Quantized KV caches: load's ``kv_bits`` / ``kv_group_size``.
 
-Every plain KV layer is a ``QuantizedKVCache`` from the first token. mlx-lm's
-own way (``kv_bits`` with ``quantized_kv_start``) converts a full-precision
-cache mid-stream, so the output depends on where the conversion fell (which
-prefill chunk, cached or not); quantizing from the start keeps cached ==
-uncached and chunking independence.
+Every plain KV layer is a ``QuantizedKVCache`` from the first token (mlx-lm's
+``quantized_kv_start`` converts mid-stream, so its output depends on where the
+conversion fell): cached == uncached, whatever the chunking.
+Spec: protocol/README.md § Quantized KV cache.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Constrained generation: JSON schema, regex, choice and Lark grammars.
 
-``compile_for(lm, constraint)`` runs before any token is generated: it
-compiles the constraint with the chosen engine (llguidance by default, or
-outlines) or raises -32007 naming the problem; it never falls back to
-unconstrained output. The result hands out a fresh logits processor per
-request (``processor()``) and can tell whether a token sequence completes
-the constraint (``complete(tokens)``).
-
-Compiled constraints are cached per (tokenizer, engine, constraint) in a
-small LRU, so a repeated schema costs a dictionary lookup; the key keeps
-JSON property order (it decides the output order), only whitespace of the
-request is irrelevant. Refusals are cached too; a failure of the moment
-(MemoryError, OSError) is not.
+``compile_for(lm, constraint)`` compiles with the chosen engine (llguidance by
+default, or outlines) before any token, or raises -32007 naming the problem;
+never unconstrained output. Compiled constraints and refusals are cached per
+(tokenizer, engine, constraint); a failure of the moment is not.
+Spec: protocol/README.md § Constrained generation.
 """
 
 from __future__ import annotations
@@ -108,7 +101,7 @@ def _compile(engine: str, info: vocab.TokenizerInfo, constraint) -> Any:
         # Says nothing about the constraint: raised, so it is not cached and
         # the next request compiles it again.
         log.warning("%s failed to compile a constraint: %r (not cached)", engine, exc)
-        code = errors.OUT_OF_MEMORY if isinstance(exc, MemoryError) else errors.INTERNAL_ERROR
+        code = errors.OUT_OF_MEMORY if errors.is_out_of_memory(exc) else errors.INTERNAL_ERROR
         raise WorkerError(code, f"{engine} could not compile the constraint now: {type(exc).__name__}: {exc}",
                           {"field": "params.constraint", "engine": engine}) from None
     except Exception as exc:  # the engine failed on this input: refuse it, never run unconstrained

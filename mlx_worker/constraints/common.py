@@ -1,4 +1,4 @@
-"""Pieces both engines share: the refusal error and literal regexes."""
+"""Pieces both engines share: the refusal error and literal regexes (Spec: protocol/README.md § Constrained generation, § Errors)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The default engine: llguidance (JSON schema, regex, choice, Lark grammars).
 
 Compilation builds one ``LLMatcher`` per constraint and keeps it as a
-prototype; each request gets a ``deep_copy`` (microseconds). llguidance never
-raises for grammar problems: it puts the matcher in an error state, which is
-checked after construction and after every step.
+prototype; each request gets a ``deep_copy``. llguidance never raises for
+grammar problems: its error state is checked after construction and after
+every step. Spec: protocol/README.md § Constrained generation, § Engines.
 """
 
 from __future__ import annotations

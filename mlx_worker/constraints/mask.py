@@ -1,11 +1,8 @@
 """Apply a token bitmask (one bit per token id, int32 words) to MLX logits.
 
-The stock MLX kernels of llguidance and outlines-core are Metal-only
-(``mx.fast.metal_kernel`` fails on CPU with "No Metal back-end"). This path
-works on every backend: numpy unpacks the bits (a few microseconds for a
-32k vocabulary) and ``mx.where`` masks the logits lazily, inside the step's
-graph. On Metal the same two operations run on the GPU; a custom kernel
-would only save reading V bytes instead of V/8.
+The stock MLX kernels of llguidance and outlines-core are Metal-only; here
+numpy unpacks the bits and ``mx.where`` masks the logits lazily, inside the
+step's graph, on every backend. Spec: protocol/README.md § Constrained generation, § Cost.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The outlines engine: outlines-core's regex index (JSON schema, regex, choice).
 
 A JSON schema goes through ``outlines_schema.prepare`` (refuse what
-outlines-core would not enforce), then ``build_regex_from_schema`` -> regex
--> ``Index(regex, Vocabulary)``; the index is the compiled form, shared by
-requests, and each request walks it with its own ``Guide``. Lark grammars
-are not supported (outlines-core has no grammar engine): -32007.
+outlines-core would not enforce), then regex -> ``Index(regex, Vocabulary)``,
+shared by requests; each request walks it with its own ``Guide``. Lark
+grammars are refused (-32007). Spec: protocol/README.md § Constrained generation, § Engines.
 """
 
 from __future__ import annotations

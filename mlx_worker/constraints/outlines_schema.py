@@ -1,17 +1,10 @@
 """JSON schema -> a schema outlines-core enforces exactly, or a refusal.
 
-outlines-core turns a schema into a regex (``build_regex_from_schema``) and
-quietly drops what it doesn't implement: integer bounds, ``minProperties``,
-a ``pattern`` next to ``minLength``, an ``anyOf`` next to ``properties``,
-``allOf`` parts (it concatenates them), ``oneOf`` exclusivity, required
-properties at its recursion limit. Its format regexes accept impossible
-dates, and a ``pattern`` or ``uri`` can emit a raw ``"`` inside a string.
-
-So the schema is checked here first, keyword by keyword, and rewritten into
-the subset outlines-core gets right: local ``$ref``s inlined, formats
-replaced by JSON-safe patterns that only match valid values. Anything else
-is refused with a -32007 naming the keyword and where it is. The rewritten
-schema may be stricter than the original (fewer outputs), never looser.
+outlines-core quietly drops keywords it doesn't implement, so the schema is
+checked here keyword by keyword and rewritten into the subset it gets right
+(local ``$ref``s inlined, formats as JSON-safe patterns); anything else is
+refused with -32007 naming the keyword. Stricter than the original, never
+looser. Spec: protocol/README.md § Constrained generation, § Engines.
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
 """The constraint as an mlx-lm logits processor: ``processor(tokens, logits)``.
 
-How mlx-lm calls it, and what that means here:
-
-- The first call sees the whole prompt (``sampling.with_prefix`` adds a
-  cached prefix); nothing of it is fed to the matcher. Every later call sees
-  the tokens so far, ending with the one sampled last: it is consumed first,
-  then the mask for the next token is computed.
-- Speculative decoding (a draft model) shows draft tokens, then the
-  verified context again: the matcher is rolled back to what each call
-  shows (``_advance``), never left holding a rejected draft token.
-- Calls run one step ahead: the step after EOS (or after the last token
-  before a stop) is still computed and thrown away. A consumed EOS marks the
-  constraint finished; the thrown-away step gets an EOS-only mask.
-- Overlap: the read of ``tokens`` is queued first, right behind the step
-  that sampled the last token, then ``mx.async_eval(logits)`` queues this
-  step's forward pass; the token is read (waiting only for the previous
-  step) and the mask computed on the CPU while the model runs. Reading
-  ``tokens[-1]`` after queueing the forward pass would wait for it and
-  leave the matcher's work exposed (measured ~8% slower on CPU).
-
-EOS ids are allowed exactly when the matcher accepts. Anything unexpected (a
-token the matcher refuses, an empty mask, a matcher error) raises -32007:
-generation ends with an error, never continues unconstrained.
+The first call sees the whole prompt (not fed to the matcher); each later one
+consumes the token sampled last, then masks the next. Draft tokens are rolled
+back to what each call shows; EOS is allowed exactly when the matcher accepts.
+Anything unexpected raises -32007, never unconstrained output.
+Spec: protocol/README.md § Constrained generation; why calls run one step ahead:
+bench/results/design-notes.md § layers.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """What both engines need to know about a model's tokenizer, built once.
 
-llguidance reads the Hugging Face tokenizer itself (``llguidance.hf``) and
-knows the exact bytes of every token for every tokenizer family (byte-level
-BPE, SentencePiece byte fallback, ...). The outlines engine reuses those bytes
-for its ``Vocabulary`` instead of re-deriving them from token strings, which
-loses partial UTF-8 tokens.
+llguidance reads the Hugging Face tokenizer itself and knows the exact bytes
+of every token; the outlines engine reuses those bytes for its ``Vocabulary``
+(token strings lose partial UTF-8 tokens). Spec: protocol/README.md § Constrained generation.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Optional
 
 import msgspec
 
-from .. import errors
+from .. import errors, protocol
 from ..errors import WorkerError
 
 log = logging.getLogger("mlx_worker.distributed")
@@ -305,3 +305,13 @@ def ensure(size: int, hosts: list[str], backend: str, timeout_s: float) -> Ring:
 def close() -> None:
     if _ring is not None:
         _ring.close()
+
+
+def capabilities() -> protocol.DistributedCapabilities:
+    """What ``load {parallel}`` can start, and this worker's group once one exists (``status``)."""
+    ring = current()
+    return protocol.DistributedCapabilities(
+        backends=list(BACKENDS),
+        ranks=ring.size if ring is not None else None,
+        failure=ring.failure if ring is not None else None,
+    )

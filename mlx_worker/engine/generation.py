@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..cache import budget as cache_budget, disk as cache_disk, store as prompt_cache
-from .. import errors, faults, memory, prompt_bounds, protocol, sampling
+from .. import errors, faults, memory, prompt_bounds, protocol, sampling, system_prompt
 from . import speculative
 from ..tools import calls as tool_calls
 from ..tools import grammar as tool_grammar
@@ -149,9 +149,9 @@ class Generation:
         try:
             prompt = prepare(lm, params)
             # The system messages rendered alone, for the prompt cache: template work too, so here.
-            keep = prompt_cache.keep_for(lm, params, prompt.tokens)
+            keep = system_prompt.keep_for(lm, params, prompt.tokens)
             store = lm.prompt_cache
-            system_end = prompt_cache.system_end(lm, params, prompt.tokens) \
+            system_end = system_prompt.system_end(lm, params, prompt.tokens) \
                 if params.prompt_cache and store is not None and store.stateful else 0
         except prompt_bounds.RenderStopped:
             raise Cancelled from None

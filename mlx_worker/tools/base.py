@@ -1,10 +1,9 @@
 """What a tool-call format is: one family's calls as its template renders them.
 
-A ``Format`` knows how to detect its family (chat template text and the
-tokenizer's vocabulary), the Lark grammar of one call (or one call section)
-from its start marker on, with each tool's ``parameters`` schema for the
-arguments, how to parse the call text back, the reasoning markers, and the
-ids the family's template accepts.
+A ``Format`` detects its family (chat template text, vocabulary), gives the
+Lark grammar of one call (each tool's ``parameters`` schema for the
+arguments), parses the call text back, and knows the reasoning markers and
+the ids the family's template accepts. Spec: protocol/README.md § Formats (families).
 """
 
 from __future__ import annotations

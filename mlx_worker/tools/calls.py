@@ -1,9 +1,9 @@
 """The text of each tool call -> ``ToolCall`` (parsed) or ``InvalidToolCall``.
 
-Parsing is the format's parser (``mlx_worker.tools``; mlx-lm's own from
-``mlx_lm/tool_parsers`` where it has one). A call that the output cut short
-is never parsed: it is reported as incomplete. Ids are in the family's
-format (a Mistral template accepts only 9 alphanumerics).
+Parsing is the format's parser (mlx-lm's own where it has one). A call the
+output cut short is reported as incomplete, never parsed. Ids are in the
+family's format (a Mistral template accepts only 9 alphanumerics).
+Spec: protocol/README.md § Tools and reasoning: channels, tool calls, `tool_choice` (§ Result).
 """
 
 from __future__ import annotations

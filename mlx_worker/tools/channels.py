@@ -1,29 +1,10 @@
 """Generated text -> channels: content, reasoning, tool calls, markers.
 
-Layered on the text stream (``textstream.TextStream`` decides the exact text
-and cuts stop strings; this module only labels it). The splitting is mlx-lm's
-own ``TextStateMachine`` with the transitions ``mlx_lm.server`` uses, built
-from the family's markers that mlx-lm's ``TokenizerWrapper`` detects
-(``think_start/end``, ``tool_call_start/end``). Two extensions: a family
-whose calls have no end marker (Mistral's ``[TOOL_CALLS]``) starts a new call
-at each start marker, so every call has its own text; and a stray marker (a
-``</think>`` with no block open) is a marker too, never channel text.
-
-A tool call opens only where the model wrote the start marker's token, and
-closes only at the end marker's token: the same text spelled in ordinary
-tokens (``<tool_cal`` + ``l>``) is text of the channel it is in. The tool
-grammar and ``tool_choice: "none"`` act on those tokens, so a spelled marker
-must not open a call that skipped them, nor close one inside its arguments.
-
-The markers are the call format's (``mlx_worker.tools`` sets them on the
-wrapper, with ``response_transitions`` for formats such as harmony); a format
-without a start marker (Llama 3.x's bare JSON) has a lead instead: the
-output's start is held until it shows whether it begins a call.
-
-The state machine strips markers; they are put back here as "marker" pieces
-so that every piece of text is accounted for: the concatenation of all
-pieces is the raw text, and the pieces of one channel concatenate to that
-channel's text.
+Labels what the text stream (textstream.py) decides, with mlx-lm's own
+``TextStateMachine`` built from the family's markers; a call opens and closes
+only at the marker's own token (spelled-out markers are text); markers come
+back as "marker" pieces, so the pieces always concatenate to the raw text.
+Spec: protocol/README.md § Channels; the details: bench/results/design-notes.md § layers.
 """
 
 from __future__ import annotations

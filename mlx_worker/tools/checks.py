@@ -1,6 +1,7 @@
 """The checks every method taking ``tools`` makes (generate, tokenize,
 cache_save), before any template sees them; no MLX, so prompt preparation
-imports it without loading the grammar machinery."""
+imports it without loading the grammar machinery. Spec: protocol/README.md § Input.
+"""
 
 from __future__ import annotations
 

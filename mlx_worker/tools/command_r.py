@@ -1,6 +1,8 @@
 """Command R7B: ``<|START_ACTION|>[\\n    {"tool_call_id": "0", "tool_name": N, "parameters": {...}}...\\n]<|END_ACTION|>``;
 the plan in ``<|START_THINKING|>``…``<|END_THINKING|>`` (reasoning), the answer
-between ``<|START_RESPONSE|>`` and ``<|END_RESPONSE|>`` (markers)."""
+between ``<|START_RESPONSE|>`` and ``<|END_RESPONSE|>`` (markers).
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

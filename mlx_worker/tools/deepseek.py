@@ -1,6 +1,8 @@
 """DeepSeek-V3.1: ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>N<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>``
 (no mlx-lm parser); reasoning in ``<think>``; the template concatenates
-``arguments``, so they are rendered as JSON text."""
+``arguments``, so they are rendered as JSON text.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

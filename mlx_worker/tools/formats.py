@@ -2,9 +2,9 @@
 
 Detection looks at the chat template (for a named template list, its
 ``tool_use`` entry) and the vocabulary, most specific format first, as
-mlx-lm's ``_infer_tool_parser`` does. The chosen format is set on mlx-lm's
-``TokenizerWrapper`` (``tool_format``, plus the markers and parser mlx-lm's
-own attributes carry), so channels and parsing read one place.
+mlx-lm's ``_infer_tool_parser`` does; the chosen format is set on mlx-lm's
+``TokenizerWrapper``, so channels and parsing read one place.
+Spec: protocol/README.md § Formats (families).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 answer, ``>>>N\\n{...}`` a call. The generation prompt ends with ``>>>``, so the
 grammar holds the first recipient (and a call's arguments); a later ``>>>``
 in the text opens another call (free). The template concatenates
-``arguments``: rendered as JSON text."""
+``arguments``: rendered as JSON text.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

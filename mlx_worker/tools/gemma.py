@@ -1,7 +1,9 @@
 """Gemma tool calls (mlx-lm ``function_gemma`` / ``gemma4``):
 ``<start_function_call>call:N{k:<escape>v<escape>,...}<end_function_call>`` and
 ``<|tool_call>call:N{...}<tool_call|>``. Values: strings between
-``<escape>`` markers, others as JSON."""
+``<escape>`` markers, others as JSON.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

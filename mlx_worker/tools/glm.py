@@ -1,6 +1,8 @@
 """GLM-4.5 / 4.6 / 4.7 (mlx-lm ``glm47``):
 ``<tool_call>N\\n<arg_key>K</arg_key>\\n<arg_value>V</arg_value>\\n...</tool_call>``,
-strings raw, other values JSON; reasoning in ``<think>``."""
+strings raw, other values JSON; reasoning in ``<think>``.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -1,16 +1,10 @@
 """tool_choice -> a logits processor that makes tool calls valid by construction.
 
-With tools given, the output is free until the model starts a call (the
-format's trigger: its start marker token, or for a format without one the
-first token); from there it is held to exactly the family's call syntax
-around one of the tools' names and that tool's ``parameters`` schema, then
-it is free again (llguidance's lazy "structural tag" idea, run as
-``processor.ToolCallProcessor`` so that free text costs no CPU work).
-``required`` / ``{name}`` make the call start at the first token; ``none``
-forbids the start (the marker token, or the first tokens of a call). The
-call grammar is compiled and matched by the constraint machinery
-(``mlx_worker.constraints``): same cache, same mask, same fail-closed errors
-(-32007). Each format (``mlx_worker.tools.formats``) writes its grammar.
+Free until the model starts a call (the format's trigger); from there held to
+the family's call syntax around a tool's name and ``parameters`` schema, then
+free again. ``required`` / ``{name}`` start a call at the first token;
+``none`` forbids the start. Compiled and matched by ``mlx_worker.constraints``
+(same cache, mask, -32007 errors). Spec: protocol/README.md § `tool_choice`.
 """
 
 from __future__ import annotations

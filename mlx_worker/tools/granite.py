@@ -1,5 +1,7 @@
 """Granite 3.x: ``<|tool_call|>[{"name": N, "arguments": {...}}, ...]`` up to EOS
-(the form its system prompt asks for; the template doesn't render calls)."""
+(the form its system prompt asks for; the template doesn't render calls).
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """gpt-oss harmony. A turn is messages ``<|start|>assistant`` + header +
 ``<|message|>`` + text: ``<|channel|>analysis`` (reasoning) and
 ``<|channel|>final`` (content) end at ``<|end|>`` / ``<|return|>``; a call is
-``<|start|>assistant to=functions.N<|channel|>commentary json<|message|>{...}<|call|>``
-as the template renders it. The generation prompt ends with
-``<|start|>assistant``, so the grammar holds the header of every message
-(the output's first, and each after ``<|start|>``): which channel, and for a
-call the tool and its arguments; message text is free."""
+``<|start|>assistant to=functions.N<|channel|>commentary json<|message|>{...}<|call|>``.
+The generation prompt ends with ``<|start|>assistant``, so the grammar holds
+every message's header (channel; for a call the tool and its arguments);
+message text is free. Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Hermes / Qwen2.5 / Qwen3 (mlx-lm ``json_tools``):
-``<tool_call>\\n{"name": "N", "arguments": {...}}\\n</tool_call>``, one block per call."""
+``<tool_call>\\n{"name": "N", "arguments": {...}}\\n</tool_call>``, one block per call.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 ``<|tool_calls_section_begin|><|tool_call_begin|>functions.N:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>...<|tool_calls_section_end|>``.
 Each call is its own channel call (``tool_call_index``); its id is the
 template's own ``functions.N:IDX``. (mlx-lm's ``kimi_k2`` parser reads a
-whole section; the channel gives one call at a time, parsed here.)"""
+whole section; the channel gives one call at a time, parsed here.)
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Llama 3.1 / 3.2 / 3.3 JSON calls: the whole answer is
 ``{"name": N, "parameters": {...}}`` (no start marker: a call is an output
 that begins with ``{"name": "``), ended by ``<|eot_id|>``; the built-in
-tools of 3.1 as ``<|python_tag|>N.call(k="v")`` ended by ``<|eom_id|>``."""
+tools of 3.1 as ``<|python_tag|>N.call(k="v")`` ended by ``<|eom_id|>``.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

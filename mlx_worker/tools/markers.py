@@ -1,15 +1,8 @@
 """Channel markers of a model family, as mlx-lm's TokenizerWrapper detects
-them, extended where mlx-lm 0.32 misses a family.
-
-- Thinking: mlx-lm finds ``<think>``-style single tokens and two multi-token
-  schemes; Mistral's reasoning models (Magistral) use ``[THINK]``/``[/THINK]``
-  control tokens, which it doesn't know. They are set on the wrapper the
-  same way mlx-lm sets its own, so everything that reads ``has_thinking`` /
-  ``think_start`` / ``think_start_tokens`` sees them.
-- Tool calls for vision models: mlx-vlm's processor isn't wrapped by
-  mlx-lm's loader, so the tool parser is picked here by the same rules
-  (``tool_parser_type`` in the tokenizer config, else inferred from the
-  chat template).
+them, extended where mlx-lm 0.32 misses a family: Mistral's ``[THINK]`` /
+``[/THINK]`` control tokens, and the tool parser of a vision model (mlx-vlm's
+processor isn't wrapped by mlx-lm's loader; picked here by the same rules).
+Spec: protocol/README.md § Channels, § Formats (families).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """MiniMax-M2 (mlx-lm ``minimax_m2``): ``<minimax:tool_call>\\n<invoke name="N">\\n
-<parameter name="K">V</parameter>\\n</invoke>\\n</minimax:tool_call>``; reasoning in ``<think>``."""
+<parameter name="K">V</parameter>\\n</invoke>\\n</minimax:tool_call>``; reasoning in ``<think>``.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,10 @@
 """Mistral: ``[TOOL_CALLS]``, in the form the model's own template renders.
 
-- tekken templates (Small 3.x, Devstral, Magistral): ``[TOOL_CALLS]N[ARGS]{...}``
-  per call, ``[TOOL_CALLS]N[CALL_ID]id[ARGS]{...}`` where the template
-  renders ``[CALL_ID]`` (Small 3.2);
+- tekken templates: ``[TOOL_CALLS]N[ARGS]{...}`` per call, with ``[CALL_ID]id``
+  where the template renders it (Small 3.2);
 - Nemo: one JSON list, ``[TOOL_CALLS][{"name": N, "arguments": {...}, "id": id}, ...]``.
-
-No end marker: a call ends at the next ``[TOOL_CALLS]`` or at EOS. Ids are
-9 alphanumerics (the templates refuse any other).
+No end marker: a call ends at the next ``[TOOL_CALLS]`` or at EOS; ids are 9
+alphanumerics. Spec: protocol/README.md § Formats (families).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Pythonic calls (mlx-lm ``pythonic``; LFM2, Llama 4 style):
 ``<|tool_call_start|>[f(a=1), g(b="x")]<|tool_call_end|>``. Values are
-written as JSON, which Python reads except for booleans and null."""
+written as JSON, which Python reads except for booleans and null.
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 ``<tool_call>\\n<function=N>\\n<parameter=K>\\nV\\n</parameter>\\n</function>\\n</tool_call>``.
 String values are raw text (one line when forced: the value's end is a
 newline); other values as the template writes them
-(``value | string``; the grammar writes JSON, which the parser reads)."""
+(``value | string``; the grammar writes JSON, which the parser reads).
+Spec: protocol/README.md § Formats (families).
+"""
 
 from __future__ import annotations
 
