@@ -25,7 +25,7 @@ from . import errors, memory, protocol
 from .errors import WorkerError
 from .models.loaded import LoadedModel, new_loaded_model
 from .models.loading import LoadProgress, evaluate_weights
-from .models.checks import text_config
+from .models.config import text_config
 
 # Architectures that only encode: always embedding models.
 ENCODERS = {"bert", "modernbert", "xlm_roberta", "xlm-roberta", "nomic_bert", "roberta"}

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .models.checks import text_config
+from .models.config import text_config
 
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 MARGIN = 1.04

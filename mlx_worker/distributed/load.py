@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import errors, protocol
 from ..errors import WorkerError
 from ..models.loaded import LoadedModel, new_loaded_model
-from ..models.checks import text_config
+from ..models.config import text_config
 from . import ring as rings
 from .mirror import DistributedModel
 

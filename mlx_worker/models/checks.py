@@ -17,11 +17,7 @@ from typing import Any, Optional
 
 from .. import errors
 from ..errors import WorkerError
-
-
-def text_config(config: dict) -> dict:
-    """The language model's part of a config (a VLM nests it)."""
-    return config.get("text_config") or config.get("llm_config") or config
+from .config import text_config
 
 
 # Numbers in config.json that must be positive integers when present; a

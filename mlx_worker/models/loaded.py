@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import protocol
-from ..cache.kv_quant import check_layers
-from .checks import text_config
+from .config import context_length_of, vocab_size_of
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -72,32 +71,13 @@ class LoadedModel:
         )
 
 
-def context_length_of(config: dict) -> Optional[int]:
-    for cfg in (text_config(config), config):
-        for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx"):
-            value = cfg.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
 def kv_fields(m: LoadedModel) -> dict:
     q = m.kv_quant
     return {} if q is None else {"kv_bits": q.bits, "kv_group_size": q.group_size}
 
 
-def check_kv_layers(model) -> None:
-    """Refuse kv_bits for a model with windowed cache layers (kv_quant.py)."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    check_layers(make_prompt_cache(model))
-
-
 def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **extra) -> LoadedModel:
     """A LoadedModel before registration (the registry sets id and memory)."""
-    vocab = text_config(config).get("vocab_size", config.get("vocab_size"))
-    if not isinstance(vocab, int):
-        vocab = len(tokenizer._tokenizer)
     return LoadedModel(
         model_id="",
         path=str(path),
@@ -106,7 +86,7 @@ def new_loaded_model(path: Path, kind: str, model, tokenizer, config: dict, **ex
         tokenizer=tokenizer,
         config=config,
         context_length=context_length_of(config),
-        vocab_size=vocab,
+        vocab_size=vocab_size_of(config, tokenizer),
         eos_token_ids=sorted(tokenizer.eos_token_ids),
         memory_bytes=0,
         **extra,

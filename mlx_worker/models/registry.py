@@ -15,8 +15,8 @@ from .. import embeddings, errors, files, protocol
 from ..engine import speculative
 from .. import memory as memory_budget
 from ..errors import WorkerError
-from ..cache.kv_quant import from_load as kv_quant_of_load
-from .loaded import LoadedModel, check_kv_layers, kv_fields, new_loaded_model
+from ..cache.kv_quant import check_model as check_kv_layers, from_load as kv_quant_of_load
+from .loaded import LoadedModel, kv_fields, new_loaded_model
 from .loading import LoadProgress, evaluate_weights
 from .checks import check_folder, loads, template_problem
 from ..vision import load_vision_model

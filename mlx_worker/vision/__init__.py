@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 from .. import protocol
-from ..models.checks import text_config
+from ..models.config import text_config
 from ..models.loading import LoadProgress, evaluate_weights
-from ..models.loaded import LoadedModel, check_kv_layers, new_loaded_model
+from ..cache.kv_quant import check_model as check_kv_layers
+from ..models.loaded import LoadedModel, new_loaded_model
 from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
