@@ -3,7 +3,8 @@
 A folder that can't load is refused with a -32002 that names the problem
 (a bad config value, missing or truncated weights, no tokenizer) instead of
 a riddle from deep inside a model class; a folder that asks to run its own
-Python code is refused unless the host opted in with trust_remote_code.
+Python code is refused unless the host opted in with trust_remote_code
+(protocol/README.md, "Reliability").
 """
 
 from __future__ import annotations
