@@ -36,7 +36,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from ..cache import store as prompt_cache
 from . import draft_rounds
-from .draft_pairs import check_pair, find, forget, new_cache, pair_store, pair_stores  # noqa: F401 (still importable here)
+from .draft_pairs import check_pair, find, forget, new_cache, pair_store, pair_stores  # noqa: F401
 from .. import errors, sampling
 from ..models.loaded import LoadedModel
 
