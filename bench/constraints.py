@@ -179,9 +179,10 @@ def main() -> None:
     args = p.parse_args()
     blas = bind_blas_like_the_worker()
     from mlx_worker import protocol
+    from mlx_worker.handlers import LOADERS
     from mlx_worker.models.registry import ModelRegistry
 
-    registry = ModelRegistry()
+    registry = ModelRegistry(LOADERS)
     t0 = time.perf_counter()
     lm = registry.load(protocol.LoadParams(model=str(ensure_model(args.model)), model_id="bench"))
     lm = registry.get("bench")

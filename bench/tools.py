@@ -118,10 +118,11 @@ def per_format(args) -> None:
     import msgspec
 
     from mlx_worker import protocol
+    from mlx_worker.handlers import LOADERS
     from mlx_worker.models.registry import ModelRegistry
     from mlx_worker.prompt import render_chat
 
-    registry = ModelRegistry()
+    registry = ModelRegistry(LOADERS)
     figures = {}
     print(f"  {'family':16} {'format':16} {'no tools':>9} {'auto':>9}  ratio (median)  best   "
           "processor p50 us  share of a step")
@@ -167,10 +168,11 @@ def main() -> None:
     import msgspec
 
     from mlx_worker import protocol
+    from mlx_worker.handlers import LOADERS
     from mlx_worker.models.registry import ModelRegistry
     from mlx_worker.prompt import render_chat
 
-    registry = ModelRegistry()
+    registry = ModelRegistry(LOADERS)
     registry.load(protocol.LoadParams(model=str(ensure_model(args.model)), model_id="bench"))
     lm = registry.get("bench")
     prompt = render_chat(lm, msgspec.convert({"messages": MESSAGES, "tools": TOOLS}, protocol.TokenizeParams))

@@ -10,6 +10,7 @@ may reach. Follows llama.cpp's ``llama_sampler_dry``. Spec: protocol/README.md Â
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import mlx.core as mx
@@ -24,17 +25,21 @@ _BREAKER_SETS_KEPT = 16  # per model
 # breaker head token -> the tails (token tuples) that complete a breaker after it
 Breakers = dict[int, list[tuple[int, ...]]]
 
+# Per loaded model: every token's text, and breaker sets -> Breakers.
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary[object, list[str]]" = weakref.WeakKeyDictionary()
+_BREAKERS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
 
 def token_texts(lm) -> list[str]:
     """Every token id's own text (special tokens included), once per model."""
-    texts = lm.extra.get("token_texts")
+    texts = _TOKEN_TEXTS.get(lm)
     if texts is None:
         try:
             texts = lm.hf_tokenizer.batch_decode([[i] for i in range(lm.vocab_size)], skip_special_tokens=False,
                                                  clean_up_tokenization_spaces=False)
         except Exception:  # a tokenizer without batch_decode (a processor): one id at a time
             texts = [lm.decode([i]) for i in range(lm.vocab_size)]
-        lm.extra["token_texts"] = texts
+        _TOKEN_TEXTS[lm] = texts
     return texts
 
 
@@ -43,7 +48,7 @@ def breakers_for(lm, strings: list[str]) -> Breakers:
     as llama.cpp's ``get_overlapping_token_sequences`` finds them; kept per
     model and breaker set."""
     key = tuple(strings)
-    table = lm.extra.setdefault("dry_breakers", {})
+    table = _BREAKERS.setdefault(lm, {})
     if key in table:
         return table[key]
     texts = token_texts(lm)

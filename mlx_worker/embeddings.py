@@ -1,17 +1,10 @@
-"""Embedding models: loading them, and ``embed``.
+"""Embedding models: their loader, and ``embed`` (protocol/README.md, "embed").
 
-A folder is an embedding model when it ships sentence-transformers' files
-(``modules.json``, ``config_sentence_transformers.json``, a ``1_Pooling``
-folder), when its architecture can only encode (BERT, ModernBERT, XLM-R),
-or when ``load {embedding: true}`` says so. mlx-embeddings builds the model
-(its classes read the same checkpoints as the reference libraries); the
-worker pools the last hidden states itself, as the folder's pooling config
-says (last token for decoders such as Qwen3-Embedding, mean for encoders),
-so ``normalize`` and ``dimensions`` are the host's choice.
-
-Inputs run in batches of similar length, right-padded with an attention
-mask; between batches a cancel is honoured and the running generations
-take a decode step.
+A folder is an embedding model when it ships sentence-transformers' files,
+when its architecture can only encode, or when ``load {embedding: true}`` says
+so. mlx-embeddings (else mlx-lm's decoder) builds the model; the worker pools
+the last hidden states as the folder's pooling config says. Inputs run in
+batches of similar length; between batches a cancel is honoured.
 """
 
 from __future__ import annotations
@@ -23,9 +16,10 @@ from typing import Callable, Optional
 
 from . import errors, memory, protocol
 from .errors import WorkerError
-from .models.loaded import LoadedModel, new_loaded_model
+from .models.loaded import LoadedModel
+from .models.loader import Loaded, Loader
 from .models.loading import LoadProgress, evaluate_weights
-from .models.checks import text_config
+from .models.config import text_config
 
 # Architectures that only encode: always embedding models.
 ENCODERS = {"bert", "modernbert", "xlm_roberta", "xlm-roberta", "nomic_bert", "roberta"}
@@ -82,7 +76,26 @@ def _mlx_embeddings_has(config: dict) -> bool:
     return bool(name) and importlib.util.find_spec(f"mlx_embeddings.models.{name}") is not None
 
 
-def load(path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress) -> LoadedModel:
+def claims(path: Path, config: dict, params: protocol.LoadParams) -> bool:
+    """Whether the folder loads as an embedding model (``load {embedding}``,
+    else detected); the options that only generation uses are refused."""
+    detected = is_embedding_folder(path, config)
+    wanted = detected if params.embedding is None else params.embedding
+    if not wanted:
+        if str(config.get("model_type", "")).lower() in ENCODERS:
+            raise errors.invalid_params("params.embedding", f"{path} is an encoder ({config.get('model_type')}): "
+                                        "it can only be loaded as an embedding model")
+        return False
+    if "vision_config" in config:
+        raise errors.invalid_params("params.embedding", "vision embedding models are not supported")
+    for name in ("draft_model_id", "num_draft_tokens", "kv_bits", "max_kv_size", "parallel"):
+        if getattr(params, name) is not None:
+            raise errors.invalid_params(f"params.{name}", f"{name} is for generation; this folder loads as an "
+                                        "embedding model (pass embedding: false to load it for generation)")
+    return True
+
+
+def load(path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress) -> Loaded:
     """mlx-embeddings' class for the architecture when it has one, else the
     decoder's mlx-lm class (its hidden states)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -99,10 +112,11 @@ def load(path: Path, config: dict, params: protocol.LoadParams, progress: LoadPr
         model = _DecoderHidden(load_model(path, lazy=True, strict=False,
                                           trust_remote_code=params.trust_remote_code)[0])
     evaluate_weights(model, progress)
-    lm = new_loaded_model(path, "embedding", model, tokenizer, config)
-    lm.extra["pooling"] = pooling_of(path, config)
-    lm.extra["dimensions"] = text_config(config).get("hidden_size")
-    return lm
+    return Loaded("embedding", model, tokenizer, pooling=pooling_of(path, config),
+                  dimensions=text_config(config).get("hidden_size"))
+
+
+LOADER = Loader(load, claims=claims)
 
 
 # ------------------------------------------------------------------- embed
@@ -142,7 +156,7 @@ def inputs_of(lm: LoadedModel, params: protocol.EmbedParams) -> list[list[int]]:
             ids = ids[:limit]
         out.append(ids)
     dims = params.dimensions
-    full = lm.extra.get("dimensions")
+    full = lm.dimensions
     if dims is not None and full and dims > full:
         raise errors.invalid_params("params.dimensions", f"dimensions must be at most the model's {full}")
     return out
@@ -205,7 +219,7 @@ def embed(lm: LoadedModel, params: protocol.EmbedParams, should_stop: Callable[[
         tokens = mx.array([ids[i] + [pad] * (width - lengths[i]) for i in group], dtype=mx.int32)
         mask = mx.array([[1] * lengths[i] + [0] * (width - lengths[i]) for i in group], dtype=mx.int32)
         hidden = lm.model(tokens, attention_mask=mask).last_hidden_state.astype(mx.float32)
-        pooled = pool(hidden, mask, lm.extra.get("pooling", "last_token"))
+        pooled = pool(hidden, mask, lm.pooling or "last_token")
         if params.dimensions is not None:
             pooled = pooled[:, : params.dimensions]  # Matryoshka: the leading dimensions
         if params.normalize:

@@ -11,16 +11,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
+
 from .cache import files as cache_files
 from . import embeddings, errors, prompt_bounds, protocol
-from .engine import generation, speculative
+from .distributed import loader as distributed_loader
+from .engine import draft_pairs, generation, speculative
 from .errors import WorkerError
 from .jobs import Job, JobTable
 from .models.loading import LoadCancelled, LoadProgress
+from .models import text as text_loader
 from .models.registry import ModelRegistry
 from .offload import Offload, Task
 from .prompt import check_token_ids, tokenize
 from .engine.scheduler import Scheduler, run_alone
+from .tools.formats import load_fields
+from . import vision
+
+# Loaders by precedence: the first that claims a folder loads it (models/loader.py).
+LOADERS = {"embedding": embeddings.LOADER, "parallel": distributed_loader.LOADER,
+           "vision": vision.LOADER, "text": text_loader.LOADER}
 
 log = logging.getLogger("mlx_worker.handlers")
 
@@ -28,7 +38,7 @@ log = logging.getLogger("mlx_worker.handlers")
 class Handlers:
     def __init__(self, table: JobTable) -> None:
         self.table = table
-        self.models = ModelRegistry()
+        self.models = ModelRegistry(LOADERS, hooks=[draft_pairs.LoadPairing()])
         self.scheduler = Scheduler(self._generation_done, self._all_stores)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
         self.offload = Offload(wake=table.poke)  # prompts too long to prepare on this thread
@@ -68,7 +78,7 @@ class Handlers:
 
     def _drop_failed(self) -> None:
         """A distributed model whose group failed is unloaded once no request holds it."""
-        for model_id in self.models.failed_distributed():
+        for model_id in self.models.failed():
             if not self._in_use(model_id):
                 log.warning("unloading %s: its distributed group failed", model_id)
                 self.models.unload(model_id)
@@ -174,7 +184,7 @@ class Handlers:
         stores = []
         for lm in self.models.snapshot():
             stores.append(lm.prompt_cache)
-            stores.extend(speculative.pair_stores(lm))
+            stores.extend(draft_pairs.pair_stores(lm))
         return stores
 
     def _generation_done(self, gen: generation.Generation, outcome: object) -> None:
@@ -205,7 +215,8 @@ class Handlers:
                 log.warning("a cancelled load failed before it could stop", exc_info=True)
                 raise LoadCancelled() from None
             raise
-        return result
+        lm = self.models.get(result.model_id)
+        return result if lm.kind == "embedding" else msgspec.structs.replace(result, **load_fields(lm.tokenizer))
 
     def embed(self, job: Job) -> protocol.EmbedResult:
         lm = self._model(job.params.model_id)
@@ -259,7 +270,7 @@ class Handlers:
         from .cache.disk import spill_all
 
         for lm in self.models.snapshot():
-            written = spill_all(lm, [lm.prompt_cache, *speculative.pair_stores(lm)])
+            written = spill_all(lm, [lm.prompt_cache, *draft_pairs.pair_stores(lm)])
             if written:
                 log.info("prompt cache: %d entries of %s written to disk", written, lm.model_id)
 
@@ -296,5 +307,5 @@ class Handlers:
 def _no_cache_files(lm) -> None:
     if lm.kind == "embedding":
         raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is an embedding model: it has no KV cache")
-    if "parallel" in lm.extra:
+    if lm.parallel is not None:
         raise errors.invalid_params("params.model_id", "prompt cache files are not supported for distributed models")

@@ -10,10 +10,11 @@ bench/results/design-notes.md § layers, bench/memory.py.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .models.checks import text_config
+from .models.config import text_config
 
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
 MARGIN = 1.04
@@ -22,11 +23,12 @@ FIXED = 256 << 10  # per request: token buffers, sampling state, small arrays (m
 # (hidden, intermediate) × itemsize; fitted (fp32 and bf16 differ: bf16
 # matmuls and norms keep some fp32 temporaries on CPU).
 LINEAR = {4: (8.0, 4.0), 2: (12.0, 6.0)}
+_LAYOUTS: "weakref.WeakKeyDictionary[object, Layout]" = weakref.WeakKeyDictionary()  # per loaded model
 
 
 @dataclass
 class Layout:
-    """A model's shapes, read once per loaded model (cached in ``lm.extra``)."""
+    """A model's shapes, read once per loaded model (kept in ``_LAYOUTS``)."""
 
     layers: list  # per layer: ("kv",) | ("window", size) | ("quant", element_bytes) | ("state", bytes)
     heads: int
@@ -66,7 +68,7 @@ def _float_itemsize(model: Any) -> int:
 
 
 def layout(lm) -> Layout:
-    cached = lm.extra.get("memory_layout")
+    cached = _LAYOUTS.get(lm)
     if cached is not None:
         return cached
     import mlx.core as mx
@@ -102,7 +104,7 @@ def layout(lm) -> Layout:
         layers = [("kv",)] * n
     out = Layout(layers, heads, kv_heads, head_dim, hidden, inter, lm.vocab_size, itemsize,
                  mx.default_device().type == mx.DeviceType.gpu)
-    lm.extra["memory_layout"] = out
+    _LAYOUTS[lm] = out
     return out
 
 

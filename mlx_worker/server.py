@@ -160,7 +160,7 @@ class Worker:
         models = self.models.snapshot() if self.models is not None else []
         running = self.table.running_ids()
         return protocol.StatusResult(
-            models=[m.describe() for m in models],
+            models=[self.models.describe(m) for m in models],
             queue=protocol.QueueStatus(
                 active=running[0] if running else None,
                 pending=self.table.pending(),

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import stat
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -33,20 +34,22 @@ FORMAT = "mlx-worker-prompt-cache/1"
 IDENTITY_KEYS = ("config_sha256", "weights_fingerprint", "tokenizer_sha256")
 _SAMPLES = 16  # weight-file windows read for the fingerprint
 _SAMPLE_BYTES = 4096
+# Per loaded model: what a cache file records of it (model_identity).
+_IDENTITIES: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------- identity
 
 
 def model_identity(lm) -> dict[str, str]:
-    ident = lm.extra.get("cache_identity")
+    ident = _IDENTITIES.get(lm)
     if ident is None:
         ident = {
             "config_sha256": _sha256(json.dumps(lm.config, sort_keys=True).encode()),
             "weights_fingerprint": _weights_fingerprint(Path(lm.path)),
             "tokenizer_sha256": _sha256(json.dumps(sorted(lm.hf_tokenizer.get_vocab().items())).encode()),
         }
-        lm.extra["cache_identity"] = ident
+        _IDENTITIES[lm] = ident
     return ident
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import errors, protocol
-from ..models.checks import text_config
+from ..models.config import text_config
 
 DEFAULT_GROUP_SIZE = 64  # mlx-lm's
 
@@ -74,6 +74,13 @@ def check_layers(cache: list) -> None:
             f"this model has {len(windowed)} sliding-window (rotating) cache layers, which can't be "
             "quantized; load it without kv_bits",
         )
+
+
+def check_model(model) -> None:
+    """Refuse kv_bits for a model whose own cache has windowed layers."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    check_layers(make_prompt_cache(model))
 
 
 def quantize_layers(cache: list, quant: Optional[KVQuant]) -> list:

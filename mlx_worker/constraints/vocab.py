@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from .. import errors
 from ..errors import WorkerError
+
+
+# Per loaded model: its tokenizer's content hash.
+_KEYS: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -60,7 +65,7 @@ def tokenizer_key(lm) -> str:
     """A content hash of the tokenizer, computed once per loaded model: two
     models sharing a tokenizer share compiled constraints, and an unloaded
     model's id can never alias a new one."""
-    key = lm.extra.get("constraints.tokenizer_key")
+    key = _KEYS.get(lm)
     if key is None:
         tok = hf_tokenizer_of(lm)
         backend = getattr(tok, "backend_tokenizer", None)
@@ -73,7 +78,7 @@ def tokenizer_key(lm) -> str:
             )
         digest = hashlib.sha256(backend.to_str().encode("utf-8"))
         digest.update(f"|{lm.vocab_size}|{sorted(lm.eos_token_ids)}".encode())
-        key = lm.extra["constraints.tokenizer_key"] = digest.hexdigest()[:24]
+        key = _KEYS[lm] = digest.hexdigest()[:24]
     return key
 
 

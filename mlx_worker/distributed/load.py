@@ -1,4 +1,5 @@
-"""``load {parallel}``: a text model sharded over this worker's ranks."""
+"""``load {parallel}``: a text model sharded over this worker's ranks
+(protocol/README.md, "Distributed models"); imported only by such a load."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 
 from .. import errors, protocol
 from ..errors import WorkerError
-from ..models.loaded import LoadedModel, new_loaded_model
-from ..models.checks import text_config
+from ..models.config import text_config
+from ..models.fixups import finish_tokenizer
+from ..models.loaded import Parallel
+from ..models.loader import Loaded, model_id_of
+from ..models.loading import LoadProgress
 from . import ring as rings
 from .mirror import DistributedModel
 
@@ -57,15 +61,15 @@ def check(path: Path, params: protocol.LoadParams, config: dict) -> None:
                                                             f"{parallel.mode} parallel sharding")
 
 
-def load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> LoadedModel:
+def load(path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress) -> Loaded:
     try:
-        return _load(path, config, params, model_id)
+        return _load(path, config, params, model_id_of(params, path))
     except rings.RingFailed as exc:  # a load error, with the group's reason
         raise WorkerError(errors.LOAD_FAILED, f"could not load {path}: {exc.message}",
                           {"path": str(path), "field": "params.parallel", **(exc.data or {})}) from None
 
 
-def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> LoadedModel:
+def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) -> Loaded:
     from mlx_lm.utils import sharded_load
 
     parallel = params.parallel
@@ -88,19 +92,12 @@ def _load(path: Path, config: dict, params: protocol.LoadParams, model_id: str) 
         raise WorkerError(errors.LOAD_FAILED, f"could not load {path} {parallel.mode}-parallel: "
                           f"{type(exc).__name__}: {exc}", {"path": str(path), "field": "params.parallel"}) from None
     replies = _replies(ring)
-    if params.chat_template is not None:
-        tokenizer._tokenizer.chat_template = params.chat_template
-    from ..tools.markers import extend_thinking
-    from ..tools.formats import install
-
-    install(tokenizer)
-    extend_thinking(tokenizer)
+    finish_tokenizer(tokenizer, params.chat_template)
     wrapped = DistributedModel(ring, model_id, model, len(model.layers))
-    loaded = new_loaded_model(path, "text", wrapped, tokenizer, config)
-    loaded.extra["parallel"] = protocol.ParallelStatus(
+    status = protocol.ParallelStatus(
         mode=parallel.mode, backend=ring.backend, ranks=ring.size, pids=ring.describe()["pids"],
         layers=[len(model.layers)] + [r.get("layers", 0) for r in replies])
-    return loaded
+    return Loaded("text", wrapped, tokenizer, parallel=Parallel(status, lambda: ring.failure, wrapped.release))
 
 
 def _replies(ring) -> list[dict]:
@@ -116,12 +113,6 @@ def _replies(ring) -> list[dict]:
             raise ring.fail(f"rank {f.rank} could not load the model: {reply and reply.get('error')}")
         replies.append(reply)
     return replies
-
-
-def release(loaded: LoadedModel) -> None:
-    model = loaded.model
-    if isinstance(model, DistributedModel):
-        model.release()
 
 
 def capabilities() -> protocol.DistributedCapabilities:

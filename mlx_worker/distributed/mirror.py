@@ -1,13 +1,7 @@
 """The model and KV caches rank 0 drives; every follower replays the same
-operations on its own shard, in the same order.
-
-Rank 0's caches are ``MirroredKVCache`` lists, each with an id the
-followers know: creating one, copying it (``copy.deepcopy``, as the prompt
-cache does), trimming it, dropping it and running the model on it are sent
-as operations before rank 0 does them itself. Layers are mirrored as a list
-(in pipeline mode each rank holds other layers): layer 0 speaks for its list.
-A forward pass is evaluated at once on every rank, logits included, so every
-rank runs the same collectives (a rank that runs one more deadlocks the ring).
+operations on its own shard, in the same order: creating, copying, trimming,
+dropping a cache list and running the model on it are sent before rank 0 does
+them itself (bench/results/design-notes.md, "models").
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""The ranks of this worker's distributed group, as rank 0 sees them.
-
-MLX creates the global group once per process (a second ``init`` returns the
-first group, even after a peer died), so a worker has at most one ring: it is
-started by the first distributed load, shared by the distributed models, and
-ends with the worker, or when a rank fails. After a failure no distributed
-model can be loaded again in this worker process (restart it).
-
-Control: each follower reads one JSON operation per line on its stdin and
-writes heartbeats (and load replies) on its stdout, a pipe to rank 0 (never
-the host's stdout). A follower that exits or sends no heartbeat for
-``timeout_s`` fails the ring: every follower is killed, so a collective rank
-0 is waiting in ends with an error instead of hanging.
+"""The ranks of this worker's distributed group, as rank 0 sees them: at most one
+ring per worker (MLX creates its global group once), started by the first
+distributed load; followers read JSON operations on stdin and send heartbeats
+on stdout; one that exits or goes silent fails the ring and every follower is
+killed (bench/results/design-notes.md, "models").
 """
 
 from __future__ import annotations

@@ -29,16 +29,15 @@ and a draft whose vocabulary differs from the target's.
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, trim_prompt_cache
+from mlx_lm.models.cache import trim_prompt_cache
 
-from ..cache import disk as cache_disk, store as prompt_cache
+from ..cache import store as prompt_cache
 from . import draft_rounds
+from .draft_pairs import check_pair, find, forget, new_cache, pair_store, pair_stores  # noqa: F401
 from .. import errors, sampling
-from ..errors import WorkerError
 from ..models.loaded import LoadedModel
 
 DEFAULT_NUM_DRAFT_TOKENS = 3  # mlx_lm.server's default
@@ -61,99 +60,6 @@ def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> tuple
     if num == 0:
         return None, 0
     return find(get, draft_id, field), num or DEFAULT_NUM_DRAFT_TOKENS
-
-
-def find(get: Callable[[str], LoadedModel], draft_id: str, field: str) -> LoadedModel:
-    try:
-        return get(draft_id)
-    except WorkerError as exc:
-        # -32602 naming the field, also for a draft whose unload waits (the
-        # target itself would be -32003): the spec's one code for a draft.
-        state = "being unloaded" if isinstance(exc.data, dict) and exc.data.get("unloading") else "not loaded"
-        raise errors.invalid_params(field, f"draft model {draft_id!r} is {state}") from None
-
-
-def check_pair(lm: LoadedModel, draft: LoadedModel, field: str) -> None:
-    """Refuse a draft that can't give exactly the target's output."""
-    for which, m in (("model", lm), ("draft model", draft)):
-        if m.vision is not None:
-            raise errors.invalid_params(field, f"speculative decoding does not support vision models ({which} {m.model_id!r})")
-        if m.max_kv_size:
-            raise errors.invalid_params(
-                field, f"speculative decoding needs trimmable caches; the {which} {m.model_id!r} was loaded with "
-                "max_kv_size (a rotating window can't take back rejected draft tokens)")
-        cache = prompt_cache.make_cache(m)
-        if len(cache) != len(getattr(m.model, "layers", ())):  # mlx-lm splits the pair's cache by layer count
-            raise errors.invalid_params(field, f"speculative decoding does not support the {which} {m.model_id!r} "
-                                        "(its cache is not one entry per layer)")
-        kinds = {type(c).__name__ for c in cache if type(c) not in (KVCache, QuantizedKVCache)}
-        if kinds:
-            raise errors.invalid_params(
-                field, f"speculative decoding needs plain KV caches; the {which} {m.model_id!r} uses "
-                f"{', '.join(sorted(kinds))} (sliding windows and recurrent state can't take back rejected drafts)")
-    if not _same_vocabulary(lm, draft):
-        raise errors.invalid_params(
-            field, f"the draft model {draft.model_id!r} has a different tokenizer vocabulary than {lm.model_id!r}")
-
-
-def _same_vocabulary(lm: LoadedModel, draft: LoadedModel) -> bool:
-    """Token strings and ids compared one by one (sizes can match by chance);
-    remembered per pair of loaded models."""
-    if lm is draft:
-        return True
-    checked = _per_draft(lm, "draft_vocab_checked", draft)
-    if checked.get("same") is None:
-        checked["same"] = lm.hf_tokenizer.get_vocab() == draft.hf_tokenizer.get_vocab()
-    return checked["same"]
-
-
-def _per_draft(lm: LoadedModel, name: str, draft: LoadedModel) -> dict:
-    """What ``lm`` remembers about one loaded draft (forgotten when that
-    draft is unloaded and another loaded under its id)."""
-    table = lm.extra.setdefault(name, {})
-    held = table.get(draft.model_id)
-    if held is None or held[0]() is not draft:
-        held = table[draft.model_id] = (weakref.ref(draft), {})
-    return held[1]
-
-
-def _pair_store(lm: LoadedModel, draft: LoadedModel):
-    """The prompt-cache store of a (target, draft) pair: entries hold both
-    models' caches, so a hit continues both. Same limits as the target's own
-    store, in the worker's one budget; none when the target's prompt cache is off."""
-    base = lm.prompt_cache
-    if base is None:
-        return None
-    held = _per_draft(lm, "draft_stores", draft)
-    if "store" not in held:
-        held["store"] = prompt_cache.PromptCacheStore(base.own_max_bytes, base.max_entries,
-                                                      lambda keep: new_cache(lm, draft))
-        if base.budget is not None:  # one budget with every other store (cache_budget.py)
-            base.budget.attach(held["store"])
-        held["store"].draft_lm = draft  # part of its disk namespace (cache_disk.py)
-        cache_disk.attach(lm, held["store"], getattr(base, "disk", None))
-    return held["store"]
-
-
-def pair_stores(lm: LoadedModel) -> list:
-    """The prompt-cache stores of ``lm`` as target, one per draft used."""
-    return [held["store"] for _, held in lm.extra.get("draft_stores", {}).values() if "store" in held]
-
-
-def forget(gone: LoadedModel, others) -> None:
-    """An unloaded model's pair stores go with it, as a draft of the others
-    and as a target."""
-    for lm in [gone, *others]:
-        for name in ("draft_stores", "draft_vocab_checked"):
-            table = lm.extra.get(name, {})
-            for key in [k for k, (ref, _) in table.items() if lm is gone or ref() is gone]:
-                held = table.pop(key)[1]
-                if "store" in held:
-                    held["store"].clear()
-
-
-def new_cache(lm: LoadedModel, draft: LoadedModel) -> list:
-    return prompt_cache.make_cache(lm) + prompt_cache.make_cache(draft)
 
 
 class Draft:
@@ -198,7 +104,7 @@ class Draft:
 
     @property
     def store(self):
-        return _pair_store(self.target, self.lm)
+        return pair_store(self.target, self.lm)
 
     def new_cache(self) -> list:
         return new_cache(self.target, self.lm)

@@ -3,7 +3,8 @@
 A folder that can't load is refused with a -32002 that names the problem
 (a bad config value, missing or truncated weights, no tokenizer) instead of
 a riddle from deep inside a model class; a folder that asks to run its own
-Python code is refused unless the host opted in with trust_remote_code.
+Python code is refused unless the host opted in with trust_remote_code
+(protocol/README.md, "Reliability").
 """
 
 from __future__ import annotations
@@ -13,15 +14,11 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import errors
 from ..errors import WorkerError
-
-
-def text_config(config: dict) -> dict:
-    """The language model's part of a config (a VLM nests it)."""
-    return config.get("text_config") or config.get("llm_config") or config
+from .config import text_config
 
 
 # Numbers in config.json that must be positive integers when present; a
@@ -156,7 +153,22 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
     if special is not None:
         raise fail(f"{path / special} is not a regular file (a FIFO, device or socket is never read)",
                    file=str(path / special))
+    _check_config(config, fail)
+    _check_weights(path, config, fail)
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise fail(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model, vocab.json)")
+    parsed = _read_json_files(path, fail)
+    code = [] if trust_remote_code else _remote_code(config, parsed)
+    if code:
+        raise WorkerError(
+            errors.LOAD_FAILED,
+            f"{path} asks to run Python code from the model folder ({'; '.join(code)}). Refused: pass "
+            "`trust_remote_code: true` to load only if you trust this model's files.",
+            {"path": str(path), "field": "params.trust_remote_code", "remote_code": code},
+        )
 
+
+def _check_config(config: dict, fail: Callable[..., WorkerError]) -> None:
     text = text_config(config)
     for cfg, prefix in ((config, ""), (text, "text_config.")) if text is not config else ((config, ""),):
         for key in _POSITIVE_INTS:
@@ -169,6 +181,9 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
                            field=f"config.{prefix}{key}")
     if "model_type" not in config or not isinstance(config["model_type"], str):
         raise fail("config.json has no `model_type` string: the architecture is unknown", field="config.model_type")
+
+
+def _check_weights(path: Path, config: dict, fail: Callable[..., WorkerError]) -> None:
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise fail(f"no weights in {path}: expected *.safetensors files (other formats are not read)")
@@ -181,15 +196,16 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
     # The model is built from config.json before any weight is read: a layer
     # count the weights don't hold would build (and hold) thousands of
     # layers, far beyond what the weights' size admitted.
+    text = text_config(config)
     held = weight_layers(names)
     wanted = text.get("num_hidden_layers")
     if held and isinstance(wanted, int) and wanted > held:
         prefix = "text_config." if text is not config else ""
         raise fail(f"config.json: `{prefix}num_hidden_layers` is {wanted} but the weights hold {held} layers",
                    field=f"config.{prefix}num_hidden_layers")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise fail(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model, vocab.json)")
 
+
+def _read_json_files(path: Path, fail: Callable[..., WorkerError]) -> dict:
     parsed = {}
     for name in _JSON_FILES:
         try:
@@ -198,9 +214,11 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
             raise fail(str(exc), file=str(path / name)) from None
         except (OSError, ValueError):
             continue  # absent, or broken: the library that reads it names it
+    return parsed
 
-    if trust_remote_code:
-        return
+
+def _remote_code(config: dict, parsed: dict) -> list[str]:
+    """What in the folder asks to run its own Python code."""
     code = []
     if config.get("model_file") is not None:
         code.append(f"config.json model_file: {config['model_file']}")
@@ -209,10 +227,4 @@ def check_folder(path: Path, config: dict, trust_remote_code: bool) -> None:
         auto_map = entry.get("auto_map") if isinstance(entry, dict) else None
         if auto_map:
             code.append(f"{name} auto_map: {json.dumps(auto_map)[:200]}")
-    if code:
-        raise WorkerError(
-            errors.LOAD_FAILED,
-            f"{path} asks to run Python code from the model folder ({'; '.join(code)}). Refused: pass "
-            "`trust_remote_code: true` to load only if you trust this model's files.",
-            {"path": str(path), "field": "params.trust_remote_code", "remote_code": code},
-        )
+    return code

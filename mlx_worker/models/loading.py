@@ -1,5 +1,5 @@
 """Loads a host can watch and cancel: ``load_progress`` events and a stop
-check between groups of weights.
+check between groups of weights (protocol/README.md, "Load progress and cancel").
 
 The libraries load lazily (``lazy=True`` builds the model over unread
 weights in milliseconds); ``evaluate_weights`` then reads them group by

@@ -1,27 +1,29 @@
-"""Loaded models: loading from local folders, lookup by id, unloading."""
+"""The models a worker holds: loading from local folders (protocol/README.md,
+"load"), lookup by id, unloading. It knows no model family: the loaders it is
+handed do (models/loader.py)."""
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import stat
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from ..cache import disk as cache_disk, store as prompt_cache
-from .. import embeddings, errors, files, protocol
-from ..engine import speculative
+from .. import errors, files, protocol
 from .. import memory as memory_budget
 from ..errors import WorkerError
 from ..cache.kv_quant import from_load as kv_quant_of_load
-from .loaded import LoadedModel, check_kv_layers, kv_fields, new_loaded_model
-from .loading import LoadProgress, evaluate_weights
 from .checks import check_folder, loads, template_problem
-from ..vision import load_vision_model
+from .config import context_length_of, vocab_size_of
+from .loaded import DEFAULT_PREFILL_STEP, LoadedModel, kv_fields
+from .loader import Loaded, Loader, model_id_of
+from .loading import LoadProgress
 
 log = logging.getLogger("mlx_worker.models.registry")
+
 
 def read_config(path: Path) -> dict:
     config_path = path / "config.json"
@@ -40,18 +42,35 @@ def read_config(path: Path) -> dict:
     return config
 
 
+class LoadHooks(Protocol):
+    """What a feature above keeps per loaded model (speculative decoding's
+    draft pairing): checks around a load, stores of its own, and what goes
+    when a model is unloaded."""
+
+    def before_load(self, get: Callable[[str], LoadedModel], params: protocol.LoadParams) -> None: ...
+    def after_load(self, get: Callable[[str], LoadedModel], params: protocol.LoadParams, lm: LoadedModel) -> None: ...
+    def stores(self, lm: LoadedModel) -> list: ...
+    def forget(self, gone: LoadedModel, others: Iterable[LoadedModel]) -> None: ...
+
+
 class ModelRegistry:
     """The models this worker holds. Touched only by the compute thread,
-    except ``snapshot`` (read by ``status`` on the reader thread)."""
+    except ``snapshot`` and ``describe`` (read by ``status`` on the reader thread).
+    ``loaders``: the first that claims a folder loads it (models/loader.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loaders: Mapping[str, Loader], hooks: Sequence[LoadHooks] = ()) -> None:
         self._models: dict[str, LoadedModel] = {}
+        self._loaders = dict(loaders)
+        self._hooks = list(hooks)
 
     def snapshot(self) -> list[LoadedModel]:
         # A distributed model whose group failed is gone for the host at once
         # (the compute thread unloads it between steps).
         # A copy first: load/unload change the dict on the compute thread.
-        return [m for m in list(self._models.values()) if "parallel" not in m.extra or m.model._ring.failure is None]
+        return [m for m in list(self._models.values()) if not m.failed]
+
+    def describe(self, lm: LoadedModel) -> protocol.ModelStatus:
+        return lm.describe(self._hook_stores(lm))
 
     def get(self, model_id: Optional[str]) -> LoadedModel:
         if model_id is None:
@@ -79,92 +98,22 @@ class ModelRegistry:
         progress = progress or LoadProgress(request_id=0)
         progress.report("checks", 0, 1)
         path = _model_folder(params.model).resolve()
-        model_id = params.model_id or path.name
+        model_id = model_id_of(params, path)
         existing = self._models.get(model_id)
         if existing is not None:
-            if existing.path == str(path):
-                _check_same_options(existing, params)
-                progress.report("checks", 1, 1)
-                return _load_result(existing, 0.0, already_loaded=True)
-            raise WorkerError(
-                errors.INVALID_PARAMS,
-                f"model_id {model_id!r} is already used by {existing.path}; unload it or pick another model_id",
-                {"field": "params.model_id"},
-            )
-
-        if params.chat_template is not None:
-            problem = template_problem(params.chat_template)
-            if problem:
-                raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
-        if params.parallel is not None and params.draft_model_id is not None:  # before any rank starts
-            raise errors.invalid_params("params.draft_model_id",
-                                        "speculative decoding is not supported on a distributed (parallel) model")
-        draft = None
-        if params.draft_model_id is not None:  # loaded first, like any model
-            draft = speculative.find(self.get, params.draft_model_id, "params.draft_model_id")
-        config = read_config(path)
-        check_folder(path, config, params.trust_remote_code)
-        as_embedding = _embedding_load(path, config, params)
-        kv_quant = kv_quant_of_load(params, config)
-        if params.parallel is not None:
-            _check_parallel(path, params, config)
-        memory_budget.admit_load(path, params.memory_limit)
-        disk = _disk_tier(params)
+            if existing.path != str(path):
+                raise WorkerError(
+                    errors.INVALID_PARAMS,
+                    f"model_id {model_id!r} is already used by {existing.path}; unload it or pick another model_id",
+                    {"field": "params.model_id"},
+                )
+            _check_same_options(existing, params)
+            progress.report("checks", 1, 1)
+            return _load_result(existing, 0.0, already_loaded=True)
+        loader, config, kv_quant, disk = self._check(path, params)
         progress.report("checks", 1, 1)
         start = time.perf_counter()
-        import mlx.core as mx
-
-        before = mx.get_active_memory()
-        loaded = None
-        try:
-            if params.parallel is not None:
-                from ..distributed import load as distributed  # late: only distributed loads start ranks
-
-                loaded = distributed.load(path, config, params, model_id)
-            elif as_embedding:
-                loaded = embeddings.load(path, config, params, progress)
-            elif "vision_config" in config:
-                loaded = load_vision_model(path, config, params, progress, kv_quant is not None)
-            else:
-                loaded = _load_text_model(path, config, params, progress, kv_quant is not None)
-            _check_folder_template(loaded, path)
-            _settle_random_state()
-            memory = max(0, mx.get_active_memory() - before)
-            failure = None
-        except WorkerError as exc:
-            failure = exc
-        except Exception as exc:  # any failure inside a library is a load failure
-            failure = _load_failure(path, config, exc)
-        if failure is not None:
-            # Out of the except block, and without the traceback: its frames
-            # hold the half-built model, whose memory must really come back.
-            _release_shards(loaded)
-            loaded = None
-            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
-            _release()
-            raise failure
-
-        loaded.model_id = model_id
-        loaded.load_options = _load_options(params)
-        loaded.memory_bytes = memory
-        loaded.memory_limit = params.memory_limit
-        if params.prefill_step_size:
-            loaded.prefill_step_size = params.prefill_step_size
-        loaded.max_kv_size = params.max_kv_size
-        loaded.kv_quant = kv_quant
-        if draft is not None:
-            try:
-                speculative.check_pair(loaded, draft, "params.draft_model_id")
-            except WorkerError as exc:
-                failure = exc
-            else:
-                failure = None
-            if failure is not None:  # as above: nothing of the model stays
-                _release_shards(loaded)
-                loaded = draft = None
-                failure.__traceback__ = failure.__context__ = failure.__cause__ = None
-                _release()
-                raise failure
+        loaded = self._build(loader, path, config, params, progress, kv_quant, model_id)
         loaded.prompt_cache = prompt_cache.create_store(loaded, params) if loaded.kind != "embedding" else None
         cache_disk.attach(loaded, loaded.prompt_cache, disk)
         self._models[model_id] = loaded
@@ -172,26 +121,72 @@ class ModelRegistry:
         log.info("loaded %s (%s) in %.0f ms", model_id, loaded.kind, elapsed)
         return _load_result(loaded, elapsed)
 
-    def failed_distributed(self) -> list[str]:
+    def _check(self, path: Path, params: protocol.LoadParams) -> tuple[Loader, dict, Any, Any]:
+        """Everything refused before any weight is read: the loader that
+        claims the folder, its config, the KV quantization, the disk tier."""
+        if params.chat_template is not None:
+            problem = template_problem(params.chat_template)
+            if problem:
+                raise errors.invalid_params("params.chat_template", f"the chat template does not parse: {problem}")
+        for hook in self._hooks:
+            hook.before_load(self.get, params)
+        config = read_config(path)
+        check_folder(path, config, params.trust_remote_code)
+        loader = next(lo for lo in self._loaders.values() if lo.claims(path, config, params))
+        kv_quant = kv_quant_of_load(params, config)
+        loader.check(path, config, params)
+        memory_budget.admit_load(path, params.memory_limit)
+        return loader, config, kv_quant, _disk_tier(params)
+
+    def _build(self, loader: Loader, path: Path, config: dict, params: protocol.LoadParams,
+               progress: LoadProgress, kv_quant, model_id: str) -> LoadedModel:
+        """The loaded model, complete; on any failure nothing of it stays."""
+        import mlx.core as mx
+
+        before = mx.get_active_memory()
+        parts = None
+        try:
+            parts = loader.load(path, config, params, progress)
+            _check_templates(parts, path)
+            _settle_random_state()
+            memory = max(0, mx.get_active_memory() - before)
+            loaded = _loaded_model(parts, model_id, path, config, params, kv_quant, memory)
+            for hook in self._hooks:
+                hook.after_load(self.get, params, loaded)
+            return loaded
+        except WorkerError as exc:
+            failure = exc
+        except Exception as exc:  # any failure inside a library is a load failure
+            failure = _load_failure(path, config, exc)
+        # Out of the except block, and without the traceback: its frames
+        # hold the half-built model, whose memory must really come back.
+        _release_parts(parts)
+        parts = loaded = None
+        failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+        _release()
+        raise failure
+
+    def failed(self) -> list[str]:
         """Distributed models whose group failed: to be unloaded."""
-        return [mid for mid, m in self._models.items()
-                if "parallel" in m.extra and m.model._ring.failure is not None]
+        return [mid for mid, m in self._models.items() if m.failed]
 
     def unload(self, model_id: Optional[str]) -> protocol.UnloadResult:
         model = self.get(model_id)
         unloaded_id = model.model_id
         del self._models[unloaded_id]
         if model.prompt_cache is not None:
-            cache_disk.spill_all(model, [model.prompt_cache, *speculative.pair_stores(model)])
+            cache_disk.spill_all(model, [model.prompt_cache, *self._hook_stores(model)])
             model.prompt_cache.clear()
-        speculative.forget(model, self._models.values())
-        if "parallel" in model.extra:
-            from ..distributed.load import release
-
-            release(model)
+        for hook in self._hooks:
+            hook.forget(model, self._models.values())
+        if model.parallel is not None:
+            model.parallel.release()
         del model
         _release()
         return protocol.UnloadResult(model_id=unloaded_id, unloaded=True)
+
+    def _hook_stores(self, lm: LoadedModel) -> list:
+        return [store for hook in self._hooks for store in hook.stores(lm)]
 
 
 def _disk_tier(params: protocol.LoadParams):
@@ -199,45 +194,6 @@ def _disk_tier(params: protocol.LoadParams):
         return cache_disk.tier_for(params.cache_dir, params.cache_dir_bytes)
     except OSError as exc:
         raise errors.invalid_params("params.cache_dir", f"cannot use it as the prompt cache's folder: {exc}") from None
-
-
-def _release_shards(loaded: Optional[LoadedModel]) -> None:
-    """A distributed load refused after its shards loaded: the followers drop them too."""
-    if loaded is not None and "parallel" in loaded.extra:
-        from ..distributed import load as distributed
-
-        try:
-            distributed.release(loaded)
-        except Exception:  # the refusal goes out regardless
-            log.exception("could not release a refused load's shards")
-
-
-def _embedding_load(path: Path, config: dict, params: protocol.LoadParams) -> bool:
-    """Whether the folder loads as an embedding model (``load {embedding}``,
-    else detected); the options that only generation uses are refused."""
-    detected = embeddings.is_embedding_folder(path, config)
-    wanted = detected if params.embedding is None else params.embedding
-    if not wanted:
-        if str(config.get("model_type", "")).lower() in embeddings.ENCODERS:
-            raise errors.invalid_params("params.embedding", f"{path} is an encoder ({config.get('model_type')}): "
-                                        "it can only be loaded as an embedding model")
-        return False
-    if "vision_config" in config:
-        raise errors.invalid_params("params.embedding", "vision embedding models are not supported")
-    for name in ("draft_model_id", "num_draft_tokens", "kv_bits", "max_kv_size", "parallel"):
-        if getattr(params, name) is not None:
-            raise errors.invalid_params(f"params.{name}", f"{name} is for generation; this folder loads as an "
-                                        "embedding model (pass embedding: false to load it for generation)")
-    return True
-
-
-def _check_parallel(path: Path, params: protocol.LoadParams, config: dict) -> None:
-    parallel = params.parallel
-    if (parallel.ranks is None) == (parallel.hosts is None):
-        raise errors.invalid_params("params.parallel", "give either ranks (processes on this machine) or hosts")
-    from ..distributed.load import check
-
-    check(path, params, config)
 
 
 def _load_options(params: protocol.LoadParams) -> dict:
@@ -259,10 +215,30 @@ def _check_same_options(existing: LoadedModel, params: protocol.LoadParams) -> N
         )
 
 
-def _check_folder_template(loaded: "LoadedModel", path: Path) -> None:
-    owners = [loaded.hf_tokenizer, getattr(loaded.vision, "processor", None)]
-    for owner in owners:
-        problem = template_problem(getattr(owner, "chat_template", None))
+def _release_parts(parts: Optional[Loaded]) -> None:
+    """A load refused after its model was built: what outlives the arrays goes too."""
+    if parts is not None:
+        try:
+            parts.release()
+        except Exception:  # the refusal goes out regardless
+            log.exception("could not release a refused load's shards")
+
+
+def _loaded_model(parts: Loaded, model_id: str, path: Path, config: dict, params: protocol.LoadParams,
+                  kv_quant, memory: int) -> LoadedModel:
+    return LoadedModel(
+        model_id=model_id, path=str(path), kind=parts.kind, model=parts.model, tokenizer=parts.tokenizer,
+        config=config, context_length=context_length_of(config), vocab_size=vocab_size_of(config, parts.tokenizer),
+        eos_token_ids=sorted(parts.tokenizer.eos_token_ids), memory_bytes=memory, load_options=_load_options(params),
+        memory_limit=params.memory_limit, prefill_step_size=params.prefill_step_size or DEFAULT_PREFILL_STEP,
+        max_kv_size=params.max_kv_size, kv_quant=kv_quant, vision=parts.vision, parallel=parts.parallel,
+        pooling=parts.pooling, dimensions=parts.dimensions,
+    )
+
+
+def _check_templates(parts: Loaded, path: Path) -> None:
+    for template in parts.chat_templates():
+        problem = template_problem(template)
         if problem:
             raise WorkerError(
                 errors.LOAD_FAILED,
@@ -312,6 +288,7 @@ def _load_failure(path: Path, config: dict, exc: BaseException) -> WorkerError:
 
 
 def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False) -> protocol.LoadResult:
+    """Without the tool-call fields: the methods layer adds what the tools part says of the tokenizer."""
     return protocol.LoadResult(
         model_id=m.model_id,
         kind=m.kind,
@@ -323,30 +300,11 @@ def _load_result(m: LoadedModel, elapsed_ms: float, already_loaded: bool = False
         memory_bytes=m.memory_bytes,
         load_ms=round(elapsed_ms, 2),
         already_loaded=already_loaded,
-        parallel=m.extra.get("parallel"),
-        embedding_dimensions=m.extra.get("dimensions"),
-        pooling=m.extra.get("pooling"),
+        parallel=m.parallel.status if m.parallel is not None else None,
+        embedding_dimensions=m.dimensions,
+        pooling=m.pooling,
         **kv_fields(m),
-        **(_channel_info(m.tokenizer) if m.kind != "embedding" else {}),
     )
-
-
-def _channel_info(tokenizer) -> dict:
-    """The model family's tool-call format and reasoning markers, as mlx-lm's
-    TokenizerWrapper detected them."""
-    from ..tools import formats  # late: it imports MLX
-
-    out: dict = {}
-    fmt = formats.format_of(tokenizer)
-    if fmt is not None:
-        out["tool_call_format"] = fmt.name
-        out["tool_grammar"] = True
-    names = formats.template_names(getattr(tokenizer, "_tokenizer", tokenizer))
-    if names:
-        out["chat_template_names"] = names
-    if getattr(tokenizer, "has_thinking", False):
-        out["reasoning_markers"] = [tokenizer.think_start, tokenizer.think_end]
-    return out
 
 
 def _release() -> None:
@@ -364,29 +322,3 @@ def _settle_random_state() -> None:
     import mlx.core as mx
 
     mx.eval(mx.random.state)
-
-
-def _load_text_model(
-    path: Path, config: dict, params: protocol.LoadParams, progress: LoadProgress, kv_quantized: bool
-) -> LoadedModel:
-    from mlx_lm import load as mlx_lm_load
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer_config: dict = {"trust_remote_code": params.trust_remote_code}
-    # Lazy: the model is built over unread weights, read below group by group.
-    model, tokenizer = progress.step("tokenizer", lambda: mlx_lm_load(
-        str(path), tokenizer_config=tokenizer_config, trust_remote_code=params.trust_remote_code, lazy=True
-    ))
-    if kv_quantized:  # before any weight is read
-        check_kv_layers(model)
-    evaluate_weights(model, progress)
-    if params.chat_template is not None:
-        tokenizer._tokenizer.chat_template = params.chat_template
-    from ..tools.markers import extend_thinking
-    from ..tools.formats import install
-
-    install(tokenizer)
-    extend_thinking(tokenizer)
-    return new_loaded_model(path, "text", model, tokenizer, config)
-
-

@@ -104,6 +104,22 @@ def format_of(tokenizer) -> Optional[Format]:
     return getattr(tokenizer, "tool_format", None)
 
 
+def load_fields(tokenizer) -> dict:
+    """``load``'s result fields for the family's tool-call format and reasoning
+    markers, as ``install`` and mlx-lm's TokenizerWrapper detected them."""
+    out: dict = {}
+    fmt = format_of(tokenizer)
+    if fmt is not None:
+        out["tool_call_format"] = fmt.name
+        out["tool_grammar"] = True
+    names = template_names(getattr(tokenizer, "_tokenizer", tokenizer))
+    if names:
+        out["chat_template_names"] = names
+    if getattr(tokenizer, "has_thinking", False):
+        out["reasoning_markers"] = [tokenizer.think_start, tokenizer.think_end]
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def _lead_tokens(key, tokenizer, lead: str) -> list[int]:
     out = []

@@ -1,14 +1,9 @@
 """Rendered prompt + images -> prompt tokens, a cache key and input embeddings.
 
-``QwenEncoder`` (Qwen2-VL, Qwen2.5-VL) runs the vision tower once per image and
-keeps its output by content hash, so a later turn about the same picture skips
-decoding, preprocessing and the tower. ``GenericEncoder`` serves other mlx-vlm
-architectures through the model's own ``get_input_embeddings`` over the whole
-prompt (correct, without the per-image cache).
-
-Both give a cache key equal to the tokens except at image positions, which
-hold ``"img:<sha256>:<k>"``: a follow-up turn about the same image matches the
-prompt cache, a different image at the same place does not.
+``QwenEncoder`` runs the vision tower once per image, kept by content hash;
+``GenericEncoder`` serves other mlx-vlm architectures over the whole prompt.
+Image positions in the cache key are ``"img:<sha256>:<k>"`` (protocol/README.md,
+"Vision"; bench/results/design-notes.md, "models").
 """
 
 from __future__ import annotations

@@ -1,35 +1,8 @@
-"""The language half of a vision-language model, shaped like an mlx-lm model.
-
-mlx-lm's ``generate_step`` calls ``model(tokens, cache=, input_embeddings=)``
-and reads logits; mlx-vlm's language models take ``inputs_embeds`` and
-position ids and return an output object. This wrapper bridges the two so the
-worker's one generation loop drives vision models too.
-
-Positions. Qwen-style models use M-RoPE: an image's tokens get 2-D grid
-positions, so a token's position is not its index. The positions of a prompt
-are computed once from the whole prompt (``Positions``); a token at cache index
-j < len(prompt) gets column j of them, a later (generated) token gets
-j + delta. Passing explicit positions on every call keeps mlx-vlm's own
-per-generation state (``_position_ids``/``_rope_deltas``) out of the picture,
-and makes chunked prefill, a cache that already holds a prefix, and decoding
-all agree with a single cold pass. Models that plan image positions inside
-their language model (GLM-4V's ``_position_ids``) have that plan taken over
-by the encoder (encoders.py), so it is what gets passed here.
-
-Extra prefill inputs. A model's input-embedding step may return more than
-embeddings (Qwen3-VL's deepstack features and their mask, Gemma 4's
-per-layer inputs, Gemma 3's 4-D mask), each over the whole prompt. As
-mlx-vlm's own generate does, they go to every language-model call that is
-still inside the prompt; the model cuts out the part for the call from its
-cache offset. Decoding calls get none (the model derives them from tokens).
-
-Caches. A language model that builds its own cache (sliding windows,
-DeltaNet state) builds mlx-vlm's cache classes; its KV and window layers are
-swapped for mlx-lm's classes of the same kind, which is what the prompt
-cache, cache files and KV quantization recognise. Recurrent layers keep
-mlx-vlm's ArraysCache (the model needs its extra methods), in a subclass
-whose state reads and writes as mlx-lm's: a cache file names mlx-lm's
-class, and a layer read back from one is turned into it again before use.
+"""The language half of a vision-language model, shaped like an mlx-lm model
+(``model(tokens, cache=, input_embeddings=)`` -> logits), so the one generation
+loop drives vision models too. Explicit M-RoPE positions on every call, the
+extra prefill inputs passed while inside the prompt, and mlx-lm cache classes in
+place of mlx-vlm's: bench/results/design-notes.md ("models", vision/lm.py).
 """
 
 from __future__ import annotations
