@@ -113,12 +113,3 @@ def _replies(ring) -> list[dict]:
             raise ring.fail(f"rank {f.rank} could not load the model: {reply and reply.get('error')}")
         replies.append(reply)
     return replies
-
-
-def capabilities() -> protocol.DistributedCapabilities:
-    ring = rings.current()
-    return protocol.DistributedCapabilities(
-        backends=list(rings.BACKENDS),
-        ranks=ring.size if ring is not None else None,
-        failure=ring.failure if ring is not None else None,
-    )
