@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from ..constraints import mask
 from ..constraints.processor import MatcherProcessor
+from .device_mask import DeviceMask
 
 
 class ToolCallProcessor(MatcherProcessor):
@@ -53,6 +54,7 @@ class ToolCallProcessor(MatcherProcessor):
         self.observed = 0
         self.steps = 0  # processor calls so far
         self._bases: dict = {}
+        self._device_mask = DeviceMask(self.words, self.vocab)
         if trigger is not None:
             self._start_of_call = self._first_call_mask()
             self._not_start_of_call = mx.logical_not(self._start_of_call)
@@ -136,14 +138,14 @@ class ToolCallProcessor(MatcherProcessor):
             raise self._failure(self.m.error())
         if self.m.accepting():
             mask.set_bits(self.words, self.eos, False)
-        allowed = mask.unpack(self.words, self.vocab)
-        if not allowed.any():
+        allowed = self._device_mask.current()
+        if allowed is None:
             if not self.m.accepting():
                 raise self._failure("the tool call grammar allows no token here")
             self.m, self.mode = None, self.after_call  # the call is complete: free again
             base = self._base(self.mode)
             return logits if base is None else mx.where(base, logits, mask.NEG_INF)
-        return mx.where(mx.array(allowed), logits, mask.NEG_INF)
+        return mx.where(allowed, logits, mask.NEG_INF)
 
     def _open_call(self, prefix=None) -> None:
         self.m = self.program.matcher()
