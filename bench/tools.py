@@ -15,8 +15,8 @@ alternate (order rotating):
 
 - no tools: plain generation (the channel splitter still labels the text);
 - auto: ``tools`` given, ``tool_choice: "auto"``: the lazy tool processor
-  runs on every token (free text until ``<tool_call>``, the mask chosen on
-  the device; the call grammar takes over once a call starts);
+  runs on every token (free text until ``<tool_call>``: the last token read,
+  no work over the vocabulary; the call grammar takes over once a call starts);
 - required: a forced call (the whole output is under the call grammar and
   the tool's schema; the schema keeps it going until max_tokens).
 

@@ -5,7 +5,8 @@ format's trigger: its start marker token, or for a format without one the
 first token); from there it is held to exactly the family's call syntax
 around one of the tools' names and that tool's ``parameters`` schema, then
 it is free again (llguidance's lazy "structural tag" idea, run as
-``processor.ToolCallProcessor`` so that free text costs no CPU work).
+``processor.ToolCallProcessor`` so that free text costs no work over the
+vocabulary).
 ``required`` / ``{name}`` make the call start at the first token; ``none``
 forbids the start (the marker token, or the first tokens of a call). The
 call grammar is compiled and matched by the constraint machinery
