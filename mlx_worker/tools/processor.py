@@ -35,20 +35,24 @@ class ToolCallProcessor(MatcherProcessor):
     what = "tool-call generation"
     field = "params.tools"
 
-    def __init__(self, program, info, trigger, first: str, after_call: str, opens=None):
+    def __init__(self, program, info, trigger, first: str, after_call: str, opens=None, is_text=None):
         """``trigger``: the start marker's token, or None for a format without
         one (a call is an output whose first token the grammar accepts).
         ``first``/``after_call``: the free mode at the start and after a
         call: "free" (anything), "call_only" (the start marker), "call_or_end"
         (the start marker or EOS), "end" (EOS). ``opens(prompt_tokens)``: True
         when the prompt ends where the grammar begins (the family's generation
-        prompt ends inside a message header)."""
+        prompt ends inside a message header). ``is_text(tokens)``: True when
+        the completed grammar was a text header, not a call (Functionary's
+        ``all\n``): free text follows, whatever follows a call."""
         super().__init__(info)
         self.program = program
         self.info = info
         self.trigger = trigger
         self.after_call = after_call
         self.opens = opens
+        self.is_text = is_text
+        self._call_from = 0  # where the grammar's tokens begin in ``known``
         self.mode = first
         self.m = None  # the matcher of the call being written
         self.known: list[int] = []  # generated tokens known on the CPU
@@ -142,12 +146,14 @@ class ToolCallProcessor(MatcherProcessor):
         if allowed is None:
             if not self.m.accepting():
                 raise self._failure("the tool call grammar allows no token here")
-            self.m, self.mode = None, self.after_call  # the call is complete: free again
+            text = self.is_text is not None and self.is_text(self.known[self._call_from :])
+            self.m, self.mode = None, "free" if text else self.after_call  # complete: free again
             base = self._base(self.mode)
             return logits if base is None else mx.where(base, logits, mask.NEG_INF)
         return mx.where(allowed, logits, mask.NEG_INF)
 
     def _open_call(self, prefix=None) -> None:
+        self._call_from = len(self.known) - (1 if prefix is None else 0)
         self.m = self.program.matcher()
         for token in ([self.trigger] if prefix is None else prefix):
             self._consume(token)
