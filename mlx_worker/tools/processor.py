@@ -153,7 +153,7 @@ class ToolCallProcessor(MatcherProcessor):
         return mx.where(allowed, logits, mask.NEG_INF)
 
     def _open_call(self, prefix=None) -> None:
-        self._call_from = len(self.known) - (1 if prefix is None else 0)
+        self._call_from = max(0, len(self.known) - (1 if prefix is None else 0))
         self.m = self.program.matcher()
         for token in ([self.trigger] if prefix is None else prefix):
             self._consume(token)
