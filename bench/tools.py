@@ -2,7 +2,7 @@
 template (tiny-qwen3-tools-32k).
 
     python bench/tools.py [--tokens 200] [--rounds 12]
-    python bench/tools.py --per-format [--tokens 100] [--rounds 6]
+    python bench/tools.py --per-format [--tokens 100] [--rounds 6] [--only gpt-oss ...]
 
 ``--per-format``: no tools vs ``auto`` on each tool-call format's fixture
 (the vendored family templates, tiny models with 1k vocabularies), one row
@@ -15,8 +15,8 @@ alternate (order rotating):
 
 - no tools: plain generation (the channel splitter still labels the text);
 - auto: ``tools`` given, ``tool_choice: "auto"``: the lazy tool processor
-  runs on every token (free text until ``<tool_call>``, the mask chosen on
-  the device; the call grammar takes over once a call starts);
+  runs on every token (free text until ``<tool_call>``: the last token read,
+  no work over the vocabulary; the call grammar takes over once a call starts);
 - required: a forced call (the whole output is under the call grammar and
   the tool's schema; the schema keeps it going until max_tokens).
 
@@ -127,6 +127,8 @@ def per_format(args) -> None:
     print(f"  {'family':16} {'format':16} {'no tools':>9} {'auto':>9}  ratio (median)  best   "
           "processor p50 us  share of a step")
     for family, fixture in PER_FORMAT.items():
+        if args.only and family not in args.only:
+            continue
         registry.load(protocol.LoadParams(model=str(ensure_model(fixture)), model_id=family))
         lm = registry.get(family)
         prompt = render_chat(lm, msgspec.convert({"messages": MESSAGES, "tools": TOOLS}, protocol.TokenizeParams))
@@ -160,6 +162,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=12)  # a multiple of 3: each order equally often
     p.add_argument("--model", default="tiny-qwen3-tools-32k")
     p.add_argument("--per-format", action="store_true")
+    p.add_argument("--only", nargs="*", help="--per-format: just these families")
     args = p.parse_args()
     blas = bind_blas_like_the_worker()
     if args.per_format:

@@ -1,6 +1,7 @@
 """tool_choice -> a logits processor that makes tool calls valid by construction.
 
-Free until the model starts a call (the format's trigger); from there held to
+Free until the model starts a call (the format's trigger; free text costs no
+work over the vocabulary: ``processor.ToolCallProcessor``); from there held to
 the family's call syntax around a tool's name and ``parameters`` schema, then
 free again. ``required`` / ``{name}`` start a call at the first token;
 ``none`` forbids the start. Compiled and matched by ``mlx_worker.constraints``
@@ -79,7 +80,7 @@ def processor_for(lm, params: protocol.GenerateParams):
         compiled.program, compiled.info, trigger,
         first="call_only" if mode == "required" else "free",
         after_call=fmt.after_call if params.parallel_tool_calls else _single(fmt.after_call),
-        opens=_opens(tok, fmt),
+        opens=_opens(tok, fmt), is_text=_is_text(tok, fmt),
     )
 
 
@@ -132,6 +133,13 @@ def _opens(tokenizer, fmt):
         return tokenizer.decode(tail).endswith(fmt.open_text)
 
     return opens
+
+
+def _is_text(tokenizer, fmt):
+    """The grammar's tokens were the format's text header (``text_lead``)."""
+    if not fmt.text_lead:
+        return None
+    return lambda tokens: tokenizer.decode(tokens) == fmt.text_lead
 
 
 def _schema(tool: protocol.Tool) -> Any:

@@ -1,22 +1,23 @@
 """A lazy tool-call constraint as an mlx-lm logits processor.
 
-Outside a call the output is free, and checking free text costs nothing on
-the CPU: the mask is chosen on the device from the last sampled token (the
-call start marker selects "the first token of a call", anything else selects
-the free mask), so the step never waits for that token. Once the loop has
-seen the start marker, a matcher for one call (llguidance, compiled by the
-constraint machinery) takes over: every step then reads the last token and
-computes the mask, as any constraint does. When the call's grammar is
-complete (its end marker, or the end of the arguments for a family without
-one) the output is free again.
+Outside a call the output is free, and checking free text costs no work
+over the vocabulary: the processor reads the last sampled token (queued
+right behind the step that samples it, then this step's forward pass, so
+the wait is the one the loop makes anyway) and, unless it is the call start
+marker, returns the logits as they are (or the mode's fixed mask). The start
+marker selects "the first token of a call" and opens a matcher for one call
+(llguidance, compiled by the constraint machinery): every step then
+computes the mask from the matcher, as any constraint does. When the call's
+grammar is complete (its end marker, or the end of the arguments for a
+family without one) the output is free again.
 
 Free text means: everything (``auto``); only the start marker (``required``
 before the first call); only the start marker or EOS (after a call, for a
 family whose calls have no end marker: nothing but calls may follow).
 
 mlx-lm calls the processor one step ahead of the tokens it yields; the
-generation loop tells it each token it receives (``observe``), which is how
-the processor learns of a start marker without waiting for it.
+generation loop tells it each token it receives (``observe``); a caller
+that doesn't is caught up from the tokens it passes.
 """
 
 from __future__ import annotations
@@ -27,35 +28,40 @@ import mlx.core as mx
 
 from ..constraints import mask
 from ..constraints.processor import MatcherProcessor
+from .device_mask import DeviceMask
 
 
 class ToolCallProcessor(MatcherProcessor):
     what = "tool-call generation"
     field = "params.tools"
 
-    def __init__(self, program, info, trigger, first: str, after_call: str, opens=None):
+    def __init__(self, program, info, trigger, first: str, after_call: str, opens=None, is_text=None):
         """``trigger``: the start marker's token, or None for a format without
         one (a call is an output whose first token the grammar accepts).
         ``first``/``after_call``: the free mode at the start and after a
         call: "free" (anything), "call_only" (the start marker), "call_or_end"
         (the start marker or EOS), "end" (EOS). ``opens(prompt_tokens)``: True
         when the prompt ends where the grammar begins (the family's generation
-        prompt ends inside a message header)."""
+        prompt ends inside a message header). ``is_text(tokens)``: True when
+        the completed grammar was a text header, not a call (Functionary's
+        ``all\n``): free text follows, whatever follows a call."""
         super().__init__(info)
         self.program = program
         self.info = info
         self.trigger = trigger
         self.after_call = after_call
         self.opens = opens
+        self.is_text = is_text
+        self._call_from = 0  # where the grammar's tokens begin in ``known``
         self.mode = first
         self.m = None  # the matcher of the call being written
         self.known: list[int] = []  # generated tokens known on the CPU
         self.observed = 0
         self.steps = 0  # processor calls so far
         self._bases: dict = {}
+        self._device_mask = DeviceMask(self.words, self.vocab)
         if trigger is not None:
             self._start_of_call = self._first_call_mask()
-            self._not_start_of_call = mx.logical_not(self._start_of_call)
 
     # ------------------------------------------------------------ protocol
 
@@ -87,12 +93,13 @@ class ToolCallProcessor(MatcherProcessor):
             if int(tokens[-1].item()) == self.trigger:
                 self._open_call()
                 return self._call_mask(logits)
-            return self._free_mask(tokens, logits, device_select=False)
+            base = self._base(self.mode)
+            return logits if base is None else mx.where(base, logits, mask.NEG_INF)
         if self.trigger is None and self.m is None:
             # No start marker: the first token decides (the grammar accepts
             # it: a call; anything else: free text to the end).
             if step == 1 and self.mode == "free":
-                first = int(tokens[-1].item())
+                first = self._read_last(tokens, logits, step)
                 m = self.program.matcher()
                 if first not in self.eos and m.consume(first):
                     self.known = [first]
@@ -101,33 +108,32 @@ class ToolCallProcessor(MatcherProcessor):
                 self.mode = "done"
             base = self._base(self.mode)
             return logits if base is None else mx.where(base, logits, mask.NEG_INF)
+        last = self._read_last(tokens, logits, step)
         if self.m is None:
-            if len(self.known) < step - 1:  # not observed (a caller without observe): read them
-                self.known = [int(t) for t in np.asarray(tokens[tokens.shape[-1] - (step - 1) - 1 : -1])]
-            if step >= 2 and self.known[step - 2] == self.trigger:
-                self._open_call()
-            else:
-                return self._free_mask(tokens, logits, device_select=True)
-        # A call needs the last token: queue its read right behind the step
-        # that samples it, then this step's forward pass, so the matcher
-        # works while the model runs (as the constraint processor does).
+            # Free text: nothing on the device unless this token starts a
+            # call (the mode's mask, where it has one, bans what can't follow).
+            if last != self.trigger:
+                base = self._base(self.mode)
+                return logits if base is None else mx.where(base, logits, mask.NEG_INF)
+            self._open_call()
+            return mx.where(self._start_of_call, logits, mask.NEG_INF)
+        self._consume(last)
+        return self._call_mask(logits)
+
+    def _read_last(self, tokens: mx.array, logits: mx.array, step: int) -> int:
+        """The token sampled last, read on the CPU. Its read is queued right
+        behind the step that samples it, then this step's forward pass, so
+        the matcher works while the model runs (as the constraint processor
+        does) and the wait is the one the loop makes anyway to read it."""
+        if len(self.known) < step - 1:  # not observed (a caller without observe): read them
+            self.known = [int(t) for t in np.asarray(tokens[tokens.shape[-1] - (step - 1) - 1 : -1])]
         last_token = tokens[-1]
         mx.async_eval(last_token)
         mx.async_eval(logits)
         last = int(last_token.item())
         if len(self.known) < step:
             self.known.append(last)
-        self._consume(last)
-        return self._call_mask(logits)
-
-    def _free_mask(self, tokens: mx.array, logits: mx.array, device_select: bool) -> mx.array:
-        base = self._base(self.mode)
-        if not device_select:
-            return logits if base is None else mx.where(base, logits, mask.NEG_INF)
-        started = tokens[-1] == self.trigger
-        if base is None:
-            return mx.where(mx.logical_and(started, self._not_start_of_call), mask.NEG_INF, logits)
-        return mx.where(mx.where(started, self._start_of_call, base), logits, mask.NEG_INF)
+        return last
 
     def _call_mask(self, logits: mx.array) -> mx.array:
         # EOS never ends a call; an EOS token the call's syntax itself needs
@@ -136,16 +142,18 @@ class ToolCallProcessor(MatcherProcessor):
             raise self._failure(self.m.error())
         if self.m.accepting():
             mask.set_bits(self.words, self.eos, False)
-        allowed = mask.unpack(self.words, self.vocab)
-        if not allowed.any():
+        allowed = self._device_mask.current()
+        if allowed is None:
             if not self.m.accepting():
                 raise self._failure("the tool call grammar allows no token here")
-            self.m, self.mode = None, self.after_call  # the call is complete: free again
+            text = self.is_text is not None and self.is_text(self.known[self._call_from :])
+            self.m, self.mode = None, "free" if text else self.after_call  # complete: free again
             base = self._base(self.mode)
             return logits if base is None else mx.where(base, logits, mask.NEG_INF)
-        return mx.where(mx.array(allowed), logits, mask.NEG_INF)
+        return mx.where(allowed, logits, mask.NEG_INF)
 
     def _open_call(self, prefix=None) -> None:
+        self._call_from = max(0, len(self.known) - (1 if prefix is None else 0))
         self.m = self.program.matcher()
         for token in ([self.trigger] if prefix is None else prefix):
             self._consume(token)
