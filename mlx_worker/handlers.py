@@ -13,7 +13,8 @@ from typing import Any
 
 from .cache import files as cache_files
 from . import embeddings, errors, prompt_bounds, protocol
-from .engine import generation, speculative
+from .engine import result as generate_result, speculative
+from .engine.request import Cancelled, Events, Request
 from .errors import WorkerError
 from .jobs import Job, JobTable
 from .models.loading import LoadCancelled, LoadProgress
@@ -29,7 +30,7 @@ class Handlers:
     def __init__(self, table: JobTable) -> None:
         self.table = table
         self.models = ModelRegistry()
-        self.scheduler = Scheduler(self._generation_done, self._all_stores)
+        self.scheduler = Scheduler(self._generation_done)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
         self.offload = Offload(wake=table.poke)  # prompts too long to prepare on this thread
 
@@ -61,7 +62,7 @@ class Handlers:
                 # Cancelled while its prompt is prepared: answered now, whatever
                 # the prompt thread is still doing with it.
                 task.answered = True
-                self.table.finish_generate(task.job, generation.Cancelled())
+                self._end_unstarted(task.job, Cancelled())
         for task in self.offload.take_done():
             if not task.answered:
                 task.then(task.outcome)
@@ -96,10 +97,10 @@ class Handlers:
         outcome = None
         self._drop_failed()
 
-    def _events(self, job: Job) -> generation.Events:
+    def _events(self, job: Job) -> Events:
         """Callbacks that send a request's progress and token notifications."""
         notify = self.table.notify
-        return generation.Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
+        return Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
 
     def _in_use(self, model_id) -> bool:
         try:
@@ -109,6 +110,11 @@ class Handlers:
         return self.scheduler.holds(lm) or any(
             t.gen is not None and (t.gen.lm is lm or t.gen.draft_lm is lm) for t in self.offload.tasks()
         )
+
+    def partial_result(self, job: Job):
+        """At exit: a generate still running, cancelled: its result from what it streamed (None: not started)."""
+        req = self.scheduler.requests.get(job.id)
+        return req.cancelled_result() if req is not None else None
 
     # ------------------------------------------------------------ methods
 
@@ -136,16 +142,13 @@ class Handlers:
             if lm.kind == "embedding":
                 raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is loaded as an embedding "
                                             "model: it takes `embed`, not `generate`")
+            draft_lm, num_draft_tokens = speculative.resolve(self._model, lm, job.params)
         except WorkerError as exc:
-            self.table.finish_generate(job, exc)
+            self._end_unstarted(job, exc)
             return
-        gen = generation.Generation(lm, job.params, job.id, self._events(job), job.should_stop)
-        gen.job = job
-        try:
-            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self._model, lm, job.params)
-        except WorkerError as exc:
-            self.table.finish_generate(job, exc)
-            return
+        gen = Request(lm, job.params, job.id, self._events(job), job.should_stop, draft_lm=draft_lm,
+                      num_draft_tokens=num_draft_tokens, received=job.received,
+                      close_cancel=lambda: self.table.close_cancel(job))
         if lm.vision is not None:  # its prompt work may touch MLX: here, bounded in time
             self.scheduler.submit(gen)
             return
@@ -156,7 +159,7 @@ class Handlers:
             except prompt_bounds.MustOffload:
                 pass
             except BaseException as exc:
-                self.table.finish_generate(job, exc)
+                self._end_unstarted(job, exc)
                 return
             else:
                 self.scheduler.submit(gen)
@@ -164,21 +167,26 @@ class Handlers:
 
         def then(outcome: object) -> None:
             if isinstance(outcome, BaseException):
-                self.table.finish_generate(job, outcome)
+                self._end_unstarted(job, outcome)
             else:
                 self.scheduler.submit(gen)
 
         self.offload.submit(Task(job, gen.prepare_prompt, then, gen=gen))
 
-    def _all_stores(self) -> list:
-        stores = []
-        for lm in self.models.snapshot():
-            stores.append(lm.prompt_cache)
-            stores.extend(speculative.pair_stores(lm))
-        return stores
+    def _end_unstarted(self, job: Job, exc: BaseException) -> None:
+        """A generate that failed before the scheduler held it: its error,
+        or its (empty) cancelled result when a cancel answered true first."""
+        if self.table.close_cancel(job):
+            queue_ms = generate_result.queue_ms(job.received, job.started)
+            self.table.finish(job, generate_result.cancelled(job.params, queue_ms=queue_ms))
+        else:
+            self.table.finish_with(job, exc)
 
-    def _generation_done(self, gen: generation.Generation, outcome: object) -> None:
-        self.table.finish_generate(gen.job, outcome)
+    def _generation_done(self, req: Request, outcome: object) -> None:
+        """The scheduler's answer for a request (its stop reason already decided)."""
+        job = self.table.running_job(req.request_id)
+        if job is not None:  # None: answered at exit meanwhile (answer_leftovers)
+            self.table.finish_with(job, outcome)
 
     def load(self, job: Job) -> protocol.LoadResult:
         progress = LoadProgress(
@@ -273,7 +281,7 @@ class Handlers:
         _no_cache_files(lm)
 
         def prefill(params):  # progress events while the uncached part is prefilled
-            gen = generation.Generation(lm, params, job.id, self._events(job), job.should_stop)
+            gen = Request(lm, params, job.id, self._events(job), job.should_stop)
             outcome = run_alone(gen, beside=self.scheduler)
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -56,6 +56,7 @@ class Worker:
         self.writer = LineWriter(out_fd, on_broken=lambda: self.stop("stdout closed"))
         self.table = JobTable(self.writer.send, config.max_pending)
         self.models = None  # created on the compute thread (imports MLX libraries)
+        self.handlers = None  # likewise
 
     # ------------------------------------------------------------ lifecycle
 
@@ -82,7 +83,8 @@ class Worker:
         self.table.wait_idle(deadline - time.monotonic())
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
-        self.table.answer_leftovers()
+        handlers = self.handlers
+        self.table.answer_leftovers(lambda job: handlers.partial_result(job) if handlers is not None else None)
         from .cache.disk import all_tiers
 
         if all_tiers():  # entries still in RAM are written before the exit (bounded)
@@ -209,7 +211,8 @@ class Worker:
         from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []
-        running = self.table.running_ids()
+        waiting = self.handlers.scheduler.waiting_ids() if self.handlers is not None else []
+        running = [rid for rid in self.table.running_ids() if rid not in waiting]
         return protocol.StatusResult(
             models=[m.describe() for m in models],
             queue=protocol.QueueStatus(
@@ -217,7 +220,7 @@ class Worker:
                 pending=self.table.pending(),
                 max_pending=self.config.max_pending,
                 running=running,
-                waiting=self.table.running_ids(waiting=True),
+                waiting=waiting,
             ),
             memory=memory_status(models),
             uptime_s=round(time.monotonic() - self.started, 3),
@@ -236,6 +239,7 @@ class Worker:
 
             handlers = Handlers(self.table)
             self.models = handlers.models
+            self.handlers = handlers
         except BaseException as exc:  # e.g. a broken install: answer, don't hang
             log.exception("the compute thread could not start")
             handlers = _Broken(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")

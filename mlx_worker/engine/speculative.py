@@ -203,37 +203,8 @@ class Draft:
     def new_cache(self) -> list:
         return new_cache(self.target, self.lm)
 
-    def prefill(self, tokens: mx.array, cache: list) -> None:
-        """The same prompt tokens through both models."""
-        self.target.model(tokens[None], cache=cache[: self.n_target])
-        # one model's chunk at a time: their temporaries never add up (memory_model.py)
-        mx.eval([c.state for c in cache[: self.n_target]])
-        self.lm.model(tokens[None], cache=cache[self.n_target :])
-
     def group(self, gen) -> "SpeculativeGroup":
         return SpeculativeGroup(gen, self)
-
-
-class _KeyedSampler:
-    """The request's sampler with its own keys: output position p gets the
-    key a draftless run uses at p."""
-
-    def __init__(self, gen):
-        self.gen = gen
-        self.keys: list[mx.array] = []
-
-    def _key(self, p: int) -> mx.array:
-        gen = self.gen
-        while len(self.keys) <= p:
-            gen.key, sub = sampling.split_key(gen.key)
-            self.keys.append(sub)
-        return self.keys[p]
-
-    def __call__(self, logprobs: mx.array, position: int) -> mx.array:
-        gen = self.gen
-        if gen.key is None and not self.keys:
-            return gen.sample_fn(logprobs, None)
-        return gen.sample_fn(logprobs, self._key(position))
 
 
 class SpeculativeGroup:
@@ -243,6 +214,7 @@ class SpeculativeGroup:
     batchable = False
 
     def __init__(self, gen, draft: Draft):
+        gen.computed = True
         self.gen = gen
         self.draft = draft
         self.rows = [gen]
@@ -253,13 +225,12 @@ class SpeculativeGroup:
         return len(self.rows)
 
     def _engine(self) -> draft_rounds.Rounds:
-        gen, draft = self.gen, self.draft
-        processors = sampling.with_prefix(gen.processors, gen.prompt.tokens[gen.cached : -1])
-        last = gen.prompt.tokens[-1]
+        gen, draft, plan = self.gen, self.draft, self.gen.plan
+        processors = sampling.with_prefix(gen.sampler.processors, plan.prompt.tokens[gen.cached : -1])
         return draft_rounds.Rounds(
-            gen.lm.model, draft.lm.model, gen.cache, draft.n_target, last,
+            gen.lm.model, draft.lm.model, gen.cache, draft.n_target, plan.prompt.tokens[-1],
             length=draft_rounds.DraftLength(draft.num, adaptive=gen.params.draft_adaptive, cost=draft.step_cost),
-            max_tokens=gen.max_tokens, start=len(gen.fed_back), sample=_KeyedSampler(gen),
+            max_tokens=plan.max_tokens, start=len(gen.decoder.sampled), sample=gen.sampler.at,
             processors=processors or None,
         )
 
@@ -278,7 +249,7 @@ class SpeculativeGroup:
                     token, logprobs, from_draft = next(self._it)
                 except StopIteration:
                     return self._end("max_tokens")
-                reason = gen.accept(int(token), logprobs if gen.want_logprobs else None)
+                reason = gen.accept(int(token), logprobs if gen.plan.want_logprobs else None)
                 if from_draft and reason == "eos":  # an EOS is not output: accepted counts output tokens
                     draft.uncounted += 1
                 if reason is not None:
@@ -302,7 +273,7 @@ class SpeculativeGroup:
         gen, n = self.gen, self.draft.n_target
         cache = gen.cache
         self._close()
-        keep = gen.n_prompt - 1 + len(gen.fed_back)
+        keep = gen.plan.n_prompt - 1 + len(gen.decoder.sampled)
         if self._rounds is not None and gen.lease is not None:  # only a cache that is kept needs the draft's half
             self._rounds.catch_up()
         halves = (cache[:n], cache[n:])
