@@ -142,12 +142,12 @@ class Handlers:
             if lm.kind == "embedding":
                 raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is loaded as an embedding "
                                             "model: it takes `embed`, not `generate`")
-            draft_lm, num_draft_tokens = speculative.resolve(self._model, lm, job.params)
+            draft = speculative.resolve(self._model, lm, job.params)
         except WorkerError as exc:
             self._end_unstarted(job, exc)
             return
-        gen = Request(lm, job.params, job.id, self._events(job), job.should_stop, draft_lm=draft_lm,
-                      num_draft_tokens=num_draft_tokens, received=job.received,
+        gen = Request(lm, job.params, job.id, self._events(job), job.should_stop, draft=draft,
+                      received=job.received,
                       close_cancel=lambda: self.table.close_cancel(job))
         if lm.vision is not None:  # its prompt work may touch MLX: here, bounded in time
             self.scheduler.submit(gen)

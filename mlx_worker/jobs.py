@@ -1,15 +1,10 @@
 """The job table: every request read, from queueing to its one final response.
 
-One place owns a request's lifecycle: its id while in flight, the queue, the
-cancel flag and the promise that it gets exactly one final response (and no
-event after it). The reader thread adds and cancels jobs; the compute thread
-takes them and hands back results or errors; neither touches a job's lock
-outside this module.
-
-A cancelled generate's promise: once ``cancel`` answered ``{cancelled: true}``
-its final response is a result with ``stop_reason: "cancelled"``: the table
-answers a queued one; the engine a running one (``close_cancel`` ends the
-window in which a cancel can still answer true).
+It owns a request's id while in flight, the queue, the cancel flag and the
+promise of exactly one final response (no event after it). The reader thread
+adds and cancels jobs; the compute thread takes them and hands back results
+or errors. A cancelled generate answers ``stop_reason: "cancelled"``: the
+table answers a queued one, the engine a running one. Spec: "`cancel`".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A request is admitted when the KV it may need (memory.py's estimate, less
 what its prompt-cache lease reuses) fits beside what the admitted requests
 may still need. If it doesn't: least recently used prompt-cache entries are
 evicted (every store the cache budget knows); then it waits while other
-requests run; with nothing running it is refused with -32005. Spec: "Memory".
+requests run; with nothing running it is refused with -32005. Spec: "Memory limits".
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import mlx.core as mx
 
 from .. import memory, memory_model
 from ..cache.budget import budget
+from .prefill_turns import MAX_PREFILL_ROWS
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.admission")
-
-MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
 
 
 class Admission:
@@ -91,7 +90,7 @@ class Admission:
         total = 0
         for g in s.prefilling:
             total += _nbytes(g.cache)
-        for group in s.decode_groups():
+        for group in s.decode.all():
             total += _nbytes(group.cache)
         return total
 
@@ -104,7 +103,7 @@ class Admission:
 
     def _batchable(self, g: Request) -> bool:
         if g.cache is None:  # in a decode group, which owns its KV
-            return any(g in group.rows for group in self.scheduler.batches.values())
+            return self.scheduler.decode.in_batch(g)
         return g.batchable
 
     def _padding(self, gen: Request, others: list) -> tuple[int, int]:

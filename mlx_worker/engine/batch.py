@@ -1,22 +1,10 @@
 """A decode batch: the requests of one model that step together.
 
-One forward pass per step for every row, then each row's own logits
-processors, constraint mask and sampler (its own PRNG key) on its row of
-logits. A row joins between steps (its prompt prefilled, the last prompt
-token not yet fed) and leaves between steps (finished, cancelled or failed)
-without disturbing the others.
-
-KV layout: a single row decodes in its own plain cache, exactly the
-computation mlx-lm's ``generate_step`` does (the batch path costs a lone
-stream nothing). From the second row on, the rows' caches are merged into
-mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
-extracted back. A row that can't be merged (rotating window, recurrent
-state, quantized KV, a vision model's positions) is a group of its own.
-
-Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
-before the tokens of step k are read, so the host-side work (text, events,
-constraint masks) overlaps the forward pass. A row that stops has had one
-more token fed than it returns, which is what the prompt cache expects.
+One forward pass per step for every row (runner.decode), then each row's own
+sampler (sampler.py: processors, constraint mask, its own PRNG key) on its row
+of logits. Rows join and leave between steps without disturbing the others;
+steps are pipelined as in mlx-lm's ``generate_step`` (see ``DecodeGroup``).
+Spec: "Batching".
 """
 
 from __future__ import annotations
@@ -35,6 +23,21 @@ log = logging.getLogger("mlx_worker.engine.batch")
 
 
 class DecodeGroup:
+    """The rows of one model that decode together.
+
+    KV layout: a single row decodes in its own plain cache, exactly the
+    computation mlx-lm's ``generate_step`` does (the batch path costs a lone
+    stream nothing). From the second row on, the rows' caches are merged into
+    mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
+    extracted back. A row that can't be merged (rotating window, recurrent
+    state, quantized KV, a vision model's positions) is a group of its own.
+
+    Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
+    before the tokens of step k are read, so the host-side work (text, events,
+    constraint masks) overlaps the forward pass. A row that stops has had one
+    more token fed than it returns, which is what the prompt cache expects.
+    """
+
     def __init__(self, model, batchable: bool):
         self.model = model
         self.batchable = batchable
@@ -160,3 +163,43 @@ class DecodeGroup:
             self.leave([i for i, _ in ended])
         return out
 
+
+
+class DecodeGroups:
+    """Every decode group of a scheduler: one batch per model, plus groups
+    of one request (KV that can't be merged, speculative decoding)."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, DecodeGroup] = {}  # id(model) -> its batch
+        self.alone: list = []
+
+    def __len__(self) -> int:
+        """Requests decoding."""
+        return sum(len(g) for g in self.batches.values()) + len(self.alone)
+
+    def all(self) -> list:
+        return list(self.batches.values()) + self.alone
+
+    def group_for(self, model, batchable: bool) -> DecodeGroup:
+        if batchable:
+            return self.batches.setdefault(id(model), DecodeGroup(model, True))
+        group = DecodeGroup(model, False)
+        self.alone.append(group)
+        return group
+
+    def add_alone(self, group) -> None:
+        self.alone.append(group)
+
+    def drop(self, group) -> None:
+        if group in self.alone:
+            self.alone.remove(group)
+        for key, g in list(self.batches.items()):
+            if g is group:
+                del self.batches[key]
+
+    def in_batch(self, req: Request) -> bool:
+        return any(req in group.rows for group in self.batches.values())
+
+    def clear(self) -> None:
+        self.batches.clear()
+        self.alone.clear()

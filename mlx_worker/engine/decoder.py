@@ -3,7 +3,7 @@
 The decoder reads a request's tokens as they are produced (it knows nothing
 of how they were: batch rows or draft rounds), sends their token events and
 says when the output ends ("eos", "stop_string", "max_tokens", "cancelled").
-Spec: "Token events", "Stop conditions", "Channels".
+Spec: "`token`", "`generate`", "Channels".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A generate's plan: everything decided from its params before any MLX work.
 
 Built once (``Plan.build``) from the params, the loaded model and the
-prepared prompt; every field is set there. The spec's "generate" section
+prepared prompt; every field is set there. The spec's "`generate`" section
 describes what the fields bound (limits, sampling, constraint, tools, stop).
 """
 
@@ -14,9 +14,9 @@ from typing import Callable, Optional
 from .. import errors, memory, protocol, sampling
 from ..errors import WorkerError
 from ..models.loaded import LoadedModel
-from ..prompt import PreparedPrompt
+from ..cache import store as prompt_cache
+from ..prompt import PreparedPrompt, prepare
 from ..tools import grammar as tool_grammar
-from . import speculative
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Plan:
     processors: list  # logits processors: sampling's, the constraint's, the tool grammar's
     constraint: object  # a compiled constraint (released by the request), or None
     observe: Optional[Callable[[int], None]]  # the lazy tool grammar follows the tokens as read
-    draft: Optional[speculative.Draft]
+    draft: object  # speculative decoding's Draft (the runner variant's state), or None
     seed: int
     stop_ids: frozenset
     eos_ids: frozenset
@@ -40,7 +40,8 @@ class Plan:
 
     @classmethod
     def build(cls, lm: LoadedModel, params: protocol.GenerateParams, prompt: PreparedPrompt,
-              draft_lm: Optional[LoadedModel], num_draft_tokens: int, check_cancel: Callable[[], None]) -> "Plan":
+              draft_choice, check_cancel: Callable[[], None]) -> "Plan":
+        """``draft_choice``: speculative.resolve's DraftChoice, or None."""
         n_prompt = len(prompt.tokens)
         max_tokens = _clamp_to_context(lm, n_prompt, params.max_tokens)
         step_size = params.prefill_step_size or lm.prefill_step_size
@@ -48,7 +49,7 @@ class Plan:
         sample_fn, processors = sampling.make(params, lm)
         constraint = _compile_constraint(lm, params)
         try:
-            return cls._with_constraint(lm, params, prompt, draft_lm, num_draft_tokens, check_cancel,
+            return cls._with_constraint(lm, params, prompt, draft_choice, check_cancel,
                                         max_tokens, step_size, sample_fn, processors, constraint)
         except BaseException:
             if constraint is not None:  # the plan never existed: nobody else would release it
@@ -56,7 +57,7 @@ class Plan:
             raise
 
     @classmethod
-    def _with_constraint(cls, lm, params, prompt, draft_lm, num_draft_tokens, check_cancel,
+    def _with_constraint(cls, lm, params, prompt, draft_choice, check_cancel,
                          max_tokens, step_size, sample_fn, processors, constraint) -> "Plan":
         n_prompt = len(prompt.tokens)
         if constraint is not None:
@@ -69,8 +70,8 @@ class Plan:
         if tool_processor is not None:
             processors = processors + [tool_processor]
         draft = None
-        if draft_lm is not None and max_tokens > 0:
-            draft = speculative.Draft.for_request(lm, draft_lm, num_draft_tokens, params, tool_processor)
+        if draft_choice is not None and max_tokens > 0:
+            draft = draft_choice.draft_for(lm, params, tool_processor)
         check_cancel()
         # Under a constraint (or a call grammar) EOS is allowed only once it is
         # complete, and it ends the output: ignore_eos does not apply. ("none"
@@ -87,6 +88,20 @@ class Plan:
             want_logprobs=params.logprobs or params.top_logprobs > 0, top_logprobs=params.top_logprobs,
             need=need, need_parts=need_parts,
         )
+
+
+def prepare_prompt(lm: LoadedModel, params: protocol.GenerateParams) -> tuple[PreparedPrompt, int, int]:
+    """(the prompt, the prompt cache's keep, its system-prompt end): templates
+    and tokenizing, no MLX state, so it may run off the compute thread."""
+    prompt = prepare(lm, params)
+    # The system messages rendered alone, for the prompt cache: template work too, so here.
+    keep = prompt_cache.keep_for(lm, params, prompt.tokens)
+    store = lm.prompt_cache
+    system_end = prompt_cache.system_end(lm, params, prompt.tokens) \
+        if params.prompt_cache and store is not None and store.stateful else 0
+    if not prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
+        raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
+    return prompt, keep, system_end
 
 
 def _need(lm: LoadedModel, n_prompt: int, max_tokens: int, step_size: int, draft) -> tuple[int, dict]:

@@ -3,7 +3,7 @@ requests' KV outgrew the memory limit, resume it once it fits again.
 
 The paused request's KV goes to the disk tier's folder (paused.py), so it
 continues exactly where it stopped. Only with a disk tier: a pause that kept
-the KV in memory would free nothing. Spec: "Memory" (preemption).
+the KV in memory would free nothing. Spec: "Memory limits" (preemption).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Preemption:
         s = self.scheduler
         limit = memory.worker_limit()
         while s.decoding() > 1 and s.admission.kv_estimate() > limit:
-            rows = [(g, group) for group in s.decode_groups()
+            rows = [(g, group) for group in s.decode.all()
                     if isinstance(group, DecodeGroup) for g in group.rows]  # not a speculative group
             if not rows:
                 return
@@ -47,7 +47,7 @@ class Preemption:
                 return
             del cache
             if not group.rows:
-                s.drop_group(group)
+                s.decode.drop(group)
             mx.clear_cache()
             self.paused.append((gen, saved, batchable))
             log.info("paused request %r: %d bytes of KV written out", gen.request_id, saved.nbytes)
@@ -71,7 +71,7 @@ class Preemption:
             if gen.should_stop():
                 s.finish(gen, "cancelled", cache)
                 continue
-            s.decode_group_for(gen, batchable).resume(gen, cache, y, lp)
+            s.decode.group_for(gen.lm.model, batchable).resume(gen, cache, y, lp)
             log.info("resumed request %r", gen.request_id)
 
     def requests(self) -> list:

@@ -4,7 +4,7 @@ QUEUED (created) -> PREPARING (prompt, plan, cache lease) -> WAITING_MEMORY
 (not admitted yet) -> PREFILLING -> DECODING -> FINISHED. The scheduler moves
 it between states and decides when it runs; the runner (runner.py) does its
 forward passes; it knows nothing of how it is decoded (batch rows or draft
-rounds). Spec: "generate", "Cancellation", "Batching".
+rounds). Spec: "`generate`", "`cancel`", "Batching".
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..cache import budget as cache_budget, disk as cache_disk, store as prompt_cache
-from .. import errors, prompt_bounds, protocol, sampling
+from .. import prompt_bounds, protocol, sampling
 from ..models.loaded import LoadedModel
-from ..prompt import PreparedPrompt, prepare, tool_dicts
+from ..prompt import PreparedPrompt, tool_dicts
 from ..tools import calls as tool_calls
 from . import result
 from .decoder import Decoder
-from .plan import Plan
+from .plan import Plan, prepare_prompt
 from .sampler import RowSampler
 
 log = logging.getLogger("mlx_worker.engine.request")
@@ -51,8 +51,7 @@ class Events:
 
 class Request:
     def __init__(self, lm: LoadedModel, params: protocol.GenerateParams, request_id: protocol.RequestId,
-                 events: Events, should_stop: Callable[[], bool], *, draft_lm: Optional[LoadedModel] = None,
-                 num_draft_tokens: int = 0, received: Optional[float] = None,
+                 events: Events, should_stop: Callable[[], bool], *, draft=None, received: Optional[float] = None,
                  close_cancel: Optional[Callable[[], bool]] = None):
         self.lm = lm
         self.params = params
@@ -61,8 +60,8 @@ class Request:
         self.should_stop = should_stop
         # Closes the cancel window: whether a cancel came first (its answer must then say so).
         self.close_cancel = close_cancel or should_stop
-        self.draft_lm = draft_lm  # speculative decoding (speculative.resolve)
-        self.num_draft_tokens = num_draft_tokens
+        self.draft_choice = draft  # speculative decoding: speculative.resolve's DraftChoice, or None
+        self.draft_lm: Optional[LoadedModel] = draft.lm if draft is not None else None
         self.start = time.perf_counter()
         self.received = self.start if received is None else received  # when it was read: queue time
         self.state = RequestState.QUEUED
@@ -98,8 +97,7 @@ class Request:
         if self.prompt is None:  # not prepared ahead (vision, cache_save): here, bounded
             with prompt_bounds.within(self.should_stop, inline=False):
                 self.prepare_prompt()
-        self.plan = Plan.build(self.lm, self.params, self.prompt, self.draft_lm, self.num_draft_tokens,
-                               self._check_cancel)
+        self.plan = Plan.build(self.lm, self.params, self.prompt, self.draft_choice, self._check_cancel)
         self.constraint = self.plan.constraint
         self.decoder = Decoder(self.lm, self.params, self.plan, self.request_id, self.events.token,
                                self.should_stop)
@@ -109,19 +107,10 @@ class Request:
         so it may run off the compute thread (offload.py)."""
         sampling.validate(self.params, self.lm.vocab_size)
         self._check_cancel()
-        lm, params = self.lm, self.params
         try:
-            prompt = prepare(lm, params)
-            # The system messages rendered alone, for the prompt cache: template work too, so here.
-            keep = prompt_cache.keep_for(lm, params, prompt.tokens)
-            store = lm.prompt_cache
-            system_end = prompt_cache.system_end(lm, params, prompt.tokens) \
-                if params.prompt_cache and store is not None and store.stateful else 0
+            self.prompt, self.keep, self.system_end = prepare_prompt(self.lm, self.params)
         except prompt_bounds.RenderStopped:
             raise Cancelled from None
-        if not prompt.tokens:  # e.g. a template that renders nothing (on any model kind)
-            raise errors.invalid_params("params.messages", "the prompt is empty after tokenization")
-        self.prompt, self.keep, self.system_end = prompt, keep, system_end
 
     def _check_cancel(self) -> None:
         if self.should_stop():

@@ -1,7 +1,7 @@
 """A generate's final result: assembled from what its request holds.
 
 ``assemble`` builds a finished request's result; ``cancelled`` the result
-of one cancelled before it could finish normally (spec: "Cancellation"),
+of one cancelled before it could finish normally (spec: "`cancel`"),
 from what its token events delivered (``Streamed``). No MLX here: the job
 table answers a queued generate with it before MLX is imported.
 """

@@ -1,10 +1,9 @@
 """The runner: every forward pass of the engine, and nothing else.
 
-A prompt chunk alone (``prefill``) or several together (``prefill_together``),
-the decode step of a batch's merged rows (``decode``), the last-token prime
-of a max_tokens 0 request (``prime``), a draft pair's prefill; speculative
-verify runs in draft_rounds.py. The runner never admits, evicts or finishes:
-the scheduler decides, the runner runs. Spec: "Batching", "Prefill".
+A prompt chunk alone (``prefill``) or together (``prefill_together``), the
+decode step of a batch's rows (``decode``), the last-token prime (``prime``),
+a draft pair's prefill; speculative verify: draft_rounds.py. It never admits,
+evicts or finishes: the scheduler decides, the runner runs. Spec: "Batching".
 Next: a mixed pass (prompt chunks + decode rows) is one more function here
 taking both inputs; the scheduler would call it instead of prefill + decode.
 """

@@ -1,12 +1,10 @@
-"""The scheduler: which request runs when; every running request stepped together.
+"""The scheduler: which request runs when; all running ones stepped together.
 
-It holds every request it was given in one table (by id) and moves each
-through its states (request.py). Each ``step`` does at most one prefill
-chunk (prompts take turns chunk by chunk; prompts of one model advance
-together) and then one decode step of every decode group (one batch per
-model, plus a group per request that can't be merged). Admission is in
-admission.py, preemption in preemption.py, every forward pass in runner.py.
-It answers through its ``done`` callback only. Spec: "Batching", "Memory".
+One table of requests by id, each moved through its states (request.py).
+Each ``step``: at most one prefill turn (prefill_turns.py), then one decode
+step of every decode group (batch.py, speculative.py). Admission:
+admission.py; preemption: preemption.py; forward passes: runner.py. It
+answers through its ``done`` callback only. Spec: "Batching", "Memory limits".
 """
 
 from __future__ import annotations
@@ -21,10 +19,10 @@ import mlx.core as mx
 from .. import errors, memory
 from ..errors import WorkerError
 from . import runner
-from .admission import MAX_PREFILL_ROWS, Admission
-from .batch import DecodeGroup
-from .chunking import ChunkSize, chunking_free
+from .admission import Admission
+from .batch import DecodeGroups
 from .preemption import Preemption
+from .prefill_turns import PrefillTurns
 from .request import Request, RequestState
 
 log = logging.getLogger("mlx_worker.engine.scheduler")
@@ -41,27 +39,23 @@ class Scheduler:
         self.beside = beside
         self.requests: dict = {}  # request id -> Request: every request held, in any state
         self.waiting: collections.deque[Request] = collections.deque()  # not admitted yet
-        self.prefilling: collections.deque[Request] = collections.deque()
-        self.batches: dict[int, DecodeGroup] = {}  # id(model) -> its batch
-        self.alone: list = []  # decode groups of one request (unmergeable KV, speculative)
+        self.turns = PrefillTurns()
+        self.prefilling = self.turns.queue  # admitted, prompt not yet through
+        self.decode = DecodeGroups()
         self.admission = Admission(self)
         self.preemption = Preemption(self)
-        self.chunks = ChunkSize()
         self._admissions = 0
 
     def busy(self) -> bool:
         return bool(self.requests)
 
     def decoding(self) -> int:
-        return sum(len(g) for g in self.batches.values()) + len(self.alone)
-
-    def decode_groups(self) -> list:
-        return list(self.batches.values()) + self.alone
+        return len(self.decode)
 
     def running(self) -> list[Request]:
         """The admitted requests that are not paused."""
         out = list(self.prefilling)
-        for g in self.decode_groups():
+        for g in self.decode.all():
             out.extend(g.rows)
         return out
 
@@ -141,23 +135,9 @@ class Scheduler:
             return
         draft = req.plan.draft
         if draft is not None:  # speculative: its own sequential group
-            self.alone.append(draft.group(req))
+            self.decode.add_alone(draft.group(req))
             return
-        self.decode_group_for(req, req.batchable).join(req)
-
-    def decode_group_for(self, req: Request, batchable: bool) -> DecodeGroup:
-        if batchable:
-            return self.batches.setdefault(id(req.lm.model), DecodeGroup(req.lm.model, True))
-        group = DecodeGroup(req.lm.model, False)
-        self.alone.append(group)
-        return group
-
-    def drop_group(self, group) -> None:
-        if group in self.alone:
-            self.alone.remove(group)
-        for key, g in list(self.batches.items()):
-            if g is group:
-                del self.batches[key]
+        self.decode.group_for(req.lm.model, req.batchable).join(req)
 
     # --------------------------------------------------------------- step
 
@@ -173,14 +153,14 @@ class Scheduler:
             self._prefill_one()
         t0 = time.perf_counter()
         stepped = False
-        for group in self.decode_groups():
+        for group in self.decode.all():
             if group.rows:
                 self._step_group(group)
                 stepped = True
             if not group.rows:
-                self.drop_group(group)
+                self.decode.drop(group)
         if stepped:
-            self.chunks.stepped(time.perf_counter() - t0)
+            self.turns.chunks.stepped(time.perf_counter() - t0)
 
     def _end_cancelled(self) -> None:
         """The one cancel check of the requests not in a decode group (a
@@ -199,50 +179,12 @@ class Scheduler:
                 return  # in arrival order
 
     def _prefill_one(self) -> None:
-        req = self.prefilling.popleft()
-        n = req.plan.step_size
-        decoding = self.decoding() > 0
-        sized = decoding and (req.batchable or chunking_free(req))
-        if sized:
-            n = min(n, self.chunks.chunk)
-        together = self._together(req, n)
-        before = [r.processed for r in together]
-        t0 = time.perf_counter()
-        try:
-            if len(together) > 1:
-                runner.prefill_together(req.lm.model, together, n)
-            else:
-                runner.prefill(req, n, clear_cache=not decoding)
-        except BaseException as exc:
-            for r in together:
-                self.fail(r, exc)
-            return
-        dt = time.perf_counter() - t0
-        done = sum(r.processed - b for r, b in zip(together, before))
-        log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
-                  done, len(together), dt * 1000, self.decoding(), self.chunks.step_s * 1000)
-        if sized:
-            self.chunks.tune(done, dt, req.plan.step_size)
+        together, exc = self.turns.run_one(self.decoding())
         for r in together:
-            self._after_chunk(r)
-
-    def _together(self, req: Request, n: int) -> list[Request]:
-        """Prompts of the same model waiting together advance together: one
-        forward pass for a chunk of each (a pass costs far less than one per
-        prompt), as long as the KV merged for it stays small (a prompt
-        already deep in its cache goes on alone: merging would copy all of
-        it every chunk)."""
-        together = [req]
-        shallow = lambda r: r.processed <= max(4 * n, 256)  # noqa: E731
-        if req.batchable and shallow(req):
-            for other in list(self.prefilling):
-                if len(together) >= MAX_PREFILL_ROWS:
-                    break
-                if (other.lm is req.lm and other.batchable and shallow(other)
-                        and other.plan.step_size == req.plan.step_size and not other.should_stop()):
-                    self.prefilling.remove(other)
-                    together.append(other)
-        return together
+            if exc is not None:
+                self.fail(r, exc)
+            else:
+                self._after_chunk(r)
 
     def _after_chunk(self, req: Request) -> None:
         if req.to_prefill > 0:
@@ -300,8 +242,7 @@ class Scheduler:
         self.preemption.drop_all()
         self.waiting.clear()
         self.prefilling.clear()
-        self.batches.clear()
-        self.alone.clear()
+        self.decode.clear()
         for req in held:
             try:
                 self.fail(req, exc, streamed=False)

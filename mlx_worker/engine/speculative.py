@@ -1,35 +1,17 @@
 """Speculative decoding: a draft model proposes tokens, the target verifies them.
 
-The rounds (draft, verify, rewind) are mlx-lm's ``speculative_generate_step``
-with a draft length that follows the acceptance (draft_rounds.py); this
-module fits them into the worker's request lifecycle:
-
-- Prefill: the worker's own chunk loop runs both models (``Draft.prefill``)
-  so progress events and cancel between chunks work as without a draft;
-  the engine starts from the prompt's last token.
-- Cache: one list, target layers then draft layers (mlx-lm's layout), leased
-  from a prompt-cache store of the (target, draft) pair. At the end both
-  halves are cut to the same length: the tokens actually emitted (the draft
-  first reads what it skipped while the rounds drafted nothing).
-- Sampling: the target's token at output position p is drawn with the key a
-  draftless run uses at p (the request's key chain), its processors see the
-  same context; mlx-lm emits the target's token at every position, so the
-  output equals the draftless run's (up to the rounding of verifying several
-  positions in one forward pass), whatever the draft length. The draft samples position p with the same
-  key, which keeps acceptance high under sampling too.
-- Constraints: the processor is applied to draft and verify logits; the
-  matcher follows the ``tokens`` each call shows (rolled back to them), so a
-  rejected draft token never stays in it.
-
-What can't be exact is refused: windowed (rotating) or untrimmable caches
-(mlx-lm's trim silently does nothing once a window wraps), vision input, a
-lazy tool-call grammar (it follows the tokens it is told of, not a rewind),
-and a draft whose vocabulary differs from the target's.
+A runner variant: ``SpeculativeGroup`` decodes one request with mlx-lm's
+rounds, whose draft length follows the acceptance (draft_rounds.py), after the
+runner's prefill of both models; the pair's cache (target layers, then draft
+layers) is leased from the pair's prompt-cache store. The output equals the
+draftless run's; what can't be exact is refused (``check_pair``).
+Spec: "Speculative decoding".
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -44,9 +26,20 @@ from ..models.loaded import LoadedModel
 DEFAULT_NUM_DRAFT_TOKENS = 3  # mlx_lm.server's default
 
 
-def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> tuple[Optional[LoadedModel], int]:
-    """The draft a generate asks for (or its model's load default) and how
-    many tokens it drafts per step; (None, 0) without one."""
+@dataclass(frozen=True)
+class DraftChoice:
+    """The draft a generate asked for and how many tokens it drafts per step."""
+
+    lm: LoadedModel
+    num: int
+
+    def draft_for(self, target: LoadedModel, params, tool_processor) -> "Draft":
+        """The request's Draft, once its plan knows its tool processor (refusals named)."""
+        return Draft.for_request(target, self.lm, self.num, params, tool_processor)
+
+
+def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> Optional[DraftChoice]:
+    """The draft a generate asks for (or its model's load default); None without one."""
     draft_id = params.draft_model_id
     num = params.num_draft_tokens
     field = "params.draft_model_id"
@@ -57,10 +50,10 @@ def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> tuple
     if draft_id is None:
         if params.num_draft_tokens:
             raise errors.invalid_params("params.num_draft_tokens", "num_draft_tokens needs a draft_model_id")
-        return None, 0
+        return None
     if num == 0:
-        return None, 0
-    return find(get, draft_id, field), num or DEFAULT_NUM_DRAFT_TOKENS
+        return None
+    return DraftChoice(find(get, draft_id, field), num or DEFAULT_NUM_DRAFT_TOKENS)
 
 
 def find(get: Callable[[str], LoadedModel], draft_id: str, field: str) -> LoadedModel:
@@ -209,7 +202,34 @@ class Draft:
 
 class SpeculativeGroup:
     """One request decoding with a draft: a decode group of its own. Each
-    step is one speculative round (draft, verify, the accepted tokens)."""
+    step is one speculative round (draft, verify, the accepted tokens).
+
+    The rounds (draft, verify, rewind) are mlx-lm's ``speculative_generate_step``
+    with a draft length that follows the acceptance (draft_rounds.py); this
+    module fits them into the worker's request lifecycle:
+
+    - Prefill: the worker's own chunk loop runs both models (runner.prefill)
+      so progress events and cancel between chunks work as without a draft;
+      the engine starts from the prompt's last token.
+    - Cache: one list, target layers then draft layers (mlx-lm's layout), leased
+      from a prompt-cache store of the (target, draft) pair. At the end both
+      halves are cut to the same length: the tokens actually emitted (the draft
+      first reads what it skipped while the rounds drafted nothing).
+    - Sampling: the target's token at output position p is drawn with the key a
+      draftless run uses at p (the request's key chain), its processors see the
+      same context; mlx-lm emits the target's token at every position, so the
+      output equals the draftless run's (up to the rounding of verifying several
+      positions in one forward pass), whatever the draft length. The draft samples position p with the same
+      key, which keeps acceptance high under sampling too.
+    - Constraints: the processor is applied to draft and verify logits; the
+      matcher follows the ``tokens`` each call shows (rolled back to them), so a
+      rejected draft token never stays in it.
+
+    What can't be exact is refused: windowed (rotating) or untrimmable caches
+    (mlx-lm's trim silently does nothing once a window wraps), vision input, a
+    lazy tool-call grammar (it follows the tokens it is told of, not a rewind),
+    and a draft whose vocabulary differs from the target's.
+    """
 
     batchable = False
 
