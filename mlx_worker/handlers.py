@@ -2,7 +2,7 @@
 
 Each method returns its result or raises; the job table (jobs.py) turns
 that into the one final response. A generate is handed to the scheduler,
-which answers it when it ends. ``unload`` waits (between steps) until no
+which answers it when it ends (generates.py). ``unload`` waits (between steps) until no
 running generation uses the model.
 """
 
@@ -13,15 +13,16 @@ from typing import Any
 
 from .cache import files as cache_files
 from . import embeddings, errors, prompt_bounds, protocol
-from .engine import result as generate_result, speculative
-from .engine.request import Cancelled, Events, Request
+from .engine import speculative
+from .engine.request import Cancelled, Request
 from .errors import WorkerError
+from .generates import Generates
 from .jobs import Job, JobTable
 from .models.loading import LoadCancelled, LoadProgress
 from .models.registry import ModelRegistry
 from .offload import Offload, Task
 from .prompt import check_token_ids, tokenize
-from .engine.scheduler import Scheduler, run_alone
+from .engine.scheduler import run_alone
 
 log = logging.getLogger("mlx_worker.handlers")
 
@@ -30,9 +31,10 @@ class Handlers:
     def __init__(self, table: JobTable) -> None:
         self.table = table
         self.models = ModelRegistry()
-        self.scheduler = Scheduler(self._generation_done)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
         self.offload = Offload(wake=table.poke)  # prompts too long to prepare on this thread
+        self.generates = Generates(table, self._model, self.offload)
+        self.scheduler = self.generates.scheduler
 
     # ------------------------------------------------------- compute loop
 
@@ -62,7 +64,7 @@ class Handlers:
                 # Cancelled while its prompt is prepared: answered now, whatever
                 # the prompt thread is still doing with it.
                 task.answered = True
-                self._end_unstarted(task.job, Cancelled())
+                self.generates.end_unstarted(task.job, Cancelled())
         for task in self.offload.take_done():
             if not task.answered:
                 task.then(task.outcome)
@@ -77,7 +79,7 @@ class Handlers:
     def run(self, job: Job) -> None:
         try:
             if job.method == "generate":
-                self._generate(job)
+                self.generates.start(job)
                 return
             if self.table.stopping:
                 raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
@@ -97,24 +99,12 @@ class Handlers:
         outcome = None
         self._drop_failed()
 
-    def _events(self, job: Job) -> Events:
-        """Callbacks that send a request's progress and token notifications."""
-        notify = self.table.notify
-        return Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
-
     def _in_use(self, model_id) -> bool:
         try:
             lm = self.models.get(model_id)
         except WorkerError:
             return False
-        return self.scheduler.holds(lm) or any(
-            t.gen is not None and (t.gen.lm is lm or t.gen.draft_lm is lm) for t in self.offload.tasks()
-        )
-
-    def partial_result(self, job: Job):
-        """At exit: a generate still running, cancelled: its result from what it streamed (None: not started)."""
-        req = self.scheduler.requests.get(job.id)
-        return req.cancelled_result() if req is not None else None
+        return self.generates.holds(lm)
 
     # ------------------------------------------------------------ methods
 
@@ -135,58 +125,6 @@ class Handlers:
                     {"field": "params.model_id", "unloading": going.model_id},
                 )
         return lm
-
-    def _generate(self, job: Job) -> None:
-        try:
-            lm = self._model(job.params.model_id)
-            if lm.kind == "embedding":
-                raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is loaded as an embedding "
-                                            "model: it takes `embed`, not `generate`")
-            draft = speculative.resolve(self._model, lm, job.params)
-        except WorkerError as exc:
-            self._end_unstarted(job, exc)
-            return
-        gen = Request(lm, job.params, job.id, self._events(job), job.should_stop, draft=draft,
-                      received=job.received,
-                      close_cancel=lambda: self.table.close_cancel(job))
-        if lm.vision is not None:  # its prompt work may touch MLX: here, bounded in time
-            self.scheduler.submit(gen)
-            return
-        if not self.offload.has_generates():  # else behind those: arrival order
-            try:
-                with prompt_bounds.within(job.should_stop, inline=True):
-                    gen.prepare_prompt()
-            except prompt_bounds.MustOffload:
-                pass
-            except BaseException as exc:
-                self._end_unstarted(job, exc)
-                return
-            else:
-                self.scheduler.submit(gen)
-                return
-
-        def then(outcome: object) -> None:
-            if isinstance(outcome, BaseException):
-                self._end_unstarted(job, outcome)
-            else:
-                self.scheduler.submit(gen)
-
-        self.offload.submit(Task(job, gen.prepare_prompt, then, gen=gen))
-
-    def _end_unstarted(self, job: Job, exc: BaseException) -> None:
-        """A generate that failed before the scheduler held it: its error,
-        or its (empty) cancelled result when a cancel answered true first."""
-        if self.table.close_cancel(job):
-            queue_ms = generate_result.queue_ms(job.received, job.started)
-            self.table.finish(job, generate_result.cancelled(job.params, queue_ms=queue_ms))
-        else:
-            self.table.finish_with(job, exc)
-
-    def _generation_done(self, req: Request, outcome: object) -> None:
-        """The scheduler's answer for a request (its stop reason already decided)."""
-        job = self.table.running_job(req.request_id)
-        if job is not None:  # None: answered at exit meanwhile (answer_leftovers)
-            self.table.finish_with(job, outcome)
 
     def load(self, job: Job) -> protocol.LoadResult:
         progress = LoadProgress(
@@ -281,7 +219,7 @@ class Handlers:
         _no_cache_files(lm)
 
         def prefill(params):  # progress events while the uncached part is prefilled
-            gen = Request(lm, params, job.id, self._events(job), job.should_stop)
+            gen = Request(lm, params, job.id, self.generates.events(job), job.should_stop)
             outcome = run_alone(gen, beside=self.scheduler)
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -84,7 +84,7 @@ class Worker:
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
         handlers = self.handlers
-        self.table.answer_leftovers(lambda job: handlers.partial_result(job) if handlers is not None else None)
+        self.table.answer_leftovers(lambda job: handlers.generates.partial_result(job) if handlers is not None else None)
         from .cache.disk import all_tiers
 
         if all_tiers():  # entries still in RAM are written before the exit (bounded)
