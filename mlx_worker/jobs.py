@@ -161,10 +161,9 @@ class JobTable:
         with self.cond:
             unfinished = list(self.jobs.values())
         for job in unfinished:
-            if job.method == "generate":  # cancelled (stop set the flag)
+            if job.method == "generate":  # cancelled (stop set the flag); built as it is answered
                 job.cancel.set()
-                self.finish(job, partial(job) or generate_result.cancelled(
-                    job.params, queue_ms=generate_result.queue_ms(job.received, job.started or job.received)))
+                self._answer(job, lambda job=job: protocol.Response(id=job.id, result=_leftover(job, partial)))
             else:
                 self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
 
@@ -220,6 +219,11 @@ class JobTable:
                     del self.running[job.id]
                 self.cond.notify_all()
             self._send(make())
+
+
+def _leftover(job: Job, partial: Callable[[Job], Optional[protocol.GenerateResult]]) -> protocol.GenerateResult:
+    queue_ms = generate_result.queue_ms(job.received, job.started or job.received)
+    return partial(job) or generate_result.cancelled(job.params, queue_ms=queue_ms)
 
 
 def _error_response(job: Job, exc: BaseException) -> protocol.ErrorResponse:
