@@ -60,14 +60,14 @@ def percentile(xs, q):
 def run_once(lm, n, engine=None, schema=DECODE_SCHEMA, seed=0, stamps=None):
     """One generation through the worker's generation loop; ``stamps`` gets
     the time of every token event."""
-    from mlx_worker.engine import generation, scheduler
+    from mlx_worker.engine import request, scheduler
     from mlx_worker import protocol
 
     constraint = protocol.JsonSchemaConstraint(schema=schema, engine=engine) if engine else None
     params = protocol.GenerateParams(prompt=PROMPT, max_tokens=n, temperature=1.0, seed=seed,
                                      ignore_eos=True, prompt_cache=False, constraint=constraint)
     record = (lambda e: stamps.append(time.perf_counter())) if stamps is not None else (lambda e: None)
-    events = generation.Events(progress=lambda e: None, token=record)
+    events = request.Events(progress=lambda e: None, token=record)
     return scheduler.run(lm, params, "bench", events, lambda: False)
 
 

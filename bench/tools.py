@@ -57,7 +57,7 @@ def percentile(xs, q):
 def run_once(lm, prompt, n, variant, seed, stamps):
     import msgspec
 
-    from mlx_worker.engine import generation, scheduler
+    from mlx_worker.engine import request, scheduler
     from mlx_worker import protocol
 
     extra: dict = {}
@@ -71,7 +71,7 @@ def run_once(lm, prompt, n, variant, seed, stamps):
          "prompt_cache": False, **extra},
         protocol.GenerateParams,
     )
-    events = generation.Events(progress=lambda e: None, token=lambda e: stamps.append(time.perf_counter()) if e.tokens else None)
+    events = request.Events(progress=lambda e: None, token=lambda e: stamps.append(time.perf_counter()) if e.tokens else None)
     return scheduler.run(lm, params, "bench", events, lambda: False)
 
 

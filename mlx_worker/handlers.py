@@ -2,7 +2,7 @@
 
 Each method returns its result or raises; the job table (jobs.py) turns
 that into the one final response. A generate is handed to the scheduler,
-which answers it when it ends. ``unload`` waits (between steps) until no
+which answers it when it ends (generates.py). ``unload`` waits (between steps) until no
 running generation uses the model.
 """
 
@@ -16,15 +16,17 @@ import msgspec
 from .cache import files as cache_files
 from . import embeddings, errors, prompt_bounds, protocol
 from .distributed import loader as distributed_loader
-from .engine import draft_pairs, generation, speculative
+from .engine import draft_pairs
+from .engine.request import Cancelled, Request
 from .errors import WorkerError
+from .generates import Generates
 from .jobs import Job, JobTable
 from .models.loading import LoadCancelled, LoadProgress
 from .models import text as text_loader
 from .models.registry import ModelRegistry
 from .offload import Offload, Task
 from .prompt import check_token_ids, tokenize
-from .engine.scheduler import Scheduler, run_alone
+from .engine.scheduler import run_alone
 from .tools.formats import load_fields
 from . import vision
 
@@ -39,9 +41,10 @@ class Handlers:
     def __init__(self, table: JobTable) -> None:
         self.table = table
         self.models = ModelRegistry(LOADERS, hooks=[draft_pairs.LoadPairing()])
-        self.scheduler = Scheduler(self._generation_done, self._all_stores)
         self.deferred: list[Job] = []  # unloads waiting for their model's generations
         self.offload = Offload(wake=table.poke)  # prompts too long to prepare on this thread
+        self.generates = Generates(table, self._model, self.offload)
+        self.scheduler = self.generates.scheduler
 
     # ------------------------------------------------------- compute loop
 
@@ -71,7 +74,7 @@ class Handlers:
                 # Cancelled while its prompt is prepared: answered now, whatever
                 # the prompt thread is still doing with it.
                 task.answered = True
-                self.table.finish_generate(task.job, generation.Cancelled())
+                self.generates.end_unstarted(task.job, Cancelled())
         for task in self.offload.take_done():
             if not task.answered:
                 task.then(task.outcome)
@@ -86,7 +89,7 @@ class Handlers:
     def run(self, job: Job) -> None:
         try:
             if job.method == "generate":
-                self._generate(job)
+                self.generates.start(job)
                 return
             if self.table.stopping:
                 raise WorkerError(errors.SHUTTING_DOWN, "the worker is shutting down")
@@ -106,19 +109,12 @@ class Handlers:
         outcome = None
         self._drop_failed()
 
-    def _events(self, job: Job) -> generation.Events:
-        """Callbacks that send a request's progress and token notifications."""
-        notify = self.table.notify
-        return generation.Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
-
     def _in_use(self, model_id) -> bool:
         try:
             lm = self.models.get(model_id)
         except WorkerError:
             return False
-        return self.scheduler.holds(lm) or any(
-            t.gen is not None and (t.gen.lm is lm or t.gen.draft_lm is lm) for t in self.offload.tasks()
-        )
+        return self.generates.holds(lm)
 
     # ------------------------------------------------------------ methods
 
@@ -139,56 +135,6 @@ class Handlers:
                     {"field": "params.model_id", "unloading": going.model_id},
                 )
         return lm
-
-    def _generate(self, job: Job) -> None:
-        try:
-            lm = self._model(job.params.model_id)
-            if lm.kind == "embedding":
-                raise errors.invalid_params("params.model_id", f"model {lm.model_id!r} is loaded as an embedding "
-                                            "model: it takes `embed`, not `generate`")
-        except WorkerError as exc:
-            self.table.finish_generate(job, exc)
-            return
-        gen = generation.Generation(lm, job.params, job.id, self._events(job), job.should_stop)
-        gen.job = job
-        try:
-            gen.draft_lm, gen.num_draft_tokens = speculative.resolve(self._model, lm, job.params)
-        except WorkerError as exc:
-            self.table.finish_generate(job, exc)
-            return
-        if lm.vision is not None:  # its prompt work may touch MLX: here, bounded in time
-            self.scheduler.submit(gen)
-            return
-        if not self.offload.has_generates():  # else behind those: arrival order
-            try:
-                with prompt_bounds.within(job.should_stop, inline=True):
-                    gen.prepare_prompt()
-            except prompt_bounds.MustOffload:
-                pass
-            except BaseException as exc:
-                self.table.finish_generate(job, exc)
-                return
-            else:
-                self.scheduler.submit(gen)
-                return
-
-        def then(outcome: object) -> None:
-            if isinstance(outcome, BaseException):
-                self.table.finish_generate(job, outcome)
-            else:
-                self.scheduler.submit(gen)
-
-        self.offload.submit(Task(job, gen.prepare_prompt, then, gen=gen))
-
-    def _all_stores(self) -> list:
-        stores = []
-        for lm in self.models.snapshot():
-            stores.append(lm.prompt_cache)
-            stores.extend(draft_pairs.pair_stores(lm))
-        return stores
-
-    def _generation_done(self, gen: generation.Generation, outcome: object) -> None:
-        self.table.finish_generate(gen.job, outcome)
 
     def load(self, job: Job) -> protocol.LoadResult:
         progress = LoadProgress(
@@ -284,7 +230,7 @@ class Handlers:
         _no_cache_files(lm)
 
         def prefill(params):  # progress events while the uncached part is prefilled
-            gen = generation.Generation(lm, params, job.id, self._events(job), job.should_stop)
+            gen = Request(lm, params, job.id, self.generates.events(job), job.should_stop)
             outcome = run_alone(gen, beside=self.scheduler)
             if isinstance(outcome, BaseException):
                 raise outcome

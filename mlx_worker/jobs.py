@@ -1,14 +1,10 @@
 """The job table: every request read, from queueing to its one final response.
 
-One place owns a request's lifecycle: its id while in flight, the queue, the
-cancel flag and the promise that it gets exactly one final response (and no
-event after it). The reader thread adds and cancels jobs; the compute thread
-takes them and hands back results or errors; neither touches a job's lock
-outside this module.
-
-A cancelled generate's promise: once ``cancel`` answered ``{cancelled: true}``
-its final response is a result with ``stop_reason: "cancelled"`` (carrying
-what its token events delivered), even if the work failed meanwhile.
+It owns a request's id while in flight, the queue, the cancel flag and the
+promise of exactly one final response (no event after it). The reader thread
+adds and cancels jobs; the compute thread takes them and hands back results
+or errors. A cancelled generate answers ``stop_reason: "cancelled"``: the
+table answers a queued one, the engine a running one. Spec: "`cancel`".
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from . import errors, protocol
+from .engine import result as generate_result
 from .errors import WorkerError
 
 log = logging.getLogger("mlx_worker.jobs")
@@ -42,31 +39,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _finished: bool = False  # no longer cancellable
-    waiting: bool = False  # a generate admitted to the scheduler but waiting for memory: not running yet
     _answered: bool = False  # its one final response is out (or being sent)
-    # A generate's token events sent so far: what a cancelled result carries.
-    streamed_text: list = field(default_factory=list)
-    streamed_tokens: list = field(default_factory=list)
-    streamed_channels: dict = field(default_factory=lambda: {"content": [], "reasoning": []})
-    streamed_calls: dict = field(default_factory=dict)  # tool_call_index -> its text so far
-
-    def record(self, event: protocol.TokenEvent) -> None:
-        self.streamed_text.append(event.text)
-        self.streamed_tokens.extend(event.tokens)
-        if event.channel == "tool_call" and isinstance(event.tool_call_index, int):
-            self.streamed_calls.setdefault(event.tool_call_index, []).append(event.text)
-        else:
-            self.streamed_channels.get(event.channel, []).append(event.text)
-
-    def cancelled_result(self) -> protocol.GenerateResult:
-        """A cancelled generate's result when its work could not finish it:
-        it carries exactly what its token events delivered."""
-        return protocol.cancelled_result(
-            self.params, "".join(self.streamed_text), list(self.streamed_tokens),
-            content="".join(self.streamed_channels["content"]),
-            reasoning="".join(self.streamed_channels["reasoning"]),
-            call_texts=["".join(self.streamed_calls[i]) for i in sorted(self.streamed_calls)],
-        )
 
     def should_stop(self) -> bool:
         return self.cancel.is_set()
@@ -125,19 +98,18 @@ class JobTable:
         with self.cond:
             self.cond.notify_all()
 
-    def idle(self) -> bool:
-        with self.cond:
-            return not self.queue and not self.running
-
     def wait_idle(self, timeout: float) -> None:
         with self.cond:
             self.cond.wait_for(lambda: not self.queue and not self.running, max(0.0, timeout))
 
-    def running_ids(self, waiting: bool = False) -> list:
-        """Ids of the jobs taken, oldest first: those at work, or (``waiting``)
-        the generates waiting for memory."""
+    def running_ids(self) -> list:
+        """Ids of the jobs taken, oldest first."""
         with self.cond:
-            return [rid for rid, job in self.running.items() if job.waiting == waiting]
+            return list(self.running)
+
+    def running_job(self, rid: Any) -> Optional[Job]:
+        with self.cond:
+            return self.running.get(rid)
 
     def pending(self) -> int:
         with self.cond:
@@ -183,21 +155,22 @@ class JobTable:
         for job in queued:
             self._answer_unstarted(job, shutting_down=True)
 
-    def answer_leftovers(self) -> None:
-        """At exit: whatever could not stop in time still gets its response."""
+    def answer_leftovers(self, partial: Callable[[Job], Optional[protocol.GenerateResult]]) -> None:
+        """At exit: whatever could not stop in time still gets its response
+        (a generate: ``partial``, its cancelled result from what it streamed)."""
         with self.cond:
             unfinished = list(self.jobs.values())
         for job in unfinished:
-            if job.method == "generate":  # cancelled (stop set the flag): what was streamed
+            if job.method == "generate":  # cancelled (stop set the flag); built as it is answered
                 job.cancel.set()
-                self.finish_generate(job, _Unfinished())
+                self._answer(job, lambda job=job: protocol.Response(id=job.id, result=_leftover(job, partial)))
             else:
                 self.fail(job, errors.SHUTTING_DOWN, "the worker is shutting down; the request did not finish in time")
 
     def _answer_unstarted(self, job: Job, shutting_down: bool) -> None:
         job.cancel.set()
         if job.method == "generate":
-            self.finish(job, protocol.cancelled_result(job.params))
+            self.finish(job, generate_result.cancelled(job.params))
         elif job.method in ("load", "embed") and not shutting_down:
             self.fail(job, errors.CANCELLED, f"the {job.method} was cancelled before it started")
         else:
@@ -210,8 +183,6 @@ class JobTable:
         with job._lock:
             if job._answered:
                 return
-            if isinstance(params, protocol.TokenEvent):
-                job.record(params)
             self._send(protocol.Notification(method, params))
 
     def finish(self, job: Job, result: object) -> None:
@@ -219,23 +190,6 @@ class JobTable:
 
     def fail(self, job: Job, code: int, message: str, data: Any = None) -> None:
         self._answer(job, lambda: protocol.error_response(job.id, code, message, data))
-
-    def finish_generate(self, job: Job, outcome: object) -> None:
-        """A generate's end: a GenerateResult, or the exception it failed
-        with. A cancel that was promised wins over both."""
-        def make():
-            if job.cancel.is_set() and isinstance(outcome, BaseException):
-                result = job.cancelled_result()
-            elif isinstance(outcome, BaseException):
-                return _error_response(job, outcome)
-            else:
-                result = outcome
-                if job.cancel.is_set():
-                    result.stop_reason = "cancelled"
-            result.timings.queue_ms = round(max(0.0, job.started - job.received) * 1000, 3)
-            return protocol.Response(id=job.id, result=result)
-
-        self._answer(job, make)
 
     def finish_with(self, job: Job, outcome: object) -> None:
         """Any other method's end: its result or the exception it raised."""
@@ -261,8 +215,9 @@ class JobTable:
             self._send(make())
 
 
-class _Unfinished(Exception):
-    pass
+def _leftover(job: Job, partial: Callable[[Job], Optional[protocol.GenerateResult]]) -> protocol.GenerateResult:
+    queue_ms = generate_result.queue_ms(job.received, job.started or job.received)
+    return partial(job) or generate_result.cancelled(job.params, queue_ms=queue_ms)
 
 
 def _error_response(job: Job, exc: BaseException) -> protocol.ErrorResponse:

@@ -21,7 +21,7 @@ class Task:
     job: Any
     work: Callable[[], object]  # runs on the prompt thread; returns or raises
     then: Callable[[object], None]  # on the compute thread: the outcome (a value or the exception)
-    gen: Optional[Any] = None  # a generate's Generation (holds its model until handed on)
+    gen: Optional[Any] = None  # a generate's Request (holds its model until handed on)
     answered: bool = False  # answered meanwhile (a cancel): the outcome is dropped
     outcome: object = field(default=None, repr=False)
 

@@ -25,7 +25,7 @@ class PreparedPrompt:
     # Identifies the prompt for the prompt cache; equals ``tokens`` for text.
     # A vision prompt puts image content hashes where the image tokens are.
     cache_key: list = field(default_factory=list)
-    # Vision: computes input embeddings for tokens[start:]; None for text.
+    # Vision: start -> (input embeddings for tokens[start:], their positions); None for text.
     embeddings: Optional[Any] = None
     rendered: Optional[str] = None
 

@@ -8,7 +8,6 @@ Contract names are fixed; new optional fields may be added. Spec: protocol/READM
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -686,40 +685,6 @@ class ShutdownParams(Params):
 
 class ShutdownResult(Out):
     shutting_down: bool
-
-
-def cancelled_result(
-    params: GenerateParams,
-    text: str = "",
-    tokens: Union[list[int], None] = None,
-    content: Union[str, None] = None,
-    reasoning: str = "",
-    call_texts: Union[list[str], None] = None,
-) -> GenerateResult:
-    """The result of a generate cancelled before it finished normally: while
-    queued (nothing produced), or when its work failed after the cancel
-    (then with what the token events delivered). A tool call whose text was
-    streamed is never parsed here: it is reported as incomplete."""
-    tokens = tokens or []
-    invalid = [
-        InvalidToolCall(id="call_" + os.urandom(12).hex(), text=text, reason="incomplete",
-                        error="the output ended inside this call (cancel)")
-        for text in call_texts or []
-    ]
-    return GenerateResult(
-        text=text,
-        tokens=tokens,
-        stop_reason="cancelled",
-        usage=Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=len(tokens)),
-        timings=Timings(ttft_ms=0.0, prompt_tps=0.0, generation_tps=0.0, total_ms=0.0),
-        peak_memory=0,
-        model_id=params.model_id or "",
-        seed=params.seed if params.seed is not None else 0,
-        content=text if content is None else content,
-        reasoning=reasoning,
-        tool_calls=[],
-        invalid_tool_calls=invalid,
-    )
 
 
 # A method's params and result types; the server adds the handlers.

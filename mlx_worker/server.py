@@ -79,7 +79,8 @@ class Worker:
         self.table.wait_idle(deadline - time.monotonic())
         # Work that can't stop at once (a load, a tokenize, a long prefill
         # chunk) still gets its one response before the exit.
-        self.table.answer_leftovers()
+        generates = getattr(self.methods, "generates", None)
+        self.table.answer_leftovers(lambda job: generates.partial_result(job) if generates is not None else None)
         from .cache.disk import all_tiers
 
         if all_tiers():  # entries still in RAM are written before the exit (bounded)
@@ -158,7 +159,9 @@ class Worker:
         from .memory import memory_status  # late: `status` may come before the compute thread imported MLX
 
         models = self.models.snapshot() if self.models is not None else []
-        running = self.table.running_ids()
+        scheduler = getattr(self.methods, "scheduler", None)
+        waiting = scheduler.waiting_ids() if scheduler is not None else []
+        running = [rid for rid in self.table.running_ids() if rid not in waiting]
         return protocol.StatusResult(
             models=[self.models.describe(m) for m in models],
             queue=protocol.QueueStatus(
@@ -166,7 +169,7 @@ class Worker:
                 pending=self.table.pending(),
                 max_pending=self.config.max_pending,
                 running=running,
-                waiting=self.table.running_ids(waiting=True),
+                waiting=waiting,
             ),
             memory=memory_status(models),
             uptime_s=round(time.monotonic() - self.started, 3),

@@ -304,16 +304,16 @@ def test_a_cancelled_result_from_the_streamed_events_reports_the_call():
     """When the work can't answer a cancelled generate itself (it failed after
     the cancel, or the worker exits first), the result is built from the
     token events sent: a call being streamed is reported as incomplete."""
-    from mlx_worker.server import Job
+    from mlx_worker.engine.result import Streamed, cancelled
 
-    job = Job(id="g", method="generate", params=protocol.GenerateParams(prompt="hi"))
+    streamed = Streamed()
     for channel, text, index in [("content", "ok ", None), ("marker", "<tool_call>", None),
                                  ("tool_call", '\n{"name": ', 0), ("tool_call", '"f"', 0)]:
         event = protocol.TokenEvent(id="g", text=text, tokens=[1], channel=channel)
         if index is not None:
             event.tool_call_index = index
-        job.record(event)
-    result = job.cancelled_result()
+        streamed.record(event)
+    result = cancelled(protocol.GenerateParams(prompt="hi"), streamed)
     assert (result.stop_reason, result.text, result.content) == ("cancelled", 'ok <tool_call>\n{"name": "f"', "ok ")
     assert result.tool_calls == []
     assert [(c.reason, c.text) for c in result.invalid_tool_calls] == [("incomplete", '\n{"name": "f"')]

@@ -1,22 +1,10 @@
 """A decode batch: the requests of one model that step together.
 
-One forward pass per step for every row, then each row's own logits
-processors, constraint mask and sampler (its own PRNG key) on its row of
-logits. A row joins between steps (its prompt prefilled, the last prompt
-token not yet fed) and leaves between steps (finished, cancelled or failed)
-without disturbing the others.
-
-KV layout: a single row decodes in its own plain cache, exactly the
-computation mlx-lm's ``generate_step`` does (the batch path costs a lone
-stream nothing). From the second row on, the rows' caches are merged into
-mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
-extracted back. A row that can't be merged (rotating window, recurrent
-state, quantized KV, a vision model's positions) is a group of its own.
-
-Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
-before the tokens of step k are read, so the host-side work (text, events,
-constraint masks) overlaps the forward pass. A row that stops has had one
-more token fed than it returns, which is what the prompt cache expects.
+One forward pass per step for every row (runner.decode), then each row's own
+sampler (sampler.py: processors, constraint mask, its own PRNG key) on its row
+of logits. Rows join and leave between steps without disturbing the others;
+steps are pipelined as in mlx-lm's ``generate_step`` (see ``DecodeGroup``).
+Spec: "Batching".
 """
 
 from __future__ import annotations
@@ -26,18 +14,34 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache
 
-from .generation import Generation
+from . import runner
+from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.batch")
 
 
 class DecodeGroup:
+    """The rows of one model that decode together.
+
+    KV layout: a single row decodes in its own plain cache, exactly the
+    computation mlx-lm's ``generate_step`` does (the batch path costs a lone
+    stream nothing). From the second row on, the rows' caches are merged into
+    mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
+    extracted back. A row that can't be merged (rotating window, recurrent
+    state, quantized KV, a vision model's positions) is a group of its own.
+
+    Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
+    before the tokens of step k are read, so the host-side work (text, events,
+    constraint masks) overlaps the forward pass. A row that stops has had one
+    more token fed than it returns, which is what the prompt cache expects.
+    """
+
     def __init__(self, model, batchable: bool):
         self.model = model
         self.batchable = batchable
-        self.rows: list[Generation] = []
+        self.rows: list[Request] = []
         self.cache: Optional[list] = None  # plain (one row) or BatchKVCache layers
         self.y: Optional[mx.array] = None  # (B,) tokens the next step feeds, maybe lazy
         self.logprobs: list[Optional[mx.array]] = []  # per row: the logprobs behind y
@@ -48,7 +52,8 @@ class DecodeGroup:
 
     # -------------------------------------------------------- join, leave
 
-    def join(self, gen: Generation) -> None:
+    def join(self, gen: Request) -> None:
+        gen.computed = True
         last, emb = gen.last_input()
         if not self.rows:
             self.cache, self.y, self.embedding = gen.cache, last, emb
@@ -78,7 +83,7 @@ class DecodeGroup:
         self.y = self.y[mx.array(keep)] if len(keep) != self.y.shape[0] else self.y
         if isinstance(self.cache[0], BatchKVCache):
             if len(keep) == 1:  # back to the lone-stream path
-                self.cache = [_plain(layer, keep[0]) for layer in self.cache]
+                self.cache = [layer.extract(keep[0]) for layer in self.cache]
             else:
                 index = mx.array(keep)
                 for layer in self.cache:
@@ -86,7 +91,7 @@ class DecodeGroup:
 
     # ------------------------------------------------------ pause, resume
 
-    def pause(self, gen: Generation) -> tuple[list, mx.array, Optional[mx.array]]:
+    def pause(self, gen: Request) -> tuple[list, mx.array, Optional[mx.array]]:
         """Take a row out between steps (preemption): its own cache, the
         token the next step would feed it (sampled, not yet read) and that
         token's logprobs, all evaluated."""
@@ -97,7 +102,7 @@ class DecodeGroup:
         self.leave([i])
         return cache, y, lp
 
-    def resume(self, gen: Generation, cache: list, y: mx.array, lp: Optional[mx.array]) -> None:
+    def resume(self, gen: Request, cache: list, y: mx.array, lp: Optional[mx.array]) -> None:
         """A paused row comes back: as ``join``, with its pending token."""
         if not self.rows:
             self.cache, self.y = cache, y
@@ -112,28 +117,23 @@ class DecodeGroup:
 
     # ---------------------------------------------------------------- step
 
-    def step(self) -> list[tuple[Generation, object, Optional[list]]]:
+    def step(self) -> list[tuple[Request, object, Optional[list]]]:
         """Queue the next step, then read this one's tokens. Returns the rows
         that ended: (generation, stop reason or the exception it failed with,
         its own cache)."""
         rows = self.rows
         failures: dict[int, BaseException] = {}
         with mx.stream(generation_stream):
-            if len(rows) == 1:
-                rows[0].begin()
-            kwargs = {}
-            if self.embedding is not None:
-                kwargs["input_embeddings"] = self.embedding[None]
-                self.embedding = None
+            embedding, self.embedding = self.embedding, None
             try:
-                logits = self.model(self.y[:, None], cache=self.cache, **kwargs)[:, -1, :]
+                logits = runner.decode(self.model, self.y, self.cache, rows[0] if len(rows) == 1 else None, embedding)
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))
                 return [(gen, exc, None) for gen in rows]
             tokens, logprobs = [], []
             for i, gen in enumerate(rows):
                 try:
-                    token, lp = gen.sample(logits[i : i + 1], self.y[i : i + 1])
+                    token, lp = gen.sampler.row(logits[i : i + 1], self.y[i : i + 1])
                 except BaseException as exc:  # e.g. a constraint that fails: this row only
                     failures[i] = exc
                     token, lp = mx.zeros((1,), dtype=mx.uint32), None
@@ -164,29 +164,42 @@ class DecodeGroup:
         return out
 
 
-def prefill_together(model, gens: list[Generation], n: int) -> None:
-    """One forward pass for the next (up to) ``n`` prompt tokens of several
-    requests of one model, as mlx-lm's BatchGenerator prefills: their caches
-    merged (left-padded), shorter inputs right-padded, the padding rolled to
-    the left afterwards; then each request's own cache is extracted again."""
-    tokens = [g.pending_tokens(n) for g in gens]
-    lengths = [len(t) for t in tokens]
-    width = max(lengths)
-    padding = [width - k for k in lengths]
-    cache = [BatchKVCache.merge([g.cache[i] for g in gens]) for i in range(len(gens[0].cache))]
-    inputs = mx.array([t + [0] * p for t, p in zip(tokens, padding)], dtype=mx.uint32)
-    if max(padding):
-        for c in cache:
-            c.prepare(lengths=lengths, right_padding=padding)
-    with mx.stream(generation_stream):
-        model(inputs, cache=cache)
-        if max(padding):
-            for c in cache:
-                c.finalize()
-        mx.eval([c.state for c in cache])
-    for i, (g, k) in enumerate(zip(gens, lengths)):
-        g.prefilled(k, [c.extract(i) for c in cache])
 
+class DecodeGroups:
+    """Every decode group of a scheduler: one batch per model, plus groups
+    of one request (KV that can't be merged, speculative decoding)."""
 
-def _plain(layer: BatchKVCache, i: int) -> KVCache:
-    return layer.extract(i)
+    def __init__(self) -> None:
+        self.batches: dict[int, DecodeGroup] = {}  # id(model) -> its batch
+        self.alone: list = []
+
+    def __len__(self) -> int:
+        """Requests decoding."""
+        return sum(len(g) for g in self.batches.values()) + len(self.alone)
+
+    def all(self) -> list:
+        return list(self.batches.values()) + self.alone
+
+    def group_for(self, model, batchable: bool) -> DecodeGroup:
+        if batchable:
+            return self.batches.setdefault(id(model), DecodeGroup(model, True))
+        group = DecodeGroup(model, False)
+        self.alone.append(group)
+        return group
+
+    def add_alone(self, group) -> None:
+        self.alone.append(group)
+
+    def drop(self, group) -> None:
+        if group in self.alone:
+            self.alone.remove(group)
+        for key, g in list(self.batches.items()):
+            if g is group:
+                del self.batches[key]
+
+    def in_batch(self, req: Request) -> bool:
+        return any(req in group.rows for group in self.batches.values())
+
+    def clear(self) -> None:
+        self.batches.clear()
+        self.alone.clear()

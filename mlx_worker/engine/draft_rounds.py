@@ -1,15 +1,10 @@
 """Speculative rounds whose draft length follows the acceptance a request sees.
 
-mlx-lm's ``speculative_generate_step`` drafts a fixed number of tokens per
-round; a draft that is rarely right then costs more than it saves. Here each
-round asks ``DraftLength`` how many tokens to draft, down to none (a plain
-decode step of the target). While it drafts nothing, the draft model skips
-the tokens the target emits; they are fed to it in one call when it drafts
-again (or when the request ends, so the pair's cache stays whole).
-
-A round is otherwise mlx-lm's: the draft proposes k tokens, the target
-verifies them with its k+1 logits in one pass, the agreeing prefix plus the
-target's own next token are emitted, both caches are trimmed back.
+mlx-lm's ``speculative_generate_step`` with a draft length chosen each round
+(``DraftLength``), down to none: a plain decode step of the target, while the
+draft skips the tokens (fed to it in one call when it drafts again or the
+request ends). A round: the draft proposes k tokens, the target verifies them
+in one pass, the agreeing prefix plus the target's next token are emitted.
 """
 
 from __future__ import annotations

@@ -1,34 +1,16 @@
 """Speculative decoding: a draft model proposes tokens, the target verifies them.
 
-The rounds (draft, verify, rewind) are mlx-lm's ``speculative_generate_step``
-with a draft length that follows the acceptance (draft_rounds.py); this
-module fits them into the worker's request lifecycle:
-
-- Prefill: the worker's own chunk loop runs both models (``Draft.prefill``)
-  so progress events and cancel between chunks work as without a draft;
-  the engine starts from the prompt's last token.
-- Cache: one list, target layers then draft layers (mlx-lm's layout), leased
-  from a prompt-cache store of the (target, draft) pair. At the end both
-  halves are cut to the same length: the tokens actually emitted (the draft
-  first reads what it skipped while the rounds drafted nothing).
-- Sampling: the target's token at output position p is drawn with the key a
-  draftless run uses at p (the request's key chain), its processors see the
-  same context; mlx-lm emits the target's token at every position, so the
-  output equals the draftless run's (up to the rounding of verifying several
-  positions in one forward pass), whatever the draft length. The draft samples position p with the same
-  key, which keeps acceptance high under sampling too.
-- Constraints: the processor is applied to draft and verify logits; the
-  matcher follows the ``tokens`` each call shows (rolled back to them), so a
-  rejected draft token never stays in it.
-
-What can't be exact is refused: windowed (rotating) or untrimmable caches
-(mlx-lm's trim silently does nothing once a window wraps), vision input, a
-lazy tool-call grammar (it follows the tokens it is told of, not a rewind),
-and a draft whose vocabulary differs from the target's.
+A runner variant: ``SpeculativeGroup`` decodes one request with mlx-lm's
+rounds, whose draft length follows the acceptance (draft_rounds.py), after the
+runner's prefill of both models; the pair's cache (target layers, then draft
+layers) is leased from the pair's prompt-cache store. The output equals the
+draftless run's; what can't be exact is refused (``check_pair``).
+Spec: "Speculative decoding".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -36,16 +18,27 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from ..cache import store as prompt_cache
 from . import draft_rounds
-from .draft_pairs import check_pair, find, forget, new_cache, pair_store, pair_stores  # noqa: F401
+from .draft_pairs import check_pair, find, new_cache, pair_store
 from .. import errors, sampling
 from ..models.loaded import LoadedModel
 
 DEFAULT_NUM_DRAFT_TOKENS = 3  # mlx_lm.server's default
 
 
-def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> tuple[Optional[LoadedModel], int]:
-    """The draft a generate asks for (or its model's load default) and how
-    many tokens it drafts per step; (None, 0) without one."""
+@dataclass(frozen=True)
+class DraftChoice:
+    """The draft a generate asked for and how many tokens it drafts per step."""
+
+    lm: LoadedModel
+    num: int
+
+    def draft_for(self, target: LoadedModel, params, tool_processor) -> "Draft":
+        """The request's Draft, once its plan knows its tool processor (refusals named)."""
+        return Draft.for_request(target, self.lm, self.num, params, tool_processor)
+
+
+def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> Optional[DraftChoice]:
+    """The draft a generate asks for (or its model's load default); None without one."""
     draft_id = params.draft_model_id
     num = params.num_draft_tokens
     field = "params.draft_model_id"
@@ -56,10 +49,10 @@ def resolve(get: Callable[[str], LoadedModel], lm: LoadedModel, params) -> tuple
     if draft_id is None:
         if params.num_draft_tokens:
             raise errors.invalid_params("params.num_draft_tokens", "num_draft_tokens needs a draft_model_id")
-        return None, 0
+        return None
     if num == 0:
-        return None, 0
-    return find(get, draft_id, field), num or DEFAULT_NUM_DRAFT_TOKENS
+        return None
+    return DraftChoice(find(get, draft_id, field), num or DEFAULT_NUM_DRAFT_TOKENS)
 
 
 class Draft:
@@ -109,46 +102,45 @@ class Draft:
     def new_cache(self) -> list:
         return new_cache(self.target, self.lm)
 
-    def prefill(self, tokens: mx.array, cache: list) -> None:
-        """The same prompt tokens through both models."""
-        self.target.model(tokens[None], cache=cache[: self.n_target])
-        # one model's chunk at a time: their temporaries never add up (memory_model.py)
-        mx.eval([c.state for c in cache[: self.n_target]])
-        self.lm.model(tokens[None], cache=cache[self.n_target :])
-
     def group(self, gen) -> "SpeculativeGroup":
         return SpeculativeGroup(gen, self)
 
 
-class _KeyedSampler:
-    """The request's sampler with its own keys: output position p gets the
-    key a draftless run uses at p."""
-
-    def __init__(self, gen):
-        self.gen = gen
-        self.keys: list[mx.array] = []
-
-    def _key(self, p: int) -> mx.array:
-        gen = self.gen
-        while len(self.keys) <= p:
-            gen.key, sub = sampling.split_key(gen.key)
-            self.keys.append(sub)
-        return self.keys[p]
-
-    def __call__(self, logprobs: mx.array, position: int) -> mx.array:
-        gen = self.gen
-        if gen.key is None and not self.keys:
-            return gen.sample_fn(logprobs, None)
-        return gen.sample_fn(logprobs, self._key(position))
-
-
 class SpeculativeGroup:
     """One request decoding with a draft: a decode group of its own. Each
-    step is one speculative round (draft, verify, the accepted tokens)."""
+    step is one speculative round (draft, verify, the accepted tokens).
+
+    The rounds (draft, verify, rewind) are mlx-lm's ``speculative_generate_step``
+    with a draft length that follows the acceptance (draft_rounds.py); this
+    module fits them into the worker's request lifecycle:
+
+    - Prefill: the worker's own chunk loop runs both models (runner.prefill)
+      so progress events and cancel between chunks work as without a draft;
+      the engine starts from the prompt's last token.
+    - Cache: one list, target layers then draft layers (mlx-lm's layout), leased
+      from a prompt-cache store of the (target, draft) pair. At the end both
+      halves are cut to the same length: the tokens actually emitted (the draft
+      first reads what it skipped while the rounds drafted nothing).
+    - Sampling: the target's token at output position p is drawn with the key a
+      draftless run uses at p (the request's key chain), its processors see the
+      same context; mlx-lm emits the target's token at every position, so the
+      output equals the draftless run's (up to the rounding of verifying several
+      positions in one forward pass), whatever the draft length. The draft samples position p with the same
+      key, which keeps acceptance high under sampling too.
+    - Constraints: the processor is applied to draft and verify logits; the
+      matcher follows the ``tokens`` each call shows (rolled back to them), so a
+      rejected draft token never stays in it.
+
+    What can't be exact is refused: windowed (rotating) or untrimmable caches
+    (mlx-lm's trim silently does nothing once a window wraps), vision input, a
+    lazy tool-call grammar (it follows the tokens it is told of, not a rewind),
+    and a draft whose vocabulary differs from the target's.
+    """
 
     batchable = False
 
     def __init__(self, gen, draft: Draft):
+        gen.computed = True
         self.gen = gen
         self.draft = draft
         self.rows = [gen]
@@ -159,13 +151,12 @@ class SpeculativeGroup:
         return len(self.rows)
 
     def _engine(self) -> draft_rounds.Rounds:
-        gen, draft = self.gen, self.draft
-        processors = sampling.with_prefix(gen.processors, gen.prompt.tokens[gen.cached : -1])
-        last = gen.prompt.tokens[-1]
+        gen, draft, plan = self.gen, self.draft, self.gen.plan
+        processors = sampling.with_prefix(gen.sampler.processors, plan.prompt.tokens[gen.cached : -1])
         return draft_rounds.Rounds(
-            gen.lm.model, draft.lm.model, gen.cache, draft.n_target, last,
+            gen.lm.model, draft.lm.model, gen.cache, draft.n_target, plan.prompt.tokens[-1],
             length=draft_rounds.DraftLength(draft.num, adaptive=gen.params.draft_adaptive, cost=draft.step_cost),
-            max_tokens=gen.max_tokens, start=len(gen.fed_back), sample=_KeyedSampler(gen),
+            max_tokens=plan.max_tokens, start=len(gen.decoder.sampled), sample=gen.sampler.at,
             processors=processors or None,
         )
 
@@ -184,7 +175,7 @@ class SpeculativeGroup:
                     token, logprobs, from_draft = next(self._it)
                 except StopIteration:
                     return self._end("max_tokens")
-                reason = gen.accept(int(token), logprobs if gen.want_logprobs else None)
+                reason = gen.accept(int(token), logprobs if gen.plan.want_logprobs else None)
                 if from_draft and reason == "eos":  # an EOS is not output: accepted counts output tokens
                     draft.uncounted += 1
                 if reason is not None:
@@ -208,7 +199,7 @@ class SpeculativeGroup:
         gen, n = self.gen, self.draft.n_target
         cache = gen.cache
         self._close()
-        keep = gen.n_prompt - 1 + len(gen.fed_back)
+        keep = gen.plan.n_prompt - 1 + len(gen.decoder.sampled)
         if self._rounds is not None and gen.lease is not None:  # only a cache that is kept needs the draft's half
             self._rounds.catch_up()
         halves = (cache[:n], cache[n:])

@@ -50,12 +50,11 @@ class VisionAdapter:
         encoded: EncodedPrompt = self.encoder.encode(rendered, images)
 
         def embeddings(start: int):
+            """(input embeddings of tokens[start:], the positions the runner sets before each call)"""
             values, positions, extra = encoded.embeddings(start)
-            self.model.begin(PromptPlan(positions, extra, len(encoded.tokens)))
-            return values
+            return values, PromptPlan(positions, extra, len(encoded.tokens))
 
         return PreparedPrompt(tokens=encoded.tokens, cache_key=encoded.cache_key, embeddings=embeddings, rendered=rendered)
 
     def _text_start(self, start: int):
-        self.model.begin(None)
-        return None
+        return None, None

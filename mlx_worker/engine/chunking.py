@@ -1,0 +1,44 @@
+"""Prefill chunk sizes while streams decode: a measured controller.
+
+While streams are decoding, chunks are sized (from measured times) to take
+about CHUNK_TIME_IN_STEPS decode steps, to keep a stream's gap between tokens
+near three idle gaps; alone, a prompt is processed in its own
+``prefill_step_size`` chunks, exactly as mlx-lm would. Spec: "Batching".
+"""
+
+from __future__ import annotations
+
+MIN_CHUNK = 16
+CHUNK_TIME_IN_STEPS = 2.0  # a chunk during decoding takes about this many decode steps
+
+
+class ChunkSize:
+    def __init__(self) -> None:
+        self.step_s = 0.0  # decode step time (moving average)
+        self.chunk = 64
+
+    def stepped(self, dt: float) -> None:
+        """A decode step (of every group) took ``dt`` seconds."""
+        self.step_s = dt if not self.step_s else 0.8 * self.step_s + 0.2 * dt
+
+    def tune(self, n: int, dt: float, limit: int) -> None:
+        """Size the next chunk so that it takes about CHUNK_TIME_IN_STEPS
+        decode steps: grown while chunks run shorter, shrunk while longer
+        (a chunk's cost is not proportional to its tokens: small chunks
+        carry fixed costs)."""
+        if dt <= 0 or not self.step_s:
+            return
+        target = self.step_s * CHUNK_TIME_IN_STEPS
+        chunk = self.chunk * (1.25 if dt < target else 0.8)
+        self.chunk = int(max(MIN_CHUNK, min(limit, chunk)))
+
+
+def chunking_free(req) -> bool:
+    """A request outside the batch whose output doesn't depend on how its
+    prompt is chunked (plain or quantized KV on a text model, a draft pair
+    included), so its chunks can be sized for the running streams too.
+    Windows and recurrent state keep their own ``prefill_step_size``: there
+    the chunking is part of the result (see the spec's Rotating caches)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    return req.lm.vision is None and all(type(c) in (KVCache, QuantizedKVCache) for c in req.cache)

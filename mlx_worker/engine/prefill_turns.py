@@ -1,0 +1,71 @@
+"""Prefill turns: which prompt chunk runs next, and with which others.
+
+Prompts take turns chunk by chunk (a new prompt stalls the running streams
+for at most one chunk; a short request behind a long prompt starts after a
+chunk or two); prompts of one model waiting together advance together in one
+forward pass. Chunk sizes while streams decode: chunking.py. Spec: "Batching".
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+from . import runner
+from .chunking import ChunkSize, chunking_free
+from .request import Request
+
+log = logging.getLogger("mlx_worker.engine.prefill_turns")
+
+MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
+
+
+class PrefillTurns:
+    def __init__(self) -> None:
+        self.queue: collections.deque[Request] = collections.deque()
+        self.chunks = ChunkSize()
+
+    def run_one(self, decoding: int) -> tuple[list[Request], BaseException | None]:
+        """The next turn's chunk (``decoding``: streams decoding meanwhile).
+        Returns the requests it ran, and the exception the pass failed with."""
+        req = self.queue.popleft()
+        n = req.plan.step_size
+        sized = decoding > 0 and (req.batchable or chunking_free(req))
+        if sized:
+            n = min(n, self.chunks.chunk)
+        together = self._together(req, n)
+        before = [r.processed for r in together]
+        t0 = time.perf_counter()
+        try:
+            if len(together) > 1:
+                runner.prefill_together(req.lm.model, together, n)
+            else:
+                runner.prefill(req, n, clear_cache=decoding == 0)
+        except BaseException as exc:
+            return together, exc
+        dt = time.perf_counter() - t0
+        done = sum(r.processed - b for r, b in zip(together, before))
+        log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
+                  done, len(together), dt * 1000, decoding, self.chunks.step_s * 1000)
+        if sized:
+            self.chunks.tune(done, dt, req.plan.step_size)
+        return together, None
+
+    def _together(self, req: Request, n: int) -> list[Request]:
+        """Prompts of the same model waiting together advance together: one
+        forward pass for a chunk of each (a pass costs far less than one per
+        prompt), as long as the KV merged for it stays small (a prompt
+        already deep in its cache goes on alone: merging would copy all of
+        it every chunk)."""
+        together = [req]
+        shallow = lambda r: r.processed <= max(4 * n, 256)  # noqa: E731
+        if req.batchable and shallow(req):
+            for other in list(self.queue):
+                if len(together) >= MAX_PREFILL_ROWS:
+                    break
+                if (other.lm is req.lm and other.batchable and shallow(other)
+                        and other.plan.step_size == req.plan.step_size and not other.should_stop()):
+                    self.queue.remove(other)
+                    together.append(other)
+        return together
