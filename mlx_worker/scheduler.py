@@ -83,7 +83,7 @@ class Scheduler:
     def submit(self, gen: Generation) -> None:
         """Prepare and admit a new request (or answer it: error, cancelled)."""
         if not self.busy() and not (self.beside and self.beside.busy()):
-            mx.reset_peak_memory()  # never mid-batch: the running requests report the peak
+            memory.reset_peak()  # never mid-batch: the running requests report the peak
         gen.memory_base = mx.get_active_memory()
         try:
             gen.prepare()
@@ -165,15 +165,22 @@ class Scheduler:
         resident = mx.get_active_memory() - self._held() - (self.beside._held() if self.beside else 0)
         gens = others + [gen]
         kv = sum(g.need_parts.get("kv_cache", 0) for g in gens)
-        temporaries = max(g.need - g.need_parts.get("kv_cache", 0) for g in gens)
-        if gen.batchable and gen.to_prefill > 0:
-            # prompts of one model prefill together (_prefill_one), each
-            # padded to the longest chunk: their temporaries add up
-            together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0 and g.batchable]
-            temporaries = max(temporaries, min(len(together), MAX_PREFILL_ROWS) * max(
-                g.need - g.need_parts.get("kv_cache", 0) for g in together))
+        temporaries = max(memory_model.temporaries(g.need, g.need_parts, g.cache is None or g.to_prefill <= 0)
+                          for g in gens)
         padding, merge = self._padding(gen, others)
-        return max(0, resident) + kv + padding + max(temporaries, merge) - gen.reused_bytes
+        peak = kv + padding + max(temporaries, merge)
+        # Prompts of one model prefill together (_prefill_one) while shallow:
+        # their shared chunks, played out from where each prompt is now,
+        # beside the others' KV.
+        together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0
+                    and g.batchable and g.step_size == gen.step_size][:MAX_PREFILL_ROWS]
+        if gen in together and len(together) > 1:
+            rest = [g for g in gens if g not in together]
+            shared = memory_model.co_prefill(gen.lm, [(g.processed, g.n_prompt) for g in together], gen.step_size)
+            batch = [(g.n_prompt, g.max_tokens) for g in rest if g.lm is gen.lm and self._batchable(g)]
+            peak = max(peak, sum(g.need_parts.get("kv_cache", 0) for g in rest)
+                       + memory_model.padded(gen.lm, batch)[0] + shared)
+        return max(0, resident) + peak - gen.reused_bytes
 
     def _held(self) -> int:
         """Bytes the running requests' caches hold now (between steps)."""
@@ -217,6 +224,8 @@ class Scheduler:
         if gen.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
             estimate = max(estimate, gen.memory_base + max(0, gen.need - gen.reused_bytes))
         gen.memory_estimate = memory.track(gen.request_id, gen.lm.model_id, estimate, gen.need - gen.reused_bytes)
+        for g in self.running() + (self.beside.running() if self.beside else []):
+            g.memory_estimate = max(g.memory_estimate or 0, gen.memory_estimate)
         if gen.to_prefill > 0:
             self.prefilling.append(gen)
         else:
@@ -317,7 +326,7 @@ class Scheduler:
         # prompt already deep in its cache goes on alone: merging would copy
         # all of it every chunk).
         together = [gen]
-        shallow = lambda g: g.processed <= max(4 * n, 256)  # noqa: E731
+        shallow = lambda g: g.processed <= memory_model.shallow_limit(n)  # noqa: E731
         if gen.batchable and shallow(gen):
             for other in list(self.prefilling):
                 if len(together) >= MAX_PREFILL_ROWS:
