@@ -252,21 +252,25 @@ def shallow_limit(step: int) -> int:
     return max(4 * step, 256)
 
 
-def co_prefill(lm, rows: list[tuple[int, int]], step: int) -> int:
+def co_prefill(lm, rows: list[tuple[int, int, int, int]], step: int, batch: list[tuple[int, int]]) -> int:
     """Prompts of one model that will prefill together, ``rows`` as
-    (tokens processed, prompt length) at admission: the bytes the worst of
-    their shared chunks holds. The scheduler's rounds are played out: every
-    row still shallow with tokens left takes part (``step`` is the widest a
-    chunk gets; chunks sized for running streams are narrower and stop
-    sharing sooner); a round merges the rows' caches into one left-padded
-    batch (a copy beside their own), right-pads the inputs to the widest
-    chunk, and so every row's temporaries are those of the widest chunk
-    over the deepest row's keys (fitted to peaks measured around
-    ``batch.prefill_together`` on CPU: within 10 %). 0 when fewer than two
-    rows ever share."""
+    (tokens processed at admission, prompt length, max_tokens, KV bytes to
+    max_tokens), beside a decode ``batch`` of that model's other requests
+    (prompt, max_tokens): the bytes the worst of their shared chunks holds.
+
+    The scheduler's rounds are played out: every row still shallow with
+    tokens left takes part (``step`` is the widest a chunk gets; chunks
+    sized for running streams are narrower and stop sharing sooner). A
+    round merges those rows' caches into one left-padded batch (a copy
+    beside their own) and right-pads the inputs to the widest chunk, so
+    every row's temporaries are those of the widest chunk over the deepest
+    row's keys. A row out of the round (prefilled, or too deep: it goes on
+    alone) counts its KV to max_tokens; one prefilled decodes in the batch,
+    padded. Checked against peaks measured through the worker
+    (bench/memory.py: 1.05-1.13 ×). 0 when fewer than two rows ever share."""
     lay = layout(lm)
-    done = [p for p, _ in rows]
-    ends = [n - 1 for _, n in rows]  # the last prompt token is fed by the first decode step
+    done = [r[0] for r in rows]
+    ends = [r[1] - 1 for r in rows]  # the last prompt token is fed by the first decode step
     limit = shallow_limit(step)
     worst = 0
     while True:
@@ -275,15 +279,19 @@ def co_prefill(lm, rows: list[tuple[int, int]], step: int) -> int:
             break
         width = max(min(step, ends[i] - done[i]) for i in live)
         keys = max(done[i] for i in live) + width
-        own = sum(cache_bytes(lay, done[i], width, False) for i in live)
+        held = sum(cache_bytes(lay, done[i], width, False) for i in live)
+        held += sum(rows[i][3] for i in range(len(rows)) if i not in live)
+        decoding = batch + [(rows[i][1], rows[i][2]) for i in range(len(rows)) if done[i] >= ends[i]]
+        held += padded(lm, decoding)[0]
         merged = len(live) * cache_bytes(lay, keys, width, False)
         # the batch's hidden states, alive from layer to layer (at its first
         # chunk, with little KV, this is what a row holds beyond its own chunk)
         merged += len(live) * width * lay.hidden * lay.itemsize
-        worst = max(worst, own + merged + len(live) * chunk_bytes(lay, width, keys) + FIXED * len(live))
+        temporaries = len(live) * (chunk_bytes(lay, width, keys) + FIXED)
+        worst = max(worst, held + int((merged + temporaries) * MARGIN))
         for i in live:
             done[i] += min(width, ends[i] - done[i])
-    return int(worst * MARGIN)
+    return worst
 
 
 def generate_need(lm, n_prompt: int, max_tokens: int, step: int, cached: int = 0) -> tuple[int, dict]:

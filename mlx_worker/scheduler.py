@@ -176,10 +176,10 @@ class Scheduler:
                     and g.batchable and g.step_size == gen.step_size][:MAX_PREFILL_ROWS]
         if gen in together and len(together) > 1:
             rest = [g for g in gens if g not in together]
-            shared = memory_model.co_prefill(gen.lm, [(g.processed, g.n_prompt) for g in together], gen.step_size)
+            rows = [(g.processed, g.n_prompt, g.max_tokens, g.need_parts.get("kv_cache", 0)) for g in together]
             batch = [(g.n_prompt, g.max_tokens) for g in rest if g.lm is gen.lm and self._batchable(g)]
             peak = max(peak, sum(g.need_parts.get("kv_cache", 0) for g in rest)
-                       + memory_model.padded(gen.lm, batch)[0] + shared)
+                       + memory_model.co_prefill(gen.lm, rows, gen.step_size, batch))
         return max(0, resident) + peak - gen.reused_bytes
 
     def _held(self) -> int:
