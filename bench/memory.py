@@ -132,7 +132,8 @@ def run_batch(label: str, when: str, order=((1200, 200), (200, 400)), repeats: i
               f"peaks {[round(r.peak_memory / MiB, 2) for r in results]} MiB")
     low = min(runs, key=lambda r: r["ratio"])
     worst = low if low["ratio"] < LOW else max(runs, key=lambda r: r["ratio"])
-    return {"label": label, **worst, "need_ratio": (worst["estimate"] - worst["base"]) / max(1, worst["peak"] - worst["base"])}
+    need_ratio = (worst["estimate"] - worst["base"]) / max(1, worst["peak"] - worst["base"])
+    return {"label": label, **worst, "need_ratio": need_ratio}
 
 
 # (label, when the second request arrives, (prompt, max_tokens) of the first and second)

@@ -13,6 +13,8 @@ admission neither refuses work that fits nor lets through work that doesn't
   does not), the causal mask, the keys and values broadcast over the query
   heads, and the layer's projections and MLP, all at the chunk's length;
 - decoding: one layer's cache copied as it grows a step, and the logits;
+- a batch: the rows' left padding and the copy a merge makes (``padded``),
+  and the chunks prompts prefilled together share (``co_prefill``);
 - vision: the prompt's input embeddings (the vision tower runs before the
   prefill, on a few hundred patches: smaller than a chunk's temporaries on
   the fixtures; not modeled separately).
@@ -253,21 +255,18 @@ def shallow_limit(step: int) -> int:
 
 
 def co_prefill(lm, rows: list[tuple[int, int, int, int]], step: int, batch: list[tuple[int, int]]) -> int:
-    """Prompts of one model that will prefill together, ``rows`` as
-    (tokens processed at admission, prompt length, max_tokens, KV bytes to
-    max_tokens), beside a decode ``batch`` of that model's other requests
-    (prompt, max_tokens): the bytes the worst of their shared chunks holds.
+    """The worst shared prefill chunk of prompts of one model, played out
+    from admission as the scheduler runs them: every row still shallow with
+    tokens left shares a round, its cache merged into a left-padded batch
+    (a copy) and its input right-padded to the widest chunk over the
+    deepest row's keys; a row out of the round holds its KV to max_tokens
+    (padded, when it decodes in the batch). ``step`` is the widest chunk:
+    chunks sized for running streams are narrower and stop sharing sooner.
 
-    The scheduler's rounds are played out: every row still shallow with
-    tokens left takes part (``step`` is the widest a chunk gets; chunks
-    sized for running streams are narrower and stop sharing sooner). A
-    round merges those rows' caches into one left-padded batch (a copy
-    beside their own) and right-pads the inputs to the widest chunk, so
-    every row's temporaries are those of the widest chunk over the deepest
-    row's keys. A row out of the round (prefilled, or too deep: it goes on
-    alone) counts its KV to max_tokens; one prefilled decodes in the batch,
-    padded. Checked against peaks measured through the worker
-    (bench/memory.py: 1.05-1.13 ×). 0 when fewer than two rows ever share."""
+    Args:
+        rows: (processed, prompt length, max_tokens, KV bytes to max_tokens) per prompt.
+        batch: (prompt length, max_tokens) of the model's other decoding requests.
+    Returns 0 when fewer than two rows ever share a round."""
     lay = layout(lm)
     done = [r[0] for r in rows]
     ends = [r[1] - 1 for r in rows]  # the last prompt token is fed by the first decode step
@@ -284,8 +283,8 @@ def co_prefill(lm, rows: list[tuple[int, int, int, int]], step: int, batch: list
         decoding = batch + [(rows[i][1], rows[i][2]) for i in range(len(rows)) if done[i] >= ends[i]]
         held += padded(lm, decoding)[0]
         merged = len(live) * cache_bytes(lay, keys, width, False)
-        # the batch's hidden states, alive from layer to layer (at its first
-        # chunk, with little KV, this is what a row holds beyond its own chunk)
+        # the batch's hidden states live from layer to layer (what a first
+        # chunk, with little KV, holds beyond its temporaries)
         merged += len(live) * width * lay.hidden * lay.itemsize
         temporaries = len(live) * (chunk_bytes(lay, width, keys) + FIXED)
         worst = max(worst, held + int((merged + temporaries) * MARGIN))
