@@ -158,7 +158,8 @@ class Scheduler:
         requests: what is resident (active memory less what the running
         requests' caches hold now), every request's KV up to its
         max_tokens, a batch's padding, and the largest one's temporaries
-        (prefill chunks run one at a time)."""
+        (prefill chunks run one at a time) — or, where prompts will share
+        prefill chunks, those chunks beside the others' KV."""
         others = [g for g in self.running() if g is not gen]
         if self.beside:
             others += self.beside.running()
