@@ -62,14 +62,33 @@ def rss_bytes() -> int:
 # Running requests' admission figures, for `status` (read on the reader thread).
 _requests: dict = {}
 _requests_lock = threading.Lock()
+# The largest estimate since MLX's peak was last reset: a request reports the
+# worker's peak since then, so that is the figure it can expect.
+_expected = 0
+
+
+def reset_peak() -> None:
+    """The worker is idle and a request starts: MLX's peak counts from here."""
+    global _expected
+    import mlx.core as mx
+
+    mx.reset_peak_memory()
+    with _requests_lock:
+        _expected = 0
 
 
 def track(request_id, model_id: str, estimate: int, need: int) -> int:
     """A request admitted with an expected peak of ``estimate`` bytes
-    (``need`` of them its own); returns the estimate."""
+    (``need`` of them its own). Returns the worker's expected peak since
+    ``reset_peak``, which every running request's estimate is raised to
+    (one that joins later can raise the peak the earlier ones report)."""
+    global _expected
     with _requests_lock:
-        _requests[_key(request_id)] = (request_id, model_id, estimate, max(0, need))
-    return estimate
+        _expected = max(_expected, estimate)
+        for key, (rid, mid, e, n) in list(_requests.items()):
+            _requests[key] = (rid, mid, max(e, _expected), n)
+        _requests[_key(request_id)] = (request_id, model_id, _expected, max(0, need))
+        return _expected
 
 
 def untrack(request_id) -> None:

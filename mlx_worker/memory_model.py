@@ -2,7 +2,8 @@
 
 The estimate follows what MLX allocates: the cache per layer type and dtype,
 the largest prefill chunk's temporaries one layer at a time, decoding's
-growing copy and logits; constants fitted to measured peaks, rounded up.
+growing copy and logits, a batch's padding, merge copy and shared prefill
+chunks; constants fitted to measured peaks, rounded up.
 Spec: protocol/README.md § Memory limits; the terms and their measurements:
 bench/results/design-notes.md § layers, bench/memory.py.
 """
@@ -220,6 +221,63 @@ def padded(lm, rows: list[tuple[int, int]]) -> tuple[int, int]:
     length = math.ceil((max(p for p, _ in rows) + max(m for _, m in rows)) / KV_STEP) * KV_STEP
     own = sum(math.ceil((p + m) / KV_STEP) * KV_STEP for p, m in rows)
     return int(per_token * max(0, len(rows) * length - own) * MARGIN), int(per_token * len(rows) * length * MARGIN)
+
+
+def temporaries(need: int, parts: dict, prefilled: bool) -> int:
+    """What a request may still add beyond its KV (``need`` and ``parts``
+    from ``generate_need``): all of it while its prompt is to be prefilled;
+    once it decodes, the prefill's excess over the decode peak is behind it
+    (that peak, if it was the largest, is already in MLX's peak and in the
+    estimates made meanwhile). A draft pair keeps its whole figure."""
+    out = need - parts.get("kv_cache", 0)
+    if prefilled and "draft" not in parts:
+        out -= int(max(0, parts.get("prefill", 0) - parts.get("decode", 0)) * MARGIN)
+    return max(0, out)
+
+
+def shallow_limit(step: int) -> int:
+    """A prompt this far into its cache still prefills together with others
+    (the scheduler's rule: merging a deeper one would copy all its KV every chunk)."""
+    return max(4 * step, 256)
+
+
+def co_prefill(lm, rows: list[tuple[int, int, int, int]], step: int, batch: list[tuple[int, int]]) -> int:
+    """The worst shared prefill chunk of prompts of one model, played out
+    from admission as the scheduler runs them: every row still shallow with
+    tokens left shares a round, its cache merged into a left-padded batch
+    (a copy) and its input right-padded to the widest chunk over the
+    deepest row's keys; a row out of the round holds its KV to max_tokens
+    (padded, when it decodes in the batch). ``step`` is the widest chunk:
+    chunks sized for running streams are narrower and stop sharing sooner.
+
+    Args:
+        rows: (processed, prompt length, max_tokens, KV bytes to max_tokens) per prompt.
+        batch: (prompt length, max_tokens) of the model's other decoding requests.
+    Returns 0 when fewer than two rows ever share a round."""
+    lay = layout(lm)
+    done = [r[0] for r in rows]
+    ends = [r[1] - 1 for r in rows]  # the last prompt token is fed by the first decode step
+    limit = shallow_limit(step)
+    worst = 0
+    while True:
+        live = [i for i in range(len(rows)) if done[i] < ends[i] and done[i] <= limit]
+        if len(live) < 2:
+            break
+        width = max(min(step, ends[i] - done[i]) for i in live)
+        keys = max(done[i] for i in live) + width
+        held = sum(cache_bytes(lay, done[i], width, False) for i in live)
+        held += sum(rows[i][3] for i in range(len(rows)) if i not in live)
+        decoding = batch + [(rows[i][1], rows[i][2]) for i in range(len(rows)) if done[i] >= ends[i]]
+        held += padded(lm, decoding)[0]
+        merged = len(live) * cache_bytes(lay, keys, width, False)
+        # the batch's hidden states live from layer to layer (what a first
+        # chunk, with little KV, holds beyond its temporaries)
+        merged += len(live) * width * lay.hidden * lay.itemsize
+        temporaries = len(live) * (chunk_bytes(lay, width, keys) + FIXED)
+        worst = max(worst, held + int((merged + temporaries) * MARGIN))
+        for i in live:
+            done[i] += min(width, ends[i] - done[i])
+    return worst
 
 
 def generate_need(lm, n_prompt: int, max_tokens: int, step: int, cached: int = 0) -> tuple[int, dict]:

@@ -493,8 +493,9 @@ class GenerateResult(Out):
     # (false when max_tokens, a stop string or cancel cut the output short).
     constraint_complete: Union[bool, UnsetType] = UNSET
     invalid_tool_calls: list[InvalidToolCall] = []
-    # The peak memory (bytes) the worker expected for this request when it
-    # admitted it: memory in use then + its estimated need ("Memory").
+    # The peak memory (bytes) the worker expected while this request ran:
+    # the largest admission estimate (memory in use + the needs) since the
+    # worker was last idle, the span `peak_memory` covers ("Memory limits").
     memory_estimate: Union[int, None] = None
 
 
@@ -617,7 +618,7 @@ class RequestMemory(Out):
 
     id: RequestId
     model_id: str
-    estimate: int  # expected peak: memory in use at admission + need
+    estimate: int  # expected peak (the largest admission estimate since idle, as memory_estimate)
     need: int  # the estimate's own part (KV to max_tokens, prefill temporaries, …)
     peak: int  # MLX's peak since the worker was last idle (shared by concurrent requests)
 

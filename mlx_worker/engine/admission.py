@@ -67,22 +67,33 @@ class Admission:
         requests: what is resident (active memory less what the running
         requests' caches hold now), every request's KV up to its
         max_tokens, a batch's padding, and the largest one's temporaries
-        (prefill chunks run one at a time)."""
+        (prefill chunks run one at a time) — or, where prompts will share
+        prefill chunks, those chunks beside the others' KV."""
         others = [g for g in self.scheduler.running() if g is not gen]
         if self.beside:
             others += self.beside.running()
         resident = mx.get_active_memory() - self.held() - (self.beside.admission.held() if self.beside else 0)
         gens = others + [gen]
         kv = sum(g.need_parts.get("kv_cache", 0) for g in gens)
-        temporaries = max(g.need - g.need_parts.get("kv_cache", 0) for g in gens)
-        if gen.batchable and gen.to_prefill > 0:
-            # prompts of one model prefill together (_prefill_one), each
-            # padded to the longest chunk: their temporaries add up
-            together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0 and g.batchable]
-            temporaries = max(temporaries, min(len(together), MAX_PREFILL_ROWS) * max(
-                g.need - g.need_parts.get("kv_cache", 0) for g in together))
+        temporaries = max(memory_model.temporaries(g.need, g.need_parts, g.cache is None or g.to_prefill <= 0)
+                          for g in gens)
         padding, merge = self._padding(gen, others)
-        return max(0, resident) + kv + padding + max(temporaries, merge) - gen.reused_bytes
+        peak = max(kv + padding + max(temporaries, merge), self._co_prefill(gen, gens))
+        return max(0, resident) + peak - gen.reused_bytes
+
+    def _co_prefill(self, gen: Request, gens: list[Request]) -> int:
+        """Prompts of one model prefill together (prefill_turns.py) while
+        shallow: their shared chunks, played out from where each prompt is
+        now, beside the others' KV (0 when ``gen`` prefills alone)."""
+        together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0
+                    and g.batchable and g.plan.step_size == gen.plan.step_size][:MAX_PREFILL_ROWS]
+        if gen not in together or len(together) < 2:
+            return 0
+        rest = [g for g in gens if g not in together]
+        rows = [(g.processed, g.n_prompt, g.max_tokens, g.need_parts.get("kv_cache", 0)) for g in together]
+        batch = [(g.n_prompt, g.max_tokens) for g in rest if g.lm is gen.lm and self._batchable(g)]
+        return (sum(g.need_parts.get("kv_cache", 0) for g in rest)
+                + memory_model.co_prefill(gen.lm, rows, gen.plan.step_size, batch))
 
     def held(self) -> int:
         """Bytes the running requests' caches hold now (between steps)."""

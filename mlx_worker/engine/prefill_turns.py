@@ -12,6 +12,7 @@ import collections
 import logging
 import time
 
+from .. import memory_model
 from . import runner
 from .chunking import ChunkSize, chunking_free
 from .request import Request
@@ -59,7 +60,7 @@ class PrefillTurns:
         already deep in its cache goes on alone: merging would copy all of
         it every chunk)."""
         together = [req]
-        shallow = lambda r: r.processed <= max(4 * n, 256)  # noqa: E731
+        shallow = lambda r: r.processed <= memory_model.shallow_limit(n)  # noqa: E731
         if req.batchable and shallow(req):
             for other in list(self.queue):
                 if len(together) >= MAX_PREFILL_ROWS:

@@ -71,7 +71,7 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         """Prepare and admit a new request (or answer it: error, cancelled)."""
         if not self.busy() and not (self.beside and self.beside.busy()):
-            mx.reset_peak_memory()  # never mid-batch: the running requests report the peak
+            memory.reset_peak()  # never mid-batch: the running requests report the peak
         self.requests[req.request_id] = req
         req.state = RequestState.PREPARING
         req.memory_base = mx.get_active_memory()
@@ -116,6 +116,9 @@ class Scheduler:
         if req.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
             estimate = max(estimate, req.memory_base + max(0, req.need - req.reused_bytes))
         req.memory_estimate = memory.track(req.request_id, req.lm.model_id, estimate, req.need - req.reused_bytes)
+        # the worker's expected peak since idle: every running request reports it
+        for other in self.running() + (self.beside.running() if self.beside else []):
+            other.memory_estimate = max(other.memory_estimate or 0, req.memory_estimate)
         if req.to_prefill > 0:
             req.state = RequestState.PREFILLING
             self.prefilling.append(req)
