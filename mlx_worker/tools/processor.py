@@ -1,23 +1,11 @@
 """A lazy tool-call constraint as an mlx-lm logits processor.
 
-Outside a call the output is free, and checking free text costs no work
-over the vocabulary: the processor reads the last sampled token (queued
-right behind the step that samples it, then this step's forward pass, so
-the wait is the one the loop makes anyway) and, unless it is the call start
-marker, returns the logits as they are (or the mode's fixed mask). The start
-marker selects "the first token of a call" and opens a matcher for one call
-(llguidance, compiled by the constraint machinery): every step then
-computes the mask from the matcher, as any constraint does. When the call's
-grammar is complete (its end marker, or the end of the arguments for a
-family without one) the output is free again.
-
-Free text means: everything (``auto``); only the start marker (``required``
-before the first call); only the start marker or EOS (after a call, for a
-family whose calls have no end marker: nothing but calls may follow).
-
-mlx-lm calls the processor one step ahead of the tokens it yields; the
-generation loop tells it each token it receives (``observe``); a caller
-that doesn't is caught up from the tokens it passes.
+Outside a call the output is free (``auto``; only the start marker for
+``required``; marker or EOS after a call for families without an end marker)
+and costs no work over the vocabulary: only the last sampled token is read.
+The start marker opens a matcher for one call (llguidance, compiled by the
+constraint machinery) that masks every step until the call's grammar is
+complete. Spec: protocol/README.md § `tool_choice`; design-notes.md § tools.
 """
 
 from __future__ import annotations
