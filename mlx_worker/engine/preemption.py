@@ -88,4 +88,4 @@ def _pause_folder(gen):
     from ..cache.disk import tier_for
 
     tier = getattr(gen.lm.prompt_cache, "disk", None) or tier_for(None, None)
-    return tier.folder if tier is not None else None
+    return tier.folder.path if tier is not None else None
