@@ -66,7 +66,7 @@ def run_once(lm, n, engine=None, schema=DECODE_SCHEMA, seed=0, stamps=None):
     constraint = protocol.JsonSchemaConstraint(schema=schema, engine=engine) if engine else None
     params = protocol.GenerateParams(prompt=PROMPT, max_tokens=n, temperature=1.0, seed=seed,
                                      ignore_eos=True, prompt_cache=False, constraint=constraint)
-    record = (lambda e: stamps.append(time.perf_counter())) if stamps is not None else (lambda e: None)
+    record = (lambda e, sent: stamps.append(time.perf_counter())) if stamps is not None else (lambda e, sent: None)
     events = request.Events(progress=lambda e: None, token=record)
     return scheduler.run(lm, params, "bench", events, lambda: False)
 

@@ -71,7 +71,7 @@ def run_once(lm, prompt, n, variant, seed, stamps):
          "prompt_cache": False, **extra},
         protocol.GenerateParams,
     )
-    events = request.Events(progress=lambda e: None, token=lambda e: stamps.append(time.perf_counter()) if e.tokens else None)
+    events = request.Events(progress=lambda e: None, token=lambda e, sent: stamps.append(time.perf_counter()) if e.tokens else None)
     return scheduler.run(lm, params, "bench", events, lambda: False)
 
 

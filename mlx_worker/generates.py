@@ -29,7 +29,8 @@ class Generates:
     def events(self, job: Job) -> Events:
         """Callbacks that send a request's progress and token notifications."""
         notify = self.table.notify
-        return Events(progress=lambda e: notify(job, "progress", e), token=lambda e: notify(job, "token", e))
+        return Events(progress=lambda e: notify(job, "progress", e),
+                      token=lambda e, sent: notify(job, "token", e, sent))
 
     def start(self, job: Job) -> None:
         try:

@@ -178,12 +178,17 @@ class JobTable:
 
     # ------------------------------------------------------------- answers
 
-    def notify(self, job: Job, method: str, params: object) -> None:
-        """A job's event, unless its final response already went out."""
+    def notify(self, job: Job, method: str, params: object,
+               sent: Optional[Callable[[object], None]] = None) -> None:
+        """A job's event, unless its final response already went out;
+        ``sent(params)`` once it went out, under the job's lock (so a final
+        response built meanwhile sees either both or neither)."""
         with job._lock:
             if job._answered:
                 return
             self._send(protocol.Notification(method, params))
+            if sent is not None:
+                sent(params)
 
     def finish(self, job: Job, result: object) -> None:
         self._answer(job, lambda: protocol.Response(id=job.id, result=result))

@@ -22,7 +22,7 @@ from .result import Streamed
 
 class Decoder:
     def __init__(self, lm, params: protocol.GenerateParams, plan: Plan, request_id,
-                 send: Callable[[protocol.TokenEvent], None], should_stop: Callable[[], bool]):
+                 send: Callable[[protocol.TokenEvent, Callable], None], should_stop: Callable[[], bool]):
         self.plan = plan
         self.request_id = request_id
         self._send = send
@@ -87,8 +87,7 @@ class Decoder:
                                         logprobs=logprobs if i == 0 else protocol.UNSET, channel=piece.channel)
             if piece.call is not None:
                 event.tool_call_index = piece.call
-            self._send(event)
-            self.streamed.record(event)
+            self._send(event, self.streamed.record)
 
 
 def _logprob(token: int, logprobs: mx.array, top: int) -> protocol.TokenLogprob:

@@ -46,7 +46,8 @@ class Cancelled(Exception):
 @dataclass
 class Events:
     progress: Callable[[protocol.ProgressEvent], None]
-    token: Callable[[protocol.TokenEvent], None]
+    # (event, sent): ``sent(event)`` once the event went out (what a cancelled result carries)
+    token: Callable[[protocol.TokenEvent, Callable[[protocol.TokenEvent], None]], None]
 
 
 class Request:
