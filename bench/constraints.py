@@ -179,7 +179,7 @@ def main() -> None:
     args = p.parse_args()
     blas = bind_blas_like_the_worker()
     from mlx_worker import protocol
-    from mlx_worker.handlers import LOADERS
+    from mlx_worker.methods import LOADERS
     from mlx_worker.models.registry import ModelRegistry
 
     registry = ModelRegistry(LOADERS)

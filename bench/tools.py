@@ -118,7 +118,7 @@ def per_format(args) -> None:
     import msgspec
 
     from mlx_worker import protocol
-    from mlx_worker.handlers import LOADERS
+    from mlx_worker.methods import LOADERS
     from mlx_worker.models.registry import ModelRegistry
     from mlx_worker.prompt import render_chat
 
@@ -171,7 +171,7 @@ def main() -> None:
     import msgspec
 
     from mlx_worker import protocol
-    from mlx_worker.handlers import LOADERS
+    from mlx_worker.methods import LOADERS
     from mlx_worker.models.registry import ModelRegistry
     from mlx_worker.prompt import render_chat
 

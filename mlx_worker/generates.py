@@ -22,7 +22,7 @@ from .offload import Offload, Task
 class Generates:
     def __init__(self, table: JobTable, model: Callable[[Any], Any], offload: Offload):
         self.table = table
-        self.model = model  # a loaded model a new generate may use (Handlers._model)
+        self.model = model  # a loaded model a new generate may use (Methods._model)
         self.offload = offload
         self.scheduler = Scheduler(self.done)
 

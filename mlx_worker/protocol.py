@@ -688,7 +688,7 @@ class ShutdownResult(Out):
     shutting_down: bool
 
 
-# A method's params and result types; the server adds the handlers.
+# A method's params and result types; the server routes them to the methods layer.
 METHODS: dict[str, tuple[type, type]] = {
     "load": (LoadParams, LoadResult),
     "unload": (UnloadParams, UnloadResult),

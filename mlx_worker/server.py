@@ -2,7 +2,7 @@
 
 The reader thread decodes stdin lines (request_lines.py) and answers what must
 not wait (``cancel``, ``status``, ``shutdown``, every validation error); the
-compute thread runs the methods layer (handlers.py) and its scheduler; the
+compute thread runs the methods layer (methods.py) and its scheduler; the
 job table (jobs.py) owns each request's one answer; the writer
 (transport.LineWriter) serializes output. Spec: protocol/README.md § Framing, § Ordering and concurrency.
 """
@@ -51,7 +51,7 @@ class Worker:
                                  coalesce=token_merging.coalesce)
         self.table = JobTable(self.writer.send, config.max_pending)
         self.models = None  # created on the compute thread (imports MLX libraries)
-        # The methods layer (handlers.py), once the compute thread created it.
+        # The methods layer (methods.py), once the compute thread created it.
         self.methods: Any = _Unavailable(self.table, "the worker is starting")
 
     # ------------------------------------------------------------ lifecycle
@@ -184,22 +184,22 @@ class Worker:
         taken in arrival order; a generate joins the scheduler, which steps
         every running generation between jobs."""
         try:
-            from .handlers import Handlers  # late: imports MLX (after `ready`)
+            from .methods import Methods  # late: imports MLX (after `ready`)
 
-            handlers = Handlers(self.table)
-            self.models = handlers.models
+            methods = Methods(self.table)
+            self.models = methods.models
         except BaseException as exc:  # e.g. a broken install: answer, don't hang
             log.exception("the compute thread could not start")
-            handlers = _Unavailable(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
-        self.methods = handlers
+            methods = _Unavailable(self.table, f"the worker could not start its compute thread: {type(exc).__name__}: {exc}")
+        self.methods = methods
         taken = 0
         while True:
-            busy = handlers.busy()
+            busy = methods.busy()
             job = self.table.take(wait=not busy)
             if job is None and not busy:
                 if self.stopping.is_set():
                     try:  # the prompt cache's entries go to its disk tier (if any) before the exit
-                        getattr(handlers, "close", lambda: None)()
+                        getattr(methods, "close", lambda: None)()
                     except BaseException:
                         log.exception("writing the prompt cache to disk at shutdown failed")
                     self.compute_done.set()
@@ -207,7 +207,7 @@ class Worker:
                 continue
             if job is not None:
                 try:
-                    handlers.run(job)
+                    methods.run(job)
                 except BaseException as exc:  # last resort: this thread serves every model
                     log.exception("a job failed outside its handler")
                     self.table.fail(job, errors.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
@@ -215,13 +215,13 @@ class Worker:
                 if taken < BURST and self.table.pending():
                     continue  # requests that arrived together start together
             taken = 0
-            if handlers.busy():
+            if methods.busy():
                 try:
-                    handlers.step()
+                    methods.step()
                 except BaseException as exc:  # last resort: end what the scheduler held, go on
                     log.exception("a scheduler step failed outside its guard")
                     try:
-                        handlers.scheduler.fail_all(exc)
+                        methods.scheduler.fail_all(exc)
                     except BaseException:
                         log.exception("could not end the requests the scheduler held")
 

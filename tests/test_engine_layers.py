@@ -64,7 +64,7 @@ def test_the_runner_never_admits_evicts_or_schedules():
 def test_the_scheduler_answers_through_a_callback_not_the_job_table():
     for name in [m for m in MODULES if m.startswith("mlx_worker.engine.")]:
         assert "mlx_worker.jobs" not in reaches(name), name
-        assert "mlx_worker.handlers" not in reaches(name), name
+        assert "mlx_worker.methods" not in reaches(name), name
 
 
 def test_the_job_table_and_a_cancelled_result_import_no_mlx():

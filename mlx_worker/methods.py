@@ -34,10 +34,10 @@ from . import vision
 LOADERS = {"embedding": embeddings.LOADER, "parallel": distributed_loader.LOADER,
            "vision": vision.LOADER, "text": text_loader.LOADER}
 
-log = logging.getLogger("mlx_worker.handlers")
+log = logging.getLogger("mlx_worker.methods")
 
 
-class Handlers:
+class Methods:
     def __init__(self, table: JobTable) -> None:
         self.table = table
         self.models = ModelRegistry(LOADERS, hooks=[draft_pairs.LoadPairing()])
