@@ -58,11 +58,7 @@ class Methods:
             for job in jobs:
                 self.run(job)
         if self.scheduler.busy():
-            try:
-                self.scheduler.step()
-            except BaseException as exc:  # must not end the compute thread
-                log.exception("the scheduler failed; ending the requests it held")
-                self.scheduler.fail_all(exc)
+            self._decode_step()
         elif self.offload.busy():
             # Nothing to step: wait for the prompt thread, a new job, or (polled) a cancel.
             self.table.wait_for_work(0.02, self.offload.has_done)
@@ -176,7 +172,8 @@ class Methods:
         return result
 
     def _decode_step(self) -> None:
-        """Between an embed's batches: the running generations go on."""
+        """One scheduler step (also between an embed's batches: the running
+        generations go on); a failure in it must not end the compute thread."""
         if self.scheduler.busy():
             try:
                 self.scheduler.step()

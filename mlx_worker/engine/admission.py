@@ -62,6 +62,16 @@ class Admission:
         available = limit - (estimate - need)
         raise memory.refusal("generate", need, available, limit, "worker", gen.need_parts)
 
+    def track(self, gen: Request) -> None:
+        """``gen`` is admitted: its expected peak, recorded for ``status``;
+        every running request reports the worker's expected peak since idle."""
+        estimate = self.estimate(gen)
+        if gen.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
+            estimate = max(estimate, gen.memory_base + max(0, gen.need - gen.reused_bytes))
+        gen.memory_estimate = memory.track(gen.request_id, gen.lm.model_id, estimate, gen.need - gen.reused_bytes)
+        for other in self.scheduler.running() + (self.beside.running() if self.beside else []):
+            other.memory_estimate = max(other.memory_estimate or 0, gen.memory_estimate)
+
     def estimate(self, gen: Request) -> int:
         """The peak expected with ``gen`` running beside the admitted
         requests: what is resident (active memory less what the running

@@ -125,16 +125,8 @@ class Request:
         keep, draft = self.keep, plan.draft
         store = lm.prompt_cache if draft is None else draft.store
         if params.prompt_cache and store is not None:
-            self.lease = store.fetch(self.prompt.cache_key, step=plan.step_size, keep=keep)
-            if cache_disk.restore(lm, store, self.prompt.cache_key, self.lease.cached):
-                # The disk tier had a longer prefix: now in the store, fetched as any entry.
-                self.lease.abort()
-                self.lease = store.fetch(self.prompt.cache_key, step=plan.step_size, keep=keep)
-            if self.lease.cached:
-                cache_budget.budget().hits += 1
+            self.lease = _lease(lm, store, self.prompt.cache_key, plan.step_size, keep, self.system_end)
             self.cache, self.cached = self.lease.cache, self.lease.cached
-            if self.lease.stateful:
-                self.lease.mark(self.system_end)
             self.lease.cache = None  # the request owns it now (it may move into a batch)
         elif draft is not None:
             self.cache, self.cached = draft.new_cache(), 0
@@ -269,3 +261,18 @@ class Request:
         except BaseException:
             log.exception("releasing a failed request's constraint failed")
         self.constraint = None
+
+
+def _lease(lm: LoadedModel, store, key: list, step: int, keep: int, system_end: int) -> "prompt_cache.Lease":
+    """The store's lease on the longest cached prefix of ``key``, from RAM or
+    (when the disk tier holds a longer one) restored from disk first."""
+    lease = store.fetch(key, step=step, keep=keep)
+    if cache_disk.restore(lm, store, key, lease.cached):
+        # The disk tier had a longer prefix: now in the store, fetched as any entry.
+        lease.abort()
+        lease = store.fetch(key, step=step, keep=keep)
+    if lease.cached:
+        cache_budget.budget().hits += 1
+    if lease.stateful:
+        lease.mark(system_end)
+    return lease

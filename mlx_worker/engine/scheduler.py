@@ -112,13 +112,7 @@ class Scheduler:
     def _start(self, req: Request) -> None:
         self._admissions += 1
         req.admitted = self._admissions
-        estimate = self.admission.estimate(req)
-        if req.memory_base is not None:  # arrived idle: memory before its own work (vision tower, lease)
-            estimate = max(estimate, req.memory_base + max(0, req.need - req.reused_bytes))
-        req.memory_estimate = memory.track(req.request_id, req.lm.model_id, estimate, req.need - req.reused_bytes)
-        # the worker's expected peak since idle: every running request reports it
-        for other in self.running() + (self.beside.running() if self.beside else []):
-            other.memory_estimate = max(other.memory_estimate or 0, req.memory_estimate)
+        self.admission.track(req)
         if req.to_prefill > 0:
             req.state = RequestState.PREFILLING
             self.prefilling.append(req)
