@@ -16,7 +16,7 @@ import msgspec
 from . import errors, prompt_bounds, protocol
 from .errors import WorkerError, invalid_params
 from .models.loaded import LoadedModel
-from .tools.checks import check_tools
+from .tools.checks import check_tools, tool_dicts
 
 
 @dataclass
@@ -50,15 +50,6 @@ def one_source(params: Any, names: Sequence[str]) -> str:
 def message_dict(message: protocol.ChatMessage) -> dict:
     """A message as a chat template sees it: unset fields left out."""
     return {k: v for k, v in msgspec.to_builtins(message).items() if v is not None}
-
-
-def tool_dicts(tools: Optional[list[protocol.Tool]]) -> Optional[list[dict]]:
-    """Tools as the chat template (and the family's tool parser) sees them:
-    ``{"type": "function", "function": {name, description, parameters}}``,
-    unset fields left out."""
-    if tools is None:
-        return None
-    return [{"type": t.type, "function": msgspec.to_builtins(t.function)} for t in tools]
 
 
 def apply_template(owner: Any, messages: list[dict], params: Any, model_id: str) -> str:

@@ -20,7 +20,8 @@ import mlx.core as mx
 from ..cache import budget as cache_budget, disk as cache_disk, store as prompt_cache
 from .. import prompt_bounds, protocol, sampling
 from ..models.loaded import LoadedModel
-from ..prompt import PreparedPrompt, tool_dicts
+from ..prompt import PreparedPrompt
+from ..tools.checks import tool_dicts
 from ..tools import calls as tool_calls
 from . import result
 from .decoder import Decoder

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+import msgspec
+
 from .. import protocol
 from ..errors import invalid_params
 
@@ -29,3 +31,12 @@ def check_tools(tools: Optional[list[protocol.Tool]]) -> None:
                 f"params.tools[{i}].function.parameters",
                 f"a tool's parameters must be an object schema (type \"object\"), not type {json.dumps(kind)}",
             )
+
+
+def tool_dicts(tools: Optional[list[protocol.Tool]]) -> Optional[list[dict]]:
+    """Tools as the chat template (and the family's tool parser) sees them:
+    ``{"type": "function", "function": {name, description, parameters}}``,
+    unset fields left out."""
+    if tools is None:
+        return None
+    return [{"type": t.type, "function": msgspec.to_builtins(t.function)} for t in tools]

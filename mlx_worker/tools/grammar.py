@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .. import errors, protocol
 from ..errors import WorkerError, invalid_params
-from ..prompt import tool_dicts
+from .checks import tool_dicts
 from . import formats
 from .base import Vocab, schema_of
 from .checks import check_tools

@@ -21,7 +21,7 @@ class Granite(Format):
 
     def rules(self, v, tools, mode, parallel=True):
         head = lambda name: lit('{"name": "' + name + '", "arguments": ')  # noqa: E731
-        return [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + f'"]"'] + self.alternatives(
+        return [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + '"]"'] + self.alternatives(
             tools, lambda i, name, args: f"{head(name)} {args} {lit('}')}")
 
     def parse(self, text, tools):

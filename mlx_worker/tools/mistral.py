@@ -73,7 +73,7 @@ class MistralList(Mistral):
         super().__init__("list")
 
     def rules(self, v, tools, mode, parallel=True):
-        lines = [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + f'"]"']
+        lines = [f'start: {v.m(self.start)} "[" call ' + ("(\", \" call)* " if parallel else "") + '"]"']
         head = lambda name: lit('{"name": "' + name + '", "arguments": ')  # noqa: E731
         tail = lit(', "id": "') + f" {ID} " + lit('"}')
         return lines + self.alternatives(tools, lambda i, name, args: f"{head(name)} {args} {tail}")
