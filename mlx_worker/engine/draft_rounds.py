@@ -15,6 +15,8 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import trim_prompt_cache
 
+from . import runner
+
 # While drafting does not pay, this many tokens are decoded without a draft
 # before a draft of one is tried again; the pause doubles while the tries
 # keep failing.
@@ -117,7 +119,7 @@ class Rounds:
         drafted: list = []
         y = mx.array(self.lagging, mx.uint32)
         for j in range(k):
-            logits = self.draft_model(y[None], cache=self.draft_cache)[:, -1, :]
+            logits = runner.forward(self.draft_model, y, self.draft_cache)[:, -1, :]
             y, _ = self._pick(logits, drafted, position + j)
             mx.async_eval(y)
             drafted.append(y)
@@ -130,7 +132,7 @@ class Rounds:
         one token too many in the target's cache; the caller's end trims it."""
 
         def step(y: mx.array, i: int):
-            logits = self.model(y[None], cache=self.model_cache)[:, -1, :]
+            logits = runner.forward(self.model, y, self.model_cache)[:, -1, :]
             token, logprobs = self._pick(logits, [], position + i)
             self.context = mx.concatenate([self.context, token.astype(mx.uint32)])
             return token, logprobs
@@ -164,7 +166,7 @@ class Rounds:
                 drafted = self._draft(k, position) if k > 0 else []
                 inputs = mx.concatenate([mx.array([self.y], mx.uint32), *drafted]) if drafted else \
                     mx.array([self.y], mx.uint32)
-                logits = self.model(inputs[None], cache=self.model_cache)
+                logits = runner.forward(self.model, inputs, self.model_cache)  # verify: y and the drafts
                 picked = [self._pick(logits[:, i, :], drafted[:i], position + i) for i in range(k + 1)]
                 targets = mx.concatenate([t for t, _ in picked])
                 mx.eval(targets, *drafted)
@@ -199,6 +201,6 @@ class Rounds:
         behind = self.lagging[:-1]
         with mx.stream(generation_stream):
             for i in range(0, len(behind), CATCH_UP_STEP):
-                self.draft_model(mx.array(behind[i : i + CATCH_UP_STEP], mx.uint32)[None], cache=self.draft_cache)
+                runner.forward(self.draft_model, mx.array(behind[i : i + CATCH_UP_STEP], mx.uint32), self.draft_cache)
                 mx.eval([c.state for c in self.draft_cache])
         self.lagging = self.lagging[-1:]

@@ -1,11 +1,10 @@
 """The runner: every forward pass of the engine, and nothing else.
 
-A prompt chunk alone (``prefill``) or together (``prefill_together``), the
-decode step of a batch's rows (``decode``), the last-token prime (``prime``),
-a draft pair's prefill; speculative verify: draft_rounds.py. It never admits,
-evicts or finishes: the scheduler decides, the runner runs. Spec: "Batching".
-Next: a mixed pass (prompt chunks + decode rows) is one more function here
-taking both inputs; the scheduler would call it instead of prefill + decode.
+Prompt chunks alone or together, a batch's decode step, the last-token
+prime, a draft pair's prefill, speculative rounds' passes (``forward``; what
+they feed: draft_rounds.py). It never admits, evicts or finishes: the
+scheduler decides, the runner runs. Spec: "Batching". Next: a mixed pass
+(prompt chunks + decode rows) is one more function here taking both inputs.
 """
 
 from __future__ import annotations
@@ -96,6 +95,14 @@ def prime(req: Request) -> None:
     kwargs = {"input_embeddings": emb[None]} if emb is not None else {}
     req.lm.model(last[None], cache=req.cache, **kwargs)
     mx.eval([c.state for c in req.cache])
+
+
+def forward(model, tokens: mx.array, cache: list) -> mx.array:
+    """One row's pass over ``tokens`` (1-D): logits (1, len, vocab). The
+    passes of speculative rounds (draft steps, the verify of y and the
+    drafts, the draft's catch-up) go through here; draft_rounds.py decides
+    what each one feeds."""
+    return model(tokens[None], cache=cache)
 
 
 def decode(model, y: mx.array, cache: list, lone: Optional[Request], embedding: Optional[mx.array]) -> mx.array:
