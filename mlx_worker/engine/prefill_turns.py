@@ -13,7 +13,7 @@ import logging
 import time
 
 from .. import memory_model
-from . import runner
+from . import priority, runner
 from .chunking import ChunkSize, chunking_free
 from .request import Request
 
@@ -30,7 +30,7 @@ class PrefillTurns:
     def run_one(self, decoding: int) -> tuple[list[Request], BaseException | None]:
         """The next turn's chunk (``decoding``: streams decoding meanwhile).
         Returns the requests it ran, and the exception the pass failed with."""
-        req = self.queue.popleft()
+        req = priority.next_turn(self.queue)  # interactive prompts first
         n = req.plan.step_size
         sized = decoding > 0 and (req.batchable or chunking_free(req))
         if sized:
@@ -66,6 +66,7 @@ class PrefillTurns:
                 if len(together) >= MAX_PREFILL_ROWS:
                     break
                 if (other.lm is req.lm and other.batchable and shallow(other)
+                        and priority.of(other) == priority.of(req)
                         and other.plan.step_size == req.plan.step_size and not other.should_stop()):
                     self.queue.remove(other)
                     together.append(other)
