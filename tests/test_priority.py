@@ -91,3 +91,33 @@ def test_status_lists_no_request_when_idle_and_default_is_interactive(pw):
     assert [(r.state, r.priority, r.paused) for r in rows] == [("decoding", "interactive", False)]
     assert s.cancel() is True and s.wait().stop_reason == "cancelled"
     assert pw.status().requests == []
+
+
+def test_an_interactive_request_waiting_for_memory_goes_before_a_background_one(tiny_model):
+    """Memory for one request at a time: a background request that came
+    first waits behind an interactive one that came later (the interactive
+    one waits for the running request rather than being refused); both
+    produce their solo tokens."""
+    from test_batching import line_index, prompt, room_for_one_and_a_half
+
+    w = spawn()
+    try:
+        req = {"max_tokens": 500, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
+        w.load(tiny_model, model_id="tiny", memory_limit=room_for_one_and_a_half(w, tiny_model, req))
+        req["model_id"] = "tiny"
+        a = w.generate(**req)
+        next(e for e in a if isinstance(e, protocol.TokenEvent))  # running
+        b = w.generate(**{**req, "priority": "background"})  # waits for a's memory
+        while not any(r.id == b.id and r.state == "waiting_memory" for r in w.status().requests):
+            pass
+        c = w.generate(**req)  # interactive: waits too, ahead of b
+        while not any(r.id == c.id and r.state == "waiting_memory" for r in w.status().requests):
+            pass
+        ra, rb, rc = a.wait(), b.wait(), c.wait()
+        first = lambda s: line_index(w, lambda m: m.get("method") == "token" and m["params"]["id"] == s.id)  # noqa: E731
+        c_end = line_index(w, lambda m: m.get("id") == c.id and "result" in m)
+        assert first(c) < first(b), "the background request was admitted before the interactive one"
+        assert first(b) > c_end, "the background request did not wait for the interactive one's memory"
+        assert ra.tokens == rb.tokens == rc.tokens and len(ra.tokens) == 500
+    finally:
+        w.close()
