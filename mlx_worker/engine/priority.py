@@ -52,3 +52,13 @@ def next_turn(queue):
 
 def waiting_interactive(queue: Iterable) -> bool:
     return any(interactive(r) for r in queue)
+
+
+def background_waits(prefilling: Iterable, groups: Iterable) -> bool:
+    """With only background prompts to prefill: whether their chunk waits a
+    step because an interactive request's first token is still to come out
+    (the decode step emits the token its first step sampled)."""
+    if any(interactive(r) for r in prefilling):
+        return False
+    return any(interactive(r) and r.decoder is not None and not r.decoder.generated
+               for group in groups for r in group.rows)

@@ -146,7 +146,7 @@ class Scheduler:
             self._retry_waiting()
         if self.decoding() > 1:
             self.preemption.preempt()
-        if self.prefilling:
+        if self.prefilling and not priority.background_waits(self.prefilling, self.decode.all()):
             self._prefill_one()
         t0 = time.perf_counter()
         stepped = False
