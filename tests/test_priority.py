@@ -121,3 +121,36 @@ def test_an_interactive_request_waiting_for_memory_goes_before_a_background_one(
         assert ra.tokens == rb.tokens == rc.tokens and len(ra.tokens) == 500
     finally:
         w.close()
+
+
+def test_preemption_pauses_a_background_request_before_a_younger_interactive_one(tiny_model, tmp_path):
+    """Two decoding requests outgrow a lowered limit: the older one, being
+    background, is paused (status says so), the interactive one goes on;
+    both end with the tokens of an uninterrupted run."""
+    from test_preemption import tokens
+
+    w = spawn("--cache-dir", str(tmp_path / "kv"))
+    try:
+        w.load(tiny_model, model_id="m", prompt_cache_entries=0)
+        params = [dict(model_id="m", tokens=tokens(300, s), max_tokens=400, ignore_eos=True, temperature=0,
+                       priority=p) for s, p in ((1, "background"), (2, "interactive"))]
+        alone = [w.generate(**p).wait().tokens for p in params]
+        bg, ia = [w.generate(**p) for p in params]
+        seen = 0
+        for event in ia:  # both decode: lower the limit under their KV
+            if isinstance(event, protocol.TokenEvent):
+                seen += 1
+                if seen == 5:
+                    w.set_limits(memory_limit=w.status().memory.active)
+                    break
+        paused = []
+        for _ in range(1000):
+            paused = [r for r in w.status().requests if r.paused]
+            if paused:
+                break
+        assert [(r.id, r.priority, r.state) for r in paused] == [(bg.id, "background", "decoding")]
+        ra = ia.wait()
+        rb = bg.wait()
+        assert [rb.tokens, ra.tokens] == alone
+    finally:
+        w.close()
