@@ -107,6 +107,11 @@ class JobTable:
         with self.cond:
             return list(self.running)
 
+    def generates(self) -> list[Job]:
+        """The generate jobs in flight: taken ones oldest first, then queued ones."""
+        with self.cond:
+            return [j for j in [*self.running.values(), *self.queue] if j.method == "generate"]
+
     def running_job(self, rid: Any) -> Optional[Job]:
         with self.cond:
             return self.running.get(rid)

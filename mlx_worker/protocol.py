@@ -258,6 +258,7 @@ class LoadParams(Params):
 
 
 ModelKind = Literal["text", "vision", "embedding"]
+Priority = Literal["interactive", "background"]
 
 
 class LoadResult(Out):
@@ -420,6 +421,9 @@ class GenerateParams(PromptParams):
     dry_penalty_last_n: Annotated[int, Meta(ge=-1, le=INT32_MAX)] = -1
     dry_sequence_breakers: Annotated[list[DryBreaker], Meta(max_length=64)] = msgspec.field(
         default_factory=lambda: list(DRY_BREAKERS))
+    # Scheduling (protocol/README.md, "Batching"): interactive requests are
+    # admitted and prefilled ahead of background ones; output never changes.
+    priority: Priority = "interactive"
 
 
 class TopLogprob(Out):
@@ -601,6 +605,10 @@ class ModelStatus(Out):
     parallel: Union[ParallelStatus, None] = None
 
 
+# engine/request.py's RequestState values
+RequestStateName = Literal["queued", "preparing", "waiting_memory", "prefilling", "decoding", "finished"]
+
+
 class QueueStatus(Out):
     active: Union[RequestId, None]  # the oldest running request
     pending: int
@@ -671,6 +679,15 @@ class MemoryStatus(Out):
     pools: Union[MemoryPools, None] = None
 
 
+class RequestStatus(Out):
+    """A generate the worker holds: where it is in its lifecycle."""
+
+    id: RequestId
+    state: RequestStateName
+    priority: Priority
+    paused: bool = False  # preempted: its KV out of memory until it resumes (state stays "decoding")
+
+
 class StatusResult(Out):
     models: list[ModelStatus]
     queue: QueueStatus
@@ -678,6 +695,7 @@ class StatusResult(Out):
     uptime_s: float
     distributed: Union[DistributedCapabilities, None] = None
     disk_cache: list[DiskCacheStatus] = []  # the prompt cache's disk tiers (one per folder)
+    requests: list[RequestStatus] = []  # every generate held, oldest first
 
 
 class ShutdownParams(Params):

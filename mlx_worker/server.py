@@ -175,6 +175,7 @@ class Worker:
             uptime_s=round(time.monotonic() - self.started, 3),
             distributed=self.methods.distributed_capabilities(),
             disk_cache=[t.status() for t in all_tiers()],
+            requests=_request_statuses(self.table, scheduler),
         )
 
     # -------------------------------------------------------------- compute
@@ -246,3 +247,16 @@ class _Unavailable:
         from .distributed import ring  # no MLX: the backends this build can start, no group yet
 
         return ring.capabilities()
+
+
+def _request_statuses(table: JobTable, scheduler) -> list[protocol.RequestStatus]:
+    """Each generate in flight: its lifecycle state (the scheduler's, once it
+    holds it; else still queued) and priority. Read from the reader thread."""
+    held = dict(scheduler.requests) if scheduler is not None else {}
+    paused = {r.request_id for r in scheduler.preemption.requests()} if scheduler is not None else set()
+    out = []
+    for job in table.generates():
+        req = held.get(job.id)
+        out.append(protocol.RequestStatus(id=job.id, state=req.state.value if req is not None else "queued",
+                                          priority=job.params.priority, paused=job.id in paused))
+    return out

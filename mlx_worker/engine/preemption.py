@@ -1,5 +1,5 @@
-"""Preemption: pause the youngest decoding request when the running
-requests' KV outgrew the memory limit, resume it once it fits again.
+"""Preemption: pause the youngest decoding request (a background one first)
+when the running requests' KV outgrew the memory limit, resume it once it fits.
 
 The paused request's KV goes to the disk tier's folder (paused.py), so it
 continues exactly where it stopped. Only with a disk tier: a pause that kept
@@ -12,7 +12,7 @@ import logging
 import mlx.core as mx
 
 from .. import memory
-from . import paused as paused_kv
+from . import paused as paused_kv, priority
 from .batch import DecodeGroup
 
 log = logging.getLogger("mlx_worker.engine.preemption")
@@ -25,7 +25,7 @@ class Preemption:
         self.paused: list[tuple] = []
 
     def preempt(self) -> None:
-        """Pause the youngest decoding rows until the rest fit the limit."""
+        """Pause the youngest decoding rows, background ones first, until the rest fit the limit."""
         s = self.scheduler
         limit = memory.worker_limit()
         while s.decoding() > 1 and s.admission.kv_estimate() > limit:
@@ -33,7 +33,8 @@ class Preemption:
                     if isinstance(group, DecodeGroup) for g in group.rows]  # not a speculative group
             if not rows:
                 return
-            gen, group = max(rows, key=lambda r: r[0].admitted)
+            # background before interactive, then the youngest
+            gen, group = max(rows, key=lambda r: (not priority.interactive(r[0]), r[0].admitted))
             folder = _pause_folder(gen)
             if folder is None:
                 return
@@ -61,6 +62,8 @@ class Preemption:
             gen, saved, batchable = self.paused[0]
             if not (gen.should_stop() or not s.running() or s.admission.kv_estimate(gen) <= limit):
                 return
+            if not (gen.should_stop() or priority.interactive(gen)) and priority.waiting_interactive(s.waiting):
+                return  # an interactive request waiting for memory goes first
             self.paused.pop(0)
             try:
                 cache, y, lp = saved.restore()

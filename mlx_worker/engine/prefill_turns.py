@@ -3,7 +3,8 @@
 Prompts take turns chunk by chunk (a new prompt stalls the running streams
 for at most one chunk; a short request behind a long prompt starts after a
 chunk or two); prompts of one model waiting together advance together in one
-forward pass. Chunk sizes while streams decode: chunking.py. Spec: "Batching".
+forward pass; interactive prompts first, a background one in short chunks
+(priority.py). Chunk sizes while streams decode: chunking.py. Spec: "Batching".
 """
 
 from __future__ import annotations
@@ -13,28 +14,35 @@ import logging
 import time
 
 from .. import memory_model
-from . import runner
-from .chunking import ChunkSize, chunking_free
+from . import priority, runner
+from .chunking import CHUNK_TIME_IN_STEPS, ChunkSize, chunking_free
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.prefill_turns")
 
 MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
+# A background prompt's chunk takes about this long, decoding or not: an
+# interactive request arriving meanwhile waits at most about one of them.
+BACKGROUND_CHUNK_S = 0.05
 
 
 class PrefillTurns:
     def __init__(self) -> None:
         self.queue: collections.deque[Request] = collections.deque()
         self.chunks = ChunkSize()
+        self.background = ChunkSize()  # sized for BACKGROUND_CHUNK_S, not for decode steps
+        self.background.step_s = BACKGROUND_CHUNK_S / CHUNK_TIME_IN_STEPS
 
     def run_one(self, decoding: int) -> tuple[list[Request], BaseException | None]:
         """The next turn's chunk (``decoding``: streams decoding meanwhile).
         Returns the requests it ran, and the exception the pass failed with."""
-        req = self.queue.popleft()
+        req = priority.next_turn(self.queue)  # interactive prompts first
         n = req.plan.step_size
-        sized = decoding > 0 and (req.batchable or chunking_free(req))
+        # sized for the decoding streams, or (a background prompt) short
+        sized = (decoding > 0 or not priority.interactive(req)) and (req.batchable or chunking_free(req))
+        chunks = self.chunks if decoding > 0 else self.background
         if sized:
-            n = min(n, self.chunks.chunk)
+            n = min(n, chunks.chunk)
         together = self._together(req, n)
         before = [r.processed for r in together]
         t0 = time.perf_counter()
@@ -50,7 +58,7 @@ class PrefillTurns:
         log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
                   done, len(together), dt * 1000, decoding, self.chunks.step_s * 1000)
         if sized:
-            self.chunks.tune(done, dt, req.plan.step_size)
+            chunks.tune(done, dt, req.plan.step_size)
         return together, None
 
     def _together(self, req: Request, n: int) -> list[Request]:
@@ -66,6 +74,7 @@ class PrefillTurns:
                 if len(together) >= MAX_PREFILL_ROWS:
                     break
                 if (other.lm is req.lm and other.batchable and shallow(other)
+                        and priority.of(other) == priority.of(req)
                         and other.plan.step_size == req.plan.step_size and not other.should_stop()):
                     self.queue.remove(other)
                     together.append(other)

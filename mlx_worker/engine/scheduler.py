@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .. import errors, memory
 from ..errors import WorkerError
-from . import runner
+from . import priority, runner
 from .admission import Admission
 from .batch import DecodeGroups
 from .preemption import Preemption
@@ -85,10 +85,10 @@ class Scheduler:
 
     def _admit_or_wait(self, req: Request, first: bool) -> bool:
         try:
-            if first and self.waiting:
-                # Requests start in arrival order: behind the ones already
-                # waiting for memory (a stream of small requests must not
-                # starve a big one), unless it can never fit at all.
+            if first and priority.behind(self.waiting, req):
+                # Requests start in arrival order within a priority: behind
+                # the ones already waiting for memory (a stream of small
+                # requests must not starve a big one), unless it never fits.
                 self.admission.never_fits(req)
                 self._wait(req)
                 return False
@@ -105,7 +105,7 @@ class Scheduler:
         return False
 
     def _wait(self, req: Request) -> None:
-        self.waiting.append(req)
+        priority.enqueue(self.waiting, req)  # interactive ahead of background
         req.state = RequestState.WAITING_MEMORY
         req.memory_base = None  # measured again when admitted
 
@@ -146,7 +146,7 @@ class Scheduler:
             self._retry_waiting()
         if self.decoding() > 1:
             self.preemption.preempt()
-        if self.prefilling:
+        if self.prefilling and not priority.background_waits(self.prefilling, self.decode.all()):
             self._prefill_one()
         t0 = time.perf_counter()
         stepped = False

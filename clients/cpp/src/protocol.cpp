@@ -425,6 +425,7 @@ void to_json(nlohmann::json& j, const GenerateParams& v) {
   if (v.parallel_tool_calls) j["parallel_tool_calls"] = *v.parallel_tool_calls;
   if (v.prefill_step_size) j["prefill_step_size"] = *v.prefill_step_size;
   if (v.presence_penalty) j["presence_penalty"] = *v.presence_penalty;
+  if (v.priority) j["priority"] = *v.priority;
   if (v.prompt) j["prompt"] = *v.prompt;
   if (v.prompt_cache) j["prompt_cache"] = *v.prompt_cache;
   if (v.repetition_context_size) j["repetition_context_size"] = *v.repetition_context_size;
@@ -489,6 +490,8 @@ void from_json(const nlohmann::json& j, GenerateParams& v) {
   else v.prefill_step_size.reset();
   if (auto it = j.find("presence_penalty"); it != j.end() && !it->is_null()) v.presence_penalty = it->get<double>();
   else v.presence_penalty.reset();
+  if (auto it = j.find("priority"); it != j.end() && !it->is_null()) v.priority = it->get<std::string>();
+  else v.priority.reset();
   if (auto it = j.find("prompt"); it != j.end() && !it->is_null()) v.prompt = it->get<std::string>();
   else v.prompt.reset();
   if (auto it = j.find("prompt_cache"); it != j.end() && !it->is_null()) v.prompt_cache = it->get<bool>();
@@ -978,6 +981,21 @@ void from_json(const nlohmann::json& j, ReadyEvent& v) {
   j.at("worker_version").get_to(v.worker_version);
 }
 
+void to_json(nlohmann::json& j, const RequestStatus& v) {
+  j = nlohmann::json::object();
+  j["id"] = v.id;
+  if (v.paused) j["paused"] = *v.paused;
+  j["priority"] = v.priority;
+  j["state"] = v.state;
+}
+void from_json(const nlohmann::json& j, RequestStatus& v) {
+  j.at("id").get_to(v.id);
+  if (auto it = j.find("paused"); it != j.end() && !it->is_null()) v.paused = it->get<bool>();
+  else v.paused.reset();
+  j.at("priority").get_to(v.priority);
+  j.at("state").get_to(v.state);
+}
+
 void to_json(nlohmann::json& j, const SetLimitsParams& v) {
   j = nlohmann::json::object();
   if (v.buffer_cache_bytes) j["buffer_cache_bytes"] = *v.buffer_cache_bytes;
@@ -1045,6 +1063,7 @@ void to_json(nlohmann::json& j, const StatusResult& v) {
   j["memory"] = v.memory;
   j["models"] = v.models;
   j["queue"] = v.queue;
+  if (v.requests) j["requests"] = *v.requests;
   j["uptime_s"] = v.uptime_s;
 }
 void from_json(const nlohmann::json& j, StatusResult& v) {
@@ -1055,6 +1074,8 @@ void from_json(const nlohmann::json& j, StatusResult& v) {
   j.at("memory").get_to(v.memory);
   j.at("models").get_to(v.models);
   j.at("queue").get_to(v.queue);
+  if (auto it = j.find("requests"); it != j.end() && !it->is_null()) v.requests = it->get<std::vector<RequestStatus>>();
+  else v.requests.reset();
   j.at("uptime_s").get_to(v.uptime_s);
 }
 

@@ -86,6 +86,7 @@ struct ModelStatus;
 struct ProgressEvent;
 struct QueueStatus;
 struct ReadyEvent;
+struct RequestStatus;
 struct SetLimitsParams;
 struct SetLimitsResult;
 struct ShutdownParams;
@@ -375,6 +376,7 @@ struct GenerateParams {
   std::optional<bool> parallel_tool_calls;  // default true
   std::optional<std::int64_t> prefill_step_size;
   std::optional<double> presence_penalty;  // default 0.0
+  std::optional<std::string> priority;  // default "interactive"
   std::optional<std::string> prompt;
   std::optional<bool> prompt_cache;  // default true
   std::optional<std::int64_t> repetition_context_size;  // default 20
@@ -638,6 +640,16 @@ struct ReadyEvent {
 void to_json(nlohmann::json& j, const ReadyEvent& v);
 void from_json(const nlohmann::json& j, ReadyEvent& v);
 
+// A generate the worker holds: where it is in its lifecycle.
+struct RequestStatus {
+  RequestId id{};
+  std::optional<bool> paused;  // default false
+  std::string priority{};
+  std::string state{};
+};
+void to_json(nlohmann::json& j, const RequestStatus& v);
+void from_json(const nlohmann::json& j, RequestStatus& v);
+
 struct SetLimitsParams {
   std::optional<std::int64_t> buffer_cache_bytes;
   std::optional<std::int64_t> memory_limit;
@@ -678,6 +690,7 @@ struct StatusResult {
   MemoryStatus memory{};
   std::vector<ModelStatus> models{};
   QueueStatus queue{};
+  std::optional<std::vector<RequestStatus>> requests;
   double uptime_s{};
 };
 void to_json(nlohmann::json& j, const StatusResult& v);

@@ -178,6 +178,7 @@ export interface GenerateParams {
   parallel_tool_calls?: boolean;
   prefill_step_size?: number | null;
   presence_penalty?: number;
+  priority?: "background" | "interactive";
   prompt?: string | null;
   prompt_cache?: boolean;
   repetition_context_size?: number;
@@ -423,6 +424,15 @@ export interface ReadyEvent {
   protocol_version: string;
   worker_version: string;
 }
+/**
+ * A generate the worker holds: where it is in its lifecycle.
+ */
+export interface RequestStatus {
+  id: number | string;
+  paused?: boolean;
+  priority: "background" | "interactive";
+  state: "decoding" | "finished" | "prefilling" | "preparing" | "queued" | "waiting_memory";
+}
 export interface SetLimitsParams {
   buffer_cache_bytes?: number | null;
   memory_limit?: number | null;
@@ -446,6 +456,7 @@ export interface StatusResult {
   memory: MemoryStatus;
   models: ModelStatus[];
   queue: QueueStatus;
+  requests?: RequestStatus[];
   uptime_s: number;
 }
 export interface TokenEvent {
