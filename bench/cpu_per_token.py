@@ -1,7 +1,7 @@
 """Worker CPU time per generated token for two checkouts, alternating: a
 load-insensitive check that a refactor did not add per-token work.
 
-    python bench/cpu_per_token.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 3] [--tokens 128]
+    python bench/cpu_per_token.py OLD_CHECKOUT [NEW_CHECKOUT] [--rounds 3] [--tokens 128]
 
 Each checkout's own worker (its code on PYTHONPATH) loads its
 fixtures/models/small-llama and decodes 1 and 8 greedy streams; the worker
@@ -14,7 +14,7 @@ import argparse
 import os
 import time
 
-from common import ensure_model  # noqa: F401  (bench/ on sys.path: the shared helpers)
+from common import ROOT  # also puts the repo root on sys.path
 from mlx_worker.client import WorkerClient
 
 
@@ -41,7 +41,7 @@ def run(tree: str, streams: int, tokens: int) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("old")
-    p.add_argument("new")
+    p.add_argument("new", nargs="?", default=str(ROOT), help="default: this checkout")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     args = p.parse_args()
