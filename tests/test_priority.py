@@ -19,14 +19,6 @@ LONG = [7, 8, 9, 10] * 900  # 3,600 tokens (the context is 4,096): many chunks a
 STEP = 64
 
 
-@pytest.fixture(scope="module")
-def pw(tiny_model):
-    w = spawn()
-    w.load(tiny_model, model_id="tiny")
-    yield w
-    w.close()
-
-
 def lines(w) -> list[dict]:
     return [json.loads(line) for line in w.lines]
 
@@ -40,15 +32,15 @@ def first_token(msgs: list[dict], rid) -> int:
     return next(i for i, m in enumerate(msgs) if m.get("method") == "token" and m["params"]["id"] == rid)
 
 
-def test_a_bad_priority_is_refused_naming_the_field(pw):
+def test_a_bad_priority_is_refused_naming_the_field(worker):
     for bad in ("urgent", 1, None):
         with pytest.raises(Exception) as err:
-            pw.generate(model_id="tiny", prompt="sea", max_tokens=2, priority=bad).wait()
+            worker.generate(model_id="tiny", prompt="sea", max_tokens=2, priority=bad).wait()
         assert err.value.code == -32602 and err.value.data["field"] == "params.priority", (bad, err.value.data)
-    assert pw.generate(model_id="tiny", prompt="sea", max_tokens=2, priority="background").wait().tokens
+    assert worker.generate(model_id="tiny", prompt="sea", max_tokens=2, priority="background").wait().tokens
 
 
-def test_an_interactive_prompt_is_prefilled_ahead_of_a_background_one(pw):
+def test_an_interactive_prompt_is_prefilled_ahead_of_a_background_one(worker):
     """A 3,600-token background prompt is prefilling when an interactive
     600-token prompt arrives: every chunk of the interactive one runs next
     (no background chunk between its first and its last), its first token
@@ -58,20 +50,20 @@ def test_an_interactive_prompt_is_prefilled_ahead_of_a_background_one(pw):
             "prefill_step_size": STEP}
     bg_params = {**base, "tokens": LONG, "priority": "background"}
     ia_params = {**base, "tokens": [11, 12, 13, 14, 15] * 120}
-    start = len(pw.lines)
-    bg = pw.generate(**bg_params)
+    start = len(worker.lines)
+    bg = worker.generate(**bg_params)
     next(e for e in bg if isinstance(e, protocol.ProgressEvent))  # its prefill has begun
-    ia = pw.generate(**ia_params)
+    ia = worker.generate(**ia_params)
     seen = {}
     while ia.result is None and len(seen) < 2:  # status while both are held
-        for r in pw.status().requests:
+        for r in worker.status().requests:
             if r.id in (bg.id, ia.id):
                 seen.setdefault(r.id, (r.state, r.priority))
     ra, rb = ia.wait(), bg.wait()
     assert seen[bg.id] == ("prefilling", "background"), seen
     assert seen[ia.id][1] == "interactive" and seen[ia.id][0] in (
         "queued", "preparing", "prefilling", "decoding"), seen
-    msgs = lines(pw)[start:]
+    msgs = lines(worker)[start:]
     bg_prog, ia_prog = progress(msgs, bg.id), progress(msgs, ia.id)
     bg_prefilled = next(i for i, p in bg_prog if p["processed"] == p["total"])
     assert first_token(msgs, ia.id) < bg_prefilled, "the interactive request waited for the background prefill"
@@ -79,18 +71,18 @@ def test_an_interactive_prompt_is_prefilled_ahead_of_a_background_one(pw):
     assert len(ia_prog) > 3, "the interactive prompt took too few chunks to show an order"
     between = [p for i, p in bg_prog if ia_first < i < ia_last]
     assert not between, f"background chunks ran between the interactive prompt's chunks: {between}"
-    assert pw.generate(**ia_params).wait().tokens == ra.tokens
-    assert pw.generate(**{**bg_params, "priority": "interactive"}).wait().tokens == rb.tokens
+    assert worker.generate(**ia_params).wait().tokens == ra.tokens
+    assert worker.generate(**{**bg_params, "priority": "interactive"}).wait().tokens == rb.tokens
 
 
-def test_status_lists_no_request_when_idle_and_default_is_interactive(pw):
-    assert pw.status().requests == []
-    s = pw.generate(model_id="tiny", prompt="sea ship", max_tokens=200, ignore_eos=True)
+def test_status_lists_no_request_when_idle_and_default_is_interactive(worker):
+    assert worker.status().requests == []
+    s = worker.generate(model_id="tiny", prompt="sea ship", max_tokens=200, ignore_eos=True)
     next(e for e in s if isinstance(e, protocol.TokenEvent))  # decoding
-    rows = [r for r in pw.status().requests if r.id == s.id]
+    rows = [r for r in worker.status().requests if r.id == s.id]
     assert [(r.state, r.priority, r.paused) for r in rows] == [("decoding", "interactive", False)]
     assert s.cancel() is True and s.wait().stop_reason == "cancelled"
-    assert pw.status().requests == []
+    assert worker.status().requests == []
 
 
 def test_an_interactive_request_waiting_for_memory_goes_before_a_background_one(tiny_model):

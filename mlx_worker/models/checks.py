@@ -83,10 +83,6 @@ def safetensors_header(file: Path) -> tuple[Optional[dict], Optional[str]]:
     return header, None
 
 
-def safetensors_problem(file: Path) -> Optional[str]:
-    return safetensors_header(file)[1]
-
-
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _VISION_ROOTS = ("vision_tower", "vision_model", "visual", "vision", "multi_modal_projector", "mm_projector",
                  "audio_tower", "audio_model")
