@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .. import memory, memory_model
 from ..cache.budget import budget
+from . import layouts
 from .prefill_turns import MAX_PREFILL_ROWS
 from .request import Request
 
@@ -128,8 +129,8 @@ class Admission:
         return g.batchable
 
     def _padding(self, gen: Request, others: list) -> tuple[int, int]:
-        if not gen.batchable:
-            return 0, 0
+        if not gen.batchable or layouts.ragged(gen.lm.model):
+            return 0, 0  # a ragged batch pads nothing and merges nothing
         rows = [(g.n_prompt, g.max_tokens) for g in others + [gen] if g.lm is gen.lm and self._batchable(g)]
         return memory_model.padded(gen.lm, rows)
 

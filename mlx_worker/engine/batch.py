@@ -1,6 +1,6 @@
 """A decode batch: the requests of one model that step together.
 
-One forward pass per step for every row (runner.decode), then each row's own
+One forward pass per step for every row (runner.py), then each row's own
 sampler (sampler.py: processors, constraint mask, its own PRNG key) on its row
 of logits. Rows join and leave between steps without disturbing the others;
 steps are pipelined as in mlx-lm's ``generate_step`` (see ``DecodeGroup``).
@@ -14,9 +14,8 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import BatchKVCache
 
-from . import runner
+from . import layouts
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.batch")
@@ -25,12 +24,13 @@ log = logging.getLogger("mlx_worker.engine.batch")
 class DecodeGroup:
     """The rows of one model that decode together.
 
-    KV layout: a single row decodes in its own plain cache, exactly the
-    computation mlx-lm's ``generate_step`` does (the batch path costs a lone
-    stream nothing). From the second row on, the rows' caches are merged into
-    mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
-    extracted back. A row that can't be merged (rotating window, recurrent
-    state, quantized KV, a vision model's positions) is a group of its own.
+    KV layout (layouts.py): ``Ragged`` where the model packs (each row its own
+    cache, one packed pass per step, a prompt chunk may ride along), else
+    ``Merged`` (mlx-lm's ``BatchKVCache`` from the second row on). A single
+    row decodes in its own plain cache either way, exactly the computation
+    mlx-lm's ``generate_step`` does. A row that can't be batched (rotating
+    window, recurrent state, quantized KV, a vision model's positions) is a
+    group of its own.
 
     Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
     before the tokens of step k are read, so the host-side work (text, events,
@@ -41,8 +41,8 @@ class DecodeGroup:
     def __init__(self, model, batchable: bool):
         self.model = model
         self.batchable = batchable
+        self.kv = layouts.for_model(model, batchable)
         self.rows: list[Request] = []
-        self.cache: Optional[list] = None  # plain (one row) or BatchKVCache layers
         self.y: Optional[mx.array] = None  # (B,) tokens the next step feeds, maybe lazy
         self.logprobs: list[Optional[mx.array]] = []  # per row: the logprobs behind y
         self.embedding: Optional[mx.array] = None  # a lone vision row's first input embedding
@@ -50,44 +50,45 @@ class DecodeGroup:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def packs(self) -> bool:
+        """Whether a prompt chunk can ride along in this group's step."""
+        return self.kv.packs and bool(self.rows)
+
+    @property
+    def cache(self) -> list:
+        """Every cache layer the group holds (admission counts their bytes)."""
+        return self.kv.layers()
+
     # -------------------------------------------------------- join, leave
 
     def join(self, gen: Request) -> None:
         gen.computed = True
         last, emb = gen.last_input()
-        if not self.rows:
-            self.cache, self.y, self.embedding = gen.cache, last, emb
-        else:
-            if len(self.rows) == 1:
-                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
-            for layer, c in zip(self.cache, gen.cache):
-                layer.extend(BatchKVCache.merge([c]))
-            self.y = mx.concatenate([self.y, last.astype(self.y.dtype)])
-        gen.cache = None  # the batch owns its KV now
+        self._add(gen, gen.cache, last, None)
+        if len(self.rows) == 1:
+            self.embedding = emb
+        gen.cache = None  # the group owns its KV now
+
+    def _add(self, gen: Request, cache: list, y: mx.array, lp: Optional[mx.array]) -> None:
+        self.kv.add(cache, len(self.rows))
+        self.y = y if not self.rows else mx.concatenate([self.y, y.astype(self.y.dtype)])
         self.rows.append(gen)
-        self.logprobs.append(None)
+        self.logprobs.append(lp)
 
     def own_cache(self, i: int) -> list:
         """Row i's KV as plain per-request caches (for the prompt cache)."""
-        if len(self.rows) == 1:
-            return self.cache
-        return [layer.extract(i) for layer in self.cache]
+        return self.kv.own(i, len(self.rows))
 
     def leave(self, gone: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
         self.logprobs = [self.logprobs[i] for i in keep]
+        self.kv.keep(keep)
         if not keep:
-            self.cache = self.y = self.embedding = None
+            self.y = self.embedding = None
             return
         self.y = self.y[mx.array(keep)] if len(keep) != self.y.shape[0] else self.y
-        if isinstance(self.cache[0], BatchKVCache):
-            if len(keep) == 1:  # back to the lone-stream path
-                self.cache = [layer.extract(keep[0]) for layer in self.cache]
-            else:
-                index = mx.array(keep)
-                for layer in self.cache:
-                    layer.filter(index)
 
     # ------------------------------------------------------ pause, resume
 
@@ -104,32 +105,26 @@ class DecodeGroup:
 
     def resume(self, gen: Request, cache: list, y: mx.array, lp: Optional[mx.array]) -> None:
         """A paused row comes back: as ``join``, with its pending token."""
-        if not self.rows:
-            self.cache, self.y = cache, y
-        else:
-            if len(self.rows) == 1:
-                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
-            for layer, c in zip(self.cache, cache):
-                layer.extend(BatchKVCache.merge([c]))
-            self.y = mx.concatenate([self.y, y.astype(self.y.dtype)])
-        self.rows.append(gen)
-        self.logprobs.append(lp)
+        self._add(gen, cache, y, lp)
 
     # ---------------------------------------------------------------- step
 
-    def step(self) -> list[tuple[Request, object, Optional[list]]]:
+    def step(self, chunk: Optional[tuple[Request, int]] = None) -> list[tuple[Request, object, Optional[list]]]:
         """Queue the next step, then read this one's tokens. Returns the rows
         that ended: (generation, stop reason or the exception it failed with,
-        its own cache)."""
+        its own cache). ``chunk``: a prompt's next tokens (request, n) to
+        process in the same pass (``packs``); if the pass fails, it is
+        returned with the exception too."""
         rows = self.rows
         failures: dict[int, BaseException] = {}
         with mx.stream(generation_stream):
             embedding, self.embedding = self.embedding, None
             try:
-                logits = runner.decode(self.model, self.y, self.cache, rows[0] if len(rows) == 1 else None, embedding)
+                lone = rows[0] if len(rows) == 1 else None
+                logits = self.kv.forward(self.model, self.y, lone, embedding, chunk)
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))
-                return [(gen, exc, None) for gen in rows]
+                return [(gen, exc, None) for gen in rows + ([chunk[0]] if chunk else [])]
             tokens, logprobs = [], []
             for i, gen in enumerate(rows):
                 try:
@@ -141,6 +136,10 @@ class DecodeGroup:
                 logprobs.append(lp)
             next_y = tokens[0] if len(tokens) == 1 else mx.concatenate(tokens)
             mx.async_eval(next_y, *[lp for lp in logprobs if lp is not None])
+        return self._read(rows, failures, next_y, logprobs)
+
+    def _read(self, rows: list[Request], failures: dict, next_y: mx.array, logprobs: list) -> list:
+        """Read this step's tokens (while the next step runs) and hand them to the rows."""
         ended: list = []
         read = self.y.tolist()
         for i, gen in enumerate(rows):
@@ -164,7 +163,6 @@ class DecodeGroup:
         return out
 
 
-
 class DecodeGroups:
     """Every decode group of a scheduler: one batch per model, plus groups
     of one request (KV that can't be merged, speculative decoding)."""
@@ -186,6 +184,20 @@ class DecodeGroups:
         group = DecodeGroup(model, False)
         self.alone.append(group)
         return group
+
+    def step(self, ride) -> tuple[list, bool]:
+        """One step of every group. ``ride``: (request, n, group), a prompt
+        chunk riding along in that group's pass. Returns the requests that
+        ended (request, outcome, cache), and whether any group stepped."""
+        ended, stepped = [], False
+        for group in self.all():
+            if group.rows:
+                chunk = ride[:2] if ride is not None and ride[2] is group else None
+                ended += group.step(chunk) if chunk is not None else group.step()
+                stepped = True
+            if not group.rows:
+                self.drop(group)
+        return ended, stepped
 
     def add_alone(self, group) -> None:
         self.alone.append(group)

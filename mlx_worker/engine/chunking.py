@@ -10,25 +10,28 @@ from __future__ import annotations
 
 MIN_CHUNK = 16
 CHUNK_TIME_IN_STEPS = 2.0  # a chunk during decoding takes about this many decode steps
+# A mixed pass (a chunk riding along in the decode step) takes about this
+# many plain decode steps: the streams' gap while a prompt is processed.
+MIXED_TIME_IN_STEPS = 2.5
 
 
 class ChunkSize:
-    def __init__(self) -> None:
+    def __init__(self, steps: float = CHUNK_TIME_IN_STEPS, chunk: int = 64) -> None:
+        self.steps = steps
         self.step_s = 0.0  # decode step time (moving average)
-        self.chunk = 64
+        self.chunk = chunk
 
     def stepped(self, dt: float) -> None:
         """A decode step (of every group) took ``dt`` seconds."""
         self.step_s = dt if not self.step_s else 0.8 * self.step_s + 0.2 * dt
 
     def tune(self, n: int, dt: float, limit: int) -> None:
-        """Size the next chunk so that it takes about CHUNK_TIME_IN_STEPS
-        decode steps: grown while chunks run shorter, shrunk while longer
+        """Size the next chunk so that it takes about ``steps`` decode steps: grown while chunks run shorter, shrunk while longer
         (a chunk's cost is not proportional to its tokens: small chunks
         carry fixed costs)."""
         if dt <= 0 or not self.step_s:
             return
-        target = self.step_s * CHUNK_TIME_IN_STEPS
+        target = self.step_s * self.steps
         chunk = self.chunk * (1.25 if dt < target else 0.8)
         self.chunk = int(max(MIN_CHUNK, min(limit, chunk)))
 

@@ -1,10 +1,10 @@
 """Prefill turns: which prompt chunk runs next, and with which others.
 
-Prompts take turns chunk by chunk (a new prompt stalls the running streams
-for at most one chunk; a short request behind a long prompt starts after a
-chunk or two); prompts of one model waiting together advance together in one
-forward pass; interactive prompts first, a background one in short chunks
-(priority.py). Chunk sizes while streams decode: chunking.py. Spec: "Batching".
+Prompts take turns chunk by chunk (a short request behind a long prompt
+starts after a chunk or two); prompts of one model waiting together advance
+together in one pass; interactive prompts first, a background one in short
+chunks (priority.py). Where the model's decode batch packs, a chunk rides
+along in its step (``ride``: one mixed pass). Sizes: chunking.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import collections
 import logging
 import time
 
-from .. import memory_model
+from .. import faults, memory_model
 from . import priority, runner
-from .chunking import CHUNK_TIME_IN_STEPS, ChunkSize, chunking_free
+from .chunking import CHUNK_TIME_IN_STEPS, MIXED_TIME_IN_STEPS, ChunkSize, chunking_free
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.prefill_turns")
@@ -32,6 +32,37 @@ class PrefillTurns:
         self.chunks = ChunkSize()
         self.background = ChunkSize()  # sized for BACKGROUND_CHUNK_S, not for decode steps
         self.background.step_s = BACKGROUND_CHUNK_S / CHUNK_TIME_IN_STEPS
+        self.mixed = ChunkSize(MIXED_TIME_IN_STEPS, chunk=32)  # chunks riding along in a decode step
+
+    def stepped(self, dt: float, rode: int) -> None:
+        """The decode groups' step took ``dt``; ``rode``: the tokens of a
+        prompt chunk that rode along in it (0: a plain decode step)."""
+        if rode:
+            log.debug("mixed pass: %d prompt tokens with the decode rows in %.1f ms (step %.1f ms)",
+                      rode, dt * 1000, self.chunks.step_s * 1000)
+            self.mixed.tune(rode, dt, 1 << 30)
+        else:
+            self.chunks.stepped(dt)
+            self.mixed.step_s = self.chunks.step_s
+
+    def ride(self, batches: dict) -> tuple:
+        """The next turn's prompt chunk, when it can ride along in its model's
+        decode step (a group that packs: layouts.py): ((request, tokens, that
+        group), None), taken off the queue; or (that, the exception its fault
+        point raised: faults.py); else (None, None): a turn of its own."""
+        req = priority.peek(self.queue)
+        group = batches.get(id(req.lm.model))
+        if group is None or not group.packs or not req.batchable or req.should_stop():
+            return None, None
+        n = req.next_chunk(min(req.plan.step_size, self.mixed.chunk))
+        if n <= 0:
+            return None, None
+        self.queue.remove(req)
+        try:
+            faults.hit("prefill")
+        except BaseException as exc:
+            return (req, n, group), exc
+        return (req, n, group), None
 
     def run_one(self, decoding: int) -> tuple[list[Request], BaseException | None]:
         """The next turn's chunk (``decoding``: streams decoding meanwhile).

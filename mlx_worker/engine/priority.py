@@ -40,6 +40,11 @@ def behind(queue: Iterable, req) -> bool:
     return any(interactive(r) or not interactive(req) for r in queue)
 
 
+def peek(queue):
+    """The request ``next_turn`` would take, left in the queue."""
+    return next((r for r in queue if interactive(r)), queue[0])
+
+
 def next_turn(queue):
     """Take the request whose prompt chunk runs next: the first interactive
     one, else the first (a background prefill yields between chunks)."""

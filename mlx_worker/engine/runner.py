@@ -3,8 +3,8 @@
 Prompt chunks alone or together, a batch's decode step, the last-token
 prime, a draft pair's prefill, speculative rounds' passes (``forward``; what
 they feed: draft_rounds.py). It never admits, evicts or finishes: the
-scheduler decides, the runner runs. Spec: "Batching". Next: a mixed pass
-(prompt chunks + decode rows) is one more function here taking both inputs.
+scheduler decides, the runner runs. Spec: "Batching". A decode step that packs
+(``decode_packed``) may carry a prompt chunk too: one mixed pass.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import BatchKVCache
 
 from .. import faults
+from . import packed
 from .request import Request
 
 
@@ -114,3 +115,20 @@ def decode(model, y: mx.array, cache: list, lone: Optional[Request], embedding: 
         set_positions(lone)
     kwargs = {"input_embeddings": embedding[None]} if embedding is not None else {}
     return model(y[:, None], cache=cache, **kwargs)[:, -1, :]
+
+
+def decode_packed(model, y: mx.array, caches: list[list], chunk: Optional[tuple[Request, int]]) -> mx.array:
+    """One packed pass (packed.py) of a batch whose rows keep their own
+    caches: logits (B, vocab) for the tokens ``y`` (B,). ``chunk``: a
+    prompt's next ``n`` tokens (request, n), processed in the same pass."""
+    lengths, own = [1] * len(caches), list(caches)
+    tokens = y.astype(mx.uint32)
+    if chunk is not None:
+        req, n = chunk
+        req.computed = True  # (its fault point was hit by the scheduler)
+        tokens = mx.concatenate([mx.array(req.pending_tokens(n), dtype=mx.uint32), tokens])
+        lengths, own = [n] + lengths, [req.cache] + own
+    logits = packed.forward(model, tokens, lengths, own)[0, -len(caches):, :]
+    if chunk is not None:
+        req.prefilled(n, req.cache)
+    return logits

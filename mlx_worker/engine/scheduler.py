@@ -146,18 +146,20 @@ class Scheduler:
             self._retry_waiting()
         if self.decoding() > 1:
             self.preemption.preempt()
+        ride = None  # (request, n, group): a prompt chunk riding along in a decode step
         if self.prefilling and not priority.background_waits(self.prefilling, self.decode.all()):
-            self._prefill_one()
+            ride = self._prefill_turn()
         t0 = time.perf_counter()
-        stepped = False
-        for group in self.decode.all():
-            if group.rows:
-                self._step_group(group)
-                stepped = True
-            if not group.rows:
-                self.decode.drop(group)
+        ended, stepped = self.decode.step(ride)
+        for req, outcome, cache in ended:
+            if isinstance(outcome, str):
+                self.finish(req, outcome, cache)
+            else:
+                self.fail(req, outcome)
+        if ride is not None and all(req is not ride[0] for req, _, _ in ended):
+            self._after_chunk(ride[0])  # (a rider is among the ended only when its pass failed)
         if stepped:
-            self.turns.chunks.stepped(time.perf_counter() - t0)
+            self.turns.stepped(time.perf_counter() - t0, ride[1] if ride is not None else 0)
 
     def _end_cancelled(self) -> None:
         """The one cancel check of the requests not in a decode group (a
@@ -175,13 +177,19 @@ class Scheduler:
                 self.waiting.appendleft(req)
                 return  # in arrival order
 
-    def _prefill_one(self) -> None:
-        together, exc = self.turns.run_one(self.decoding())
+    def _prefill_turn(self):
+        """The next prompt chunk: a pass of its own, or returned to ride
+        along in its model's decode step (one mixed pass: prefill_turns.py)."""
+        ride, exc = self.turns.ride(self.decode.batches)
+        if ride is not None and exc is None:
+            return ride
+        together, exc = ([ride[0]], exc) if ride is not None else self.turns.run_one(self.decoding())
         for r in together:
             if exc is not None:
                 self.fail(r, exc)
             else:
                 self._after_chunk(r)
+        return None
 
     def _after_chunk(self, req: Request) -> None:
         if req.to_prefill > 0:
@@ -190,13 +198,6 @@ class Scheduler:
             self.finish(req, "cancelled")
         else:
             self._to_decode(req)
-
-    def _step_group(self, group) -> None:
-        for req, outcome, cache in group.step():
-            if isinstance(outcome, str):
-                self.finish(req, outcome, cache)
-            else:
-                self.fail(req, outcome)
 
     # ------------------------------------------------------------- finish
 
