@@ -54,6 +54,8 @@ class DecodeGroup:
 
     def join(self, gen: Request) -> None:
         gen.computed = True
+        if self.batchable and gen.lm.vision is not None:
+            return self._join_primed(gen)
         last, emb = gen.last_input()
         if not self.rows:
             self.cache, self.y, self.embedding = gen.cache, last, emb
@@ -66,6 +68,27 @@ class DecodeGroup:
         gen.cache = None  # the batch owns its KV now
         self.rows.append(gen)
         self.logprobs.append(None)
+        self._joined(gen)
+
+    def _join_primed(self, gen: Request) -> None:
+        """A vision row: its first step (the prompt's last token: its own
+        positions, image embedding, whole-prompt inputs) runs alone, exactly
+        as solo; past its prompt it is a plain row whose position is its
+        offset + its rope delta (runner.set_row_positions)."""
+        last, _ = gen.last_input()
+        with mx.stream(generation_stream):
+            logits = runner.first_step(gen)
+            token, lp = gen.sampler.row(logits, last)
+            token = token.astype(mx.uint32)
+            mx.async_eval(token, lp)
+        gen.accept(gen.prompt.tokens[-1], None)  # primed (a cancel shows at its next token)
+        cache, gen.cache = gen.cache, None
+        self.resume(gen, cache, token, lp)
+
+    def _joined(self, gen: Request) -> None:
+        if len(self.rows) > 1:
+            log.debug("request %r joins a decode batch of %d rows: %r", gen.request_id, len(self.rows),
+                      [r.request_id for r in self.rows])
 
     def own_cache(self, i: int) -> list:
         """Row i's KV as plain per-request caches (for the prompt cache)."""
@@ -114,6 +137,7 @@ class DecodeGroup:
             self.y = mx.concatenate([self.y, y.astype(self.y.dtype)])
         self.rows.append(gen)
         self.logprobs.append(lp)
+        self._joined(gen)
 
     # ---------------------------------------------------------------- step
 
@@ -126,6 +150,8 @@ class DecodeGroup:
         with mx.stream(generation_stream):
             embedding, self.embedding = self.embedding, None
             try:
+                if len(rows) > 1:
+                    runner.set_row_positions(rows)
                 logits = runner.decode(self.model, self.y, self.cache, rows[0] if len(rows) == 1 else None, embedding)
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))

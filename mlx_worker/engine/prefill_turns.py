@@ -39,7 +39,7 @@ class PrefillTurns:
         req = priority.next_turn(self.queue)  # interactive prompts first
         n = req.plan.step_size
         # sized for the decoding streams, or (a background prompt) short
-        sized = (decoding > 0 or not priority.interactive(req)) and (req.batchable or chunking_free(req))
+        sized = (decoding > 0 or not priority.interactive(req)) and (req.text_batchable or chunking_free(req))
         chunks = self.chunks if decoding > 0 else self.background
         if sized:
             n = min(n, chunks.chunk)
@@ -69,11 +69,11 @@ class PrefillTurns:
         it every chunk)."""
         together = [req]
         shallow = lambda r: r.processed <= memory_model.shallow_limit(n)  # noqa: E731
-        if req.batchable and shallow(req):
+        if req.text_batchable and shallow(req):
             for other in list(self.queue):
                 if len(together) >= MAX_PREFILL_ROWS:
                     break
-                if (other.lm is req.lm and other.batchable and shallow(other)
+                if (other.lm is req.lm and other.text_batchable and shallow(other)
                         and priority.of(other) == priority.of(req)
                         and other.plan.step_size == req.plan.step_size and not other.should_stop()):
                     self.queue.remove(other)

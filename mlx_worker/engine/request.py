@@ -163,14 +163,23 @@ class Request:
 
     @property
     def batchable(self) -> bool:
-        """Plain KV layers on a text model merge into a batch; anything else
-        (windows, recurrent state, quantized KV, vision positions) decodes on
-        its own, interleaved with the batch."""
+        """Plain KV layers merge into a decode batch (a vision model's too,
+        where its family decodes per-row positions: vision/lm.py); anything
+        else (windows, recurrent state, quantized KV) decodes on its own,
+        interleaved with the batch."""
         from mlx_lm.models.cache import KVCache
 
         if self.plan.draft is not None:  # a decode group of its own (speculative.py)
             return False
-        return self.lm.vision is None and all(type(c) is KVCache for c in self.cache)
+        if self.lm.vision is not None and not self.lm.model.batch_decode:
+            return False
+        return all(type(c) is KVCache for c in self.cache)
+
+    @property
+    def text_batchable(self) -> bool:
+        """Batchable and a text model's: its prompt chunks may also merge
+        with others' (a vision prompt's embeddings and positions don't)."""
+        return self.lm.vision is None and self.batchable
 
     # ------------------------------------------------------------- prefill
 

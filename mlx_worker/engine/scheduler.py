@@ -134,7 +134,10 @@ class Scheduler:
         if draft is not None:  # speculative: its own sequential group
             self.decode.add_alone(draft.group(req))
             return
-        self.decode.group_for(req.lm.model, req.batchable).join(req)
+        try:  # a vision row's first step runs as it joins (batch.py)
+            self.decode.group_for(req.lm.model, req.batchable).join(req)
+        except BaseException as exc:
+            self.fail(req, exc, streamed=False)
 
     # --------------------------------------------------------------- step
 
