@@ -30,7 +30,9 @@ class DecodeGroup:
     stream nothing). From the second row on, the rows' caches are merged into
     mlx-lm's ``BatchKVCache`` (left-padded); when one row is left it is
     extracted back. A row that can't be merged (rotating window, recurrent
-    state, quantized KV, a vision model's positions) is a group of its own.
+    state, quantized KV, a vision family not in vision/lm.py's
+    BATCH_FAMILIES) is a group of its own; a vision row's first step runs
+    alone as it joins (``_join_primed``), then it steps at its own positions.
 
     Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
     before the tokens of step k are read, so the host-side work (text, events,

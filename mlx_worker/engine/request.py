@@ -163,22 +163,17 @@ class Request:
 
     @property
     def batchable(self) -> bool:
-        """Plain KV layers merge into a decode batch (a vision model's too,
-        where its family decodes per-row positions: vision/lm.py); anything
-        else (windows, recurrent state, quantized KV) decodes on its own,
-        interleaved with the batch."""
+        """Plain KV layers (a text model's, or a vision family's in vision/lm.py's BATCH_FAMILIES)
+        merge into a decode batch; anything else decodes on its own, interleaved with the batch."""
         from mlx_lm.models.cache import KVCache
 
-        if self.plan.draft is not None:  # a decode group of its own (speculative.py)
-            return False
-        if self.lm.vision is not None and not self.lm.model.batch_decode:
-            return False
+        if self.plan.draft is not None or (self.lm.vision is not None and not self.lm.model.batch_decode):
+            return False  # a draft: a decode group of its own (speculative.py)
         return all(type(c) is KVCache for c in self.cache)
 
     @property
     def text_batchable(self) -> bool:
-        """Batchable and a text model's: its prompt chunks may also merge
-        with others' (a vision prompt's embeddings and positions don't)."""
+        """Its prompt chunks may merge with others' too (a vision prompt's embeddings can't)."""
         return self.lm.vision is None and self.batchable
 
     # ------------------------------------------------------------- prefill
