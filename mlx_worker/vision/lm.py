@@ -1,8 +1,9 @@
 """The language half of a vision-language model, shaped like an mlx-lm model
 (``model(tokens, cache=, input_embeddings=)`` -> logits), so the one generation
-loop drives vision models too. Explicit M-RoPE positions on every call, the
-extra prefill inputs passed while inside the prompt, and mlx-lm cache classes in
-place of mlx-vlm's: bench/results/design-notes.md ("models", vision/lm.py).
+loop drives vision models too. Explicit M-RoPE positions on every call (per row
+in a decode batch: ``begin_batch``), the extra prefill inputs passed while inside
+the prompt, and mlx-lm cache classes in place of mlx-vlm's:
+bench/results/design-notes.md ("models", vision/lm.py).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class VisionLanguageModel(nn.Module):
         self._deltas = None
 
     def begin_batch(self, plans: list[Optional[PromptPlan]]) -> None:
-        """The next call is a batch's decode step: row i (past its prompt,
-        in a BatchKVCache) at its own offset + plans[i]'s rope delta."""
+        """The next call (only) is a batch's decode step: row i (past its
+        prompt, in a BatchKVCache) at its own offset + plans[i]'s rope delta."""
         deltas = []
         for plan in plans:
             if plan is not None:
@@ -82,8 +83,9 @@ class VisionLanguageModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: Optional[mx.array] = None) -> mx.array:
         _recurrent_layers(cache)
-        if self._deltas is not None:
-            return self._batch_call(inputs, cache, input_embeddings)
+        if self._deltas is not None:  # for this one call
+            deltas, self._deltas = self._deltas, None
+            return self._batch_call(inputs, cache, input_embeddings, deltas)
         kwargs = {}
         plan = self._plan
         offset = _offset(cache) if (self.mrope or plan.extra) else 0
@@ -96,10 +98,11 @@ class VisionLanguageModel(nn.Module):
         out = self.vlm.language_model(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
         return out.logits
 
-    def _batch_call(self, inputs: mx.array, cache: Any, input_embeddings: Optional[mx.array]) -> mx.array:
+    def _batch_call(self, inputs: mx.array, cache: Any, input_embeddings: Optional[mx.array],
+                    deltas: mx.array) -> mx.array:
         kwargs = {}
         if self.mrope:  # (3, B, n): each row's offset (lazy, from the cache) + its delta
-            offsets = cache[0].offset.astype(mx.int32) + self._deltas
+            offsets = cache[0].offset.astype(mx.int32) + deltas
             ids = offsets[:, None] + mx.arange(inputs.shape[1], dtype=mx.int32)[None]
             kwargs["position_ids"] = mx.broadcast_to(ids[None], (3, *ids.shape))
         out = self.vlm.language_model(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
