@@ -97,7 +97,7 @@ class Admission:
         shallow: their shared chunks, played out from where each prompt is
         now, beside the others' KV (0 when ``gen`` prefills alone)."""
         together = [g for g in gens if g.lm is gen.lm and g.cache is not None and g.to_prefill > 0
-                    and g.batchable and g.plan.step_size == gen.plan.step_size][:MAX_PREFILL_ROWS]
+                    and g.text_batchable and g.plan.step_size == gen.plan.step_size][:MAX_PREFILL_ROWS]
         if gen not in together or len(together) < 2:
             return 0
         rest = [g for g in gens if g not in together]

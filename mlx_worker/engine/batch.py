@@ -15,7 +15,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
-from . import layouts
+from . import layouts, runner
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.batch")
@@ -29,8 +29,10 @@ class DecodeGroup:
     ``Merged`` (mlx-lm's ``BatchKVCache`` from the second row on). A single
     row decodes in its own plain cache either way, exactly the computation
     mlx-lm's ``generate_step`` does. A row that can't be batched (rotating
-    window, recurrent state, quantized KV, a vision model's positions) is a
-    group of its own.
+    window, recurrent state, quantized KV, a vision family not in
+    vision/lm.py's BATCH_FAMILIES) is a group of its own; a vision row's first
+    step runs alone as it joins (``_join_primed``), then it steps at its own
+    positions.
 
     Steps are pipelined as in ``generate_step``: step k+1 is queued (async)
     before the tokens of step k are read, so the host-side work (text, events,
@@ -64,17 +66,37 @@ class DecodeGroup:
 
     def join(self, gen: Request) -> None:
         gen.computed = True
+        if self.batchable and gen.lm.vision is not None:
+            return self._join_primed(gen)
         last, emb = gen.last_input()
         self._add(gen, gen.cache, last, None)
         if len(self.rows) == 1:
             self.embedding = emb
         gen.cache = None  # the group owns its KV now
 
+    def _join_primed(self, gen: Request) -> None:
+        """A vision row: its first step (the prompt's last token: its own
+        positions, image embedding, whole-prompt inputs) runs alone, exactly
+        as solo; past its prompt it is a plain row whose position is its
+        offset + its rope delta (runner.set_row_positions)."""
+        last, _ = gen.last_input()
+        with mx.stream(generation_stream):
+            logits = runner.first_step(gen)
+            token, lp = gen.sampler.row(logits, last)
+            token = token.astype(mx.uint32)
+            mx.async_eval(token, lp)
+        gen.accept(gen.prompt.tokens[-1], None)  # primed (a cancel shows at its next token)
+        cache, gen.cache = gen.cache, None
+        self.resume(gen, cache, token, lp)
+
     def _add(self, gen: Request, cache: list, y: mx.array, lp: Optional[mx.array]) -> None:
         self.kv.add(cache, len(self.rows))
         self.y = y if not self.rows else mx.concatenate([self.y, y.astype(self.y.dtype)])
         self.rows.append(gen)
         self.logprobs.append(lp)
+        if len(self.rows) > 1:
+            log.debug("request %r joins a decode batch of %d rows: %r", gen.request_id, len(self.rows),
+                      [r.request_id for r in self.rows])
 
     def own_cache(self, i: int) -> list:
         """Row i's KV as plain per-request caches (for the prompt cache)."""
@@ -121,6 +143,8 @@ class DecodeGroup:
             embedding, self.embedding = self.embedding, None
             try:
                 lone = rows[0] if len(rows) == 1 else None
+                if lone is None:
+                    runner.set_row_positions(rows)  # vision rows: each at its own
                 logits = self.kv.forward(self.model, self.y, lone, embedding, chunk)
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))

@@ -24,8 +24,9 @@ PACKED = os.environ.get("MLX_WORKER_PACKED", "1") != "0"
 
 
 def ragged(model) -> bool:
-    """Whether this model's decode batch is ``Ragged``."""
-    return PACKED and packed.mixable(model)
+    """Whether this model's decode batch is ``Ragged`` (a text model's only:
+    a vision model's rows carry their own positions, vision/lm.py)."""
+    return PACKED and not hasattr(model, "begin_batch") and packed.mixable(model)
 
 
 def for_model(model, batchable: bool) -> "Merged | Ragged":

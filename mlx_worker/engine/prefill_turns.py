@@ -52,7 +52,7 @@ class PrefillTurns:
         point raised: faults.py); else (None, None): a turn of its own."""
         req = priority.peek(self.queue)
         group = batches.get(id(req.lm.model))
-        if group is None or not group.packs or not req.batchable or req.should_stop():
+        if group is None or not group.packs or not req.text_batchable or req.should_stop():
             return None, None
         n = req.next_chunk(min(req.plan.step_size, self.mixed.chunk))
         if n <= 0:
@@ -70,7 +70,7 @@ class PrefillTurns:
         req = priority.next_turn(self.queue)  # interactive prompts first
         n = req.plan.step_size
         # sized for the decoding streams, or (a background prompt) short
-        sized = (decoding > 0 or not priority.interactive(req)) and (req.batchable or chunking_free(req))
+        sized = (decoding > 0 or not priority.interactive(req)) and (req.text_batchable or chunking_free(req))
         chunks = self.chunks if decoding > 0 else self.background
         if sized:
             n = min(n, chunks.chunk)
@@ -100,11 +100,11 @@ class PrefillTurns:
         it every chunk)."""
         together = [req]
         shallow = lambda r: r.processed <= memory_model.shallow_limit(n)  # noqa: E731
-        if req.batchable and shallow(req):
+        if req.text_batchable and shallow(req):
             for other in list(self.queue):
                 if len(together) >= MAX_PREFILL_ROWS:
                     break
-                if (other.lm is req.lm and other.batchable and shallow(other)
+                if (other.lm is req.lm and other.text_batchable and shallow(other)
                         and priority.of(other) == priority.of(req)
                         and other.plan.step_size == req.plan.step_size and not other.should_stop()):
                     self.queue.remove(other)

@@ -163,14 +163,18 @@ class Request:
 
     @property
     def batchable(self) -> bool:
-        """Plain KV layers on a text model merge into a batch; anything else
-        (windows, recurrent state, quantized KV, vision positions) decodes on
-        its own, interleaved with the batch."""
+        """Plain KV layers (a text model's, or a vision family's in vision/lm.py's BATCH_FAMILIES)
+        merge into a decode batch; anything else decodes on its own, interleaved with the batch."""
         from mlx_lm.models.cache import KVCache
 
-        if self.plan.draft is not None:  # a decode group of its own (speculative.py)
-            return False
-        return self.lm.vision is None and all(type(c) is KVCache for c in self.cache)
+        if self.plan.draft is not None or (self.lm.vision is not None and not self.lm.model.batch_decode):
+            return False  # a draft: a decode group of its own (speculative.py)
+        return all(type(c) is KVCache for c in self.cache)
+
+    @property
+    def text_batchable(self) -> bool:
+        """Its prompt chunks may merge with others' too (a vision prompt's embeddings can't)."""
+        return self.lm.vision is None and self.batchable
 
     # ------------------------------------------------------------- prefill
 

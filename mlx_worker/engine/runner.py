@@ -26,6 +26,22 @@ def set_positions(req: Request) -> None:
         req.lm.model.begin(req.positions)
 
 
+def set_row_positions(rows: list[Request]) -> None:
+    """Vision: each row's positions for a batch's decode call (vision/lm.py's ``begin_batch``)."""
+    if rows[0].lm.vision is not None:
+        rows[0].lm.model.begin_batch([r.positions for r in rows])
+
+
+def first_step(req: Request) -> mx.array:
+    """A vision row's first decode step alone, before it joins a batch: the
+    prompt's last token with its positions, embedding and whole-prompt
+    inputs, exactly as a solo run feeds it. Logits (1, vocab), queued."""
+    last, emb = req.last_input()
+    set_positions(req)
+    kwargs = {"input_embeddings": emb[None]} if emb is not None else {}
+    return req.lm.model(last[None], cache=req.cache, **kwargs)[:, -1, :]
+
+
 def prefill(req: Request, n: int, clear_cache: bool = True) -> None:
     """Process the request's next ``n`` prompt tokens (never the last one).
     ``clear_cache``: free MLX's buffer cache after the chunk, as mlx-lm

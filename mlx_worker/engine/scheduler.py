@@ -134,7 +134,7 @@ class Scheduler:
         if draft is not None:  # speculative: its own sequential group
             self.decode.add_alone(draft.group(req))
             return
-        self.decode.group_for(req.lm.model, req.batchable).join(req)
+        _join(self, req)
 
     # --------------------------------------------------------------- step
 
@@ -246,6 +246,13 @@ class Scheduler:
                 self.fail(req, exc, streamed=False)
             except BaseException:  # one answer that fails must not cost the others theirs
                 log.exception("could not answer a request the scheduler held")
+
+
+def _join(s: Scheduler, req: Request) -> None:
+    try:  # a vision row's first step runs as it joins (batch.py)
+        s.decode.group_for(req.lm.model, req.batchable).join(req)
+    except BaseException as exc:
+        s.fail(req, exc, streamed=False)
 
 
 def _abort(req: Request) -> None:

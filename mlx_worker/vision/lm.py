@@ -1,18 +1,26 @@
 """The language half of a vision-language model, shaped like an mlx-lm model
 (``model(tokens, cache=, input_embeddings=)`` -> logits), so the one generation
-loop drives vision models too. Explicit M-RoPE positions on every call, the
-extra prefill inputs passed while inside the prompt, and mlx-lm cache classes in
-place of mlx-vlm's: bench/results/design-notes.md ("models", vision/lm.py).
+loop drives vision models too. Explicit M-RoPE positions on every call (per row
+in a decode batch: ``begin_batch``), the extra prefill inputs passed while inside
+the prompt, and mlx-lm cache classes in place of mlx-vlm's:
+bench/results/design-notes.md ("models", vision/lm.py).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+
+# Families whose language model decodes correctly in mlx-lm's BatchKVCache
+# (left padding, per-row offsets; checked against each row alone:
+# tests/test_vision_batch.py). Others decode alone beside the batch.
+BATCH_FAMILIES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "idefics3", "smolvlm", "llava", "mistral3"}
 
 
 @dataclass
@@ -39,12 +47,16 @@ class PromptPlan:
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vlm: nn.Module, mrope: bool):
+    def __init__(self, vlm: nn.Module, mrope: bool, batch_decode: bool = False):
         super().__init__()
         self.vlm = vlm
         self.mrope = mrope
+        # Whether rows of this model decode in one batch (engine/batch.py).
+        self.batch_decode = batch_decode
         # Set by ``begin`` for each generation, before the first model call.
         self._plan = PromptPlan()
+        # Set by ``begin_batch`` before a batch's decode call: each row's delta.
+        self._deltas: Optional[mx.array] = None
 
     @property
     def layers(self):
@@ -57,9 +69,23 @@ class VisionLanguageModel(nn.Module):
     def begin(self, plan: Optional[PromptPlan]) -> None:
         """Use this request's plan from now on (None: a plain text prompt)."""
         self._plan = plan or PromptPlan()
+        self._deltas = None
+
+    def begin_batch(self, plans: list[Optional[PromptPlan]]) -> None:
+        """The next call (only) is a batch's decode step: row i (past its
+        prompt, in a BatchKVCache) at its own offset + plans[i]'s rope delta."""
+        deltas = []
+        for plan in plans:
+            if plan is not None:
+                plan.extra = {}  # past the prompt for good: let go of them
+            deltas.append(plan.positions.delta if plan is not None and plan.positions is not None else 0)
+        self._deltas = mx.array(deltas, dtype=mx.int32)
 
     def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: Optional[mx.array] = None) -> mx.array:
         _recurrent_layers(cache)
+        if self._deltas is not None:  # for this one call
+            deltas, self._deltas = self._deltas, None
+            return self._batch_call(inputs, cache, input_embeddings, deltas)
         kwargs = {}
         plan = self._plan
         offset = _offset(cache) if (self.mrope or plan.extra) else 0
@@ -69,6 +95,16 @@ class VisionLanguageModel(nn.Module):
             kwargs.update(plan.extra)
         elif plan.extra:  # past the prompt for good: let go of them (per-layer inputs are large)
             plan.extra = {}
+        out = self.vlm.language_model(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
+        return out.logits
+
+    def _batch_call(self, inputs: mx.array, cache: Any, input_embeddings: Optional[mx.array],
+                    deltas: mx.array) -> mx.array:
+        kwargs = {}
+        if self.mrope:  # (3, B, n): each row's offset (lazy, from the cache) + its delta
+            offsets = cache[0].offset.astype(mx.int32) + deltas
+            ids = offsets[:, None] + mx.arange(inputs.shape[1], dtype=mx.int32)[None]
+            kwargs["position_ids"] = mx.broadcast_to(ids[None], (3, *ids.shape))
         out = self.vlm.language_model(inputs, inputs_embeds=input_embeddings, cache=cache, **kwargs)
         return out.logits
 
@@ -96,7 +132,16 @@ class _WithModelCache(VisionLanguageModel):
 
 def wrap_language_model(vlm: nn.Module, mrope: bool) -> VisionLanguageModel:
     cls = _WithModelCache if hasattr(vlm.language_model, "make_cache") else VisionLanguageModel
-    return cls(vlm, mrope)
+    return cls(vlm, mrope, batch_decode=_batch_decode(vlm))
+
+
+def _batch_decode(vlm: nn.Module) -> bool:
+    """Whether this family's rows decode in one batch. MLX_WORKER_VISION_BATCH=0
+    turns it off (each vision request then decodes in a group of its own, as
+    before: bench/vision.py compares the two)."""
+    if os.environ.get("MLX_WORKER_VISION_BATCH", "1") == "0":
+        return False
+    return str(getattr(vlm.config, "model_type", "")) in BATCH_FAMILIES
 
 
 @functools.cache
