@@ -75,25 +75,75 @@ class Merged:
 
 
 class Ragged:
+    """Rows in segments, each with its own cache layers: one row's plain
+    ones, or a BatchKVCache that rows joining in the same step at about the
+    same depth share (so a batch that starts together steps as one, and a
+    row that comes later, however long, pads and copies nothing)."""
+
     packs = True
 
     def __init__(self) -> None:
-        self.caches: list[list] = []  # each row's own cache layers
+        self.segments: list[list] = []  # cache layers, in row order
+        self.sizes: list[int] = []  # rows in each segment
+        self.fresh = False  # the last segment was made since the last step
 
     def add(self, cache: list, rows: int) -> None:
-        self.caches.append(cache)
+        if self.fresh and _close(_depth(self.segments[-1]), _depth(cache)):
+            last = self.segments[-1]
+            if self.sizes[-1] == 1:
+                last = self.segments[-1] = [BatchKVCache.merge([c]) for c in last]
+            for layer, c in zip(last, cache):
+                layer.extend(BatchKVCache.merge([c]))
+            self.sizes[-1] += 1
+            return
+        self.segments.append(cache)
+        self.sizes.append(1)
+        self.fresh = True
+
+    def _where(self, i: int) -> tuple[int, int]:
+        for k, size in enumerate(self.sizes):
+            if i < size:
+                return k, i
+            i -= size
+        raise IndexError(i)
 
     def own(self, i: int, rows: int) -> list:
-        return self.caches[i]
+        k, j = self._where(i)
+        segment = self.segments[k]
+        return [layer.extract(j) for layer in segment] if isinstance(segment[0], BatchKVCache) else segment
 
     def keep(self, keep: list[int]) -> None:
-        self.caches = [self.caches[i] for i in keep]
+        kept = set(keep)
+        segments, sizes, start = [], [], 0
+        for segment, size in zip(self.segments, self.sizes):
+            js = [j for j in range(size) if start + j in kept]
+            start += size
+            if not js:
+                continue
+            if len(js) < size:
+                index = mx.array(js)
+                for layer in segment:
+                    layer.filter(index)
+            segments.append(segment)
+            sizes.append(len(js))
+        self.segments, self.sizes = segments, sizes
 
     def layers(self) -> list:
-        return [layer for cache in self.caches for layer in cache]
+        return [layer for segment in self.segments for layer in segment]
 
     def forward(self, model, y: mx.array, lone: Optional[Request], embedding: Optional[mx.array],
                 chunk: Optional[tuple[Request, int]]) -> mx.array:
-        if chunk is None and len(self.caches) == 1:  # exactly mlx-lm's generate_step
-            return runner.decode(model, y, self.caches[0], None, None)
-        return runner.decode_packed(model, y, self.caches, chunk)
+        self.fresh = False
+        if chunk is None and len(self.segments) == 1:  # one cache: mlx-lm's own step
+            return runner.decode(model, y, self.segments[0], None, None)
+        return runner.decode_packed(model, y, list(zip(self.sizes, self.segments)), chunk)
+
+
+def _depth(cache: list) -> int:
+    layer = cache[0]
+    return layer._idx if isinstance(layer, BatchKVCache) else layer.offset
+
+
+def _close(a: int, b: int) -> bool:
+    """Depths close enough to share a segment: padding stays small."""
+    return abs(a - b) <= max(32, min(a, b) // 4)

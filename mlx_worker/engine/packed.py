@@ -16,7 +16,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import base
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 log = logging.getLogger("mlx_worker.engine.packed")
 
@@ -25,27 +25,33 @@ _mixable: dict[int, bool] = {}  # id(model) -> whether packed passes are exact o
 
 
 class Pass:
-    """One packed pass: each sequence's span of the row (a prompt chunk
-    first, if any; then decoding rows of one token each) and its masks."""
+    """One packed pass: its segments' spans of the row, in order. A segment
+    is a prompt chunk (one sequence, ``n`` tokens) or decoding rows (``b``
+    sequences, one token each, sharing one cache: a plain one when b is 1,
+    mlx-lm's BatchKVCache otherwise); chunks come first."""
 
-    def __init__(self, lengths: list[int]):
-        self.bounds = []
+    def __init__(self, spans: list[tuple[int, int]]):
+        self.bounds, self.rows = [], []
         start = 0
-        for n in lengths:
-            self.bounds.append((start, start + n))
-            start += n
-        # a chunk attends causally within itself; one token sees all its KV
-        self.masks = ["causal" if n > 1 else None for n in lengths]
-        self.singles = next((i for i, n in enumerate(lengths) if n == 1 and all(m == 1 for m in lengths[i:])),
-                            len(lengths))
+        for n, b in spans:  # (tokens per sequence, sequences)
+            self.bounds.append((start, start + n * b))
+            self.rows.append(n == 1)
+            start += n * b
+        self.first_row = next((i for i, r in enumerate(self.rows) if r), len(spans))
+        self.masks: list = []  # per segment, set before the first layer runs (Layer.make_mask)
 
 
 class Fetched:
-    """Each sequence's keys (or values) after a layer's update: handed from
+    """Each segment's keys (or values) after a layer's update: handed from
     ``Layer.update_and_fetch`` to the attention untouched."""
 
     def __init__(self, parts: list):
         self.parts = parts
+
+
+def _as_rows(x: mx.array) -> mx.array:
+    """(1, heads, b, dim) <-> (b, heads, 1, dim): one token per row."""
+    return x.transpose(2, 1, 0, 3)
 
 
 class Layer:
@@ -53,27 +59,32 @@ class Layer:
 
     def __init__(self, p: Pass, caches: list):
         self.p = p
-        self.caches = caches  # each sequence's own cache of this layer
+        self.caches = caches  # each segment's own cache of this layer
 
     @property
     def offset(self) -> "Layer":
-        return self  # read by the wrapped RoPE, which asks each sequence's cache
+        return self  # read by the wrapped RoPE, which asks each segment's cache
 
     def make_mask(self, *args, **kwargs):
-        return None  # per sequence: Pass.masks
+        """Called once, before any layer updates: each segment's own mask."""
+        p = self.p
+        p.masks = [c.make_mask(1) if rows and isinstance(c, BatchKVCache) else "causal" if b - a > 1 else None
+                   for c, rows, (a, b) in zip(self.caches, p.rows, p.bounds)]
+        return None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         ks, vs = [], []
-        for c, (a, b) in zip(self.caches, self.p.bounds):
-            k, v = c.update_and_fetch(keys[:, :, a:b], values[:, :, a:b])
+        for c, rows, (a, b) in zip(self.caches, self.p.rows, self.p.bounds):
+            k, v = keys[:, :, a:b], values[:, :, a:b]
+            k, v = c.update_and_fetch(_as_rows(k), _as_rows(v)) if rows else c.update_and_fetch(k, v)
             ks.append(k)
             vs.append(v)
         return Fetched(ks), Fetched(vs)
 
 
 class PackedRope(nn.Module):
-    """A model's RoPE, applied per sequence at that sequence's positions
-    when the offset is a packed ``Layer``; otherwise the model's own."""
+    """A model's RoPE, applied per segment at that segment's positions when
+    the offset is a packed ``Layer``; otherwise the model's own."""
 
     def __init__(self, rope: nn.Module):
         super().__init__()
@@ -83,28 +94,33 @@ class PackedRope(nn.Module):
         if not isinstance(offset, Layer):
             return self.inner(x, offset=offset)
         p, caches = offset.p, offset.caches
-        parts = [self.inner(x[:, :, a:b], offset=c.offset) for c, (a, b) in zip(caches[: p.singles], p.bounds)]
-        if p.singles < len(caches):  # the decoding rows: one call, each at its own position
-            start = p.bounds[p.singles][0]
-            rows = x[:, :, start:].transpose(2, 1, 0, 3)
-            at = mx.array([c.offset for c in caches[p.singles :]])
-            parts.append(self.inner(rows, offset=at).transpose(2, 1, 0, 3))
+        k = p.first_row
+        parts = [self.inner(x[:, :, a:b], offset=c.offset) for c, (a, b) in zip(caches[:k], p.bounds)]
+        if k < len(caches):  # every decoding row: one call, each at its own position
+            at = mx.concatenate([c.offset if isinstance(c.offset, mx.array) else mx.array([c.offset])
+                                 for c in caches[k:]])
+            parts.append(_as_rows(self.inner(_as_rows(x[:, :, p.bounds[k][0]:]), offset=at)))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
 
 def _sdpa(queries, keys, values, cache, scale, mask, **kwargs):
     if not isinstance(cache, Layer):
         return _ORIGINAL_SDPA(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
-    outs = [_ORIGINAL_SDPA(queries[:, :, a:b], k, v, cache=None, scale=scale, mask=m, **kwargs)
-            for (a, b), k, v, m in zip(cache.p.bounds, keys.parts, values.parts, cache.p.masks)]
+    p, outs = cache.p, []
+    for rows, (a, b), k, v, m in zip(p.rows, p.bounds, keys.parts, values.parts, p.masks):
+        q = queries[:, :, a:b]
+        if rows:
+            outs.append(_as_rows(_ORIGINAL_SDPA(_as_rows(q), k, v, cache=None, scale=scale, mask=m, **kwargs)))
+        else:
+            outs.append(_ORIGINAL_SDPA(q, k, v, cache=None, scale=scale, mask=m, **kwargs))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def forward(model, tokens: mx.array, lengths: list[int], caches: list[list]) -> mx.array:
-    """One packed pass: ``tokens`` (1-D) are the sequences' new tokens end to
-    end, ``lengths`` how many each has, ``caches`` each one's own cache
-    layers. Returns every token's logits, (1, total, vocab)."""
-    p = Pass(lengths)
+def forward(model, tokens: mx.array, spans: list[tuple[int, int]], caches: list[list]) -> mx.array:
+    """One packed pass: ``tokens`` (1-D) are the segments' new tokens end to
+    end, ``spans`` each segment's (tokens per sequence, sequences), ``caches``
+    each segment's cache layers. Returns every token's logits, (1, total, vocab)."""
+    p = Pass(spans)
     layers = [Layer(p, [cache[i] for cache in caches]) for i in range(len(caches[0]))]
     return model(tokens[None], cache=layers)
 
@@ -142,21 +158,22 @@ def _enable(model) -> bool:
 
 
 def _agrees(model, tolerance: float = 1e-3) -> bool:
-    """A prompt chunk and two decoding rows at different depths, through one
-    packed pass, give the logits separate passes give."""
+    """A prompt chunk, a row with its own cache and two rows sharing a
+    BatchKVCache, at different depths, through one packed pass, give the
+    logits separate passes give."""
     ids = lambda xs: mx.array([xs], dtype=mx.uint32)  # noqa: E731
-    rows = [([3, 5, 7], 11), ([17, 19, 23, 29], 31)]
-    chunk = [37, 41, 43]
+    chunk, rows = [37, 41, 43], [([3, 5, 7], 11), ([17, 19, 23, 29], 31), ([2, 4], 33)]
     want = [model(ids(chunk), cache=make_prompt_cache(model))[0]]
-    segments = [(chunk, make_prompt_cache(model))]
+    caches = []
     for prefix, token in rows:
         alone, packed = make_prompt_cache(model), make_prompt_cache(model)
         model(ids(prefix), cache=alone)
         model(ids(prefix), cache=packed)
         want.append(model(ids([token]), cache=alone)[0])
-        segments.append(([token], packed))
-    tokens = mx.array([t for seq, _ in segments for t in seq], dtype=mx.uint32)
-    got = forward(model, tokens, [len(t) for t, _ in segments], [c for _, c in segments])[0].astype(mx.float32)
+        caches.append(packed)
+    shared = [BatchKVCache.merge([a, b]) for a, b in zip(caches[1], caches[2])]
+    tokens = mx.array(chunk + [t for _, t in rows], dtype=mx.uint32)
+    got = forward(model, tokens, [(3, 1), (1, 1), (1, 2)], [make_prompt_cache(model), caches[0], shared])
     expected = mx.concatenate(want).astype(mx.float32)
     scale = mx.abs(expected).max().item() or 1.0
-    return bool(mx.abs(got - expected).max().item() <= tolerance * scale)
+    return bool(mx.abs(got[0].astype(mx.float32) - expected).max().item() <= tolerance * scale)

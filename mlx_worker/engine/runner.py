@@ -133,18 +133,20 @@ def decode(model, y: mx.array, cache: list, lone: Optional[Request], embedding: 
     return model(y[:, None], cache=cache, **kwargs)[:, -1, :]
 
 
-def decode_packed(model, y: mx.array, caches: list[list], chunk: Optional[tuple[Request, int]]) -> mx.array:
-    """One packed pass (packed.py) of a batch whose rows keep their own
-    caches: logits (B, vocab) for the tokens ``y`` (B,). ``chunk``: a
-    prompt's next ``n`` tokens (request, n), processed in the same pass."""
-    lengths, own = [1] * len(caches), list(caches)
+def decode_packed(model, y: mx.array, segments: list[tuple[int, list]],
+                  chunk: Optional[tuple[Request, int]]) -> mx.array:
+    """One packed pass (packed.py) of a batch whose rows are in segments
+    (rows, their shared cache layers): logits (B, vocab) for the tokens
+    ``y`` (B,). ``chunk``: a prompt's next ``n`` tokens (request, n),
+    processed in the same pass."""
+    spans, caches = [(1, b) for b, _ in segments], [c for _, c in segments]
     tokens = y.astype(mx.uint32)
     if chunk is not None:
         req, n = chunk
         req.computed = True  # (its fault point was hit by the scheduler)
         tokens = mx.concatenate([mx.array(req.pending_tokens(n), dtype=mx.uint32), tokens])
-        lengths, own = [n] + lengths, [req.cache] + own
-    logits = packed.forward(model, tokens, lengths, own)[0, -len(caches):, :]
+        spans, caches = [(n, 1)] + spans, [req.cache] + caches
+    logits = packed.forward(model, tokens, spans, caches)[0, -y.shape[0]:, :]
     if chunk is not None:
         req.prefilled(n, req.cache)
     return logits
