@@ -18,7 +18,8 @@ from mlx_worker import protocol
 from vision_images import b64, gradient, noise, png, user
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "n": {"type": "integer"}}, "required": ["name", "n"]}
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"],
+          "additionalProperties": False}
 
 
 def eight() -> list[dict]:
@@ -31,7 +32,7 @@ def eight() -> list[dict]:
          "draft_model_id": "draft", "num_draft_tokens": 3},
         {**text, "prompt": "north wind over the sea", "max_tokens": 32, "ignore_eos": True, "temperature": 0.8,
          "seed": 4, "draft_model_id": "draft", "num_draft_tokens": 2},
-        {**text, "prompt": "a record:", "max_tokens": 60, "temperature": 0,
+        {**text, "prompt": "a record:", "max_tokens": 120, "temperature": 0,
          "constraint": {"type": "json_schema", "schema": SCHEMA}},
         {**text, "prompt": "pick one", "max_tokens": 8, "temperature": 0.7, "seed": 9,
          "constraint": {"type": "choice", "options": ["harbour", "lighthouse", "sea"]}},
@@ -78,6 +79,7 @@ def test_eight_different_requests_at_once_each_equal_their_solo_run(w):
         assert b.result.stop_reason == a.result.stop_reason, i
         la, lb = logprobs(a), logprobs(b)
         assert len(la) == len(lb) and all(abs(x - y) <= 1e-4 for x, y in zip(la, lb)), i
+    assert streams[4].result.stop_reason != "max_tokens", streams[4].result.text
     record = json.loads(streams[4].result.text)
     assert set(record) == {"name", "n"} and isinstance(record["n"], int)
     assert streams[5].result.text in ("harbour", "lighthouse", "sea")

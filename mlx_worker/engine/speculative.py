@@ -150,6 +150,11 @@ class SpeculativeGroup:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def cache(self) -> list:
+        """The KV the group holds (the request's: target and draft layers)."""
+        return self.gen.cache if self.rows else []
+
     def _engine(self) -> draft_rounds.Rounds:
         gen, draft, plan = self.gen, self.draft, self.gen.plan
         processors = sampling.with_prefix(gen.sampler.processors, plan.prompt.tokens[gen.cached : -1])
