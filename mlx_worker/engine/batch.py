@@ -131,11 +131,11 @@ class DecodeGroup:
 
     # ---------------------------------------------------------------- step
 
-    def step(self, chunk: Optional[tuple[Request, int]] = None) -> list[tuple[Request, object, Optional[list]]]:
+    def step(self, chunks: Optional[list[tuple[Request, int]]] = None) -> list[tuple[Request, object, Optional[list]]]:
         """Queue the next step, then read this one's tokens. Returns the rows
         that ended: (generation, stop reason or the exception it failed with,
-        its own cache). ``chunk``: a prompt's next tokens (request, n) to
-        process in the same pass (``packs``); if the pass fails, it is
+        its own cache). ``chunks``: prompts' next tokens (request, n) to
+        process in the same pass (``packs``); if the pass fails, they are
         returned with the exception too."""
         rows = self.rows
         failures: dict[int, BaseException] = {}
@@ -145,10 +145,10 @@ class DecodeGroup:
                 lone = rows[0] if len(rows) == 1 else None
                 if lone is None:
                     runner.set_row_positions(rows)  # vision rows: each at its own
-                logits = self.kv.forward(self.model, self.y, lone, embedding, chunk)
+                logits = self.kv.forward(self.model, self.y, lone, embedding, chunks)
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))
-                return [(gen, exc, None) for gen in rows + ([chunk[0]] if chunk else [])]
+                return [(gen, exc, None) for gen in rows + [r for r, _ in chunks or []]]
             tokens, logprobs = [], []
             for i, gen in enumerate(rows):
                 try:
@@ -210,14 +210,14 @@ class DecodeGroups:
         return group
 
     def step(self, ride) -> tuple[list, bool]:
-        """One step of every group. ``ride``: (request, n, group), a prompt
-        chunk riding along in that group's pass. Returns the requests that
+        """One step of every group. ``ride``: prompt chunks riding along in
+        one group's pass (prefill_turns.Ride). Returns the requests that
         ended (request, outcome, cache), and whether any group stepped."""
         ended, stepped = [], False
         for group in self.all():
             if group.rows:
-                chunk = ride[:2] if ride is not None and ride[2] is group else None
-                ended += group.step(chunk) if chunk is not None else group.step()
+                ridden = ride is not None and ride.group is group
+                ended += group.step(ride.chunks) if ridden else group.step()
                 stepped = True
             if not group.rows:
                 self.drop(group)

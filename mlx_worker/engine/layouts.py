@@ -70,7 +70,7 @@ class Merged:
         return self.cache or []
 
     def forward(self, model, y: mx.array, lone: Optional[Request], embedding: Optional[mx.array],
-                chunk: Optional[tuple[Request, int]]) -> mx.array:
+                chunks: Optional[list[tuple[Request, int]]]) -> mx.array:
         return runner.decode(model, y, self.cache, lone, embedding)
 
 
@@ -132,11 +132,11 @@ class Ragged:
         return [layer for segment in self.segments for layer in segment]
 
     def forward(self, model, y: mx.array, lone: Optional[Request], embedding: Optional[mx.array],
-                chunk: Optional[tuple[Request, int]]) -> mx.array:
+                chunks: Optional[list[tuple[Request, int]]]) -> mx.array:
         self.fresh = False
-        if chunk is None and len(self.segments) == 1:  # one cache: mlx-lm's own step
+        if not chunks and len(self.segments) == 1:  # one cache: mlx-lm's own step
             return runner.decode(model, y, self.segments[0], None, None)
-        return runner.decode_packed(model, y, list(zip(self.sizes, self.segments)), chunk)
+        return runner.decode_packed(model, y, list(zip(self.sizes, self.segments)), chunks)
 
 
 def _depth(cache: list) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from dataclasses import dataclass
 
 from .. import faults, memory_model
 from . import priority, runner
@@ -26,6 +27,18 @@ MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
 BACKGROUND_CHUNK_S = 0.05
 
 
+@dataclass
+class Ride:
+    """Prompt chunks riding along in one decode group's step (a mixed pass)."""
+
+    group: object
+    chunks: list  # (request, tokens to process)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+
 class PrefillTurns:
     def __init__(self) -> None:
         self.queue: collections.deque[Request] = collections.deque()
@@ -34,35 +47,39 @@ class PrefillTurns:
         self.background.step_s = BACKGROUND_CHUNK_S / CHUNK_TIME_IN_STEPS
         self.mixed = ChunkSize(MIXED_TIME_IN_STEPS, chunk=32)  # chunks riding along in a decode step
 
-    def stepped(self, dt: float, rode: int) -> None:
-        """The decode groups' step took ``dt``; ``rode``: the tokens of a
-        prompt chunk that rode along in it (0: a plain decode step)."""
-        if rode:
-            log.debug("mixed pass: %d prompt tokens with the decode rows in %.1f ms (step %.1f ms)",
-                      rode, dt * 1000, self.chunks.step_s * 1000)
-            self.mixed.tune(rode, dt, 1 << 30)
+    def stepped(self, dt: float, ride: "Ride | None") -> None:
+        """The decode groups' step took ``dt``; ``ride``: the prompt chunks
+        that rode along in it (None: a plain decode step)."""
+        if ride is not None:
+            log.debug("mixed pass: %d prompt tokens (%d prompts) with the decode rows in %.1f ms (step %.1f ms)",
+                      ride.tokens, len(ride.chunks), dt * 1000, self.chunks.step_s * 1000)
+            if len(ride.chunks) == 1:
+                self.mixed.tune(ride.tokens, dt, 1 << 30)
         else:
             self.chunks.stepped(dt)
             self.mixed.step_s = self.chunks.step_s
 
     def ride(self, batches: dict) -> tuple:
         """The next turn's prompt chunk, when it can ride along in its model's
-        decode step (a group that packs: layouts.py): ((request, tokens, that
-        group), None), taken off the queue; or (that, the exception its fault
-        point raised: faults.py); else (None, None): a turn of its own."""
+        decode step (a group that packs: layouts.py), with the chunks of the
+        other shallow prompts of that model waiting beside it: (Ride, None),
+        taken off the queue; or (Ride, the exception the turn's fault point
+        raised: faults.py); else (None, None): a turn of its own."""
         req = priority.peek(self.queue)
         group = batches.get(id(req.lm.model))
         if group is None or not group.packs or not req.text_batchable or req.should_stop():
             return None, None
-        n = req.next_chunk(min(req.plan.step_size, self.mixed.chunk))
-        if n <= 0:
+        n = min(req.plan.step_size, self.mixed.chunk)
+        if req.next_chunk(n) <= 0:
             return None, None
         self.queue.remove(req)
         try:
             faults.hit("prefill")
         except BaseException as exc:
-            return (req, n, group), exc
-        return (req, n, group), None
+            return Ride(group, [(req, req.next_chunk(n))]), exc
+        chunks = [(r, r.next_chunk(n)) for r in self._together(req, n, packed=True)]
+        self.queue.extend(r for r, k in chunks if k <= 0)  # at a checkpoint the lease wants: next turn
+        return Ride(group, [(r, k) for r, k in chunks if k > 0]), None
 
     def run_one(self, decoding: int) -> tuple[list[Request], BaseException | None]:
         """The next turn's chunk (``decoding``: streams decoding meanwhile).
@@ -92,14 +109,14 @@ class PrefillTurns:
             chunks.tune(done, dt, req.plan.step_size)
         return together, None
 
-    def _together(self, req: Request, n: int) -> list[Request]:
+    def _together(self, req: Request, n: int, packed: bool = False) -> list[Request]:
         """Prompts of the same model waiting together advance together: one
         forward pass for a chunk of each (a pass costs far less than one per
         prompt), as long as the KV merged for it stays small (a prompt
         already deep in its cache goes on alone: merging would copy all of
-        it every chunk)."""
+        it every chunk). ``packed``: a mixed pass, which merges nothing."""
         together = [req]
-        shallow = lambda r: r.processed <= memory_model.shallow_limit(n)  # noqa: E731
+        shallow = lambda r: packed or r.processed <= memory_model.shallow_limit(n)  # noqa: E731
         if req.text_batchable and shallow(req):
             for other in list(self.queue):
                 if len(together) >= MAX_PREFILL_ROWS:

@@ -134,19 +134,18 @@ def decode(model, y: mx.array, cache: list, lone: Optional[Request], embedding: 
 
 
 def decode_packed(model, y: mx.array, segments: list[tuple[int, list]],
-                  chunk: Optional[tuple[Request, int]]) -> mx.array:
+                  chunks: Optional[list[tuple[Request, int]]]) -> mx.array:
     """One packed pass (packed.py) of a batch whose rows are in segments
     (rows, their shared cache layers): logits (B, vocab) for the tokens
-    ``y`` (B,). ``chunk``: a prompt's next ``n`` tokens (request, n),
-    processed in the same pass."""
-    spans, caches = [(1, b) for b, _ in segments], [c for _, c in segments]
-    tokens = y.astype(mx.uint32)
-    if chunk is not None:
-        req, n = chunk
-        req.computed = True  # (its fault point was hit by the scheduler)
-        tokens = mx.concatenate([mx.array(req.pending_tokens(n), dtype=mx.uint32), tokens])
-        spans, caches = [(n, 1)] + spans, [req.cache] + caches
-    logits = packed.forward(model, tokens, spans, caches)[0, -y.shape[0]:, :]
-    if chunk is not None:
+    ``y`` (B,). ``chunks``: prompts' next tokens (request, n), processed in
+    the same pass (their fault points were hit by the scheduler's turn)."""
+    spans, caches, tokens = [(1, b) for b, _ in segments], [c for _, c in segments], [y.astype(mx.uint32)]
+    for req, n in reversed(chunks or []):  # chunks first, in order
+        req.computed = True
+        tokens.insert(0, mx.array(req.pending_tokens(n), dtype=mx.uint32))
+        spans.insert(0, (n, 1))
+        caches.insert(0, req.cache)
+    logits = packed.forward(model, mx.concatenate(tokens), spans, caches)[0, -y.shape[0]:, :]
+    for req, n in chunks or []:
         req.prefilled(n, req.cache)
     return logits

@@ -146,7 +146,7 @@ class Scheduler:
             self._retry_waiting()
         if self.decoding() > 1:
             self.preemption.preempt()
-        ride = None  # (request, n, group): a prompt chunk riding along in a decode step
+        ride = None  # prompt chunks riding along in a decode step (prefill_turns.Ride)
         if self.prefilling and not priority.background_waits(self.prefilling, self.decode.all()):
             ride = self._prefill_turn()
         t0 = time.perf_counter()
@@ -156,10 +156,11 @@ class Scheduler:
                 self.finish(req, outcome, cache)
             else:
                 self.fail(req, outcome)
-        if ride is not None and all(req is not ride[0] for req, _, _ in ended):
-            self._after_chunk(ride[0])  # (a rider is among the ended only when its pass failed)
+        for req, _ in ride.chunks if ride is not None else []:
+            if all(req is not r for r, _, _ in ended):  # a rider ends only when its pass failed
+                self._after_chunk(req)
         if stepped:
-            self.turns.stepped(time.perf_counter() - t0, ride[1] if ride is not None else 0)
+            self.turns.stepped(time.perf_counter() - t0, ride)
 
     def _end_cancelled(self) -> None:
         """The one cancel check of the requests not in a decode group (a
@@ -178,12 +179,11 @@ class Scheduler:
                 return  # in arrival order
 
     def _prefill_turn(self):
-        """The next prompt chunk: a pass of its own, or returned to ride
-        along in its model's decode step (one mixed pass: prefill_turns.py)."""
+        """The next prompt chunks: a pass of their own, or returned to ride along (prefill_turns.Ride)."""
         ride, exc = self.turns.ride(self.decode.batches)
         if ride is not None and exc is None:
             return ride
-        together, exc = ([ride[0]], exc) if ride is not None else self.turns.run_one(self.decoding())
+        together, exc = ([r for r, _ in ride.chunks], exc) if ride is not None else self.turns.run_one(self.decoding())
         for r in together:
             if exc is not None:
                 self.fail(r, exc)
