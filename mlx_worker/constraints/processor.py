@@ -19,6 +19,9 @@ from ..errors import WorkerError
 from . import mask
 from .common import is_engine_panic
 
+WORDS = "words"  # batch_masks filled this step's mask; the call applies it
+APPLIED = "applied"  # batch_masks applied this step's mask to the batch's logits
+
 
 class MatcherProcessor:
     """What every matcher-driven processor shares (this one and the lazy
@@ -82,6 +85,7 @@ class ConstraintProcessor(MatcherProcessor):
         self._nfed = 0
         self._matched = 0  # of them, given to the matcher (the rest: EOS once complete)
         self.finished = False  # an EOS was consumed in an accepting state
+        self.ready = None  # this step's work done by batch_masks.py: WORDS, APPLIED, or its failure
         eos_only = np.zeros(self.vocab, dtype=np.bool_)
         eos_only[[e for e in self.eos if e < self.vocab]] = True
         self._eos_only = eos_only
@@ -91,16 +95,23 @@ class ConstraintProcessor(MatcherProcessor):
         return max(0, self.seen - self.prompt_len)
 
     def _step(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        ready, self.ready = self.ready, None
+        if isinstance(ready, BaseException):
+            raise ready
         mx.async_eval(tokens)
         mx.async_eval(logits)
         n = tokens.shape[-1]
         if self.seen < 0:
             self.seen = self.prompt_len = n
-        else:
+        elif ready is None or n != self.seen:
+            ready = None  # (a batched step always shows one token more: never out of step)
             self._advance(np.asarray(tokens), n)
+        if ready is APPLIED:
+            return logits  # the batch masked this row of its logits
         if self.finished:
             return mask.apply(logits, self._eos_only)
-        self._fill(self.m, self.m.accepting())
+        if ready is None:
+            self._fill(self.m, self.m.accepting())
         if self._last_allowed is not None and np.array_equal(self.words, self._last_words):
             # Same mask as the last step (the inside of a long string, free
             # text in a grammar): reuse the array already on the device.
@@ -109,6 +120,56 @@ class ConstraintProcessor(MatcherProcessor):
         self._last_words[:] = self.words
         self._last_allowed = mx.array(allowed)
         return mx.where(self._last_allowed, logits, mask.NEG_INF)
+
+    # ---------------------------------------------- batched (batch_masks.py)
+
+    def batch_take(self, token: int) -> bool:
+        """A batched step, before the call: consume ``token`` (the one this
+        step feeds; the first call sees only the prompt) as the call would.
+        True when this step wants the matcher's mask; a failure is kept for
+        the call to raise."""
+        try:
+            if self.seen >= 0:
+                self.seen += 1
+                self._take(token)
+        except BaseException as exc:
+            self.ready = self._kept(exc)
+            return False
+        return not self.finished
+
+    def batch_words(self, words: np.ndarray) -> None:
+        """The batch filled the mask into ``words``: checked and taken as
+        ``_fill`` would (the call then applies it: WORDS)."""
+        self.words[:] = words
+        self.ready = WORDS
+        if self.m.failed():
+            self.ready = self._failure(self.m.error())
+        else:
+            mask.set_bits(self.words, self.eos, self.m.accepting())
+
+    def batch_allowed(self) -> np.ndarray | None:
+        """The allowed tokens of this step (after ``batch_words``, or EOS only
+        once finished), for the batch to apply itself (the call then passes
+        the logits through: APPLIED); None if the step failed (kept)."""
+        if isinstance(self.ready, BaseException):
+            return None
+        if self.finished:
+            self.ready = APPLIED
+            return self._eos_only
+        try:
+            allowed = self._allowed("the constraint allows no token here")
+        except WorkerError as exc:
+            self.ready = exc
+            return None
+        self.ready = APPLIED
+        return allowed
+
+    def _kept(self, exc: BaseException) -> BaseException:
+        if is_engine_panic(exc):
+            return self._failure(f"the matcher failed: {exc}")
+        if not isinstance(exc, Exception):
+            raise exc
+        return exc
 
     def _advance(self, tokens: np.ndarray, n: int) -> None:
         """Bring the matcher to exactly ``tokens[prompt_len:n]``: roll back
@@ -130,21 +191,24 @@ class ConstraintProcessor(MatcherProcessor):
             self.finished = keep > self._matched  # an EOS is still shown
         self.seen = n
         for token in now[keep:].tolist():
-            self._remember(token)
-            if self.finished:
-                # Drafting runs on past an EOS under the EOS-only mask; in the
-                # output nothing follows it.
-                if token in self.eos:
-                    continue
-                raise self._failure(f"token {token} after the constraint was complete")
+            self._take(token)
+
+    def _take(self, token: int) -> None:
+        self._remember(token)
+        if self.finished:
+            # Drafting runs on past an EOS under the EOS-only mask; in the
+            # output nothing follows it.
             if token in self.eos:
-                if not self.m.accepting():
-                    raise self._failure(f"EOS token {token} before the constraint was complete")
-                self.finished = True
-            elif not self.m.consume(token):
-                raise self._failure(f"token {token} was refused: {self.m.error()}")
-            else:
-                self._matched += 1
+                return
+            raise self._failure(f"token {token} after the constraint was complete")
+        if token in self.eos:
+            if not self.m.accepting():
+                raise self._failure(f"EOS token {token} before the constraint was complete")
+            self.finished = True
+        elif not self.m.consume(token):
+            raise self._failure(f"token {token} was refused: {self.m.error()}")
+        else:
+            self._matched += 1
 
     def _remember(self, token: int) -> None:
         if self._nfed == len(self._fed):

@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import BatchKVCache
 
+from ..constraints import batch_masks
 from . import runner
 from .request import Request
 
@@ -130,6 +131,7 @@ class DecodeGroup:
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))
                 return [(gen, exc, None) for gen in rows]
+            logits = batch_masks.prepare(rows, logits, self.y)  # constrained rows' masks in one call
             tokens, logprobs = [], []
             for i, gen in enumerate(rows):
                 try:
