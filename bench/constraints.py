@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import sys
 import time
@@ -217,6 +218,7 @@ def streams_side_by_side(model, streams, n, rounds):
     workers = {name: WorkerClient((), env={**worker_env(), "MLX_WORKER_BATCH_MASKS": flag}, cwd=str(ROOT))
                for name, flag in (("one call", "1"), ("row by row", "0"))}
     rates: dict = {name: [] for name in workers}
+    cpu_ms: dict = {name: [] for name in workers}
     outputs: dict = {name: [] for name in workers}
     try:
         for w in workers.values():
@@ -227,23 +229,35 @@ def streams_side_by_side(model, streams, n, rounds):
                 params = [dict(model_id="m", prompt=f"{PROMPT} {i}", max_tokens=n, temperature=1.0, seed=i,
                                ignore_eos=True, prompt_cache=False,
                                constraint={"type": "json_schema", "schema": DECODE_SCHEMA}) for i in range(streams)]
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(w.proc.pid), time.perf_counter()
                 sent = [w.generate(**p) for p in params]
                 results = [s.wait() for s in sent]
-                wall = time.perf_counter() - t0
+                wall, cpu = time.perf_counter() - t0, cpu_seconds(w.proc.pid) - c0
                 if r:
-                    rates[name].append(sum(len(x.tokens) for x in results) / wall)
+                    n_out = sum(len(x.tokens) for x in results)
+                    rates[name].append(n_out / wall)
+                    cpu_ms[name].append(cpu / n_out * 1000)
                     outputs[name].append([x.tokens for x in results])
     finally:
         for w in workers.values():
             w.close()
     assert outputs["one call"] == outputs["row by row"], "batched masks changed the tokens"
     print(f"\n{streams} constrained streams at once, {n} tokens each, {rounds} rounds: aggregate tokens/s (median)")
+    print("  and the worker's CPU time per token (user + system, /proc: robust to other load), ms")
     for name in workers:
-        print(f"  {name:10}  {median(rates[name]):8.1f}   runs {' '.join(f'{x:.0f}' for x in rates[name])}")
+        print(f"  {name:10}  {median(rates[name]):8.1f} tok/s   {median(cpu_ms[name]):6.2f} ms CPU/token   "
+              f"runs {' '.join(f'{x:.0f}' for x in rates[name])}")
     ratio = median(rates["one call"]) / median(rates["row by row"])
-    print(f"  one call / row by row: {ratio:.3f} (same tokens in every round)")
+    cpu_ratio = median(cpu_ms["row by row"]) / median(cpu_ms["one call"])
+    print(f"  one call / row by row: tok/s {ratio:.3f}, CPU per token (row by row ÷ one call) {cpu_ratio:.3f} "
+          "(same tokens in every round)")
     FIGURES["batch_masks_streams_tps_ratio"] = ratio
+    FIGURES["batch_masks_streams_cpu_ratio"] = cpu_ratio
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def profile(lm, engine, n):

@@ -28,6 +28,7 @@ ENABLED = os.environ.get("MLX_WORKER_BATCH_MASKS", "1") != "0"
 
 log = logging.getLogger("mlx_worker.constraints.batch_masks")
 _executor = None
+_free: Optional[mx.array] = None  # an unconstrained row's mask
 
 
 def prepare(rows: list, logits: mx.array, fed: mx.array) -> mx.array:
@@ -58,21 +59,27 @@ def _prepare(rows: list, found: list, logits: mx.array, fed: mx.array) -> mx.arr
     wanted = [(i, p) for i, p in found if p.batch_take(ids[i])]
     _fill([p for _, p in wanted])
     vocab = logits.shape[-1]
-    allowed: Optional[np.ndarray] = None
+    masks: dict[int, mx.array] = {}
     for i, p in found:
         if isinstance(p.ready, BaseException) or p.vocab != vocab or not _first(rows[i], p):
             continue  # the row's call applies its mask (WORDS) or raises its failure
         if p.ready is not WORDS and not p.finished:
             continue  # not filled here: its call fills it
-        row = p.batch_allowed()
-        if row is None:
-            continue
-        if allowed is None:
-            allowed = np.ones((len(rows), vocab), dtype=np.bool_)
-        allowed[i] = row
-    log.debug("batched masks: %d rows filled in one call, %d applied to the batch's logits", len(wanted),
-              0 if allowed is None else sum(p.ready is APPLIED for _, p in found))
-    return logits if allowed is None else mx.where(mx.array(allowed), logits, mask.NEG_INF)
+        row = p.batch_allowed()  # on the device, reused while unchanged
+        if row is not None:
+            masks[i] = row
+    log.debug("batched masks: %d rows filled in one call, %d applied to the batch's logits", len(wanted), len(masks))
+    if not masks:
+        return logits
+    free = _all_allowed(vocab)
+    return mx.where(mx.stack([masks.get(i, free) for i in range(len(rows))]), logits, mask.NEG_INF)
+
+
+def _all_allowed(vocab: int) -> mx.array:
+    global _free
+    if _free is None or _free.shape[0] != vocab:
+        _free = mx.ones((vocab,), dtype=mx.bool_)
+    return _free
 
 
 def _fill(procs: list[ConstraintProcessor]) -> None:

@@ -89,6 +89,7 @@ class ConstraintProcessor(MatcherProcessor):
         eos_only = np.zeros(self.vocab, dtype=np.bool_)
         eos_only[[e for e in self.eos if e < self.vocab]] = True
         self._eos_only = eos_only
+        self._eos_only_mx = None
 
     @property
     def generated(self) -> int:
@@ -112,14 +113,18 @@ class ConstraintProcessor(MatcherProcessor):
             return mask.apply(logits, self._eos_only)
         if ready is None:
             self._fill(self.m, self.m.accepting())
+        return mx.where(self._device_allowed(), logits, mask.NEG_INF)
+
+    def _device_allowed(self) -> mx.array:
+        """The tokens ``self.words`` allows, as an array on the device."""
         if self._last_allowed is not None and np.array_equal(self.words, self._last_words):
             # Same mask as the last step (the inside of a long string, free
             # text in a grammar): reuse the array already on the device.
-            return mx.where(self._last_allowed, logits, mask.NEG_INF)
+            return self._last_allowed
         allowed = self._allowed("the constraint allows no token here")
         self._last_words[:] = self.words
         self._last_allowed = mx.array(allowed)
-        return mx.where(self._last_allowed, logits, mask.NEG_INF)
+        return self._last_allowed
 
     # ---------------------------------------------- batched (batch_masks.py)
 
@@ -147,29 +152,29 @@ class ConstraintProcessor(MatcherProcessor):
         else:
             mask.set_bits(self.words, self.eos, self.m.accepting())
 
-    def batch_allowed(self) -> np.ndarray | None:
+    def batch_allowed(self) -> mx.array | None:
         """The allowed tokens of this step (after ``batch_words``, or EOS only
-        once finished), for the batch to apply itself (the call then passes
-        the logits through: APPLIED); None if the step failed (kept)."""
+        once finished) on the device, for the batch to apply itself (the
+        call then passes the logits through: APPLIED); None if the step
+        failed (kept)."""
         if isinstance(self.ready, BaseException):
             return None
-        if self.finished:
-            self.ready = APPLIED
-            return self._eos_only
         try:
-            allowed = self._allowed("the constraint allows no token here")
+            allowed = self._eos_only_array() if self.finished else self._device_allowed()
         except WorkerError as exc:
             self.ready = exc
             return None
         self.ready = APPLIED
         return allowed
 
+    def _eos_only_array(self) -> mx.array:
+        if self._eos_only_mx is None:
+            self._eos_only_mx = mx.array(self._eos_only)
+        return self._eos_only_mx
+
     def _kept(self, exc: BaseException) -> BaseException:
-        if is_engine_panic(exc):
-            return self._failure(f"the matcher failed: {exc}")
-        if not isinstance(exc, Exception):
-            raise exc
-        return exc
+        """What the call raises: as a row's own step fails (this row only)."""
+        return self._failure(f"the matcher failed: {exc}") if is_engine_panic(exc) else exc
 
     def _advance(self, tokens: np.ndarray, n: int) -> None:
         """Bring the matcher to exactly ``tokens[prompt_len:n]``: roll back
