@@ -15,6 +15,7 @@ import re
 import tempfile
 import threading
 
+import jsonschema
 import pytest
 
 from conftest import spawn
@@ -140,3 +141,40 @@ def test_a_row_whose_constraint_fails_leaves_the_others_intact(mw, tiny_model):
     assert any(n >= 4 for n, _ in batched_lines(mw)[before:])  # the failing row was in the call
     assert mw.generate(model_id="tiny", prompt="x", max_tokens=8,
                        constraint={"type": "choice", "options": ["still here"]}).wait().text == "still here"
+
+
+def test_tool_call_rows_share_the_call_with_constrained_rows():
+    """Forced tool calls (the lazy tool grammar, while a call is written)
+    and a JSON-constrained row of one model: their masks are filled in one
+    call; each row equals its run alone and every call's arguments
+    validate against the tool's schema."""
+    from fixtures.build import ensure_model
+    from test_tools import ASK, SCHEMAS, TOOLS
+
+    log = tempfile.TemporaryFile()
+    w = spawn("--log-level=debug", stderr=log)
+    w.log = log
+    try:
+        w.load(str(ensure_model("tiny-qwen3-tools")), model_id="q")
+        base = {"model_id": "q", "messages": ASK, "max_tokens": 80, "tools": TOOLS, "temperature": 1.0}
+        ps = [
+            {**base, "tool_choice": "required", "seed": 1},
+            {**base, "tool_choice": "required", "seed": 2},
+            {**base, "tool_choice": {"name": "search"}, "seed": 3},
+            {"model_id": "q", "prompt": "json", "max_tokens": 48, "seed": 4, "temperature": 0.9,
+             "constraint": {"type": "json_schema", "schema": SCHEMA}},
+        ]
+        alone = [w.generate(**p).wait() for p in ps]
+        assert batched_lines(w) == []
+        batch = together(w, ps)
+        for i, (a, b) in enumerate(zip(alone, batch)):
+            assert isinstance(b, protocol.GenerateResult), (i, b)
+            assert b.tokens == a.tokens and b.stop_reason == a.stop_reason, i
+        for r in batch[:3]:
+            assert r.tool_calls, r.text
+            for c in r.tool_calls:
+                jsonschema.Draft202012Validator(SCHEMAS[c.name]).validate(c.arguments)
+        assert any(n >= 3 for n, _ in batched_lines(w)), batched_lines(w)
+    finally:
+        w.close()
+        log.close()

@@ -1,12 +1,11 @@
 """One decode step's llguidance masks for a whole batch, filled in one call.
 
-The rows whose constraint is an llguidance matcher take the token fed this
-step, then one ``LLExecutor`` call fills all their bitmasks in native threads
-(``fill_next_token_bitmask_par``), applied to the (B, vocab) logits in one
-``mx.where`` where the constraint is a row's first processor. Each row's
-processor then finds its step done: same masks, same errors as alone.
-Spec: protocol/README.md § Batching; bench: bench/constraints.py.
-"""
+Rows driven by an llguidance matcher (a constraint; a tool call being written)
+take the token fed this step, then one ``LLExecutor`` call fills all their
+bitmasks in native threads; where a constraint is a row's first processor its
+mask goes into one ``mx.where`` over the (B, vocab) logits. Each row's call
+then finds its step done: same masks, same errors as alone. Spec:
+protocol/README.md § Batching; bench/constraints.py."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import mlx.core as mx
 
 from . import mask
 from .common import is_engine_panic
-from .processor import APPLIED, WORDS, ConstraintProcessor
+from .processor import WORDS, ConstraintProcessor
 
 # Bench switch only (bench/constraints.py compares both): "0" keeps every row
 # on its own mask step. Read once, at import.
@@ -47,8 +46,7 @@ def prepare(rows: list, logits: mx.array, fed: mx.array) -> mx.array:
         # are kept consistently), none passes unmasked logits through
         log.warning("batched masks failed; row by row this step", exc_info=True)
         for _, p in found:
-            if p.ready in (WORDS, APPLIED):
-                p.ready = None
+            p.batch_undo()
         return logits
 
 
@@ -61,7 +59,8 @@ def _prepare(rows: list, found: list, logits: mx.array, fed: mx.array) -> mx.arr
     vocab = logits.shape[-1]
     masks: dict[int, mx.array] = {}
     for i, p in found:
-        if isinstance(p.ready, BaseException) or p.vocab != vocab or not _first(rows[i], p):
+        if (isinstance(p.ready, BaseException) or type(p) is not ConstraintProcessor or p.vocab != vocab
+                or not _first(rows[i], p)):
             continue  # the row's call applies its mask (WORDS) or raises its failure
         if p.ready is not WORDS and not p.finished:
             continue  # not filled here: its call fills it
@@ -82,7 +81,7 @@ def _all_allowed(vocab: int) -> mx.array:
     return _free
 
 
-def _fill(procs: list[ConstraintProcessor]) -> None:
+def _fill(procs: list) -> None:
     """Every processor's next-token bitmask, in one call."""
     procs = [p for p in procs if p.words.size == procs[0].words.size] if procs else []  # one tokenizer
     if not procs:
@@ -111,11 +110,14 @@ def _pool():
     return _executor
 
 
-def _processor(gen) -> Optional[ConstraintProcessor]:
-    """The row's llguidance constraint processor, or None."""
+def _processor(gen):
+    """The row's llguidance-driven processor (a constraint's, or the lazy
+    tool-call grammar's: both have ``batch_take``), or None."""
     plan = getattr(gen, "plan", None)
     for p in plan.processors if plan is not None else ():
-        if type(p) is ConstraintProcessor and type(p.m).__module__.endswith("llguidance_engine"):
+        if type(p) is ConstraintProcessor:
+            return p if type(p.m).__module__.endswith("llguidance_engine") else None
+        if hasattr(p, "batch_take"):
             return p
     return None
 

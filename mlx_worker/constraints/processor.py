@@ -19,6 +19,7 @@ from ..errors import WorkerError
 from . import mask
 from .common import is_engine_panic
 
+TAKEN = "taken"  # batch_masks took this step's token; the call fills the mask
 WORDS = "words"  # batch_masks filled this step's mask; the call applies it
 APPLIED = "applied"  # batch_masks applied this step's mask to the batch's logits
 
@@ -64,6 +65,10 @@ class MatcherProcessor:
         if not allowed.any():
             raise self._failure(why_empty)
         return allowed
+
+    def _kept(self, exc: BaseException) -> BaseException:
+        """A batched step's failure, for the call to raise (this row only)."""
+        return self._failure(f"the matcher failed: {exc}") if is_engine_panic(exc) else exc
 
     def _failure(self, why: str) -> WorkerError:
         return WorkerError(
@@ -167,14 +172,16 @@ class ConstraintProcessor(MatcherProcessor):
         self.ready = APPLIED
         return allowed
 
+    def batch_undo(self) -> None:
+        """The batch failed: the call redoes the step (the token taken is
+        kept consistently: it finds nothing new to consume)."""
+        if self.ready in (WORDS, APPLIED):
+            self.ready = None
+
     def _eos_only_array(self) -> mx.array:
         if self._eos_only_mx is None:
             self._eos_only_mx = mx.array(self._eos_only)
         return self._eos_only_mx
-
-    def _kept(self, exc: BaseException) -> BaseException:
-        """What the call raises: as a row's own step fails (this row only)."""
-        return self._failure(f"the matcher failed: {exc}") if is_engine_panic(exc) else exc
 
     def _advance(self, tokens: np.ndarray, n: int) -> None:
         """Bring the matcher to exactly ``tokens[prompt_len:n]``: roll back
