@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -27,14 +26,14 @@ ENABLED = os.environ.get("MLX_WORKER_BATCH_MASKS", "1") != "0"
 
 log = logging.getLogger("mlx_worker.constraints.batch_masks")
 _executor = None
-_free: Optional[mx.array] = None  # an unconstrained row's mask
+_free: dict[int, mx.array] = {}  # vocab -> an unconstrained row's mask
 
 
 def prepare(rows: list, logits: mx.array, fed: mx.array) -> mx.array:
     """Before the rows' samplers run on this step's ``logits`` (B, vocab)
     (``fed``: the (B,) tokens the step fed): do the mask step of every row
-    with an llguidance constraint, and return the logits with the masks of
-    those whose constraint comes first applied. Fewer than two such rows:
+    driven by llguidance, and return the logits with the masks of the rows
+    whose constraint comes first applied. Fewer than two such rows:
     nothing to batch, ``logits`` as given."""
     found = [(i, p) for i, gen in enumerate(rows) if (p := _processor(gen)) is not None]
     if not ENABLED or len(found) < 2:
@@ -75,10 +74,9 @@ def _prepare(rows: list, found: list, logits: mx.array, fed: mx.array) -> mx.arr
 
 
 def _all_allowed(vocab: int) -> mx.array:
-    global _free
-    if _free is None or _free.shape[0] != vocab:
-        _free = mx.ones((vocab,), dtype=mx.bool_)
-    return _free
+    if vocab not in _free:
+        _free[vocab] = mx.ones((vocab,), dtype=mx.bool_)
+    return _free[vocab]
 
 
 def _fill(procs: list) -> None:
