@@ -42,6 +42,9 @@ class Matcher:
         self.m.unsafe_compute_mask_ptr(ptr, nbytes)
         return not self.m.is_error()
 
+    def failed(self) -> bool:
+        return self.m.is_error()
+
     def error(self) -> str:
         return _one_line(self.m.get_error())
 

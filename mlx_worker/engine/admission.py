@@ -43,12 +43,13 @@ class Admission:
         lm = gen.lm
         own = [g for g in self.scheduler.running() if g is not gen]
         others = own + (self.beside.running() if self.beside else [])
-        model_out = sum(g.need for g in others if g.lm is lm)
+        # a batch of this model's rows holds rows x longest (left-padded), not their sum
+        model_out = sum(g.need for g in others if g.lm is lm) + self._padding(gen, others)[0]
         limit = memory.worker_limit()
         model_limit = getattr(lm, "memory_limit", None)
         for attempt in range(2):
             estimate = self.estimate(gen)
-            # the model's own limit holds its weights, its prompt-cache entries and its requests
+            # the model's own limit holds its weights, its prompt-cache entries, its requests and their batch's padding
             model_over = (lm.memory_bytes + _model_store_bytes(lm) + model_out + need - model_limit
                           if model_limit else 0)
             if estimate <= limit and model_over <= 0:

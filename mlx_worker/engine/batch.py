@@ -15,6 +15,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
+from ..constraints import batch_masks
 from . import layouts, runner
 from .request import Request
 
@@ -149,6 +150,7 @@ class DecodeGroup:
             except BaseException as exc:  # the whole batch fails: every row gets it
                 self.leave(list(range(len(rows))))
                 return [(gen, exc, None) for gen in rows + [r for r, _ in chunks or []]]
+            logits = batch_masks.prepare(rows, logits, self.y)  # constrained rows' masks in one call
             tokens, logprobs = [], []
             for i, gen in enumerate(rows):
                 try:

@@ -15,7 +15,7 @@ import numpy as np
 import mlx.core as mx
 
 from ..constraints import mask
-from ..constraints.processor import MatcherProcessor
+from ..constraints.processor import TAKEN, WORDS, MatcherProcessor
 from .device_mask import DeviceMask
 
 
@@ -46,6 +46,7 @@ class ToolCallProcessor(MatcherProcessor):
         self.known: list[int] = []  # generated tokens known on the CPU
         self.observed = 0
         self.steps = 0  # processor calls so far
+        self.ready = None  # batch_masks.py took this step's token (TAKEN) and filled its mask (WORDS), or its failure
         self._bases: dict = {}
         self._device_mask = DeviceMask(self.words, self.vocab)
         if trigger is not None:
@@ -66,6 +67,12 @@ class ToolCallProcessor(MatcherProcessor):
     # -------------------------------------------------------------- steps
 
     def _step(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        ready, self.ready = self.ready, None
+        if isinstance(ready, BaseException):
+            raise ready
+        if ready is not None:  # batch_masks took this step's token (TAKEN), and filled the mask (WORDS)
+            mx.async_eval(tokens)
+            return self._call_mask(logits, filled=ready is WORDS)
         step, self.steps = self.steps, self.steps + 1
         if step == 0:
             # Only the prompt: a prompt that ends with the start marker
@@ -108,6 +115,37 @@ class ToolCallProcessor(MatcherProcessor):
         self._consume(last)
         return self._call_mask(logits)
 
+    # ---------------------------------------------- batched (batch_masks.py)
+
+    def batch_take(self, token: int) -> bool:
+        """A batched step, before the call: inside a call, take ``token``
+        (the one this step feeds) as the call would, and want the call's
+        mask (True); anywhere else leave the step to the call (False). A
+        failure is kept for the call to raise."""
+        step = self.steps
+        if step == 0 or self.m is None or len(self.known) < step - 1:
+            return False
+        self.steps += 1
+        if len(self.known) < step:
+            self.known.append(token)
+        try:
+            self._consume(token)
+        except BaseException as exc:
+            self.ready = self._kept(exc)
+            return False
+        self.ready = TAKEN
+        return True
+
+    def batch_words(self, words: np.ndarray) -> None:
+        """The batch filled the call's mask into ``words``: the call applies it."""
+        self.words[:] = words
+        self.ready = WORDS
+
+    def batch_undo(self) -> None:
+        """The batch failed after this step's token was taken: the call fills the mask."""
+        if self.ready is WORDS:
+            self.ready = TAKEN
+
     def _read_last(self, tokens: mx.array, logits: mx.array, step: int) -> int:
         """The token sampled last, read on the CPU. Its read is queued right
         behind the step that samples it, then this step's forward pass, so
@@ -123,10 +161,10 @@ class ToolCallProcessor(MatcherProcessor):
             self.known.append(last)
         return last
 
-    def _call_mask(self, logits: mx.array) -> mx.array:
+    def _call_mask(self, logits: mx.array, filled: bool = False) -> mx.array:
         # EOS never ends a call; an EOS token the call's syntax itself needs
         # (harmony's <|call|>) is allowed while the call is not complete.
-        if not self.m.fill(self._ptr, self._nbytes):
+        if not (self.m.fill(self._ptr, self._nbytes) if not filled else not self.m.failed()):
             raise self._failure(self.m.error())
         if self.m.accepting():
             mask.set_bits(self.words, self.eos, False)
