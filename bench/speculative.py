@@ -4,6 +4,9 @@ num_draft_tokens (1…8) and vs acceptance rate (plot).
 
     python bench/speculative.py [--tokens 128] [--rounds 5] [--draft-tokens 4] [--sweep-rounds 3]
     python bench/speculative.py --by-acceptance [--rounds 3]   # plain vs fixed vs adaptive draft length
+    python bench/speculative.py --batched [--streams 4] [--tokens 64] [--rounds 3]
+        # N draft streams at once: one speculative batch vs a group each
+        # (the worker's bench switch MLX_WORKER_DRAFT_BATCH=0), aggregate tok/s
 
 The pair (fixtures/build.py): ``spec-target`` is ``spec-draft`` plus 14
 layers whose output projections are scaled by 1e-3 (high acceptance);
@@ -174,16 +177,69 @@ def by_acceptance(n: int, k: int, rounds: int) -> None:
          "cpu_fixed": r[6], "cpu_adaptive": r[7]} for r in rows]})
 
 
+def batched(n: int, k: int, streams: int, rounds: int) -> None:
+    """``streams`` speculative requests at once (different prompts), in one
+    batch vs each in a group of its own (a second worker with the bench
+    switch off), alternating; aggregate tok/s = tokens ÷ wall time from the
+    first send to the last result."""
+    import os
+
+    from common import ROOT, worker_env
+    from mlx_worker.client import WorkerClient
+
+    prompts = [f"{PROMPT} {' '.join(['again'] * (7 * i))}" for i in range(streams)]
+    sides = {}
+    for name, switch in (("batched", "1"), ("alone", "0")):
+        client = WorkerClient((), env={**worker_env(), "MLX_WORKER_DRAFT_BATCH": switch}, cwd=str(ROOT))
+        client.load(str(ensure_model("spec-draft")), model_id="draft")
+        client.load(str(ensure_model("spec-target")), model_id="target")
+        sides[name] = client
+    runs: dict = {name: [] for name in sides}
+    outputs: dict = {name: None for name in sides}
+    try:
+        for r in range(rounds + 1):  # the first round warms up
+            for name in (("batched", "alone") if r % 2 else ("alone", "batched")):
+                client = sides[name]
+                t0 = time.perf_counter()
+                sent = [client.generate(model_id="target", prompt=p, max_tokens=n, ignore_eos=True, temperature=0,
+                                        prompt_cache=False, draft_model_id="draft", num_draft_tokens=k)
+                        for p in prompts]
+                results = [s.wait() for s in sent]
+                if r:
+                    runs[name].append(sum(len(x.tokens) for x in results) / (time.perf_counter() - t0))
+                outputs[name] = [x.tokens for x in results]
+    finally:
+        for client in sides.values():
+            client.close()
+    b, a = median(runs["batched"]), median(runs["alone"])
+    ratio = median([x / y for x, y in zip(runs["batched"], runs["alone"])])
+    same = outputs["batched"] == outputs["alone"]
+    print(f"{streams} draft streams at once, spec-draft → spec-target, greedy, {n} tokens each, num_draft_tokens {k}, "
+          f"median of {rounds} alternating rounds (cpu count {os.cpu_count()}; a shared machine: compare within a run)\n")
+    print("| side | aggregate tok/s |\n|---|---:|")
+    print(f"| one speculative batch | {b:.1f} |\n| a group each (MLX_WORKER_DRAFT_BATCH=0) | {a:.1f} |")
+    print(f"\nbatched ÷ alone: {ratio:.2f} (median of the rounds' ratios); outputs identical: {same}")
+    report("speculative_batched", {"streams": streams, "tokens": n, "num_draft_tokens": k, "rounds": rounds,
+                                   "batched_tps": b, "alone_tps": a, "ratio": ratio, "identical": same})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--sweep-rounds", type=int, default=3)
+    p.add_argument("--batched", action="store_true",
+                   help="only N draft streams at once: one speculative batch vs a group each")
+    p.add_argument("--streams", type=int, default=4)
     p.add_argument("--by-acceptance", action="store_true",
                    help="only the per-pair table: plain vs fixed vs adaptive draft length")
     args = p.parse_args()
     n, k = args.tokens, args.draft_tokens
+    if args.batched:
+        bind_blas_like_the_worker()
+        batched(n, k, args.streams, args.rounds)
+        return
     if args.by_acceptance:
         bind_blas_like_the_worker()
         by_acceptance(n, k, args.rounds)

@@ -150,6 +150,11 @@ class SpeculativeGroup:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def cache(self) -> list:
+        """Its request's KV (admission counts what each decode group holds)."""
+        return self.gen.cache
+
     def _engine(self) -> draft_rounds.Rounds:
         gen, draft, plan = self.gen, self.draft, self.gen.plan
         processors = sampling.with_prefix(gen.sampler.processors, plan.prompt.tokens[gen.cached : -1])
