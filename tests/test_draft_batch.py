@@ -123,7 +123,7 @@ def test_a_draft_batch_beside_plain_requests_never_stops_them(w):
                  temperature=0)
     plain_solo = w.generate(**plain).wait()
     batches(w)
-    spec = [w.generate(**params(i, max_tokens=200)) for i in range(2)]
+    spec = [w.generate(**params(i, max_tokens=400)) for i in range(2)]
     for _ in zip(range(3), spec[0]):  # both speculative requests under way
         pass
     short = w.generate(**plain).wait()
@@ -131,6 +131,48 @@ def test_a_draft_batch_beside_plain_requests_never_stops_them(w):
     for s in spec:
         s.cancel()
         assert s.wait().stop_reason == "cancelled"
-        assert len(s.result.tokens) < 200
+        assert len(s.result.tokens) < 400
     seen = batches(w)
     assert ids(spec) in seen, seen
+
+
+def test_rows_with_their_own_processors_and_the_prompt_cache(w):
+    """Penalties and logit_bias are each row's own; rows that end in a batch
+    leave both models' caches cut to what they emitted, so the next turn
+    continues them (cached_tokens) and equals a cold run."""
+    extra = [{"repetition_penalty": 1.3}, {"logit_bias": {"5": 4.0, "9": -50.0}}, {"presence_penalty": 0.8}, {}]
+    requests = [params(i, prompt_cache=True, **extra[i]) for i in range(4)]
+    solo = alone(w, [dict(r, prompt_cache=False) for r in requests])
+    batches(w)
+    batched, sent = together(w, requests)
+    assert_equal_runs(solo, batched)
+    assert sent in batches(w)
+    for i, (first, _) in enumerate(batched[:2]):
+        follow = dict(requests[i], prompt=requests[i]["prompt"] + first.text + " more", max_tokens=12)
+        warm, cold = w.generate(**follow).wait(), w.generate(**dict(follow, prompt_cache=False)).wait()
+        assert warm.usage.cached_tokens > 0
+        assert warm.tokens == cold.tokens
+
+
+@pytest.mark.heavy
+def test_a_lone_request_that_paused_its_draft_joins_a_batch(w):
+    """On a pair that rarely agrees the lone request soon decodes without
+    its draft (plain steps, the draft lagging); a second request of the pair
+    then makes a batch of both: the lagging draft catches up and both equal
+    their solo runs, greedy and seeded."""
+    w.load(str(ensure_model("spec-target-far")), model_id="far")
+    try:
+        for sampling in ({}, {"temperature": 1.0, "seed": 5}):
+            first = params(0, model_id="far", max_tokens=120, num_draft_tokens=4, **sampling)
+            second = params(1, model_id="far", max_tokens=30, num_draft_tokens=4, **sampling)
+            solo = alone(w, [first, second])
+            assert solo[0][0].usage.draft_rounds[0] > 0  # it did pause its draft
+            batches(w)
+            a = w.generate(**first)
+            for _ in zip(range(40), (e for e in a if isinstance(e, protocol.TokenEvent))):
+                pass  # well past its first pause
+            b = w.generate(**second)
+            assert_equal_runs(solo, [(a.wait(), a.events), (b.wait(), b.events)])
+            assert ids([a, b]) in batches(w)
+    finally:
+        w.unload("far")

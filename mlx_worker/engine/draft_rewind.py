@@ -47,18 +47,22 @@ def rewind(layers: list, back: list[int]) -> None:
             trim_prompt_cache(layers, back[0])
         return
     low = min(back)
-    extra = [b - low for b in back]
-    shift = mx.array(extra)[:, None] if any(extra) else None
+    moved = [i for i, b in enumerate(back) if b > low]  # only these rows' content moves
+    if moved:
+        rows = mx.array(moved)
+        shift = mx.array([back[i] - low for i in moved])
+        grow = mx.zeros((len(back),), mx.int32).at[rows].add(shift.astype(mx.int32))
     for c in layers:
         if low:
             c.trim(low)
-        if shift is None or c.keys is None:
+        if not moved or c.keys is None:
             continue
         end = c._idx
-        c.keys[..., :end, :] = dynamic_roll(c.keys[..., :end, :], shift, axis=2)
-        c.values[..., :end, :] = dynamic_roll(c.values[..., :end, :], shift, axis=2)
-        c.left_padding = c.left_padding + shift[:, 0]
-        c.offset = c.offset - shift[:, 0]
+        for name in ("keys", "values"):
+            buf = getattr(c, name)
+            buf[rows, :, :end] = dynamic_roll(buf[rows, :, :end], shift[:, None], axis=2)
+        c.left_padding = c.left_padding + grow
+        c.offset = c.offset - grow
 
 
 def own_end(gen, draft, cache: list) -> list:
