@@ -4,7 +4,7 @@ num_draft_tokens (1…8) and vs acceptance rate (plot).
 
     python bench/speculative.py [--tokens 128] [--rounds 5] [--draft-tokens 4] [--sweep-rounds 3]
     python bench/speculative.py --by-acceptance [--rounds 3]   # plain vs fixed vs adaptive draft length
-    python bench/speculative.py --batched [--streams 4] [--tokens 64] [--rounds 3]
+    python bench/speculative.py --batched [--streams 4] [--tokens 64] [--rounds 3] [--target spec-target-mid]
         # N draft streams at once: one speculative batch vs a group each
         # (the worker's bench switch MLX_WORKER_DRAFT_BATCH=0), aggregate tok/s
 
@@ -177,7 +177,7 @@ def by_acceptance(n: int, k: int, rounds: int) -> None:
          "cpu_fixed": r[6], "cpu_adaptive": r[7]} for r in rows]})
 
 
-def batched(n: int, k: int, streams: int, rounds: int) -> None:
+def batched(n: int, k: int, streams: int, rounds: int, target: str) -> None:
     """``streams`` speculative requests at once (different prompts), in one
     batch vs each in a group of its own (a second worker with the bench
     switch off), alternating; aggregate tok/s = tokens ÷ wall time from the
@@ -192,7 +192,7 @@ def batched(n: int, k: int, streams: int, rounds: int) -> None:
     for name, switch in (("batched", "1"), ("alone", "0")):
         client = WorkerClient((), env={**worker_env(), "MLX_WORKER_DRAFT_BATCH": switch}, cwd=str(ROOT))
         client.load(str(ensure_model("spec-draft")), model_id="draft")
-        client.load(str(ensure_model("spec-target")), model_id="target")
+        client.load(str(ensure_model(target)), model_id="target")
         sides[name] = client
     runs: dict = {name: [] for name in sides}
     outputs: dict = {name: None for name in sides}
@@ -214,13 +214,14 @@ def batched(n: int, k: int, streams: int, rounds: int) -> None:
     b, a = median(runs["batched"]), median(runs["alone"])
     ratio = median([x / y for x, y in zip(runs["batched"], runs["alone"])])
     same = outputs["batched"] == outputs["alone"]
-    print(f"{streams} draft streams at once, spec-draft → spec-target, greedy, {n} tokens each, num_draft_tokens {k}, "
+    print(f"{streams} draft streams at once, spec-draft → {target}, greedy, {n} tokens each, num_draft_tokens {k}, "
           f"median of {rounds} alternating rounds (cpu count {os.cpu_count()}; a shared machine: compare within a run)\n")
     print("| side | aggregate tok/s |\n|---|---:|")
     print(f"| one speculative batch | {b:.1f} |\n| a group each (MLX_WORKER_DRAFT_BATCH=0) | {a:.1f} |")
     print(f"\nbatched ÷ alone: {ratio:.2f} (median of the rounds' ratios); outputs identical: {same}")
-    report("speculative_batched", {"streams": streams, "tokens": n, "num_draft_tokens": k, "rounds": rounds,
-                                   "batched_tps": b, "alone_tps": a, "ratio": ratio, "identical": same})
+    report("speculative_batched" + ("" if target == "spec-target" else "_" + TARGETS[target]), {
+        "target": target, "streams": streams, "tokens": n, "num_draft_tokens": k, "rounds": rounds,
+        "batched_tps": b, "alone_tps": a, "ratio": ratio, "identical": same})
 
 
 def main() -> None:
@@ -232,13 +233,14 @@ def main() -> None:
     p.add_argument("--batched", action="store_true",
                    help="only N draft streams at once: one speculative batch vs a group each")
     p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--target", default="spec-target", choices=sorted(TARGETS), help="--batched: the target model")
     p.add_argument("--by-acceptance", action="store_true",
                    help="only the per-pair table: plain vs fixed vs adaptive draft length")
     args = p.parse_args()
     n, k = args.tokens, args.draft_tokens
     if args.batched:
         bind_blas_like_the_worker()
-        batched(n, k, args.streams, args.rounds)
+        batched(n, k, args.streams, args.rounds, args.target)
         return
     if args.by_acceptance:
         bind_blas_like_the_worker()

@@ -137,10 +137,11 @@ def test_a_draft_batch_beside_plain_requests_never_stops_them(w):
 
 
 def test_rows_with_their_own_processors_and_the_prompt_cache(w):
-    """Penalties and logit_bias are each row's own; rows that end in a batch
+    """Penalties, logit_bias and a constraint are each row's own; rows that end in a batch
     leave both models' caches cut to what they emitted, so the next turn
     continues them (cached_tokens) and equals a cold run."""
-    extra = [{"repetition_penalty": 1.3}, {"logit_bias": {"5": 4.0, "9": -50.0}}, {"presence_penalty": 0.8}, {}]
+    extra = [{"repetition_penalty": 1.3}, {"logit_bias": {"5": 4.0, "9": -50.0}}, {"presence_penalty": 0.8},
+             {"constraint": {"type": "regex", "pattern": "[a-z ]{5,40}"}, "ignore_eos": False}]
     requests = [params(i, prompt_cache=True, **extra[i]) for i in range(4)]
     solo = alone(w, [dict(r, prompt_cache=False) for r in requests])
     batches(w)
