@@ -6,7 +6,8 @@ num_draft_tokens (1…8) and vs acceptance rate (plot).
     python bench/speculative.py --by-acceptance [--rounds 3]   # plain vs fixed vs adaptive draft length
     python bench/speculative.py --batched [--streams 4] [--tokens 64] [--rounds 3] [--target spec-target-mid]
         # N draft streams at once: one speculative batch vs a group each
-        # (the worker's bench switch MLX_WORKER_DRAFT_BATCH=0), aggregate tok/s
+        # (the worker's bench switch MLX_WORKER_DRAFT_BATCH=0) vs no draft
+        # (one plain batch), aggregate tok/s
 
 The pair (fixtures/build.py): ``spec-target`` is ``spec-draft`` plus 14
 layers whose output projections are scaled by 1e-3 (high acceptance);
@@ -194,16 +195,16 @@ def batched(n: int, k: int, streams: int, rounds: int, target: str) -> None:
         client.load(str(ensure_model("spec-draft")), model_id="draft")
         client.load(str(ensure_model(target)), model_id="target")
         sides[name] = client
-    runs: dict = {name: [] for name in sides}
-    outputs: dict = {name: None for name in sides}
+    runs: dict = {name: [] for name in ("batched", "alone", "plain")}
+    outputs: dict = {}
     try:
         for r in range(rounds + 1):  # the first round warms up
-            for name in (("batched", "alone") if r % 2 else ("alone", "batched")):
-                client = sides[name]
+            for name in (("batched", "alone", "plain") if r % 2 else ("plain", "alone", "batched")):
+                client = sides["alone" if name == "alone" else "batched"]
+                draft = {} if name == "plain" else {"draft_model_id": "draft", "num_draft_tokens": k}
                 t0 = time.perf_counter()
                 sent = [client.generate(model_id="target", prompt=p, max_tokens=n, ignore_eos=True, temperature=0,
-                                        prompt_cache=False, draft_model_id="draft", num_draft_tokens=k)
-                        for p in prompts]
+                                        prompt_cache=False, **draft) for p in prompts]
                 results = [s.wait() for s in sent]
                 if r:
                     runs[name].append(sum(len(x.tokens) for x in results) / (time.perf_counter() - t0))
@@ -211,17 +212,21 @@ def batched(n: int, k: int, streams: int, rounds: int, target: str) -> None:
     finally:
         for client in sides.values():
             client.close()
-    b, a = median(runs["batched"]), median(runs["alone"])
+    b, a, pl = (median(runs[m]) for m in ("batched", "alone", "plain"))
     ratio = median([x / y for x, y in zip(runs["batched"], runs["alone"])])
-    same = outputs["batched"] == outputs["alone"]
+    over_plain = median([x / y for x, y in zip(runs["batched"], runs["plain"])])
+    same = outputs["batched"] == outputs["alone"] == outputs["plain"]
     print(f"{streams} draft streams at once, spec-draft → {target}, greedy, {n} tokens each, num_draft_tokens {k}, "
           f"median of {rounds} alternating rounds (cpu count {os.cpu_count()}; a shared machine: compare within a run)\n")
     print("| side | aggregate tok/s |\n|---|---:|")
-    print(f"| one speculative batch | {b:.1f} |\n| a group each (MLX_WORKER_DRAFT_BATCH=0) | {a:.1f} |")
-    print(f"\nbatched ÷ alone: {ratio:.2f} (median of the rounds' ratios); outputs identical: {same}")
+    print(f"| one speculative batch | {b:.1f} |\n| a group each (MLX_WORKER_DRAFT_BATCH=0) | {a:.1f} |\n"
+          f"| no draft (one plain batch) | {pl:.1f} |")
+    print(f"\nbatched ÷ a group each: {ratio:.2f}; batched ÷ no draft: {over_plain:.2f} (medians of the rounds' "
+          f"ratios); outputs identical on all three sides: {same}")
     report("speculative_batched" + ("" if target == "spec-target" else "_" + TARGETS[target]), {
         "target": target, "streams": streams, "tokens": n, "num_draft_tokens": k, "rounds": rounds,
-        "batched_tps": b, "alone_tps": a, "ratio": ratio, "identical": same})
+        "batched_tps": b, "alone_tps": a, "plain_tps": pl, "ratio": ratio, "over_plain": over_plain,
+        "identical": same})
 
 
 def main() -> None:
