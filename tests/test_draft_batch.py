@@ -160,7 +160,8 @@ def test_a_lone_request_that_paused_its_draft_joins_a_batch(w):
     """On a pair that rarely agrees the lone request soon decodes without
     its draft (plain steps, the draft lagging); a second request of the pair
     then makes a batch of both: the lagging draft catches up and both equal
-    their solo runs, greedy and seeded."""
+    their solo runs, greedy and seeded. Two sent together pause their
+    drafts in the batch too (plain rounds), and a third joining them drafts."""
     w.load(str(ensure_model("spec-target-far")), model_id="far")
     try:
         for sampling in ({}, {"temperature": 1.0, "seed": 5}):
@@ -175,5 +176,20 @@ def test_a_lone_request_that_paused_its_draft_joins_a_batch(w):
             b = w.generate(**second)
             assert_equal_runs(solo, [(a.wait(), a.events), (b.wait(), b.events)])
             assert ids([a, b]) in batches(w)
+        # Two sent together pause their drafts in the batch (plain rounds);
+        # a third that joins drafts at once: the draft first reads what the
+        # two skipped (rows of different lengths in one pass).
+        requests = [params(i, model_id="far", max_tokens=[120, 100, 40][i], num_draft_tokens=4) for i in range(3)]
+        solo = alone(w, requests)
+        batches(w)
+        a, b = w.generate(**requests[0]), w.generate(**requests[1])
+        for _ in zip(range(40), (e for e in a if isinstance(e, protocol.TokenEvent))):
+            pass
+        c = w.generate(**requests[2])
+        batched = [(s.wait(), s.events) for s in (a, b, c)]
+        assert_equal_runs(solo, batched)
+        assert ids([a, b, c]) in batches(w)
+        for result, _ in batched[:2]:
+            assert result.usage.draft_rounds[0] >= 30, result.usage
     finally:
         w.unload("far")

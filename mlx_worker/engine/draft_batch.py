@@ -67,15 +67,26 @@ def _key(req) -> Optional[tuple]:
 
 class _Row:
     """A request in the batch: its rounds' state (draft_rounds.Rounds, for its
-    draft length, processors, keyed sampler and counts) and the two tokens
-    the next round feeds the draft (``p``, ``y``; the target reads ``y``)."""
+    draft length, processors, keyed sampler and counts) and the tokens the
+    draft has not read (``lag``: at least two; the last, ``y``, is the one
+    the target reads next)."""
 
     def __init__(self, gen, draft, rounds, primed: bool):
         self.gen, self.draft, self.rounds = gen, draft, rounds
         self.primed = primed  # its prompt's last token accepted (no output: it is fed by a round)
         seq = sequence(gen)
-        self.p, self.y = seq[-2], seq[-1]
+        self.lag = seq[-2:]
         rounds.context = mx.array(seq[gen.plan.n_prompt - 1 :], mx.uint32)  # its processors' view
+        self.pause = rounds.length.plain() if rounds.length.paused else 0  # tokens to decode before a probe
+
+    @property
+    def y(self) -> int:
+        return self.lag[-1]
+
+    @property
+    def wants(self) -> int:
+        """Tokens it would draft this round (0 while its draft is paused)."""
+        return 0 if self.pause > 0 else self.rounds.length.next()
 
     @property
     def position(self) -> int:
@@ -91,8 +102,10 @@ class SpeculativeBatch:
     per step for all of them. The cache is one list, target layers then
     draft layers, each a ``BatchKVCache`` (plain caches while one row is
     left). A round drafts the longest draft length any row's acceptance
-    asks for (at least one; the lone group's plain-step pauses don't
-    apply), capped by what the rows may still emit."""
+    asks for, capped by what the rows may still emit; a row whose draft is
+    paused is drafted for only when another drafts, and when all are
+    paused the round is a plain step (the draft reads the skipped tokens
+    when drafting resumes)."""
 
     batchable = False
 
@@ -183,7 +196,7 @@ class SpeculativeBatch:
 
     def _length(self) -> int:
         most = max(r.left for r in self._rows) - 1
-        return max(0, min(most, max(r.rounds.length.n for r in self._rows)))
+        return max(0, min(most, max(r.wants for r in self._rows)))
 
     def _round(self) -> list[tuple[int, object]]:
         """One round for every row; returns (row index, stop reason or
@@ -207,15 +220,36 @@ class SpeculativeBatch:
             if outcome is not None:
                 ended.append((i, outcome))
         rewind(self.cache[: self.n], back)
-        rewind(self.cache[self.n :], back)
+        if k:
+            rewind(self.cache[self.n :], back)
         return ended
 
+    def _lag_logits(self) -> mx.array:
+        """The draft reads every row's lag (right-padded when they differ,
+        the padding then rolled to the left as a batched prefill does);
+        logits (B, vocab) at each row's last token."""
+        lengths = [len(r.lag) for r in self._rows]
+        width = max(lengths)
+        fed = mx.array([r.lag + [0] * (width - len(r.lag)) for r in self._rows], mx.uint32)
+        cache = self.cache[self.n :]
+        ragged = width > min(lengths)
+        if ragged:
+            for c in cache:
+                c.prepare(right_padding=[width - m for m in lengths])
+        logits = runner.forward_rows(self.draft_model, fed, cache)
+        if ragged:
+            for c in cache:
+                c.finalize()
+        for r in self._rows:
+            r.lag = r.lag[-1:]
+        return logits[mx.arange(len(lengths)), mx.array(lengths) - 1]
+
     def _draft(self, k: int, failed: dict) -> list[list]:
-        """k draft steps for every row (the first reads each row's p and y)."""
+        """k draft steps for every row (the first reads each row's lag)."""
         drafted: list[list] = [[] for _ in self._rows]
-        fed = mx.array([[r.p, r.y] for r in self._rows], mx.uint32)
         for j in range(k):
-            logits = runner.forward_rows(self.draft_model, fed, self.cache[self.n :])[:, -1, :]
+            logits = self._lag_logits() if j == 0 else \
+                runner.forward_rows(self.draft_model, fed, self.cache[self.n :])[:, -1, :]
             tokens = []
             for i, r in enumerate(self._rows):
                 token = mx.zeros((1,), mx.uint32)
@@ -254,9 +288,13 @@ def _settle(row: _Row, picked: list, drafted: list, k: int) -> tuple[int, object
         n += 1
     rounds.rounds[min(k, len(rounds.rounds) - 1)] += 1
     rounds.proposed += k
-    rounds.length.update(k, n)
     kept = proposals[:n] + [targets[n]]
-    row.p, row.y = ([row.y] + kept)[-2], kept[-1]
+    if row.pause > 0:  # drafted for only because others did: the pause goes on
+        row.pause = max(0, row.pause - len(kept))
+    elif k:
+        rounds.length.update(k, n)
+        row.pause = rounds.length.plain()  # > 0: drafting does not pay now
+    row.lag = ([row.y] + kept)[-2:] if k else row.lag + kept
     rounds.context = mx.concatenate([rounds.context, mx.array(kept, mx.uint32)])
     for j, token in enumerate(kept):
         rounds.accepted += j < n
