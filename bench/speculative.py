@@ -4,6 +4,10 @@ num_draft_tokens (1…8) and vs acceptance rate (plot).
 
     python bench/speculative.py [--tokens 128] [--rounds 5] [--draft-tokens 4] [--sweep-rounds 3]
     python bench/speculative.py --by-acceptance [--rounds 3]   # plain vs fixed vs adaptive draft length
+    python bench/speculative.py --batched [--streams 4] [--tokens 64] [--rounds 3] [--target spec-target-mid]
+        # N draft streams at once: one speculative batch vs a group each
+        # (the worker's bench switch MLX_WORKER_DRAFT_BATCH=0) vs no draft
+        # (one plain batch), aggregate tok/s
 
 The pair (fixtures/build.py): ``spec-target`` is ``spec-draft`` plus 14
 layers whose output projections are scaled by 1e-3 (high acceptance);
@@ -174,16 +178,75 @@ def by_acceptance(n: int, k: int, rounds: int) -> None:
          "cpu_fixed": r[6], "cpu_adaptive": r[7]} for r in rows]})
 
 
+def batched(n: int, k: int, streams: int, rounds: int, target: str) -> None:
+    """``streams`` speculative requests at once (different prompts), in one
+    batch vs each in a group of its own (a second worker with the bench
+    switch off), alternating; aggregate tok/s = tokens ÷ wall time from the
+    first send to the last result."""
+    import os
+
+    from common import ROOT, worker_env
+    from mlx_worker.client import WorkerClient
+
+    prompts = [f"{PROMPT} {' '.join(['again'] * (7 * i))}" for i in range(streams)]
+    sides = {}
+    for name, switch in (("batched", "1"), ("alone", "0")):
+        client = WorkerClient((), env={**worker_env(), "MLX_WORKER_DRAFT_BATCH": switch}, cwd=str(ROOT))
+        client.load(str(ensure_model("spec-draft")), model_id="draft")
+        client.load(str(ensure_model(target)), model_id="target")
+        sides[name] = client
+    runs: dict = {name: [] for name in ("batched", "alone", "plain")}
+    outputs: dict = {}
+    try:
+        for r in range(rounds + 1):  # the first round warms up
+            for name in (("batched", "alone", "plain") if r % 2 else ("plain", "alone", "batched")):
+                client = sides["alone" if name == "alone" else "batched"]
+                draft = {} if name == "plain" else {"draft_model_id": "draft", "num_draft_tokens": k}
+                t0 = time.perf_counter()
+                sent = [client.generate(model_id="target", prompt=p, max_tokens=n, ignore_eos=True, temperature=0,
+                                        prompt_cache=False, **draft) for p in prompts]
+                results = [s.wait() for s in sent]
+                if r:
+                    runs[name].append(sum(len(x.tokens) for x in results) / (time.perf_counter() - t0))
+                outputs[name] = [x.tokens for x in results]
+    finally:
+        for client in sides.values():
+            client.close()
+    b, a, pl = (median(runs[m]) for m in ("batched", "alone", "plain"))
+    ratio = median([x / y for x, y in zip(runs["batched"], runs["alone"])])
+    over_plain = median([x / y for x, y in zip(runs["batched"], runs["plain"])])
+    same = outputs["batched"] == outputs["alone"] == outputs["plain"]
+    print(f"{streams} draft streams at once, spec-draft → {target}, greedy, {n} tokens each, num_draft_tokens {k}, "
+          f"median of {rounds} alternating rounds (cpu count {os.cpu_count()}; a shared machine: compare within a run)\n")
+    print("| side | aggregate tok/s |\n|---|---:|")
+    print(f"| one speculative batch | {b:.1f} |\n| a group each (MLX_WORKER_DRAFT_BATCH=0) | {a:.1f} |\n"
+          f"| no draft (one plain batch) | {pl:.1f} |")
+    print(f"\nbatched ÷ a group each: {ratio:.2f}; batched ÷ no draft: {over_plain:.2f} (medians of the rounds' "
+          f"ratios); outputs identical on all three sides: {same}")
+    report("speculative_batched" + ("" if target == "spec-target" else "_" + TARGETS[target]), {
+        "target": target, "streams": streams, "tokens": n, "num_draft_tokens": k, "rounds": rounds,
+        "batched_tps": b, "alone_tps": a, "plain_tps": pl, "ratio": ratio, "over_plain": over_plain,
+        "identical": same})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--draft-tokens", type=int, default=4)
     p.add_argument("--sweep-rounds", type=int, default=3)
+    p.add_argument("--batched", action="store_true",
+                   help="only N draft streams at once: one speculative batch vs a group each")
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--target", default="spec-target", choices=sorted(TARGETS), help="--batched: the target model")
     p.add_argument("--by-acceptance", action="store_true",
                    help="only the per-pair table: plain vs fixed vs adaptive draft length")
     args = p.parse_args()
     n, k = args.tokens, args.draft_tokens
+    if args.batched:
+        bind_blas_like_the_worker()
+        batched(n, k, args.streams, args.rounds, args.target)
+        return
     if args.by_acceptance:
         bind_blas_like_the_worker()
         by_acceptance(n, k, args.rounds)

@@ -199,7 +199,7 @@ class DecodeGroups:
 
     def __len__(self) -> int:
         """Requests decoding."""
-        return sum(len(g) for g in self.batches.values()) + len(self.alone)
+        return sum(len(g) for g in self.batches.values()) + sum(len(g) for g in self.alone)
 
     def all(self) -> list:
         return list(self.batches.values()) + self.alone

@@ -122,6 +122,12 @@ def forward(model, tokens: mx.array, cache: list) -> mx.array:
     return model(tokens[None], cache=cache)
 
 
+def forward_rows(model, tokens: mx.array, cache: list) -> mx.array:
+    """Several rows' pass over ``tokens`` (B, len): logits (B, len, vocab);
+    batched speculative rounds' draft steps and verify (draft_batch.py)."""
+    return model(tokens, cache=cache)
+
+
 def decode(model, y: mx.array, cache: list, lone: Optional[Request], embedding: Optional[mx.array]) -> mx.array:
     """One decode step of a batch's rows: logits (B, vocab) for the tokens
     ``y`` (B,), queued on the generation stream (the caller samples, then

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .. import errors, memory
 from ..errors import WorkerError
-from . import priority, runner
+from . import draft_batch, priority, runner
 from .admission import Admission
 from .batch import DecodeGroups
 from .preemption import Preemption
@@ -131,8 +131,8 @@ class Scheduler:
             self.finish(req, "cancelled" if req.should_stop() else "max_tokens")
             return
         draft = req.plan.draft
-        if draft is not None:  # speculative: its own sequential group
-            self.decode.add_alone(draft.group(req))
+        if draft is not None:  # speculative: with its pair's others, else a group of its own
+            draft_batch.place(self.decode, req)
             return
         _join(self, req)
 
