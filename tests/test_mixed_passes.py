@@ -141,3 +141,26 @@ def test_packed_batches_equal_mlx_lm_batches(name):
     tol = 2e-2 if "bf16" in name else 1e-4
     for i, (a, b) in enumerate(zip(out["0"], out["1"])):
         same(a, b, (name, i), tol)
+
+
+def test_several_prompts_ride_along_together_with_uneven_chunks(logged):
+    """Five prompts sent together while rows decode, in chunks of 4 tokens
+    (prefill_step_size), so that some have 1 token left while others have
+    4: they ride along in the same passes (a one-token chunk ahead of a
+    longer one) and each equals its solo run."""
+    w, log = logged
+    prompts = [{"model_id": "tiny", "tokens": [(11 * k + 3 * i) % 300 + 20 for k in range(n)], "max_tokens": 6,
+                "temperature": 0, "logprobs": True, "prompt_cache": False, "prefill_step_size": 4}
+               for i, n in enumerate([6, 14, 9, 22, 30])]
+    alone = [run(w, p) for p in rows("tiny") + prompts]
+    before = log_text(log)
+    streams = [w.generate(**p) for p in rows("tiny")]
+    for s in streams:
+        until_token(s)
+    streams += [w.generate(**p) for p in prompts]
+    for s in streams:
+        s.wait()
+    rides = [line for line in log_text(log)[len(before):].splitlines() if "mixed pass:" in line]
+    assert any("(1 prompts)" not in line for line in rides), "the prompts never rode along together"
+    for i, (a, b) in enumerate(zip(alone, streams)):
+        same(a, b, i)

@@ -2,10 +2,10 @@
 
 ``Merged``: mlx-lm's ``BatchKVCache`` (rows left-padded to the longest; a
 joining row is merged in, a leaving one extracted), or one row's plain cache.
-``Ragged``: every row keeps its own plain cache and each step is one packed
-pass (packed.py) that a prompt chunk can ride along in: nothing is padded or
-copied when rows of very different lengths join. Ragged is used where
-``packed.mixable`` says the model allows it. Spec: "Batching".
+``Ragged``: rows in segments, each with its own cache (rows that join
+together share one), and each step one packed pass (packed.py) that prompt
+chunks can ride along in: a row of a very different length pads and copies
+nothing. Ragged where ``packed.mixable`` allows it. Spec: "Batching".
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ class Pass:
     """One packed pass: its segments' spans of the row, in order. A segment
     is a prompt chunk (one sequence, ``n`` tokens) or decoding rows (``b``
     sequences, one token each, sharing one cache: a plain one when b is 1,
-    mlx-lm's BatchKVCache otherwise); chunks come first."""
+    mlx-lm's BatchKVCache otherwise); chunks come first (a one-token chunk
+    is handled as a row)."""
 
     def __init__(self, spans: list[tuple[int, int]]):
         self.bounds, self.rows = [], []
@@ -37,7 +38,10 @@ class Pass:
             self.bounds.append((start, start + n * b))
             self.rows.append(n == 1)
             start += n * b
-        self.first_row = next((i for i, r in enumerate(self.rows) if r), len(spans))
+        # the trailing run of one-token segments: one RoPE call at their positions
+        self.first_row = len(spans)
+        while self.first_row > 0 and self.rows[self.first_row - 1]:
+            self.first_row -= 1
         self.masks: list = []  # per segment, set before the first layer runs (Layer.make_mask)
 
 
@@ -126,8 +130,9 @@ def forward(model, tokens: mx.array, spans: list[tuple[int, int]], caches: list[
 
 
 def mixable(model) -> bool:
-    """Whether packed passes drive this model exactly (checked once: wraps,
-    then compares a packed pass of two sequences with separate passes)."""
+    """Whether packed passes drive this model exactly, checked once: wraps
+    its RoPE and attention (both pass through anything but a packed pass),
+    then compares a packed pass with separate passes (``_agrees``)."""
     key = id(model)
     if key not in _mixable:
         try:
@@ -158,12 +163,12 @@ def _enable(model) -> bool:
 
 
 def _agrees(model, tolerance: float = 1e-3) -> bool:
-    """A prompt chunk, a row with its own cache and two rows sharing a
-    BatchKVCache, at different depths, through one packed pass, give the
-    logits separate passes give."""
+    """Prompt chunks (one of a single token, ahead of a longer one), a row
+    with its own cache and two rows sharing a BatchKVCache, at different
+    depths, through one packed pass, give the logits separate passes give."""
     ids = lambda xs: mx.array([xs], dtype=mx.uint32)  # noqa: E731
-    chunk, rows = [37, 41, 43], [([3, 5, 7], 11), ([17, 19, 23, 29], 31), ([2, 4], 33)]
-    want = [model(ids(chunk), cache=make_prompt_cache(model))[0]]
+    chunks, rows = [[47], [37, 41, 43]], [([3, 5, 7], 11), ([17, 19, 23, 29], 31), ([2, 4], 33)]
+    want = [model(ids(c), cache=make_prompt_cache(model))[0] for c in chunks]
     caches = []
     for prefix, token in rows:
         alone, packed = make_prompt_cache(model), make_prompt_cache(model)
@@ -172,8 +177,9 @@ def _agrees(model, tolerance: float = 1e-3) -> bool:
         want.append(model(ids([token]), cache=alone)[0])
         caches.append(packed)
     shared = [BatchKVCache.merge([a, b]) for a, b in zip(caches[1], caches[2])]
-    tokens = mx.array(chunk + [t for _, t in rows], dtype=mx.uint32)
-    got = forward(model, tokens, [(3, 1), (1, 1), (1, 2)], [make_prompt_cache(model), caches[0], shared])
+    tokens = mx.array([t for c in chunks for t in c] + [t for _, t in rows], dtype=mx.uint32)
+    spans = [(1, 1), (3, 1), (1, 1), (1, 2)]
+    got = forward(model, tokens, spans, [make_prompt_cache(model), make_prompt_cache(model), caches[0], shared])
     expected = mx.concatenate(want).astype(mx.float32)
     scale = mx.abs(expected).max().item() or 1.0
     return bool(mx.abs(got[0].astype(mx.float32) - expected).max().item() <= tolerance * scale)
