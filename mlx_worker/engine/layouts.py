@@ -21,6 +21,9 @@ from .request import Request
 
 # Bench switch (read once): MLX_WORKER_PACKED=0 keeps every batch Merged.
 PACKED = os.environ.get("MLX_WORKER_PACKED", "1") != "0"
+# A joining row may be merged into an older segment this small (rows x depth):
+# the copy is cheap, and one segment steps as mlx-lm's own batch.
+SMALL_SEGMENT_TOKENS = 4096
 
 
 def ragged(model) -> bool:
@@ -76,9 +79,9 @@ class Merged:
 
 class Ragged:
     """Rows in segments, each with its own cache layers: one row's plain
-    ones, or a BatchKVCache that rows joining in the same step at about the
-    same depth share (so a batch that starts together steps as one, and a
-    row that comes later, however long, pads and copies nothing)."""
+    ones, or a BatchKVCache shared by rows at about the same depth that
+    joined together or while it was small (so a batch that starts together
+    steps as one, and a row of a different depth pads and copies nothing)."""
 
     packs = True
 
@@ -88,7 +91,7 @@ class Ragged:
         self.fresh = False  # the last segment was made since the last step
 
     def add(self, cache: list, rows: int) -> None:
-        if self.fresh and _close(_depth(self.segments[-1]), _depth(cache)):
+        if self.segments and self._joins_last(cache):
             last = self.segments[-1]
             if self.sizes[-1] == 1:
                 last = self.segments[-1] = [BatchKVCache.merge([c]) for c in last]
@@ -99,6 +102,13 @@ class Ragged:
         self.segments.append(cache)
         self.sizes.append(1)
         self.fresh = True
+
+    def _joins_last(self, cache: list) -> bool:
+        """A row shares the last segment when their depths are close and
+        merging copies little: that segment was made this step, or is small."""
+        last = self.segments[-1]
+        small = self.sizes[-1] * _depth(last) <= SMALL_SEGMENT_TOKENS
+        return (self.fresh or small) and _close(_depth(last), _depth(cache))
 
     def _where(self, i: int) -> tuple[int, int]:
         for k, size in enumerate(self.sizes):

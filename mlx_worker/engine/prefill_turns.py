@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .. import faults, memory_model
 from . import priority, runner
-from .chunking import CHUNK_TIME_IN_STEPS, MIXED_TIME_IN_STEPS, ChunkSize, chunking_free
+from .chunking import CHUNK_TIME_IN_STEPS, MIXED_MIN_CHUNK, MIXED_TIME_IN_STEPS, ChunkSize, chunking_free
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.prefill_turns")
@@ -45,7 +45,9 @@ class PrefillTurns:
         self.chunks = ChunkSize()
         self.background = ChunkSize()  # sized for BACKGROUND_CHUNK_S, not for decode steps
         self.background.step_s = BACKGROUND_CHUNK_S / CHUNK_TIME_IN_STEPS
-        self.mixed = ChunkSize(MIXED_TIME_IN_STEPS, chunk=32)  # chunks riding along in a decode step
+        # chunks riding along in a decode step: no separate step after them,
+        # so they may be smaller (a prompt deep in its cache costs more per token)
+        self.mixed = ChunkSize(MIXED_TIME_IN_STEPS, chunk=32, least=MIXED_MIN_CHUNK)
 
     def stepped(self, dt: float, ride: "Ride | None") -> None:
         """The decode groups' step took ``dt``; ``ride``: the prompt chunks
