@@ -164,3 +164,23 @@ def test_several_prompts_ride_along_together_with_uneven_chunks(logged):
     assert any("(1 prompts)" not in line for line in rides), "the prompts never rode along together"
     for i, (a, b) in enumerate(zip(alone, streams)):
         same(a, b, i)
+
+
+def test_a_row_joins_a_shared_segment_that_is_down_to_one_row(logged):
+    """Two requests join together (one shared cache), one ends at once; a
+    third of about the same depth then joins the one left (merged into its
+    shared cache): every output equals its solo run."""
+    w, _ = logged
+    base = {"model_id": "tiny", "temperature": 0, "ignore_eos": True, "prompt_cache": False, "logprobs": True}
+    pair = [{**base, "tokens": [20 + k for k in range(24)], "max_tokens": 120},
+            {**base, "tokens": [30 + k for k in range(24)], "max_tokens": 2}]
+    third = {**base, "tokens": [40 + k for k in range(30)], "max_tokens": 5}
+    alone = [run(w, p) for p in pair + [third]]
+    streams = [w.generate(**p) for p in pair]
+    streams[1].wait()
+    until_token(streams[0])
+    streams.append(w.generate(**third))
+    for s in streams:
+        s.wait()
+    for i, (a, b) in enumerate(zip(alone, streams)):
+        same(a, b, i)

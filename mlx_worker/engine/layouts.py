@@ -93,7 +93,7 @@ class Ragged:
     def add(self, cache: list, rows: int) -> None:
         if self.segments and self._joins_last(cache):
             last = self.segments[-1]
-            if self.sizes[-1] == 1:
+            if not isinstance(last[0], BatchKVCache):  # (a shared one may be down to one row)
                 last = self.segments[-1] = [BatchKVCache.merge([c]) for c in last]
             for layer, c in zip(last, cache):
                 layer.extend(BatchKVCache.merge([c]))
