@@ -56,7 +56,7 @@ def main() -> None:
         w.close()
     tps = {k: median(v) for k, v in runs.items()}
     print(f"8 mixed requests, median of {a.rounds} alternating rounds")
-    print(f"| together tok/s | one after another tok/s | ratio (target ≥ 1) |\n|---:|---:|---:|")
+    print("| together tok/s | one after another tok/s | ratio (target ≥ 1) |\n|---:|---:|---:|")
     print(f"| {tps['together']:.1f} | {tps['one_by_one']:.1f} | {tps['together'] / tps['one_by_one']:.2f} |")
     report("mixed_eight", {"tps": tps, "ratio": tps["together"] / tps["one_by_one"], "rounds": a.rounds})
 

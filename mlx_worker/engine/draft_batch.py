@@ -247,6 +247,7 @@ class SpeculativeBatch:
     def _draft(self, k: int, failed: dict) -> list[list]:
         """k draft steps for every row (the first reads each row's lag)."""
         drafted: list[list] = [[] for _ in self._rows]
+        fed = None  # the tokens drafted by the previous step, fed to the next
         for j in range(k):
             logits = self._lag_logits() if j == 0 else \
                 runner.forward_rows(self.draft_model, fed, self.cache[self.n :])[:, -1, :]
