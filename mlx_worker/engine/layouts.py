@@ -136,6 +136,8 @@ class Ragged:
                     layer.filter(index)
             segments.append(segment)
             sizes.append(len(js))
+        # the segment made this step may have left: the new last one isn't fresh
+        self.fresh = self.fresh and bool(segments) and segments[-1] is self.segments[-1]
         self.segments, self.sizes = segments, sizes
 
     def layers(self) -> list:

@@ -21,7 +21,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 log = logging.getLogger("mlx_worker.engine.packed")
 
 _ORIGINAL_SDPA = base.scaled_dot_product_attention
-_mixable: dict[int, bool] = {}  # id(model) -> whether packed passes are exact on it
+_FLAG = "_mlx_worker_packs"  # set on the model object: a later model at the same address asks again
 
 
 class Pass:
@@ -120,28 +120,50 @@ def _sdpa(queries, keys, values, cache, scale, mask, **kwargs):
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def forward(model, tokens: mx.array, spans: list[tuple[int, int]], caches: list[list]) -> mx.array:
+class LastRows(nn.Module):
+    """The model's final norm, over the last ``keep`` tokens only while a
+    packed pass asks for them: the output head then runs for the decoding
+    rows, not for every prompt-chunk token (n x vocab logits never used)."""
+
+    keep = 0  # set by ``forward`` around a packed pass
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.inner = norm
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return self.inner(h[:, -LastRows.keep :] if LastRows.keep else h)
+
+
+def forward(model, tokens: mx.array, spans: list[tuple[int, int]], caches: list[list],
+            last: int = 0) -> mx.array:
     """One packed pass: ``tokens`` (1-D) are the segments' new tokens end to
     end, ``spans`` each segment's (tokens per sequence, sequences), ``caches``
-    each segment's cache layers. Returns every token's logits, (1, total, vocab)."""
+    each segment's cache layers. Returns the logits (1, tokens, vocab): of
+    every token, or of at least the ``last`` ones where the model allows."""
     p = Pass(spans)
     layers = [Layer(p, [cache[i] for cache in caches]) for i in range(len(caches[0]))]
-    return model(tokens[None], cache=layers)
+    LastRows.keep = last
+    try:
+        return model(tokens[None], cache=layers)
+    finally:
+        LastRows.keep = 0
 
 
 def mixable(model) -> bool:
     """Whether packed passes drive this model exactly, checked once: wraps
     its RoPE and attention (both pass through anything but a packed pass),
     then compares a packed pass with separate passes (``_agrees``)."""
-    key = id(model)
-    if key not in _mixable:
+    known = getattr(model, _FLAG, None)
+    if known is None:
         try:
-            _mixable[key] = _enable(model) and _agrees(model)
+            known = _enable(model) and _agrees(model)
         except Exception:  # a model that reads positions some other way
             log.debug("packed passes unavailable for this model", exc_info=True)
-            _mixable[key] = False
-        log.info("packed passes %s for %s", "on" if _mixable[key] else "off", type(model).__module__)
-    return _mixable[key]
+            known = False
+        object.__setattr__(model, _FLAG, known)
+        log.info("packed passes %s for %s", "on" if known else "off", type(model).__module__)
+    return known
 
 
 def _enable(model) -> bool:
@@ -159,27 +181,43 @@ def _enable(model) -> bool:
         namespace["scaled_dot_product_attention"] = _sdpa
         if not isinstance(m.rope, PackedRope):
             m.rope = PackedRope(m.rope)
+    inner = getattr(model, "model", None)
+    if isinstance(getattr(inner, "norm", None), nn.Module) and not isinstance(inner.norm, LastRows):
+        inner.norm = LastRows(inner.norm)  # checked by _agrees like the rest
     return True
 
 
 def _agrees(model, tolerance: float = 1e-3) -> bool:
-    """Prompt chunks (one of a single token, ahead of a longer one), a row
-    with its own cache and two rows sharing a BatchKVCache, at different
-    depths, through one packed pass, give the logits separate passes give."""
+    """Prompt chunks (one of a single token ahead of a longer one, each
+    continuing a prefix), a row with its own cache and two rows sharing a
+    BatchKVCache, at different depths, through one packed pass, give the
+    logits separate passes give."""
     ids = lambda xs: mx.array([xs], dtype=mx.uint32)  # noqa: E731
-    chunks, rows = [[47], [37, 41, 43]], [([3, 5, 7], 11), ([17, 19, 23, 29], 31), ([2, 4], 33)]
-    want = [model(ids(c), cache=make_prompt_cache(model))[0] for c in chunks]
-    caches = []
-    for prefix, token in rows:
+    chunks = [([5, 9], [47]), ([13], [37, 41, 43])]  # (prefix already in the cache, chunk)
+    rows = [([3, 5, 7], 11), ([17, 19, 23, 29], 31), ([2, 4], 33)]
+    want, caches = [], []
+    for prefix, new in chunks + [(p, [t]) for p, t in rows]:
         alone, packed = make_prompt_cache(model), make_prompt_cache(model)
         model(ids(prefix), cache=alone)
         model(ids(prefix), cache=packed)
-        want.append(model(ids([token]), cache=alone)[0])
+        want.append(model(ids(new), cache=alone)[0])
         caches.append(packed)
-    shared = [BatchKVCache.merge([a, b]) for a, b in zip(caches[1], caches[2])]
-    tokens = mx.array([t for c in chunks for t in c] + [t for _, t in rows], dtype=mx.uint32)
+    shared = [BatchKVCache.merge([a, b]) for a, b in zip(caches[3], caches[4])]
+    tokens = mx.array([t for _, c in chunks for t in c] + [t for _, t in rows], dtype=mx.uint32)
     spans = [(1, 1), (3, 1), (1, 1), (1, 2)]
-    got = forward(model, tokens, spans, [make_prompt_cache(model), make_prompt_cache(model), caches[0], shared])
     expected = mx.concatenate(want).astype(mx.float32)
     scale = mx.abs(expected).max().item() or 1.0
-    return bool(mx.abs(got[0].astype(mx.float32) - expected).max().item() <= tolerance * scale)
+    rows_only = [make_prompt_cache(model) for _ in range(3)]  # the same pass again, the rows' logits only
+    for prefix, layers in zip([p for p, _ in chunks] + [rows[0][0]], rows_only):
+        model(ids(prefix), cache=layers)
+    shared2 = [BatchKVCache.merge([a, b]) for a, b in zip(*[_filled(model, p) for p, _ in rows[1:]])]
+    got = forward(model, tokens, spans, caches[:3] + [shared])[0].astype(mx.float32)
+    last = forward(model, tokens, spans, rows_only + [shared2], last=3)[0, -3:].astype(mx.float32)
+    return bool(mx.abs(got - expected).max().item() <= tolerance * scale
+                and mx.abs(last - expected[-3:]).max().item() <= tolerance * scale)
+
+
+def _filled(model, prefix: list[int]) -> list:
+    cache = make_prompt_cache(model)
+    model(mx.array([prefix], dtype=mx.uint32), cache=cache)
+    return cache

@@ -151,7 +151,7 @@ def decode_packed(model, y: mx.array, segments: list[tuple[int, list]],
         tokens.insert(0, mx.array(req.pending_tokens(n), dtype=mx.uint32))
         spans.insert(0, (n, 1))
         caches.insert(0, req.cache)
-    logits = packed.forward(model, mx.concatenate(tokens), spans, caches)[0, -y.shape[0]:, :]
+    logits = packed.forward(model, mx.concatenate(tokens), spans, caches, last=y.shape[0])[0, -y.shape[0]:, :]
     for req, n in chunks or []:
         req.prefilled(n, req.cache)
     return logits
