@@ -16,7 +16,7 @@ import msgspec
 from .cache import files as cache_files
 from . import embeddings, errors, prompt_bounds, protocol
 from .distributed import loader as distributed_loader
-from .engine import draft_pairs
+from .engine import draft_pairs, layouts
 from .engine.request import Cancelled, Request
 from .errors import WorkerError
 from .generates import Generates
@@ -158,6 +158,10 @@ class Methods:
                 raise LoadCancelled() from None
             raise
         lm = self.models.get(result.model_id)
+        if lm.kind == "text" and lm.parallel is None:
+            # Whether its batches pack (engine/packed.py's one-time check: a few
+            # tiny passes), decided now so that no request's peak memory counts it.
+            layouts.ragged(lm.model)
         return result if lm.kind == "embedding" else msgspec.structs.replace(result, **load_fields(lm.tokenizer))
 
     def embed(self, job: Job) -> protocol.EmbedResult:
