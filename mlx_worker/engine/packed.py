@@ -151,7 +151,8 @@ def forward(model, tokens: mx.array, spans: list[tuple[int, int]], caches: list[
 
 
 def mixable(model) -> bool:
-    """Whether packed passes drive this model exactly, checked once: wraps
+    """Whether packed passes drive this model exactly, checked once (at load,
+    methods.py): wraps
     its RoPE and attention (both pass through anything but a packed pass),
     then compares a packed pass with separate passes (``_agrees``)."""
     known = getattr(model, _FLAG, None)
