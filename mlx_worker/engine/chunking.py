@@ -13,13 +13,11 @@ CHUNK_TIME_IN_STEPS = 2.0  # a chunk during decoding takes about this many decod
 # A mixed pass (a chunk riding along in the decode step) takes about this
 # many plain decode steps: the streams' gap while a prompt is processed.
 MIXED_TIME_IN_STEPS = 2.5
-MIXED_MIN_CHUNK = MIN_CHUNK
 
 
 class ChunkSize:
-    def __init__(self, steps: float = CHUNK_TIME_IN_STEPS, chunk: int = 64, least: int = MIN_CHUNK) -> None:
+    def __init__(self, steps: float = CHUNK_TIME_IN_STEPS, chunk: int = 64) -> None:
         self.steps = steps
-        self.least = least
         self.step_s = 0.0  # decode step time (moving average)
         self.chunk = chunk
 
@@ -35,7 +33,7 @@ class ChunkSize:
             return
         target = self.step_s * self.steps
         chunk = self.chunk * (1.25 if dt < target else 0.8)
-        self.chunk = int(max(self.least, min(limit, chunk)))
+        self.chunk = int(max(MIN_CHUNK, min(limit, chunk)))
 
 
 def chunking_free(req) -> bool:

@@ -192,33 +192,31 @@ def _agrees(model, tolerance: float = 1e-3) -> bool:
     """Prompt chunks (one of a single token ahead of a longer one, each
     continuing a prefix), a row with its own cache and two rows sharing a
     BatchKVCache, at different depths, through one packed pass, give the
-    logits separate passes give."""
-    ids = lambda xs: mx.array([xs], dtype=mx.uint32)  # noqa: E731
+    logits separate passes give; so does the pass with the head cut to the
+    rows (``last``)."""
     chunks = [([5, 9], [47]), ([13], [37, 41, 43])]  # (prefix already in the cache, chunk)
     rows = [([3, 5, 7], 11), ([17, 19, 23, 29], 31), ([2, 4], 33)]
-    want, caches = [], []
-    for prefix, new in chunks + [(p, [t]) for p, t in rows]:
-        alone, packed = make_prompt_cache(model), make_prompt_cache(model)
-        model(ids(prefix), cache=alone)
-        model(ids(prefix), cache=packed)
-        want.append(model(ids(new), cache=alone)[0])
-        caches.append(packed)
-    shared = [BatchKVCache.merge([a, b]) for a, b in zip(caches[3], caches[4])]
-    tokens = mx.array([t for _, c in chunks for t in c] + [t for _, t in rows], dtype=mx.uint32)
-    spans = [(1, 1), (3, 1), (1, 1), (1, 2)]
+    want = [model(_ids(new), cache=_filled(model, prefix))[0] for prefix, new in chunks + [(p, [t]) for p, t in rows]]
     expected = mx.concatenate(want).astype(mx.float32)
     scale = mx.abs(expected).max().item() or 1.0
-    rows_only = [make_prompt_cache(model) for _ in range(3)]  # the same pass again, the rows' logits only
-    for prefix, layers in zip([p for p, _ in chunks] + [rows[0][0]], rows_only):
-        model(ids(prefix), cache=layers)
-    shared2 = [BatchKVCache.merge([a, b]) for a, b in zip(*[_filled(model, p) for p, _ in rows[1:]])]
-    got = forward(model, tokens, spans, caches[:3] + [shared])[0].astype(mx.float32)
-    last = forward(model, tokens, spans, rows_only + [shared2], last=3)[0, -3:].astype(mx.float32)
+    tokens = mx.array([t for _, c in chunks for t in c] + [t for _, t in rows], dtype=mx.uint32)
+    spans = [(1, 1), (3, 1), (1, 1), (1, 2)]
+
+    def caches() -> list:
+        own = [_filled(model, p) for p in [p for p, _ in chunks] + [rows[0][0]]]
+        return own + [[BatchKVCache.merge(pair) for pair in zip(*[_filled(model, p) for p, _ in rows[1:]])]]
+
+    got = forward(model, tokens, spans, caches())[0].astype(mx.float32)
+    last = forward(model, tokens, spans, caches(), last=3)[0, -3:].astype(mx.float32)
     return bool(mx.abs(got - expected).max().item() <= tolerance * scale
                 and mx.abs(last - expected[-3:]).max().item() <= tolerance * scale)
 
 
+def _ids(tokens: list[int]) -> mx.array:
+    return mx.array([tokens], dtype=mx.uint32)
+
+
 def _filled(model, prefix: list[int]) -> list:
     cache = make_prompt_cache(model)
-    model(mx.array([prefix], dtype=mx.uint32), cache=cache)
+    model(_ids(prefix), cache=cache)
     return cache

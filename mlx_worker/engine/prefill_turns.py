@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .. import faults, memory_model
 from . import priority, runner
-from .chunking import CHUNK_TIME_IN_STEPS, MIXED_MIN_CHUNK, MIXED_TIME_IN_STEPS, ChunkSize, chunking_free
+from .chunking import CHUNK_TIME_IN_STEPS, MIXED_TIME_IN_STEPS, ChunkSize, chunking_free
 from .request import Request
 
 log = logging.getLogger("mlx_worker.engine.prefill_turns")
@@ -45,9 +45,7 @@ class PrefillTurns:
         self.chunks = ChunkSize()
         self.background = ChunkSize()  # sized for BACKGROUND_CHUNK_S, not for decode steps
         self.background.step_s = BACKGROUND_CHUNK_S / CHUNK_TIME_IN_STEPS
-        # chunks riding along in a decode step: no separate step after them,
-        # so they may be smaller (a prompt deep in its cache costs more per token)
-        self.mixed = ChunkSize(MIXED_TIME_IN_STEPS, chunk=32, least=MIXED_MIN_CHUNK)
+        self.mixed = ChunkSize(MIXED_TIME_IN_STEPS, chunk=32)  # chunks riding along in a decode step
 
     def stepped(self, dt: float, ride: "Ride | None") -> None:
         """The decode groups' step took ``dt``; ``ride``: the prompt chunks
@@ -72,13 +70,14 @@ class PrefillTurns:
         if group is None or not group.packs or not req.text_batchable or req.should_stop():
             return None, None
         n = min(req.plan.step_size, self.mixed.chunk)
-        if req.next_chunk(n) <= 0:
+        first = req.next_chunk(n)
+        if first <= 0:
             return None, None
         self.queue.remove(req)
         try:
             faults.hit("prefill")
         except BaseException as exc:
-            return Ride(group, [(req, req.next_chunk(n))]), exc
+            return Ride(group, [(req, first)]), exc
         chunks = [(r, r.next_chunk(n)) for r in self._together(req, n, packed=True)]
         self.queue.extend(r for r, k in chunks if k <= 0)  # at a checkpoint the lease wants: next turn
         return Ride(group, [(r, k) for r, k in chunks if k > 0]), None

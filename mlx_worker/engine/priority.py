@@ -48,9 +48,7 @@ def peek(queue):
 def next_turn(queue):
     """Take the request whose prompt chunk runs next: the first interactive
     one, else the first (a background prefill yields between chunks)."""
-    req = next((r for r in queue if interactive(r)), None)
-    if req is None:
-        return queue.popleft()
+    req = peek(queue)
     queue.remove(req)
     return req
 
