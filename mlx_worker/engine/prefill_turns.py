@@ -27,6 +27,18 @@ MAX_PREFILL_ROWS = 16  # prompts prefilled together in one forward pass
 BACKGROUND_CHUNK_S = 0.05
 
 
+def tower(req: Request):
+    """Its image tower's pieces still to compute before its prompt's chunks
+    (vision/tower_pieces.py, recorded in its prompt plan), or None."""
+    pieces = getattr(req.positions, "tower", None)
+    return pieces if pieces else None
+
+
+def prefills(req: Request) -> bool:
+    """Whether it has prefill turns to take: tower pieces, prompt chunks."""
+    return req.to_prefill > 0 or tower(req) is not None
+
+
 @dataclass
 class Ride:
     """Prompt chunks riding along in one decode group's step (a mixed pass)."""
@@ -86,6 +98,9 @@ class PrefillTurns:
         """The next turn's chunk (``decoding``: streams decoding meanwhile).
         Returns the requests it ran, and the exception the pass failed with."""
         req = priority.next_turn(self.queue)  # interactive prompts first
+        pieces = tower(req)
+        if pieces is not None:
+            return [req], self._tower(req, pieces, decoding)
         n = req.plan.step_size
         # sized for the decoding streams, or (a background prompt) short
         sized = (decoding > 0 or not priority.interactive(req)) and (req.text_batchable or chunking_free(req))
@@ -109,6 +124,23 @@ class PrefillTurns:
         if sized:
             chunks.tune(done, dt, req.plan.step_size)
         return together, None
+
+    def _tower(self, req: Request, pieces, decoding: int) -> BaseException | None:
+        """A turn of its image tower's pieces: about a prompt chunk's time
+        while streams decode (a background chunk's for a background
+        request), else all of them."""
+        budget = CHUNK_TIME_IN_STEPS * self.chunks.step_s if decoding > 0 else float("inf")
+        if not priority.interactive(req):
+            budget = min(budget, BACKGROUND_CHUNK_S)
+        t0 = time.perf_counter()
+        try:
+            faults.hit("prefill")
+            ran = pieces.run(budget)
+        except BaseException as exc:
+            return exc
+        log.debug("image tower: %d pieces in %.1f ms (%d left, decoding: %d)", ran,
+                  (time.perf_counter() - t0) * 1000, len(pieces.arrays), decoding)
+        return None
 
     def _together(self, req: Request, n: int, packed: bool = False) -> list[Request]:
         """Prompts of the same model waiting together advance together: one

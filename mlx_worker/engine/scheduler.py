@@ -22,7 +22,7 @@ from . import draft_batch, priority, runner
 from .admission import Admission
 from .batch import DecodeGroups
 from .preemption import Preemption
-from .prefill_turns import PrefillTurns
+from .prefill_turns import PrefillTurns, prefills
 from .request import Request, RequestState
 
 log = logging.getLogger("mlx_worker.engine.scheduler")
@@ -113,7 +113,7 @@ class Scheduler:
         self._admissions += 1
         req.admitted = self._admissions
         self.admission.track(req)
-        if req.to_prefill > 0:
+        if prefills(req):
             req.state = RequestState.PREFILLING
             self.prefilling.append(req)
         else:
@@ -192,7 +192,7 @@ class Scheduler:
         return None
 
     def _after_chunk(self, req: Request) -> None:
-        if req.to_prefill > 0:
+        if prefills(req):
             self.prefilling.append(req)  # the next prompt's turn
         elif req.should_stop():
             self.finish(req, "cancelled")

@@ -20,6 +20,7 @@ from .adapter import VisionAdapter
 from .encoders import GenericEncoder, QwenEncoder
 from .features import DEFAULT_IMAGE_CACHE_BYTES, FeatureCache
 from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_IMAGES, ImageLimits
+from . import tower_pieces
 from .lm import wrap_language_model
 
 __all__ = ["LOADER", "load_vision_model", "VisionAdapter"]
@@ -63,6 +64,7 @@ def load_vision_model(path: Path, config: dict, params: protocol.LoadParams, pro
     if params.kv_bits is not None:  # before any weight is read
         check_kv_layers(model)
     evaluate_weights(vlm, progress)
+    tower_pieces.mark(vlm)
     cache_bytes = _option(params, "image_cache_bytes", DEFAULT_IMAGE_CACHE_BYTES)
     encoder = _encoder(vlm, processor, model_type, limits, cache_bytes)
     max_images, why = limits.max_images, "the load option `max_images`"

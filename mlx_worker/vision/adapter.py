@@ -14,6 +14,7 @@ from typing import Any
 
 from ..prompt import PreparedPrompt, one_source, prepare_text
 from .encoders import EncodedPrompt
+from . import tower_pieces
 from .images import ImageLimits
 from .lm import PromptPlan, VisionLanguageModel
 from .messages import read_images, render, template_messages
@@ -50,9 +51,11 @@ class VisionAdapter:
         encoded: EncodedPrompt = self.encoder.encode(rendered, images)
 
         def embeddings(start: int):
-            """(input embeddings of tokens[start:], the positions the runner sets before each call)"""
-            values, positions, extra = encoded.embeddings(start)
-            return values, PromptPlan(positions, extra, len(encoded.tokens))
+            """(input embeddings of tokens[start:], the positions the runner sets before each call):
+            lazy, the image tower's pieces recorded in the plan (tower_pieces.py)"""
+            with tower_pieces.recording() as pieces:
+                values, positions, extra = encoded.embeddings(start)
+            return values, PromptPlan(positions, extra, len(encoded.tokens), pieces)
 
         return PreparedPrompt(tokens=encoded.tokens, cache_key=encoded.cache_key, embeddings=embeddings, rendered=rendered)
 

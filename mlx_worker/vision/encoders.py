@@ -117,8 +117,9 @@ class QwenEncoder:
             image.pixels, _ = self._preprocess(image.input)
         tower = self.vlm.vision_tower
         pixels = mx.array(image.pixels).astype(tower.patch_embed.proj.weight.dtype)
+        # Lazy: the request computes it piece by piece (tower_pieces.py);
+        # another prompt with this image meanwhile shares the same graph.
         values = tower(pixels, mx.array([image.grid]), output_hidden_states=False)
-        mx.eval(values)
         image.pixels = None
         self.cache.put(image.input.sha256, Features(grid=image.grid, values=values))
         return values

@@ -44,6 +44,7 @@ class PromptPlan:
     positions: Optional[Positions] = None
     extra: dict = field(default_factory=dict)
     length: int = 0
+    tower: Any = None  # the image tower's work still to run first (tower_pieces.Pieces)
 
 
 class VisionLanguageModel(nn.Module):

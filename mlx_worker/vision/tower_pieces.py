@@ -1,0 +1,109 @@
+"""An image tower's work in pieces, so decoding streams step between them.
+
+Building a request's input embeddings only builds MLX's lazy graph; the
+tower's blocks are marked (``mark``) so that building it also records each
+block's output. Evaluating those outputs one at a time (``Pieces.run``) runs
+the tower block by block, between decode steps, instead of in one stall.
+Spec: "Batching". ``MLX_WORKER_TOWER_PIECES=0``: the tower runs in one go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ENABLED = os.environ.get("MLX_WORKER_TOWER_PIECES", "1") != "0"
+# Where mlx-vlm models keep their image tower.
+TOWERS = ("vision_tower", "vision_model", "visual", "vision_encoder")
+
+_recording: Optional[list] = None  # the outputs of marked blocks, while a graph is built
+_subclasses: dict = {}
+
+
+def mark(vlm: nn.Module) -> int:
+    """Mark the blocks of ``vlm``'s image tower (its longest list of
+    modules). Each block's class becomes a subclass that records its
+    output; parameters and their names are untouched. Returns how many."""
+    tower = next((getattr(vlm, name) for name in TOWERS if isinstance(getattr(vlm, name, None), nn.Module)), None)
+    blocks = _longest_list(tower) if tower is not None else []
+    for block in blocks:
+        block.__class__ = _recording_class(type(block))
+    return len(blocks)
+
+
+def _longest_list(module: nn.Module) -> list:
+    """Its longest list of blocks: modules made of modules (a projector's
+    list of layers, Linear and activation, is not one)."""
+    best: list = []
+    for child in module.children().values():
+        if isinstance(child, list) and child and all(_composite(c) for c in child):
+            found = child
+        elif isinstance(child, nn.Module):
+            found = _longest_list(child)
+        else:
+            continue
+        if len(found) > len(best):
+            best = found
+    return best
+
+
+def _composite(m) -> bool:
+    return isinstance(m, nn.Module) and any(
+        isinstance(c, nn.Module) or (isinstance(c, list) and c) for c in m.children().values())
+
+
+def _recording_class(cls: type) -> type:
+    if getattr(cls, "_records", False):
+        return cls
+    if cls not in _subclasses:
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            if _recording is not None:
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                if isinstance(first, mx.array):
+                    _recording.append(first)
+            return out
+
+        _subclasses[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_records": True})
+    return _subclasses[cls]
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the marked blocks' outputs of the graphs built meanwhile."""
+    global _recording
+    if not ENABLED:  # the bench switch: the tower runs with the first prompt chunk
+        yield Pieces([])
+        return
+    before, _recording = _recording, []
+    pieces = Pieces(_recording)
+    try:
+        yield pieces
+    finally:
+        _recording = before
+
+
+class Pieces:
+    """A prompt's tower outputs still to compute, in order."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+
+    def __bool__(self) -> bool:
+        return bool(self.arrays)
+
+    def run(self, budget_s: float) -> int:
+        """Compute pieces for about ``budget_s`` (at least one; all of them
+        when the budget is infinite). Returns how many ran."""
+        start, ran = time.perf_counter(), 0
+        while self.arrays:
+            mx.eval(self.arrays.pop(0))
+            ran += 1
+            if time.perf_counter() - start >= budget_s:
+                break
+        return ran
