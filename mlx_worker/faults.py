@@ -1,7 +1,8 @@
-"""Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,restore@1,spill@1"``
-makes the 2nd prefill chunk, the 3rd decode sample, the 1st disk restore
-fail as an allocation failure (MemoryError) and the 1st disk write as a full
-disk (ENOSPC). Unset (every real run): ``hit`` is one dict lookup.
+"""Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,join@1,restore@1,spill@1"``
+makes the 2nd prefill chunk, the 3rd decode sample, the 1st join into a batch
+(a speculative request, a vision row's first step), the 1st disk restore fail
+as an allocation failure (MemoryError) and the 1st disk write as a full disk
+(ENOSPC). Unset (every real run): ``hit`` is one dict lookup.
 Spec: protocol/README.md § Reliability: limits, bad input, faults, memory.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-POINTS = ("prefill", "decode", "restore", "spill")
+POINTS = ("prefill", "decode", "join", "restore", "spill")
 
 
 def _parse(spec: str) -> dict[str, set[int]]:

@@ -15,6 +15,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
+from .. import faults
 from ..constraints import batch_masks
 from . import layouts, runner
 from .request import Request
@@ -81,6 +82,7 @@ class DecodeGroup:
         as solo; past its prompt it is a plain row whose position is its
         offset + its rope delta (runner.set_row_positions)."""
         last, _ = gen.last_input()
+        faults.hit("join")
         with mx.stream(generation_stream):
             logits = runner.first_step(gen)
             token, lp = gen.sampler.row(logits, last)

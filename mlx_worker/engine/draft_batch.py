@@ -9,6 +9,7 @@ its pair comes. Spec: "Speculative decoding" (Batched).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Optional
@@ -17,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import BatchKVCache
 
+from .. import faults
 from . import runner
 from .draft_rewind import own_end, plain_kv, rewind, sequence, set_to
 from .speculative import SpeculativeGroup
@@ -28,25 +30,56 @@ log = logging.getLogger("mlx_worker.engine.draft_batch")
 BATCHED = os.environ.get("MLX_WORKER_DRAFT_BATCH", "1") != "0"
 
 
-def place(groups, req) -> None:
+def place(groups, req) -> list:
     """A speculative request starts decoding: into its pair's batch, with
     the lone requests of its pair that can join (a batch is made for them),
-    else in a group of its own."""
+    else in a group of its own. Returns (request, exception) for each that
+    could not join: it alone ends with the error. The new request is readied
+    first and the batch swapped in only once every join ran, so a failure
+    leaves the others decoding as they were."""
     draft, key = req.plan.draft, _key(req) if BATCHED else None
     mine = [g for g in groups.alone if key is not None and _group_key(g) == key]
     if not mine:
         groups.add_alone(draft.group(req))
-        return
+        return []
+    new = SpeculativeGroup(req, draft)
+    try:
+        new_primed = _ready(new)
+    except BaseException as exc:  # the lone groups are untouched: they go on alone
+        return [(req, exc)]
     batch = next((g for g in mine if isinstance(g, SpeculativeBatch)), None)
-    if batch is None:
+    fresh = batch is None
+    if fresh:
         batch = SpeculativeBatch(key, draft)
-        groups.alone[groups.alone.index(mine[0])] = batch
-    for group in mine:
-        if group is not batch:
-            batch.join(group)
-            if group in groups.alone:
-                groups.alone.remove(group)
-    batch.join(SpeculativeGroup(req, draft))
+    lone = [g for g in mine if g is not batch]
+    failed = []
+    for group in lone + [new]:
+        try:
+            batch.join(group, new_primed if group is new else _ready(group))
+        except BaseException as exc:  # that request only (a lone one's rounds are closed by now)
+            failed.append((group.gen, exc))
+    kept = [g for g in groups.alone if all(g is not x for x in lone)]
+    if fresh and batch.rows:
+        kept.insert(groups.alone.index(lone[0]), batch)  # where the first of them decoded
+    groups.alone[:] = kept
+    return failed
+
+
+def _ready(group: SpeculativeGroup) -> bool:
+    """A request about to join, on its own state only: a lone group's rounds
+    closed (a new one's made), its caches set to hold all but its last two
+    tokens (draft) or last one (target). Returns whether its prompt's last
+    token was accepted already (a lone group's was)."""
+    gen, draft = group.gen, group.draft
+    group._close()
+    primed = group._rounds is not None
+    if not primed:
+        group._rounds = draft.rounds = group._engine()
+        faults.hit("join")  # as a catch-up forward that fails would
+    seq, cache, n = sequence(gen), gen.cache, draft.n_target
+    set_to(cache[:n], draft.target.model, seq, len(seq) - 1)
+    set_to(cache[n:], draft.lm.model, seq, len(seq) - 2)
+    return primed
 
 
 def _group_key(group) -> Optional[tuple]:
@@ -121,28 +154,23 @@ class SpeculativeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, group: SpeculativeGroup) -> None:
-        """A request between rounds (new, or a lone group's): its caches set
-        to hold all but its last two tokens (draft) or last one (target),
-        then merged as the decode batch merges a row."""
-        gen, draft = group.gen, group.draft
-        group._close()
-        primed = group._rounds is not None
-        if not primed:
-            group._rounds = draft.rounds = group._engine()
-        seq, cache = sequence(gen), gen.cache
-        set_to(cache[: self.n], self.target, seq, len(seq) - 1)
-        set_to(cache[self.n :], self.draft_model, seq, len(seq) - 2)
-        if self.cache is None:
-            self.cache = cache
-        else:
-            if len(self.rows) == 1:
-                self.cache = [BatchKVCache.merge([c]) for c in self.cache]
-            for layer, c in zip(self.cache, cache):
+    def join(self, group: SpeculativeGroup, primed: bool) -> None:
+        """A readied request (``_ready``) between rounds, merged as the decode
+        batch merges a row; the merged layers are built (and evaluated) aside,
+        so a failure leaves the batch as it was."""
+        gen = group.gen
+        layers = gen.cache
+        if self.cache is not None:
+            layers = [BatchKVCache.merge([c]) for c in self.cache] if len(self.rows) == 1 else \
+                [copy.copy(c) for c in self.cache]  # extend replaces a layer's arrays: the originals stay
+            for layer, c in zip(layers, gen.cache):
                 layer.extend(BatchKVCache.merge([c]))
+            mx.eval([c.state for c in layers])
+        row = _Row(gen, group.draft, group._rounds, primed)
+        self.cache = layers
         gen.cache = None  # the batch owns its KV now
         self.rows.append(gen)
-        self._rows.append(_Row(gen, draft, group._rounds, primed))
+        self._rows.append(row)
         log.info("speculative batch: %d rows %s", len(self.rows), [g.request_id for g in self.rows])
 
     def _leave(self, gone: list[int]) -> list:

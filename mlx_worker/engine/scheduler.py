@@ -132,7 +132,7 @@ class Scheduler:
             return
         draft = req.plan.draft
         if draft is not None:  # speculative: with its pair's others, else a group of its own
-            draft_batch.place(self.decode, req)
+            _place(self, req)
             return
         _join(self, req)
 
@@ -248,11 +248,16 @@ class Scheduler:
                 log.exception("could not answer a request the scheduler held")
 
 
+def _place(s: Scheduler, req: Request) -> None:
+    for gen, exc in draft_batch.place(s.decode, req):  # a join that failed: that request only
+        s.fail(gen, exc)
+
+
 def _join(s: Scheduler, req: Request) -> None:
     try:  # a vision row's first step runs as it joins (batch.py)
         s.decode.group_for(req.lm.model, req.batchable).join(req)
-    except BaseException as exc:
-        s.fail(req, exc, streamed=False)
+    except BaseException as exc:  # that request only: the group is as it was (an allocation failure: -32005)
+        s.fail(req, exc)
 
 
 def _abort(req: Request) -> None:
