@@ -18,6 +18,8 @@ import mlx.nn as nn
 from mlx_lm.models import base
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+from . import chunk_attention
+
 log = logging.getLogger("mlx_worker.engine.packed")
 
 _ORIGINAL_SDPA = base.scaled_dot_product_attention
@@ -115,6 +117,8 @@ def _sdpa(queries, keys, values, cache, scale, mask, **kwargs):
         q = queries[:, :, a:b]
         if rows:
             outs.append(_as_rows(_ORIGINAL_SDPA(_as_rows(q), k, v, cache=None, scale=scale, mask=m, **kwargs)))
+        elif chunk_attention.applies(q, k, m, kwargs):
+            outs.append(chunk_attention.causal(q, k, v, scale))
         else:
             outs.append(_ORIGINAL_SDPA(q, k, v, cache=None, scale=scale, mask=m, **kwargs))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
