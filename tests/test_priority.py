@@ -128,13 +128,14 @@ def test_preemption_pauses_a_background_request_before_a_younger_interactive_one
                        priority=p) for s, p in ((1, "background"), (2, "interactive"))]
         alone = [w.generate(**p).wait().tokens for p in params]
         bg, ia = [w.generate(**p) for p in params]
-        seen = 0
-        for event in ia:  # both decode: lower the limit under their KV
-            if isinstance(event, protocol.TokenEvent):
-                seen += 1
-                if seen == 5:
-                    w.set_limits(memory_limit=w.status().memory.active)
-                    break
+        for stream, n in ((ia, 5), (bg, 1)):  # both decode (the background one may still be prefilling)
+            seen = 0
+            for event in stream:
+                if isinstance(event, protocol.TokenEvent):
+                    seen += 1
+                    if seen == n:
+                        break
+        w.set_limits(memory_limit=w.status().memory.active)  # under their KV
         paused = []
         for _ in range(1000):
             paused = [r for r in w.status().requests if r.paused]
