@@ -1,8 +1,8 @@
 """Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,join@1,restore@1,spill@1"``
-makes the 2nd prefill chunk, the 3rd decode sample, the 1st join into a batch
-(a speculative request, a vision row's first step), the 1st disk restore fail
-as an allocation failure (MemoryError) and the 1st disk write as a full disk
-(ENOSPC). Unset (every real run): ``hit`` is one dict lookup.
+makes the 2nd prefill chunk (or image-tower turn), the 3rd decode sample, the
+1st join into a batch (a speculative request, a vision row's first step), the
+1st disk restore fail as an allocation failure (MemoryError) and the 1st disk
+write as a full disk (ENOSPC). Unset (every real run): ``hit`` is one lookup.
 Spec: protocol/README.md § Reliability: limits, bad input, faults, memory.
 """
 

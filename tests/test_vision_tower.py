@@ -89,7 +89,8 @@ def test_the_tower_runs_in_pieces_while_a_stream_decodes(encoder, uncached):
 def test_a_cancel_between_pieces_and_the_shared_features():
     """With the feature cache on: an image request cancelled while its tower
     runs; the same image again (its features were left half computed in the
-    cache) gives the tokens of a cold run; the decoding stream is untouched."""
+    cache) takes over the remaining pieces, in turns beside a decoding
+    stream, and gives the tokens of a cold run; the streams are untouched."""
     cold, _ = worker(image_cache_bytes=0)
     try:
         expected = cold.generate(**image_request(2)).wait().tokens
@@ -108,6 +109,12 @@ def test_a_cancel_between_pieces_and_the_shared_features():
         assert doomed.cancel() is True
         assert doomed.wait().stop_reason == "cancelled"
         assert text.wait().tokens == text_alone.tokens
+        seen = len(towers(log))
+        text = w.generate(**TEXT)
+        first_token(text)
         assert w.generate(**image_request(2)).wait().tokens == expected
+        # the cached, half-computed features' remaining pieces ran in turns beside the stream
+        assert len([line for line in towers(log)[seen:] if "decoding: 1" in line]) >= 3, towers(log)
+        assert text.wait().tokens == text_alone.tokens
     finally:
         w.close()

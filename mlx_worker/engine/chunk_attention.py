@@ -3,7 +3,7 @@
 MLX's CPU backend computes ``exp`` one element at a time (~12 ns each on
 x86-64, 25 x numpy's), a large part of a chunk's pass over a deep cache (16
 tokens at depth 1,900: ~3.9 ms per layer in attention). Here exp is a
-polynomial of plain arithmetic (Cephes' expf), within ~2e-7 of MLX's. Only
+polynomial of plain arithmetic (Cephes' expf), within ~1e-7 of exp. Only
 packed passes use it (a request alone keeps mlx-lm's exact computation).
 Spec: "Batching". ``MLX_WORKER_CHUNK_SOFTMAX=0``: MLX's own softmax.
 """

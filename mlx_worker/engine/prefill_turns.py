@@ -118,11 +118,11 @@ class PrefillTurns:
         except BaseException as exc:
             return together, exc
         dt = time.perf_counter() - t0
-        done = sum(r.processed - b for r, b in zip(together, before))
+        done = [r.processed - b for r, b in zip(together, before)]
         log.debug("prefill of %d tokens (%d prompts) in %.1f ms (decoding: %d, step %.1f ms)",
-                  done, len(together), dt * 1000, decoding, self.chunks.step_s * 1000)
-        if sized:
-            chunks.tune(done, dt, req.plan.step_size)
+                  sum(done), len(together), dt * 1000, decoding, self.chunks.step_s * 1000)
+        if sized:  # the size is per prompt: a pass of k prompts ran k chunks
+            chunks.tune(max(done), dt, req.plan.step_size)
         return together, None
 
     def _tower(self, req: Request, pieces, decoding: int) -> BaseException | None:

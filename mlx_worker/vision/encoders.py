@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from .. import errors
 from ..errors import WorkerError
+from . import tower_pieces
 from .features import FeatureCache, Features
 from .images import ImageInput, ImageLimits, decode_image, image_error
 from .lm import Positions
@@ -110,18 +111,26 @@ class QwenEncoder:
         return out["pixel_values"], grid
 
     def _features(self, image: _QwenImage) -> mx.array:
-        cached = self.cache.get(image.input.sha256)
+        """The image's features, lazy: the request computes them piece by
+        piece (tower_pieces.py); a request with the same image meanwhile
+        shares those pieces, and a failed piece drops the entry."""
+        sha = image.input.sha256
+        cached = self.cache.get(sha)
         if cached is not None:
+            tower_pieces.share(list(cached.pending), cached.pending.clear, lambda: self.cache.drop(sha, cached))
             return cached.values
         if image.pixels is None:  # evicted since the prompt was prepared
             image.pixels, _ = self._preprocess(image.input)
         tower = self.vlm.vision_tower
         pixels = mx.array(image.pixels).astype(tower.patch_embed.proj.weight.dtype)
-        # Lazy: the request computes it piece by piece (tower_pieces.py);
-        # another prompt with this image meanwhile shares the same graph.
-        values = tower(pixels, mx.array([image.grid]), output_hidden_states=False)
+        with tower_pieces.recording() as work:
+            values = tower(pixels, mx.array([image.grid]), output_hidden_states=False)
+            work.arrays.append(values)  # the merger after the blocks
+            features = Features(grid=image.grid, values=values, pending=list(work.arrays))
+            work.done.append(features.pending.clear)
+            work.failed.append(lambda: self.cache.drop(sha, features))
         image.pixels = None
-        self.cache.put(image.input.sha256, Features(grid=image.grid, values=values))
+        self.cache.put(sha, features)
         return values
 
     def positions(self, prompt: EncodedPrompt) -> Optional[Positions]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -13,7 +13,8 @@ DEFAULT_IMAGE_CACHE_BYTES = 256 * 1024 * 1024
 @dataclass
 class Features:
     grid: tuple[int, ...]  # the processor's grid for the image (t, h, w for Qwen)
-    values: mx.array  # (image tokens, hidden)
+    values: mx.array  # (image tokens, hidden): lazy until its tower's pieces ran
+    pending: list = field(default_factory=list)  # those pieces, while not all ran (tower_pieces.py)
 
 
 class FeatureCache:
@@ -49,6 +50,12 @@ class FeatureCache:
         while self._bytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= evicted.values.nbytes
+
+    def drop(self, sha256: str, entry: Features) -> None:
+        """Forget ``entry`` (its tower failed), unless another took its place."""
+        if self._entries.get(sha256) is entry:
+            del self._entries[sha256]
+            self._bytes -= entry.values.nbytes
 
     def clear(self) -> None:
         self._entries.clear()

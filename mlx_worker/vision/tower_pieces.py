@@ -21,7 +21,7 @@ ENABLED = os.environ.get("MLX_WORKER_TOWER_PIECES", "1") != "0"
 # Where mlx-vlm models keep their image tower.
 TOWERS = ("vision_tower", "vision_model", "visual", "vision_encoder")
 
-_recording: Optional[list] = None  # the outputs of marked blocks, while a graph is built
+_current: Optional["Pieces"] = None  # where marked blocks record their outputs, while a graph is built
 _subclasses: dict = {}
 
 
@@ -63,10 +63,10 @@ def _recording_class(cls: type) -> type:
     if cls not in _subclasses:
         def __call__(self, *args, **kwargs):
             out = cls.__call__(self, *args, **kwargs)
-            if _recording is not None:
+            if _current is not None:
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 if isinstance(first, mx.array):
-                    _recording.append(first)
+                    _current.arrays.append(first)
             return out
 
         _subclasses[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_records": True})
@@ -75,35 +75,62 @@ def _recording_class(cls: type) -> type:
 
 @contextlib.contextmanager
 def recording():
-    """Collect the marked blocks' outputs of the graphs built meanwhile."""
-    global _recording
+    """Collect the marked blocks' outputs of the graphs built meanwhile.
+    Nested, the inner pieces (and their hooks) also go to the outer ones."""
+    global _current
+    pieces = Pieces([])
     if not ENABLED:  # the bench switch: the tower runs with the first prompt chunk
-        yield Pieces([])
+        yield pieces
         return
-    before, _recording = _recording, []
-    pieces = Pieces(_recording)
+    before, _current = _current, pieces
     try:
         yield pieces
     finally:
-        _recording = before
+        _current = before
+        if before is not None:
+            before.share(pieces.arrays, pieces.done, pieces.failed)
+
+
+def share(arrays: list, done=None, failed=None) -> None:
+    """Another request's pieces still to compute (features it is building)
+    become pieces of the graphs built now too: whichever runs one first."""
+    if _current is not None:
+        _current.share(arrays, [done] if done else [], [failed] if failed else [])
 
 
 class Pieces:
-    """A prompt's tower outputs still to compute, in order."""
+    """A prompt's tower outputs still to compute, in order, and what to call
+    once they all ran (``done``) or one failed (``failed``)."""
 
     def __init__(self, arrays: list):
         self.arrays = arrays
+        self.done: list = []
+        self.failed: list = []
 
     def __bool__(self) -> bool:
         return bool(self.arrays)
+
+    def share(self, arrays: list, done: list, failed: list) -> None:
+        self.arrays.extend(arrays)
+        self.done.extend(done)
+        self.failed.extend(failed)
 
     def run(self, budget_s: float) -> int:
         """Compute pieces for about ``budget_s`` (at least one; all of them
         when the budget is infinite). Returns how many ran."""
         start, ran = time.perf_counter(), 0
         while self.arrays:
-            mx.eval(self.arrays.pop(0))
+            try:
+                mx.eval(self.arrays.pop(0))
+            except BaseException:
+                for hook in self.failed:
+                    hook()
+                raise
             ran += 1
             if time.perf_counter() - start >= budget_s:
                 break
+        if not self.arrays:
+            for hook in self.done:
+                hook()
+            self.done.clear()
         return ran
