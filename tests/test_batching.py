@@ -241,12 +241,12 @@ def test_images_in_a_batch():
 def test_memory_admission_of_a_batch(tiny_model):
     w = spawn()
     try:
-        req = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
+        req = {"max_tokens": 700, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
         w.load(tiny_model, model_id="tiny", memory_limit=room_for_one_and_a_half(w, tiny_model, req))
         a = w.generate(model_id="tiny", **req)
         b = w.generate(model_id="tiny", **req)
         ra, rb = a.wait(), b.wait()
-        assert len(ra.tokens) == len(rb.tokens) == 2000 and ra.tokens == rb.tokens
+        assert len(ra.tokens) == len(rb.tokens) == req["max_tokens"] and ra.tokens == rb.tokens
         lines = [json.loads(line) for line in w.lines]
         first_b = next(i for i, m in enumerate(lines) if m.get("method") == "token" and m["params"]["id"] == b.id)
         end_a = next(i for i, m in enumerate(lines) if m.get("id") == a.id and "result" in m)
@@ -283,7 +283,7 @@ def test_requests_start_in_arrival_order_behind_one_waiting_for_memory(tiny_mode
     waiting one is answered at once, not when the one ahead is admitted."""
     w = spawn()
     try:
-        req = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
+        req = {"max_tokens": 700, "temperature": 0, "ignore_eos": True, "prompt": prompt(2)}
         w.load(tiny_model, model_id="tiny", memory_limit=room_for_one_and_a_half(w, tiny_model, req))
         a = w.generate(model_id="tiny", **req)
         next(iter(a))  # running

@@ -102,8 +102,13 @@ class DecodeGroup:
                       [r.request_id for r in self.rows])
 
     def own_cache(self, i: int) -> list:
-        """Row i's KV as plain per-request caches (for the prompt cache)."""
-        return self.kv.own(i, len(self.rows))
+        """Row i's KV as plain per-request caches (for the prompt cache),
+        evaluated: a row cut out of a shared buffer is a lazy copy, which
+        until evaluated holds the whole buffer (every row's KV, at that
+        step) where the prompt cache counts only the row's bytes."""
+        cache = self.kv.own(i, len(self.rows))
+        mx.eval([c.state for c in cache])
+        return cache
 
     def leave(self, gone: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in gone]
