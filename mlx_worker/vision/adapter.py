@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..prompt import PreparedPrompt, one_source, prepare_text
-from .encoders import EncodedPrompt
 from . import tower_pieces
+from .encoders import EncodedPrompt
 from .images import ImageLimits
 from .lm import PromptPlan, VisionLanguageModel
 from .messages import read_images, render, template_messages
