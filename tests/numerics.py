@@ -15,8 +15,8 @@ def assert_same_output(dtype, a, b, a_events, b_events):
     tol = LOGPROB_TOLERANCE[dtype]
     if dtype == "fp32":
         assert a.tokens == b.tokens
-    a_lp = [lp for e in a_events for lp in e.logprobs]
-    b_lp = [lp for e in b_events for lp in e.logprobs]
+    a_lp = [lp for e in a_events for lp in (e.logprobs or [])]  # a last, text-only event has none
+    b_lp = [lp for e in b_events for lp in (e.logprobs or [])]
     assert len(a_lp) == len(a.tokens) and len(b_lp) == len(b.tokens)
     for x, y in zip(a_lp, b_lp):
         if x.token != y.token:

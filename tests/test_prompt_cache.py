@@ -73,7 +73,7 @@ class Session:
         result = stream.wait()
         progress = [e for e in stream.events if isinstance(e, protocol.ProgressEvent)]
         assert all(p.cached == result.usage.cached_tokens for p in progress)
-        logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in e.logprobs]
+        logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
         return result, logprobs
 
     def both(self, **params) -> protocol.GenerateResult:

@@ -102,12 +102,13 @@ class DecodeGroup:
                       [r.request_id for r in self.rows])
 
     def own_cache(self, i: int) -> list:
-        """Row i's KV as plain per-request caches (for the prompt cache),
-        evaluated: a row cut out of a shared buffer is a lazy copy, which
-        until evaluated holds the whole buffer (every row's KV, at that
-        step) where the prompt cache counts only the row's bytes."""
+        """Row i's KV as plain per-request caches (for the prompt cache).
+        A row cut out of a shared buffer is a lazy copy, which until
+        evaluated holds the whole buffer (every row's KV, at that step)
+        where the prompt cache counts only the row's bytes: its copy is
+        queued now (not waited for: the next step is in flight)."""
         cache = self.kv.own(i, len(self.rows))
-        mx.eval([c.state for c in cache])
+        mx.async_eval([c.state for c in cache])
         return cache
 
     def leave(self, gone: list[int]) -> None:
