@@ -240,6 +240,7 @@ def main() -> None:
         "ttft_p50_vs_server_8": w["eight"]["ttft_p50"] / s["eight"]["ttft_p50"],
         "ttft_p99_vs_server_8": w["eight"]["ttft_p99"] / s["eight"]["ttft_p99"],
         "short_ttft_vs_server": w["behind"]["short_ttft"] / s["behind"]["short_ttft"],
+        "long_ttft_vs_server": w["behind"]["long_ttft"] / s["behind"]["long_ttft"],
         "gap_during_prompt_over_idle": w["behind"]["gap_ratio"],
         "single_vs_inprocess": single,
         "worker": w, "mlx_lm_server": s, "single": r["single"], "model": args.model,

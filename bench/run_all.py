@@ -39,6 +39,7 @@ RUNS = [
     ("concurrency.py", [], ["--rounds", "1", "--curve", "1,8,16"]),
     ("speculative.py", [], ["--rounds", "3", "--tokens", "96", "--sweep-rounds", "1"]),
     ("distributed.py", [], ["--rounds", "2", "--tokens", "32", "--prompt", "256"]),
+    ("vision_tower.py", [], ["--rounds", "2"]),
 ]
 
 # (result file, key, label, target, "higher"|"lower" is better, unit format)
@@ -65,6 +66,8 @@ METRICS = [
     ("concurrency", "ttft_p99_vs_server_8", "8 streams TTFT p99: worker ÷ server", 1.0, "lower", "{:.2f}"),
     ("concurrency", "short_ttft_vs_server", "short behind 2k prompt, TTFT: worker ÷ server", 0.25, "lower", "{:.3f}"),
     ("concurrency", "gap_during_prompt_over_idle", "4 streams' gap p99 during a 2k prompt ÷ idle", 3.0, "lower", "{:.2f}"),
+    ("concurrency", "long_ttft_vs_server", "that 2k prompt's TTFT: worker ÷ server", 1.1, "lower", "{:.2f}"),
+    ("vision_tower", "max_gap_pieces_over_one_go", "streams' longest gap as an image arrives: tower in pieces ÷ in one go", None, "lower", "{:.2f}"),
     ("distributed", "tensor_decode_ratio", "decode tok/s: 2 ranks ÷ 1 process, tensor (loopback, shared cores)", None, "higher", "{:.2f}"),
     ("distributed", "tensor_ttft_ratio", "TTFT: 2 ranks ÷ 1 process, tensor (loopback, shared cores)", None, "lower", "{:.2f}"),
     ("distributed", "pipeline_decode_ratio", "decode tok/s: 2 ranks ÷ 1 process, pipeline", None, "higher", "{:.2f}"),

@@ -103,6 +103,7 @@ def main() -> int:
         f = {k: median([r[k] for r in rs]) for k in rs[0]}
         figures[name] = f
         print(f"| {name} | {f['max_gap_ratio']:.1f} | {f['p99_gap_ratio']:.1f} | {f['ttft']:.2f} |")
+    figures["max_gap_pieces_over_one_go"] = figures["pieces"]["max_gap_ratio"] / figures["one go"]["max_gap_ratio"]
     report("vision_tower", figures)
     return 0
 
