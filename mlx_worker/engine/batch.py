@@ -87,7 +87,9 @@ class DecodeGroup:
             logits = runner.first_step(gen)
             token, lp = gen.sampler.row(logits, last)
             token = token.astype(mx.uint32)
-            mx.async_eval(token, lp)
+            # Waited for (not queued): an allocation failure in this step
+            # then ends this request only (scheduler._join), not the batch.
+            mx.eval(token, lp)
         gen.accept(gen.prompt.tokens[-1], None)  # primed (a cancel shows at its next token)
         cache, gen.cache = gen.cache, None
         self.resume(gen, cache, token, lp)
