@@ -25,6 +25,13 @@ def worker_env(**extra: str) -> dict:
     return env
 
 
+def logprob_entries(events) -> list:
+    """A request's logprob entries in order, from its token events. A last,
+    text-only event (``tokens: []``, releasing held text: protocol/README.md
+    § Text) carries none."""
+    return [lp for e in events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+
+
 def cancel_after(stream, n: int, channel: str | None = None):
     """Read a generate's events, cancel it at its n-th token event (of
     ``channel`` when given) and return its final result."""

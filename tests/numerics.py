@@ -4,6 +4,8 @@ chunks), as one assertion the matrix tests share."""
 
 from __future__ import annotations
 
+from conftest import logprob_entries
+
 # The logprob of a token both runs chose, per dtype class of the activations.
 LOGPROB_TOLERANCE = {"fp32": 1e-4, "bf16": 0.05, "quantized": 0.05}
 
@@ -15,8 +17,7 @@ def assert_same_output(dtype, a, b, a_events, b_events):
     tol = LOGPROB_TOLERANCE[dtype]
     if dtype == "fp32":
         assert a.tokens == b.tokens
-    a_lp = [lp for e in a_events for lp in (e.logprobs or [])]  # a last, text-only event has none
-    b_lp = [lp for e in b_events for lp in (e.logprobs or [])]
+    a_lp, b_lp = logprob_entries(a_events), logprob_entries(b_events)
     assert len(a_lp) == len(a.tokens) and len(b_lp) == len(b.tokens)
     for x, y in zip(a_lp, b_lp):
         if x.token != y.token:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import spawn
+from conftest import logprob_entries, spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 from vision_images import b64, gradient, noise, png, user
@@ -53,7 +53,7 @@ def events_text(stream) -> str:
 
 
 def logprobs_of(stream) -> list:
-    return [lp for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    return logprob_entries(stream.events)
 
 
 def run_together(w, params: list[dict]) -> tuple[list, list]:

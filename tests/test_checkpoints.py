@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ensure_model, spawn
+from conftest import ensure_model, logprob_entries, spawn
 from fixtures.hybrid import ARCHS
 from mlx_worker import protocol
 from numerics import assert_same_output
@@ -57,7 +57,7 @@ def run(w, model_id: str, messages: list[dict], seed: int, **params) -> tuple[pr
     stream = w.generate(model_id=model_id, messages=messages, temperature=0.8, seed=seed, max_tokens=12,
                         logprobs=True, **params)
     result = stream.wait()
-    logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    logprobs = [lp.logprob for lp in logprob_entries(stream.events)]
     return result, logprobs
 
 
@@ -118,7 +118,7 @@ def test_concurrent_turns_reuse_checkpoints(w, name):
                               max_tokens=12, logprobs=True) for i, last in enumerate(lasts)]
         for i, (last, stream) in enumerate(zip(lasts, streams)):
             result = stream.wait()
-            logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+            logprobs = [lp.logprob for lp in logprob_entries(stream.events)]
             assert result.usage.cached_tokens >= 0.9 * n1, (last, result.usage)
             same_as_cold(w, name, chat(answer, last), 10 + i, (result, logprobs))
     finally:

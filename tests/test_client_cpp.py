@@ -3,8 +3,8 @@
 Configures and builds clients/cpp with CMake into clients/cpp/build/<variant> (gitignored,
 reused when present), then runs its GoogleTest suite through ctest: once under
 AddressSanitizer+UBSan, once under ThreadSanitizer (the plain build runs the README
-example). A missing toolchain or library
-is a failure that says what to install, never a skip.
+example). A missing toolchain or library is a failure that says what to install, never
+a skip.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import re
 
 import pytest
 
+from conftest import logprob_entries
 from constraint_helpers import ENGINES, closing_bias, token_texts, validate
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
@@ -346,7 +347,7 @@ def test_top_logprobs_list_only_allowed_tokens(worker, tiny_model):
     texts = token_texts(tiny_model)
     result, events = gen(worker, {"type": "regex", "pattern": "[0-9]{4}"}, top_logprobs=5, seed=1)
     assert re.fullmatch("[0-9]{4}", result.text)
-    entries = [lp for e in events for lp in (e.logprobs or [])]
+    entries = logprob_entries(events)
     assert len(entries) == len(result.tokens)
     for entry in entries:
         assert entry.top and all(t.logprob > float("-inf") for t in entry.top)

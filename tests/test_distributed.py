@@ -19,7 +19,7 @@ from harness import exited_within, pid_gone
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
 
-from conftest import cancel_after, spawn
+from conftest import cancel_after, logprob_entries, spawn
 
 TP = {"mode": "tensor", "ranks": 2}
 PROMPT = "Tell me about the sea and the ships"
@@ -77,7 +77,7 @@ def test_greedy_seeded_text_and_logprobs_equal_one_process(tp):
     assert two.tokens == one.tokens and len(two.tokens) == 24
     assert two.text == one.text
     assert "".join(e.text for e in stream.events if isinstance(e, protocol.TokenEvent)) == two.text
-    lp2 = [lp for e in stream.events if isinstance(e, protocol.TokenEvent) and e.logprobs for lp in e.logprobs]
+    lp2 = logprob_entries(stream.events)
     assert [lp.token for lp in lp2] == two.tokens
     assert all(len(lp.top) == 3 and lp.top[0].token == lp.token for lp in lp2)  # greedy: the top one
     for seed in (1, 7):

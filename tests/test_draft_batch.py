@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from conftest import cancel_after, spawn
+from conftest import cancel_after, logprob_entries, spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 
@@ -60,7 +60,7 @@ def params(i: int, **extra) -> dict:
 
 
 def logprobs(events) -> list[float]:
-    return [lp.logprob for e in events if isinstance(e, protocol.TokenEvent) and e.logprobs for lp in e.logprobs]
+    return [lp.logprob for lp in logprob_entries(events)]
 
 
 def together(w, requests: list[dict]) -> tuple[list, set[str]]:

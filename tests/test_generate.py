@@ -7,6 +7,7 @@ import math
 import msgspec
 import pytest
 
+from conftest import logprob_entries
 from mlx_worker import protocol
 
 CHAT = [{"role": "user", "content": "Tell me about the sea."}]
@@ -141,7 +142,7 @@ def test_eos_stops_and_is_not_returned(worker):
 
 def test_top_logprobs(worker):
     result, events = run(worker, prompt="Logprobs", max_tokens=8, temperature=0, top_logprobs=5)
-    entries = [lp for e in events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    entries = logprob_entries(events)
     assert [lp.token for lp in entries] == result.tokens
     for lp in entries:
         assert len(lp.top) == 5
@@ -151,7 +152,7 @@ def test_top_logprobs(worker):
         assert math.isclose(lp.top[0].logprob, lp.logprob, rel_tol=1e-6)
         assert all(v <= 0 for v in values)
     plain, events = run(worker, prompt="Logprobs", max_tokens=8, temperature=0, logprobs=True)
-    entries = [lp for e in events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    entries = logprob_entries(events)
     assert entries and all(lp.top is msgspec.UNSET for lp in entries)  # logprobs alone: no alternatives
     assert plain.tokens == result.tokens
 

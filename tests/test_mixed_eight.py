@@ -12,9 +12,8 @@ import threading
 
 import pytest
 
-from conftest import spawn
+from conftest import logprob_entries, spawn
 from fixtures.build import ensure_model
-from mlx_worker import protocol
 from vision_images import b64, gradient, noise, png, user
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -44,7 +43,7 @@ def eight() -> list[dict]:
 
 
 def logprobs(stream) -> list[float]:
-    return [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    return [lp.logprob for lp in logprob_entries(stream.events)]
 
 
 @pytest.fixture(scope="module")

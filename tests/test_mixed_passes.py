@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import spawn, worker_env
+from conftest import logprob_entries, spawn, worker_env
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 
@@ -41,7 +41,7 @@ def long_prompt(model_id: str, n: int = 900) -> dict:
 
 
 def logprobs(stream) -> list[float]:
-    return [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    return [lp.logprob for lp in logprob_entries(stream.events)]
 
 
 def until_token(stream) -> None:

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from conftest import spawn
+from conftest import logprob_entries, spawn
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
 
@@ -73,7 +73,7 @@ class Session:
         result = stream.wait()
         progress = [e for e in stream.events if isinstance(e, protocol.ProgressEvent)]
         assert all(p.cached == result.usage.cached_tokens for p in progress)
-        logprobs = [lp.logprob for e in stream.events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+        logprobs = [lp.logprob for lp in logprob_entries(stream.events)]
         return result, logprobs
 
     def both(self, **params) -> protocol.GenerateResult:

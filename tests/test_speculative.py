@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import cancel_after, spawn
+from conftest import cancel_after, logprob_entries, spawn
 from fixtures.build import ensure_model
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
@@ -47,7 +47,7 @@ def pair(w, **params):
 
 
 def logprobs(events) -> list[float]:
-    return [lp.logprob for e in events if isinstance(e, protocol.TokenEvent) and e.logprobs for lp in e.logprobs]
+    return [lp.logprob for lp in logprob_entries(events)]
 
 
 def assert_same(plain: protocol.GenerateResult, spec: protocol.GenerateResult) -> None:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import spawn, worker_env
+from conftest import logprob_entries, spawn, worker_env
 from fixtures.build import ensure_model
 from mlx_worker import errors, protocol
 from mlx_worker.client import RpcError
@@ -170,7 +170,7 @@ def test_streaming_sampling_and_stops_work_with_an_image(vw):
     token_events = [e for e in events if isinstance(e, protocol.TokenEvent)]
     assert "".join(e.text for e in token_events) == result.text
     assert [t for e in token_events for t in e.tokens] == result.tokens
-    assert all(len(lp.top) == 2 for e in token_events for lp in (e.logprobs or []))
+    assert all(len(lp.top) == 2 for lp in logprob_entries(token_events))
     again = gen(vw, messages=msgs, max_tokens=20, temperature=0.8, seed=42, ignore_eos=False)
     assert again.tokens == result.tokens  # seeded sampling is reproducible
     progress = [e for e in events if isinstance(e, protocol.ProgressEvent)]

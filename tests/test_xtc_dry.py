@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from conftest import spawn
+from conftest import logprob_entries, spawn
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
 
@@ -46,7 +46,7 @@ def first_logprobs(w, tokens: list[int], bias: dict, **extra) -> dict[int, float
     stream = w.generate(model_id="tiny", tokens=tokens, max_tokens=1, temperature=0, top_logprobs=20,
                         logit_bias=bias, ignore_eos=True, **extra)
     events = list(stream)
-    lps = [lp for e in events if isinstance(e, protocol.TokenEvent) for lp in (e.logprobs or [])]
+    lps = logprob_entries(events)
     assert len(lps) == 1
     return {t.token: t.logprob for t in lps[0].top}
 
