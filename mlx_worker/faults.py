@@ -1,8 +1,9 @@
-"""Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,join@1,restore@1,spill@1"``
+"""Fault injection for tests: ``MLX_WORKER_FAULTS="prefill@2,decode@3,join@1,restore@1,selfcheck@1,spill@1"``
 makes the 2nd prefill chunk (or image-tower turn), the 3rd decode sample, the
 1st join into a batch (a speculative request, a vision row's first step), the
-1st disk restore fail as an allocation failure (MemoryError) and the 1st disk
-write as a full disk (ENOSPC). Unset (every real run): ``hit`` is one lookup.
+1st disk restore, the 1st packed-pass self-check fail as an allocation failure
+(MemoryError) and the 1st disk write as a full disk (ENOSPC). Unset (every
+real run): ``hit`` is one lookup.
 Spec: protocol/README.md § Reliability: limits, bad input, faults, memory.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-POINTS = ("prefill", "decode", "join", "restore", "spill")
+POINTS = ("prefill", "decode", "join", "restore", "selfcheck", "spill")
 
 
 def _parse(spec: str) -> dict[str, set[int]]:

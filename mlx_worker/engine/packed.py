@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models import base
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+from .. import errors, faults
 from . import chunk_attention
 
 log = logging.getLogger("mlx_worker.engine.packed")
@@ -156,15 +157,20 @@ def forward(model, tokens: mx.array, spans: list[tuple[int, int]], caches: list[
 
 def mixable(model) -> bool:
     """Whether packed passes drive this model exactly, checked once (at load,
-    methods.py): wraps
-    its RoPE and attention (both pass through anything but a packed pass),
-    then compares a packed pass with separate passes (``_agrees``)."""
+    methods.py): wraps its RoPE and attention (both pass through anything
+    but a packed pass), then compares a packed pass with separate passes
+    (``_agrees``). A check that ran out of memory decides nothing: until
+    one completes, batches merge (asked again as each decode batch forms)."""
     known = getattr(model, _FLAG, None)
     if known is None:
         try:
+            faults.hit("selfcheck")
             known = _enable(model) and _agrees(model)
-        except Exception:  # a model that reads positions some other way
-            log.debug("packed passes unavailable for this model", exc_info=True)
+        except Exception as exc:
+            if errors.is_out_of_memory(exc):
+                log.warning("packed passes' self-check ran out of memory (%s): asked again later", exc)
+                return False
+            log.debug("packed passes unavailable for this model", exc_info=True)  # it reads positions its own way
             known = False
         object.__setattr__(model, _FLAG, known)
         log.info("packed passes %s for %s", "on" if known else "off", type(model).__module__)
