@@ -19,7 +19,7 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from .. import errors, faults
-from . import chunk_attention
+from . import packed_attention
 
 log = logging.getLogger("mlx_worker.engine.packed")
 
@@ -113,15 +113,20 @@ class PackedRope(nn.Module):
 def _sdpa(queries, keys, values, cache, scale, mask, **kwargs):
     if not isinstance(cache, Layer):
         return _ORIGINAL_SDPA(queries, keys, values, cache=cache, scale=scale, mask=mask, **kwargs)
-    p, outs = cache.p, []
-    for rows, (a, b), k, v, m in zip(p.rows, p.bounds, keys.parts, values.parts, p.masks):
-        q = queries[:, :, a:b]
-        if rows:
-            outs.append(_as_rows(_ORIGINAL_SDPA(_as_rows(q), k, v, cache=None, scale=scale, mask=m, **kwargs)))
-        elif chunk_attention.applies(q, k, m, kwargs):
-            outs.append(chunk_attention.causal(q, k, v, scale))
+    p = cache.p
+    mixed = not all(p.rows)  # a prompt chunk rides along: its attention syncs, the rows' may join it
+    outs: list = [None] * len(p.rows)
+    fast = []  # (segment, (q, k, v, mask)): packed_attention, one sync for all
+    for i, (rows, (a, b), k, v, m) in enumerate(zip(p.rows, p.bounds, keys.parts, values.parts, p.masks)):
+        q = _as_rows(queries[:, :, a:b]) if rows else queries[:, :, a:b]
+        if mixed and packed_attention.applies(q, k, m, kwargs):
+            fast.append((i, (q, k, v, m)))
         else:
-            outs.append(_ORIGINAL_SDPA(q, k, v, cache=None, scale=scale, mask=m, **kwargs))
+            outs[i] = _ORIGINAL_SDPA(q, k, v, cache=None, scale=scale, mask=m, **kwargs)
+    if fast:
+        for (i, _), out in zip(fast, packed_attention.attend([part for _, part in fast], scale)):
+            outs[i] = out
+    outs = [_as_rows(o) if rows else o for o, rows in zip(outs, p.rows)]
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
