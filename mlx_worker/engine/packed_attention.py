@@ -52,9 +52,9 @@ def attend(parts: list, scale: float) -> list[mx.array]:
         B, H, L, D = q.shape
         Hk, S = k.shape[1], k.shape[2]
         a = np.array(s, copy=True)
-        if isinstance(mask, str):  # causal: query i sees keys up to S - L + i
+        if isinstance(mask, str):  # causal: query i sees keys up to S - L + i (only the last L are ever hidden)
             a = a.reshape(B, Hk, H // Hk, L, S)
-            a[..., np.arange(S)[None] > np.arange(S - L, S)[:, None]] = -np.inf
+            a[..., S - L :][..., np.triu(np.ones((L, L), dtype=bool), 1)] = -np.inf
         a -= a.max(axis=-1, keepdims=True)
         np.exp(a, out=a)
         a /= a.sum(axis=-1, keepdims=True)
