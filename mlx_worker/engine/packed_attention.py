@@ -38,8 +38,8 @@ def applies(q: mx.array, k: mx.array, mask, kwargs: dict) -> bool:
 
 def attend(parts: list, scale: float) -> list[mx.array]:
     """softmax(q k^T * scale, mask) v for each (q, k, v, mask) of a layer:
-    q (B, H, L, D), k and v (B, Hk, S, D); a causal chunk's L queries end
-    its S keys. Evaluates the pass up to this layer's scores."""
+    q (B, H, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv); a causal chunk's L
+    queries end its S keys. Evaluates the pass up to this layer's scores."""
     scores = []
     for q, k, _, mask in parts:
         B, H, L, D = q.shape
@@ -58,5 +58,5 @@ def attend(parts: list, scale: float) -> list[mx.array]:
         a -= a.max(axis=-1, keepdims=True)
         np.exp(a, out=a)
         a /= a.sum(axis=-1, keepdims=True)
-        outs.append((mx.array(a).reshape(B, Hk, H // Hk * L, S) @ v).reshape(B, H, L, D))
+        outs.append((mx.array(a).reshape(B, Hk, H // Hk * L, S) @ v).reshape(B, H, L, v.shape[-1]))
     return outs
