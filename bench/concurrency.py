@@ -170,6 +170,13 @@ def measure(model: str, tokens: int, rounds: int, curve: list[int]) -> dict:
     out = {k: {"eight": med(v["eight"]), "behind": med(v["behind"]),
                "curve": {n: med(rows) for n, rows in v["curve"].items()}} for k, v in res.items()}
     out["single"] = {k: median(v) for k, v in single.items()}
+    w, s = res["worker"], res["mlx_lm_server"]  # each round's ratios: how far the noise reaches
+    out["per_round"] = {
+        "tps_vs_server_8": [a["tps"] / b["tps"] for a, b in zip(w["eight"], s["eight"])],
+        "gap_during_prompt_over_idle": [a["gap_ratio"] for a in w["behind"]],
+        "long_ttft_vs_server": [a["long_ttft"] / b["long_ttft"] for a, b in zip(w["behind"], s["behind"])],
+        "single_vs_inprocess": [a / b for a, b in zip(single["worker"], single["inprocess"])],
+    }
     out["blas"] = blas
     return out
 
@@ -235,6 +242,9 @@ def main() -> None:
     single = r["single"]["worker"] / r["single"]["inprocess"]
     print(f"\none stream alone: worker {r['single']['worker']:.1f} tok/s, in-process mlx-lm "
           f"{r['single']['inprocess']:.1f} tok/s: {single:.3f} (target ≥ 0.98)")
+    print("\neach round (the medians above are of each side's own figures):")
+    for key, values in r["per_round"].items():
+        print(f"  {key}: {', '.join(f'{v:.2f}' for v in values)}")
     figures = {
         "tps_vs_server_8": w["eight"]["tps"] / s["eight"]["tps"],
         "ttft_p50_vs_server_8": w["eight"]["ttft_p50"] / s["eight"]["ttft_p50"],
@@ -243,6 +253,7 @@ def main() -> None:
         "long_ttft_vs_server": w["behind"]["long_ttft"] / s["behind"]["long_ttft"],
         "gap_during_prompt_over_idle": w["behind"]["gap_ratio"],
         "single_vs_inprocess": single,
+        "per_round": r["per_round"],
         "worker": w, "mlx_lm_server": s, "single": r["single"], "model": args.model,
     }
     report("concurrency", figures)
