@@ -118,3 +118,37 @@ def test_a_cancel_between_pieces_and_the_shared_features():
         assert text.wait().tokens == text_alone.tokens
     finally:
         w.close()
+
+
+
+def test_tower_blocks_after_the_layer_the_projector_reads_are_not_pieces():
+    """tiny-llava reads its tower's second-to-last hidden state
+    (vision_feature_layer -2, 2 CLIP blocks): only the first block is a
+    piece, so the last, whose output nothing reads, is never computed; the
+    embeddings equal those built without pieces. In-process through
+    mlx-vlm's own get_input_embeddings: the installed image processor fails
+    on llava (the worker answers -32011), so the pixels are made here."""
+    import json
+
+    import mlx.core as mx
+    from mlx_vlm import load
+
+    from mlx_worker.vision import tower_pieces
+
+    path = ensure_model("tiny-llava")
+    config = json.loads((path / "config.json").read_text())
+    vision = config["vision_config"]
+    read = vision["num_hidden_layers"] + config["vision_feature_layer"] + 1
+    vlm, _ = load(str(path))
+    size = vision["image_size"]
+    pixels = mx.array(np.random.RandomState(0).rand(1, 3, size, size).astype("float32"))
+    image_token = config["image_token_index"]
+    ids = mx.array([[1] + [image_token] * ((size // vision["patch_size"]) ** 2) + [5, 6]])
+    plain = vlm.get_input_embeddings(ids, pixels).inputs_embeds
+    mx.eval(plain)
+    assert tower_pieces.mark(vlm) == read == 1
+    with tower_pieces.recording() as pieces:
+        embeds = vlm.get_input_embeddings(ids, pixels).inputs_embeds
+    assert len(pieces.arrays) == read
+    assert pieces.run(float("inf")) == read
+    assert mx.array_equal(embeds, plain).item()

@@ -10,12 +10,15 @@ Spec: "Batching". ``MLX_WORKER_TOWER_PIECES=0``: the tower runs in one go.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+log = logging.getLogger("mlx_worker.vision.tower_pieces")
 
 ENABLED = os.environ.get("MLX_WORKER_TOWER_PIECES", "1") != "0"
 # Where mlx-vlm models keep their image tower.
@@ -27,13 +30,28 @@ _subclasses: dict = {}
 
 def mark(vlm: nn.Module) -> int:
     """Mark the blocks of ``vlm``'s image tower (its longest list of
-    modules). Each block's class becomes a subclass that records its
-    output; parameters and their names are untouched. Returns how many."""
+    modules) whose output the model uses. Each block's class becomes a
+    subclass that records its output; parameters and their names are
+    untouched. Returns how many."""
     tower = next((getattr(vlm, name) for name in TOWERS if isinstance(getattr(vlm, name, None), nn.Module)), None)
     blocks = _longest_list(tower) if tower is not None else []
+    # Blocks after the hidden state the projector reads are never evaluated
+    # unless recorded (LLaVA's vision_feature_layer -2 leaves the last one).
+    blocks = blocks[: len(blocks) - _unread_tail(vlm)]
     for block in blocks:
         block.__class__ = _recording_class(type(block))
+    log.debug("tower blocks marked: %d", len(blocks))
     return len(blocks)
+
+
+def _unread_tail(vlm: nn.Module) -> int:
+    """How many last tower blocks no output of the model reads: a LLaVA-style
+    ``vision_feature_layer`` of -k (or the least deep of several) leaves k - 1."""
+    layer = getattr(vlm, "vision_feature_layer", None)
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers or not all(isinstance(i, int) and i < 0 for i in layers):
+        return 0
+    return min(-i for i in layers) - 1
 
 
 def _longest_list(module: nn.Module) -> list:
