@@ -186,14 +186,14 @@ def test_a_row_joins_a_shared_segment_that_is_down_to_one_row(logged):
         same(a, b, i)
 
 
-def test_a_self_check_that_runs_out_of_memory_is_asked_again():
+def test_a_self_check_that_runs_out_of_memory_is_asked_again(tiny_model):
     """The packed passes' one-time check (engine/packed.py) fails at load
     with an allocation failure (MLX_WORKER_FAULTS="selfcheck@1"): that
     decides nothing, so the first batch asks again and prompts ride along."""
     log = tempfile.TemporaryFile()
     w = spawn("--log-level", "debug", stderr=log, env=worker_env(MLX_WORKER_FAULTS="selfcheck@1"))
     try:
-        w.load(str(ensure_model("tiny-llama")), model_id="tiny")
+        w.load(tiny_model, model_id="tiny")
         assert "self-check ran out of memory" in log_text(log)
         alone = [run(w, p) for p in rows("tiny") + [long_prompt("tiny")]]
         together = decoding_then_prompt(w, "tiny")

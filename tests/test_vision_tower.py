@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import tempfile
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_vlm import load
 from PIL import Image
 
 from conftest import spawn, worker_env
 from fixtures.build import ensure_model
 from mlx_worker import protocol
+from mlx_worker.vision import tower_pieces
 
 
 def image_url(seed: int) -> str:
@@ -120,7 +124,6 @@ def test_a_cancel_between_pieces_and_the_shared_features():
         w.close()
 
 
-
 def test_tower_blocks_after_the_layer_the_projector_reads_are_not_pieces():
     """tiny-llava reads its tower's second-to-last hidden state
     (vision_feature_layer -2, 2 CLIP blocks): only the first block is a
@@ -128,13 +131,6 @@ def test_tower_blocks_after_the_layer_the_projector_reads_are_not_pieces():
     embeddings equal those built without pieces. In-process through
     mlx-vlm's own get_input_embeddings: the installed image processor fails
     on llava (the worker answers -32011), so the pixels are made here."""
-    import json
-
-    import mlx.core as mx
-    from mlx_vlm import load
-
-    from mlx_worker.vision import tower_pieces
-
     path = ensure_model("tiny-llava")
     config = json.loads((path / "config.json").read_text())
     vision = config["vision_config"]

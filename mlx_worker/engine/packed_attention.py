@@ -49,7 +49,7 @@ def attend(parts: list, scale: float) -> list[mx.array]:
     mx.eval(scores)
     outs = []
     for (q, k, v, mask), s in zip(parts, scores):
-        B, H, L, D = q.shape
+        B, H, L, _ = q.shape
         Hk, S = k.shape[1], k.shape[2]
         a = np.array(s, copy=True)
         if isinstance(mask, str):  # causal: query i sees keys up to S - L + i (only the last L are ever hidden)
