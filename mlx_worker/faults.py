@@ -2,8 +2,9 @@
 makes the 2nd prefill chunk (or image-tower turn), the 3rd decode sample, the
 1st join into a batch (a speculative request, a vision row's first step), the
 1st disk restore, the 1st packed-pass self-check fail as an allocation failure
-(MemoryError) and the 1st disk write as a full disk (ENOSPC). Unset (every
-real run): ``hit`` is one lookup.
+(MemoryError) and the 1st disk write as a full disk (ENOSPC); ``ring@n``
+loses rank 1 before rank 0's nth distributed forward (distributed/mirror.py).
+Unset (every real run): ``hit`` is one lookup.
 Spec: protocol/README.md § Reliability: limits, bad input, faults, memory.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 
-POINTS = ("prefill", "decode", "join", "restore", "selfcheck", "spill")
+POINTS = ("prefill", "decode", "join", "restore", "selfcheck", "spill", "ring")
 
 
 def _parse(spec: str) -> dict[str, set[int]]:
@@ -28,11 +29,16 @@ _plan = _parse(os.environ.get("MLX_WORKER_FAULTS", ""))
 _counts: dict[str, int] = {}
 
 
-def hit(point: str) -> None:
+def fires(point: str) -> bool:
+    """Whether this visit of ``point`` is one the plan names."""
     if point not in _plan:
-        return
+        return False
     _counts[point] = _counts.get(point, 0) + 1
-    if _counts[point] in _plan[point]:
+    return _counts[point] in _plan[point]
+
+
+def hit(point: str) -> None:
+    if fires(point):
         if point == "spill":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         raise MemoryError(f"injected allocation failure in {point}")

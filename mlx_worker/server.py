@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from . import errors, protocol, request_lines, token_merging
+from . import errors, mlx_stuck, protocol, request_lines, token_merging
 from .jobs import Job, JobTable
 from .request_lines import Rejected
 from .transport import LineWriter, Oversized, read_lines
@@ -57,8 +57,20 @@ class Worker:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        mlx_stuck.on_declare(self.stuck)
         threading.Thread(target=self._compute_loop, name="compute", daemon=True).start()
         threading.Thread(target=self._read_loop, name="reader", daemon=True).start()
+
+    def stuck(self, why: str) -> None:
+        """The compute thread is stuck in MLX for good (mlx_stuck.py): every
+        request in flight is answered from here, then the worker stops."""
+        self.exit_code = mlx_stuck.EXIT_CODE
+        message = f"{why}; the worker exits (code {mlx_stuck.EXIT_CODE}): restart it"
+        for rid in self.table.running_ids():
+            job = self.table.running_job(rid)
+            if job is not None:
+                self.table.fail(job, errors.GENERATION_FAILED, message)
+        self.stop(why)
 
     def stop(self, why: str) -> None:
         if self.stopping.is_set():

@@ -270,6 +270,49 @@ def test_a_follower_that_dies_or_hangs_ends_the_request_and_unloads_the_model(ti
 
 
 @pytest.mark.heavy
+def test_a_forward_left_waiting_in_mlx_ends_its_request_and_the_worker_exits(tiny_model, tmp_path):
+    """Fault ``ring``: rank 1 is lost right before a forward, after one
+    collective ran over the dead link. MLX's ring backend then leaves a
+    collective waiting forever (its socket threads have exited), with the
+    compute thread in it: the real hang behind this file's ``[hang]`` case
+    once in CI, where the worker froze. Now the ring's watchdog answers that
+    request (-32011) and the other model's stream, and the worker exits with
+    code 70 (nothing frees the thread; MLX can't be trusted in-process)."""
+    import threading
+
+    from conftest import worker_env
+
+    log = (tmp_path / "stderr").open("w+b")
+    w = spawn(env=worker_env(MLX_WORKER_FAULTS="ring@6"), stderr=log)
+    try:
+        w.load(tiny_model, model_id="tp", parallel={**TP, "timeout_s": 2.0})
+        w.load(tiny_model, model_id="one")
+        other: dict = {}
+
+        def drain():
+            try:
+                other["answer"] = w.generate(model_id="one", prompt="hi", max_tokens=100000, temperature=0,
+                                             ignore_eos=True).wait()
+            except RpcError as e:
+                other["answer"] = e
+
+        beside = threading.Thread(target=drain, daemon=True)
+        beside.start()
+        t0 = time.monotonic()
+        with pytest.raises(RpcError) as exc:
+            w.generate(model_id="tp", prompt=PROMPT, max_tokens=50, temperature=0, ignore_eos=True).wait()
+        assert exc.value.code == -32011 and "rank 1 was killed by signal 9" in exc.value.message
+        assert "code 70" in exc.value.message and time.monotonic() - t0 < 8.0
+        assert exited_within(w.proc, 5) is not None and w.proc.returncode == 70
+        beside.join(5)
+        assert "answer" in other
+    finally:
+        w.close()
+    log.seek(0)
+    assert b"never returned from MLX's ring backend" in log.read()
+
+
+@pytest.mark.heavy
 @pytest.mark.parametrize("n", [1, 2])
 def test_follow_up_turns_whose_follower_dies_get_their_error_and_the_worker_serves_on(tiny_model, n):
     """A follow-up turn leases a stored entry; when the group dies its

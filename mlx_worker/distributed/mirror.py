@@ -7,10 +7,12 @@ them itself (bench/results/design-notes.md, "models").
 from __future__ import annotations
 
 import copy
+import time
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from .. import faults
 from .ring import Ring, RingFailed
 
 
@@ -71,8 +73,7 @@ class DistributedModel:
         list_id = cache[0]._list if cache else None
         self._ring.send({"op": "forward", "model": self._model_id, "list": list_id, "tokens": inputs.tolist()})
         try:
-            out = self._inner(inputs, cache=cache)
-            mx.eval(out)
+            out = _evaluate(self._ring, lambda: self._inner(inputs, cache=cache))
         except RuntimeError as exc:  # a collective whose peer is gone
             raise self._ring.lost(exc) from None
         self._ring.check()
@@ -83,3 +84,35 @@ class DistributedModel:
             self._ring.send({"op": "unload", "model": self._model_id})
         except RingFailed:
             pass
+
+
+def _evaluate(ring: Ring, build):
+    """Rank 0's forward pass, built and evaluated, watched by the ring's
+    watchdog while it runs (one still in MLX after a failure stops the worker:
+    ring.py, STUCK_S)."""
+    ring.forward_since = time.monotonic()
+    try:
+        if faults.fires("ring"):
+            _lose_a_rank(ring)
+        out = build()
+        mx.eval(out)
+        return out
+    finally:
+        ring.forward_since = None
+
+
+def _lose_a_rank(ring: Ring) -> None:
+    """Fault ``ring``: rank 1 killed, then two collectives run over the dead
+    link before the pass: the pass's own collectives (or those) then meet
+    MLX's exited socket threads and wait forever. Real MLX behaviour, not a
+    simulated hang."""
+    follower = ring.followers[0]
+    follower.proc.kill()
+    follower.proc.wait()
+    try:  # on a stream of their own: the pass's stream records no error, so it queues its collectives
+        with mx.stream(mx.new_stream(mx.default_device())):
+            first = mx.distributed.all_sum(mx.ones((1 << 16,)), group=ring.group)
+            mx.eval(mx.distributed.all_sum(first * 2, group=ring.group))
+    except RuntimeError:
+        pass
+    time.sleep(0.3)  # the socket threads have exited by now

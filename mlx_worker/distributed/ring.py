@@ -23,7 +23,7 @@ from typing import Optional
 
 import msgspec
 
-from .. import errors, protocol
+from .. import errors, mlx_stuck, protocol
 from ..errors import WorkerError
 
 log = logging.getLogger("mlx_worker.distributed")
@@ -31,6 +31,11 @@ log = logging.getLogger("mlx_worker.distributed")
 BACKENDS = ["ring"]  # what this build can start (JACCL and MPI need hosts set up by the user)
 HEARTBEAT_S = 0.2
 INIT_TIMEOUT_S = 120.0  # followers start (import MLX, ssh) and connect
+# After the group failed, rank 0's forward pass still running this long is
+# stuck in MLX for good: its ring backend can leave a collective waiting
+# forever once a peer is lost (a socket's thread fails the tasks pending on it
+# after 10 errors and exits; one queued later is never resolved).
+STUCK_S = 3.0
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
@@ -81,6 +86,8 @@ class Ring:
         self._frees: list[int] = []
         self._next_id = 0
         self._closing = False
+        self.forward_since: Optional[float] = None  # rank 0's forward pass in flight since (mirror.py)
+        self._failed_at = 0.0
 
     # ------------------------------------------------------------ start
 
@@ -166,18 +173,22 @@ class Ring:
 
     def check(self) -> None:
         if self.failure is not None:
-            raise RingFailed(errors.GENERATION_FAILED, f"the distributed group failed: {self.failure}",
-                             {"ranks": self.size})
+            raise self.error()
+
+    def error(self) -> RingFailed:
+        """The error a request of the failed group ends with."""
+        return RingFailed(errors.GENERATION_FAILED, f"the distributed group failed: {self.failure}",
+                          {"ranks": self.size})
 
     def fail(self, why: str) -> RingFailed:
         """Mark the ring failed and kill every follower (a collective waiting
         on one then fails at once on rank 0). Returns the error to raise."""
         if self.failure is None:
             self.failure = why
+            self._failed_at = time.monotonic()
             log.error("distributed group failed: %s", why)
             self._kill()
-        return RingFailed(errors.GENERATION_FAILED, f"the distributed group failed: {self.failure}",
-                          {"ranks": self.size})
+        return self.error()
 
     def lost(self, exc: BaseException, wait_s: float = 1.0) -> RingFailed:
         """Rank 0's collective failed: name the rank behind it (one that
@@ -201,9 +212,16 @@ class Ring:
     def _watch(self) -> None:
         last = time.monotonic()
         calm = 0  # rounds since this thread last woke late
-        while self.failure is None and not self._closing:
+        while not self._closing:
             time.sleep(HEARTBEAT_S / 2)
             now = time.monotonic()
+            if self.failure is not None:
+                since = self.forward_since
+                if since is not None and now - max(since, self._failed_at) >= STUCK_S:
+                    mlx_stuck.declare(f"the distributed group failed: {self.failure}; rank 0's forward pass never "
+                                      "returned from MLX's ring backend")
+                    return
+                continue
             # Woken late: this process was starved (a library call holding the
             # GIL), so the reader threads were too, and heartbeats may be
             # waiting unread. Judge staleness only after they had a turn.
@@ -211,7 +229,7 @@ class Ring:
             last = now
             for f in self.followers:
                 if self._closing or self.failure is not None:
-                    return
+                    break
                 if f.proc.poll() is not None:
                     self.fail(self._exit_reason(f))
                     continue
