@@ -107,10 +107,11 @@ class JobTable:
         with self.cond:
             return list(self.running)
 
-    def generates(self) -> list[Job]:
-        """The generate jobs in flight: taken ones oldest first, then queued ones."""
+    def snapshot(self) -> tuple[list[Job], list[Job]]:
+        """(queued, taken) jobs at one moment: ``status`` builds its queue and
+        its requests' states from one view, so they never disagree."""
         with self.cond:
-            return [j for j in [*self.running.values(), *self.queue] if j.method == "generate"]
+            return list(self.queue), list(self.running.values())
 
     def running_job(self, rid: Any) -> Optional[Job]:
         with self.cond:

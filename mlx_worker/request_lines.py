@@ -113,15 +113,18 @@ def id_at_head(head: bytes) -> Any:
 
 def _field_of(exc: msgspec.ValidationError, root: str, raw: bytes = b"") -> dict:
     # msgspec says "... - at `$.a.b[0]`" (or "at `key` in `$.a`" for a
-    # mapping's key); hosts get it as "params.a.b[0]". An unknown field and a
-    # bad mapping key are named themselves ("params.max_tokenz",
-    # "params.logit_bias.1_0"), so a host sees exactly what it got wrong.
+    # mapping's key); hosts get it as "params.a.b[0]". An unknown field, a
+    # missing one and a bad mapping key are named themselves
+    # ("params.max_tokenz", "params.model", "params.logit_bias.1_0"), so a
+    # host sees exactly what it got wrong.
     text = str(exc)
     match = re.search(r"`\$([^`]*)`$", text)
     path = match.group(1) if match else ""
-    unknown = re.match(r"Object contains unknown field `([^`]*)`", text)
+    unknown = re.match(r"Object (?:contains unknown|missing required) field `([^`]*)`", text)
     if unknown:
         path += "." + unknown.group(1)
+    elif path.endswith("[...]"):  # a mapping's value: msgspec names no key; the mapping is the field
+        path = path[: -len("[...]")]
     elif " - at `key` in `$" in text:
         key = _bad_key(raw, path, text)
         if key is not None:

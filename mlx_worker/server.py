@@ -172,13 +172,14 @@ class Worker:
 
         models = self.models.snapshot() if self.models is not None else []
         scheduler = getattr(self.methods, "scheduler", None)
+        queued, taken = self.table.snapshot()
         waiting = scheduler.waiting_ids() if scheduler is not None else []
-        running = [rid for rid in self.table.running_ids() if rid not in waiting]
+        running = [job.id for job in taken if job.id not in waiting]
         return protocol.StatusResult(
             models=[self.models.describe(m) for m in models],
             queue=protocol.QueueStatus(
                 active=running[0] if running else None,
-                pending=self.table.pending(),
+                pending=len(queued),
                 max_pending=self.config.max_pending,
                 running=running,
                 waiting=waiting,
@@ -187,7 +188,7 @@ class Worker:
             uptime_s=round(time.monotonic() - self.started, 3),
             distributed=self.methods.distributed_capabilities(),
             disk_cache=[t.status() for t in all_tiers()],
-            requests=_request_statuses(self.table, scheduler),
+            requests=_request_statuses(queued, taken, scheduler),
         )
 
     # -------------------------------------------------------------- compute
@@ -261,14 +262,17 @@ class _Unavailable:
         return ring.capabilities()
 
 
-def _request_statuses(table: JobTable, scheduler) -> list[protocol.RequestStatus]:
-    """Each generate in flight: its lifecycle state (the scheduler's, once it
-    holds it; else still queued) and priority. Read from the reader thread."""
+def _request_statuses(queued: list[Job], taken: list[Job], scheduler) -> list[protocol.RequestStatus]:
+    """Each generate in flight (taken ones oldest first, then queued ones):
+    its lifecycle state (the scheduler's, once it holds a taken one; else
+    queued) and priority. Read from the reader thread, after the table's
+    snapshot: a job queued in it reads "queued" even if taken since."""
     held = dict(scheduler.requests) if scheduler is not None else {}
     paused = {r.request_id for r in scheduler.preemption.requests()} if scheduler is not None else set()
+    handed = {id(job) for job in taken}
     out = []
-    for job in table.generates():
-        req = held.get(job.id)
+    for job in [j for j in taken + queued if j.method == "generate"]:
+        req = held.get(job.id) if id(job) in handed else None
         out.append(protocol.RequestStatus(id=job.id, state=req.state.value if req is not None else "queued",
                                           priority=job.params.priority, paused=job.id in paused))
     return out

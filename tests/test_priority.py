@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from conftest import spawn
@@ -83,6 +84,27 @@ def test_status_lists_no_request_when_idle_and_default_is_interactive(worker):
     assert [(r.state, r.priority, r.paused) for r in rows] == [("decoding", "interactive", False)]
     assert s.cancel() is True and s.wait().stop_reason == "cancelled"
     assert worker.status().requests == []
+
+
+def test_status_requests_agree_with_its_queue(worker):
+    """`status` sent right behind four generates, as a polling host would:
+    its requests' states and its queue come from one view. A request the
+    scheduler holds is in queue.running (or waiting), and queue.pending counts
+    exactly the queued ones (before, 6 of 18 such replies disagreed)."""
+    prompt = [9 + j % 500 for j in range(600)]
+    for trial in range(6):
+        gens = [worker.start("generate", {"model_id": "tiny", "tokens": [k + 5] + prompt, "max_tokens": 4,
+                                          "ignore_eos": True, "prompt_cache": False}) for k in range(4)]
+        replies = [worker.start("status") for _ in range(3)]
+        for _, inbox in replies:
+            st = msgspec.convert(inbox.get(timeout=60)["result"], protocol.StatusResult)
+            queued = [r.id for r in st.requests if r.state == "queued"]
+            held = [r.id for r in st.requests if r.state != "queued"]
+            assert st.queue.pending == len(queued), (trial, st.queue, st.requests)
+            assert all(rid in st.queue.running + st.queue.waiting for rid in held), (trial, st.queue, st.requests)
+        for _, inbox in gens:
+            while "method" in inbox.get(timeout=120):
+                pass
 
 
 def test_an_interactive_request_waiting_for_memory_goes_before_a_background_one(tiny_model):

@@ -122,7 +122,9 @@ def test_unknown_method(worker):
         ({"prompt": "x", "stop": [1, 2]}, "params.stop"),
         ({"tokens": [1, "a"]}, "params.tokens[1]"),
         ({"messages": [{"role": "user", "content": 3}]}, "params.messages[0].content"),
-        ({"messages": [{"content": "hi"}]}, "params.messages[0]"),
+        ({"messages": [{"content": "hi"}]}, "params.messages[0].role"),  # a missing field is named
+        ({"prompt": "x", "constraint": {"type": "regex"}}, "params.constraint.pattern"),
+        ({"prompt": "x", "logit_bias": {"7": "x"}}, "params.logit_bias"),  # a bad value: the mapping
         ({"prompt": "x", "max_tokenz": 3}, "params.max_tokenz"),
         ({"messages": [{"role": "user", "content": "x", "bogus": 1}]}, "params.messages[0].bogus"),
         ({"prompt": "x", "max_tokens": -1}, "params.max_tokens"),
@@ -140,6 +142,14 @@ def test_invalid_params_name_the_field(worker, params, field):
     assert err.value.code == -32602, err.value
     assert err.value.data["field"].startswith(field), (err.value.data, field)
     assert field.split(".")[-1].split("[")[0] in err.value.message or field == "params"
+
+
+@pytest.mark.parametrize("method, field", [("load", "params.model"), ("cancel", "params.id"),
+                                           ("detokenize", "params.tokens")])
+def test_a_missing_required_field_is_named(worker, method, field):
+    with pytest.raises(RpcError) as err:
+        worker.call(method, {})
+    assert err.value.code == -32602 and err.value.data == {"field": field}, err.value
 
 
 def test_unknown_model_and_missing_path(worker, tmp_path):
