@@ -84,7 +84,7 @@ def render_chat(lm: LoadedModel, params: Any) -> str:
                 raise WorkerError(
                     errors.IMAGE_INVALID,
                     f"model {lm.model_id!r} is a text model and cannot take images",
-                    {"field": f"params.messages[{i}].content"},
+                    {"field": f"params.messages[{i}].content", "reason": "text_model"},
                 )
     # Text parts reach the template as the list of {"type": "text", "text"}
     # parts the host sent, as transformers passes them: a template may trim

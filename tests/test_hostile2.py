@@ -290,6 +290,8 @@ def test_a_cache_file_too_big_is_refused_from_its_header_and_holds_nothing(tiny_
         for _ in range(3):
             err = error(w.call("cache_load", {"model_id": "tiny", "path": forged}, timeout=60), errors.OUT_OF_MEMORY)
             assert "prompt_cache_bytes" in err["message"], err
+            assert err["data"]["limit_kind"] == "prompt_cache" and err["data"]["limit"] == 50 * MiB, err
+            assert err["data"]["needed"] > err["data"]["available"], err
         assert rss(w.proc.pid) - before < 100 * MiB
         # Nothing of it is held: generates and loads are admitted at once.
         assert follows_prefix(w, "tiny")["usage"]["completion_tokens"] == 3

@@ -119,6 +119,7 @@ def test_unquantized_file_refused_by_quantized_model(tiny_model, tmp_path):
         ({"kv_bits": 3, "kv_group_size": 32}, "params.kv_bits"),
         ({"kv_bits": 8, "kv_group_size": 16}, "params.kv_group_size"),
         ({"kv_bits": 8, "kv_group_size": 32, "max_kv_size": 64}, "params.kv_bits"),  # rotating
+        ({"kv_bits": 8, "max_kv_size": 64}, "params.kv_bits"),  # refused whatever the group size
     ],
 )
 def test_bad_options_refused(fresh_worker, tiny_model, options, field):

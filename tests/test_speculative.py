@@ -229,6 +229,9 @@ def test_mismatched_tokenizer_refused(w):
         with pytest.raises(RpcError) as info:
             run(w, max_tokens=5, **params)
         assert info.value.code == INVALID_PARAMS and field in str(info.value.data), params
+    with pytest.raises(RpcError) as info:  # a load's default length with no default draft: never used
+        w.load(str(ensure_model("spec-target")), model_id="no-draft", num_draft_tokens=2)
+    assert info.value.code == INVALID_PARAMS and info.value.data["field"] == "params.num_draft_tokens"
     assert run(w, max_tokens=3)[0].usage.completion_tokens <= 3  # still serving
 
 

@@ -288,7 +288,7 @@ def test_image_sent_to_a_text_model(vw):
     with pytest.raises(RpcError) as info:
         gen(vw, "text", messages=ask(b64(png(noise(1)))))
     assert info.value.code == errors.IMAGE_INVALID
-    assert info.value.data["field"] == "params.messages[0].content"
+    assert info.value.data == {"field": "params.messages[0].content", "reason": "text_model"}
     assert len(gen(vw, "text", prompt="still here", max_tokens=2).tokens) == 2
 
 

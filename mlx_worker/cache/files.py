@@ -101,6 +101,7 @@ def save(lm, params: protocol.CacheSaveParams, prefill) -> protocol.CacheSaveRes
             errors.OUT_OF_MEMORY,
             "the prompt's cache could not be kept in the store (larger than prompt_cache_bytes "
             f"= {store.max_bytes}, or its rotating window wrapped before a reusable point)",
+            {"limit": store.max_bytes, "limit_kind": "prompt_cache"},
         )
     if not all(isinstance(t, (int, str)) for t in entry.key):
         raise invalid_params("params.messages", "this prompt's cache key can't be written to a file")
@@ -244,6 +245,7 @@ def _too_big(store, nbytes: int) -> WorkerError:
         errors.OUT_OF_MEMORY,
         f"the cache needs {nbytes} bytes; this model's prompt cache holds at most "
         f"{store.max_bytes} (load the model with a larger prompt_cache_bytes)",
+        {"needed": nbytes, "available": store.max_bytes, "limit": store.max_bytes, "limit_kind": "prompt_cache"},
     )
 
 

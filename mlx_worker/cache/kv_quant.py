@@ -46,6 +46,11 @@ def from_load(params: protocol.LoadParams, config: dict) -> Optional[KVQuant]:
         if params.kv_group_size is not None:
             raise errors.invalid_params("params.kv_group_size", "kv_group_size needs kv_bits (4 or 8)")
         return None
+    if params.max_kv_size is not None:  # first: whatever the group size, this is refused
+        raise errors.invalid_params(
+            "params.kv_bits",
+            "a quantized KV cache can't rotate: load with kv_bits or with max_kv_size, not both",
+        )
     quant = KVQuant(params.kv_bits, params.kv_group_size or DEFAULT_GROUP_SIZE)
     for dim in head_dims(config):
         if dim % quant.group_size:
@@ -54,11 +59,6 @@ def from_load(params: protocol.LoadParams, config: dict) -> Optional[KVQuant]:
                 f"kv_group_size {quant.group_size} does not divide the model's head dim {dim} "
                 f"(use {', '.join(str(g) for g in (32, 64, 128) if dim % g == 0) or 'no quantized KV cache'})",
             )
-    if params.max_kv_size is not None:
-        raise errors.invalid_params(
-            "params.kv_bits",
-            "a quantized KV cache can't rotate: load with kv_bits or with max_kv_size, not both",
-        )
     return quant
 
 

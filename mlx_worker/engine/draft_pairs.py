@@ -63,6 +63,8 @@ class LoadPairing:
                                         "speculative decoding is not supported on a distributed (parallel) model")
         if params.draft_model_id is not None:  # loaded first, like any model
             find(get, params.draft_model_id, self.FIELD)
+        elif params.num_draft_tokens:  # a default length for no default draft: never used
+            raise errors.invalid_params("params.num_draft_tokens", "num_draft_tokens needs a draft_model_id")
 
     def after_load(self, get: Callable[[str], LoadedModel], params: protocol.LoadParams, lm: LoadedModel) -> None:
         if params.draft_model_id is not None:
