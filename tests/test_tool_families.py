@@ -166,6 +166,20 @@ def test_reasoning_effort_reaches_the_harmony_template(fw):
     assert "Reasoning: low" in low and "Reasoning: medium" in fw.tokenize(model_id="gpt-oss", messages=ASK).prompt
 
 
+def test_a_harmony_header_that_repeats_the_role_is_a_marker(fw):
+    """The header grammar lets a message open with `<|start|>assistant`
+    again (its start rule serves every message; a random model takes that
+    branch under `tool_choice: "none"`): that text is a marker event, never
+    the answer's (`content` used to begin with it)."""
+    lark = 'start: <|start|> "assistant" <|channel|> "final" <|message|> "Answer"'
+    stream = fw.generate(model_id="gpt-oss", messages=ASK, max_tokens=20, temperature=0,
+                         constraint={"type": "grammar", "lark": lark})
+    events = [e for e in stream if isinstance(e, protocol.TokenEvent)]
+    result = stream.wait()
+    assert result.content == "Answer" and result.reasoning == ""
+    assert [e.text for e in events if e.channel == "marker"][:1] == ["<|start|>assistant"]
+
+
 # ------------------------------------------------------------ generation
 
 

@@ -53,8 +53,11 @@ class Harmony(Format):
         return {
             "initial_state": "header",
             "transitions": {
-                "header": [(" to=", "tool"), ("<|channel|>commentary to=", "tool")] + [(f"<|channel|>{c}<|message|>", "reasoning" if c == "analysis" else "normal")
-                                                 for c in CHANNELS],
+                # The grammar lets a header open with the role again (its start
+                # rule serves every message): a marker, never content.
+                "header": [(" to=", "tool"), ("<|channel|>commentary to=", "tool"), ("<|start|>assistant", "header")]
+                          + [(f"<|channel|>{c}<|message|>", "reasoning" if c == "analysis" else "normal")
+                             for c in CHANNELS],
                 "reasoning": [("<|end|>", "between")],
                 "normal": [("<|end|>", "between"), ("<|return|>", "between")],
                 "between": [("<|start|>assistant", "header")],
