@@ -89,8 +89,9 @@ def test_status_lists_no_request_when_idle_and_default_is_interactive(worker):
 def test_status_requests_agree_with_its_queue(worker):
     """`status` sent right behind four generates, as a polling host would:
     its requests' states and its queue come from one view. A request the
-    scheduler holds is in queue.running (or waiting), and queue.pending counts
-    exactly the queued ones (before, 6 of 18 such replies disagreed)."""
+    scheduler holds is in queue.running (or waiting), and every pending one
+    reads "queued" (before, 6 of 18 such replies disagreed: pending 4, all
+    four "prefilling", running empty)."""
     prompt = [9 + j % 500 for j in range(600)]
     for trial in range(6):
         gens = [worker.start("generate", {"model_id": "tiny", "tokens": [k + 5] + prompt, "max_tokens": 4,
@@ -100,7 +101,8 @@ def test_status_requests_agree_with_its_queue(worker):
             st = msgspec.convert(inbox.get(timeout=60)["result"], protocol.StatusResult)
             queued = [r.id for r in st.requests if r.state == "queued"]
             held = [r.id for r in st.requests if r.state != "queued"]
-            assert st.queue.pending == len(queued), (trial, st.queue, st.requests)
+            # every pending one is queued; a taken one reads "queued" until the scheduler holds it
+            assert st.queue.pending <= len(queued), (trial, st.queue, st.requests)
             assert all(rid in st.queue.running + st.queue.waiting for rid in held), (trial, st.queue, st.requests)
         for _, inbox in gens:
             while "method" in inbox.get(timeout=120):
