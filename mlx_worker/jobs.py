@@ -102,11 +102,6 @@ class JobTable:
         with self.cond:
             self.cond.wait_for(lambda: not self.queue and not self.running, max(0.0, timeout))
 
-    def running_ids(self) -> list:
-        """Ids of the jobs taken, oldest first."""
-        with self.cond:
-            return list(self.running)
-
     def snapshot(self) -> tuple[list[Job], list[Job]]:
         """(queued, taken) jobs at one moment: ``status`` builds its queue and
         its requests' states from one view, so they never disagree."""

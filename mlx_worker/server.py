@@ -66,10 +66,8 @@ class Worker:
         request in flight is answered from here, then the worker stops."""
         self.exit_code = mlx_stuck.EXIT_CODE
         message = f"{why}; the worker exits (code {mlx_stuck.EXIT_CODE}): restart it"
-        for rid in self.table.running_ids():
-            job = self.table.running_job(rid)
-            if job is not None:
-                self.table.fail(job, errors.GENERATION_FAILED, message)
+        for job in self.table.snapshot()[1]:  # the taken ones; queued ones get -32010 from stop
+            self.table.fail(job, errors.GENERATION_FAILED, message)
         self.stop(why)
 
     def stop(self, why: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from harness import exited_within, pid_gone
 from mlx_worker import protocol
 from mlx_worker.client import RpcError
 
-from conftest import cancel_after, logprob_entries, spawn
+from conftest import cancel_after, logprob_entries, spawn, worker_env
 
 TP = {"mode": "tensor", "ranks": 2}
 PROMPT = "Tell me about the sea and the ships"
@@ -278,10 +279,6 @@ def test_a_forward_left_waiting_in_mlx_ends_its_request_and_the_worker_exits(tin
     once in CI, where the worker froze. Now the ring's watchdog answers that
     request (-32011) and the other model's stream, and the worker exits with
     code 70 (nothing frees the thread; MLX can't be trusted in-process)."""
-    import threading
-
-    from conftest import worker_env
-
     log = (tmp_path / "stderr").open("w+b")
     w = spawn(env=worker_env(MLX_WORKER_FAULTS="ring@6"), stderr=log)
     try:
@@ -319,8 +316,6 @@ def test_follow_up_turns_whose_follower_dies_get_their_error_and_the_worker_serv
     abort trims that entry (a mirrored op). Every such request still gets
     its final error (n=2: the scheduler's fail-all path), and the worker
     keeps serving its other models."""
-    import threading
-
     w = spawn()
     try:
         pids = w.load(tiny_model, model_id="tp", parallel={**TP, "timeout_s": 2.0}).parallel.pids
@@ -365,8 +360,6 @@ def test_ranks_that_could_not_be_started_leave_no_ring_behind(tiny_model, tmp_pa
     """A follower whose command can't be run (no ssh on PATH for a remote
     host): the load fails at once, and the next distributed load starts a
     group of its own (not the half-started one, which would wait forever)."""
-    from conftest import worker_env
-
     w = spawn(env=worker_env(PATH=str(tmp_path)))  # no ssh
     try:
         t0 = time.monotonic()
