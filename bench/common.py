@@ -27,6 +27,13 @@ def spawn(*args: str):
     return WorkerClient(args, env=worker_env(), cwd=str(ROOT))
 
 
+def model_path(name_or_dir: str) -> Path:
+    """A fixture by name (built if missing or stale), or a model folder as
+    given (bench/device/issue22.py draws its own 1B models)."""
+    path = Path(name_or_dir)
+    return path.resolve() if path.is_dir() else ensure_model(name_or_dir)
+
+
 def median(xs):
     return statistics.median(xs)
 

@@ -23,7 +23,7 @@ import json
 import threading
 import time
 
-from common import RESULTS, bind_blas_like_the_worker, ensure_model, median, report
+from common import RESULTS, bind_blas_like_the_worker, median, model_path, report
 from mlx_worker.protocol import TokenEvent
 from throughput import PROMPT, Sides, long_prompt
 
@@ -116,7 +116,10 @@ def behind_long(fn, target, bias, big: str, r: int) -> dict:
     while any(len(s.times) < 20 for _, s in runners):
         time.sleep(0.01)
     idle_from = time.perf_counter()
-    time.sleep(0.5)
+    counts = [len(s.times) for _, s in runners]
+    # at least 0.5 s and 5 gaps a stream (a slow model: a 4-bit one on a CPU)
+    while time.perf_counter() - idle_from < 0.5 or any(len(s.times) < c + 6 for (_, s), c in zip(runners, counts)):
+        time.sleep(0.01)
     arrive = time.perf_counter()
     long_t, long_s = launch(fn, target, bias, f"{r} " + big, 1)
     time.sleep(0.005)  # "right behind": after the long prompt is on its way
@@ -137,7 +140,7 @@ def behind_long(fn, target, bias, big: str, r: int) -> dict:
 
 def measure(model: str, tokens: int, rounds: int, curve: list[int]) -> dict:
     blas = bind_blas_like_the_worker()
-    path = str(ensure_model(model))
+    path = str(model_path(model))
     sides = Sides(path, [0, 2], blas, with_server=True)
     bias = sides.bias
     big = long_prompt(sides.tokenizer, 2000)
@@ -212,18 +215,9 @@ def plot(r: dict, path) -> None:
     img.save(path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="small-llama")
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--curve", default="1,8,16,32")
-    args = p.parse_args()
-    curve = [int(n) for n in args.curve.split(",")]
-    r = measure(args.model, args.tokens, args.rounds, curve)
+def print_tables(r: dict, tokens: int, curve: list[int]) -> None:
     w, s = r["worker"], r["mlx_lm_server"]
-    print(f"model {args.model}, BLAS {r['blas'] or 'built-in'}, median of {args.rounds} alternating rounds\n")
-    print(f"| 8 streams x {args.tokens} tokens | worker | mlx_lm.server |")
+    print(f"| 8 streams x {tokens} tokens | worker | mlx_lm.server |")
     print("|---|---:|---:|")
     print(f"| aggregate tok/s | {w['eight']['tps']:.1f} | {s['eight']['tps']:.1f} |")
     print(f"| TTFT median (s) | {w['eight']['ttft_p50']:.3f} | {s['eight']['ttft_p50']:.3f} |")
@@ -245,18 +239,36 @@ def main() -> None:
     print("\neach round (the medians above are of each side's own figures):")
     for key, values in r["per_round"].items():
         print(f"  {key}: {', '.join(f'{v:.2f}' for v in values)}")
-    figures = {
+
+
+def headline(r: dict, model: str) -> dict:
+    """The issue's ratios (and every figure behind them)."""
+    w, s = r["worker"], r["mlx_lm_server"]
+    return {
         "tps_vs_server_8": w["eight"]["tps"] / s["eight"]["tps"],
         "ttft_p50_vs_server_8": w["eight"]["ttft_p50"] / s["eight"]["ttft_p50"],
         "ttft_p99_vs_server_8": w["eight"]["ttft_p99"] / s["eight"]["ttft_p99"],
         "short_ttft_vs_server": w["behind"]["short_ttft"] / s["behind"]["short_ttft"],
         "long_ttft_vs_server": w["behind"]["long_ttft"] / s["behind"]["long_ttft"],
         "gap_during_prompt_over_idle": w["behind"]["gap_ratio"],
-        "single_vs_inprocess": single,
+        "single_vs_inprocess": r["single"]["worker"] / r["single"]["inprocess"],
         "per_round": r["per_round"],
-        "worker": w, "mlx_lm_server": s, "single": r["single"], "model": args.model,
+        "worker": w, "mlx_lm_server": s, "single": r["single"], "model": model,
     }
-    report("concurrency", figures)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="small-llama", help="a fixture's name or a model folder")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--curve", default="1,8,16,32")
+    args = p.parse_args()
+    curve = [int(n) for n in args.curve.split(",")]
+    r = measure(args.model, args.tokens, args.rounds, curve)
+    print(f"model {args.model}, BLAS {r['blas'] or 'built-in'}, median of {args.rounds} alternating rounds\n")
+    print_tables(r, args.tokens, curve)
+    report("concurrency", headline(r, args.model))
     plot(r, RESULTS / "concurrency.png")
 
 

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from common import ensure_model, median, report, spawn
+from common import median, model_path, report, spawn
 from mlx_worker.protocol import ProgressEvent, TokenEvent
 
 CHAT = "river stone light harbor window garden winter paper silver mountain"
@@ -49,20 +49,14 @@ def context_of(path: str) -> int:
     return int(cfg.get("max_position_embeddings") or 8192)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="small-llama-8k")
-    ap.add_argument("--long", type=int, default=8000)
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    path = str(ensure_model(a.model))
-    n = min(a.long, context_of(path) - 64)
+def measure(path: str, long: int, rounds: int) -> dict:
+    n = min(long, context_of(path) - 64)
     client = spawn()
     try:
         client.load(path)
         chat_ttft(client, -1)  # warm-up
         idle, bg, plain, overlapped, alone = [], [], [], [], {}
-        for r in range(a.rounds):
+        for r in range(rounds):
             tokens = [(7 + r + k) % 900 + 5 for k in range(n)]  # no prompt cache reuse across rounds
             idle.append(chat_ttft(client, r))
             t, o = behind(client, tokens, r, priority="background")
@@ -75,8 +69,8 @@ def main() -> None:
                 alone.setdefault(name, []).append(res.timings.ttft_ms)
     finally:
         client.close()
-    figures = {
-        "model": a.model, "long_prompt_tokens": n, "rounds": a.rounds,
+    return {
+        "long_prompt_tokens": n, "rounds": rounds,
         "chat_idle_ttft_ms": round(median(idle) * 1000, 1),
         "chat_ttft_behind_background_ms": round(median(bg) * 1000, 1),
         "chat_ttft_behind_no_priority_ms": round(median(plain) * 1000, 1),
@@ -86,9 +80,18 @@ def main() -> None:
         "long_prompt_alone_ttft_ms_interactive": round(median(alone["interactive"]), 1),
         "long_prompt_alone_ttft_ms_background": round(median(alone["background"]), 1),
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="small-llama-8k", help="a fixture's name or a model folder")
+    ap.add_argument("--long", type=int, default=8000)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    figures = {"model": a.model, **measure(str(model_path(a.model)), a.long, a.rounds)}
     for k, v in figures.items():
         print(f"{k:34s} {v}")
-    print(f"chat TTFT behind a {n}-token background prefill / idle TTFT: "
+    print(f"chat TTFT behind a {figures['long_prompt_tokens']}-token background prefill / idle TTFT: "
           f"{figures['ratio_behind_background']} (target <= 1.5)")
     report("priority", figures)
 
