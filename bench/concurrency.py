@@ -150,6 +150,7 @@ def measure(model: str, tokens: int, rounds: int, curve: list[int]) -> dict:
     try:
         for k, (fn, target) in targets.items():  # warm up
             many(fn, target, bias, 2, 8, -1)
+        sides.inprocess(PROMPT, 8)  # (on a GPU: MLX compiles its kernels on first use)
         for r in range(rounds):
             order = list(targets) if r % 2 == 0 else list(targets)[::-1]
             for k in order:
