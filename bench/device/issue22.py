@@ -2,8 +2,8 @@
 1B's shape over the fixtures' 1,024-token vocabulary) in bf16 and 4-bit,
 drawn there (2 GB would not travel), then bench/concurrency.py's and
 bench/priority.py's scenarios on each, the worker against mlx_lm.server and
-in-process mlx-lm side by side. Each model's figures go to OUT as soon as
-they are measured (a call cut short still returns them).
+in-process mlx-lm side by side. The figures go to OUT after every step (a
+call cut short still returns what it measured).
 
     python bench/device/issue22.py --out DIR [--budget 420] [--rounds 2] [--size 1b] [--long 8000]
 
@@ -37,8 +37,9 @@ SHAPES = {
 }
 CONTEXT = 16384  # room for priority.py's 8,000-token prompt
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-# What each step costs on an H200, roughly (seconds): a step is skipped when
-# the budget left is smaller, so the call ends inside its limit.
+# What a step may cost (seconds; first guesses for an H100 or H200, raised to
+# 1.1 x what it took once it ran): a step is skipped when the budget left is
+# smaller, so the call ends inside its limit.
 COST = {"build": 60, "concurrency": 150, "priority": 60}
 
 
