@@ -267,10 +267,10 @@ def _request_statuses(queued: list[Job], taken: list[Job], scheduler) -> list[pr
     snapshot: a job queued in it reads "queued" even if taken since."""
     held = dict(scheduler.requests) if scheduler is not None else {}
     paused = {r.request_id for r in scheduler.preemption.requests()} if scheduler is not None else set()
-    handed = {id(job) for job in taken}
     out = []
-    for job in [j for j in taken + queued if j.method == "generate"]:
-        req = held.get(job.id) if id(job) in handed else None
-        out.append(protocol.RequestStatus(id=job.id, state=req.state.value if req is not None else "queued",
-                                          priority=job.params.priority, paused=job.id in paused))
+    for jobs, is_taken in ((taken, True), (queued, False)):
+        for job in [j for j in jobs if j.method == "generate"]:
+            req = held.get(job.id) if is_taken else None
+            out.append(protocol.RequestStatus(id=job.id, state=req.state.value if req is not None else "queued",
+                                              priority=job.params.priority, paused=job.id in paused))
     return out

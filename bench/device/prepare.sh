@@ -14,7 +14,9 @@ cd "$(dirname "$0")/../.."
 MLX=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('mlx'))")
 LM=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('mlx-lm'))")
 MSGSPEC=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('msgspec'))")
-rm -rf .device && mkdir -p .device/a .device/b/wheels .device/b/tokenizer /tmp/mlx-worker-device
+# a fresh download folder: one version of each wheel (two would stop the install there)
+rm -rf .device /tmp/mlx-worker-device
+mkdir -p .device/a .device/b/wheels .device/b/tokenizer /tmp/mlx-worker-device
 for spec in "mlx==$MLX" "mlx-cuda-13==$MLX" "mlx-lm==$LM" "msgspec==$MSGSPEC"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
